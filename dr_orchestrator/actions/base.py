@@ -1,0 +1,168 @@
+"""What every action is: a name, a typed parameter model, and ``run(params, ctx)``.
+
+Actions never import the engine or the evidence store; they talk back through ``ActionContext``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from dr_orchestrator.model.events import ActionEvent, Event, Measurement, ProbeResult, utcnow
+from dr_orchestrator.model.inventory import Host, Inventory
+
+
+class ActionError(Exception):
+    """The action failed in a way it can explain in one sentence (shown to the engineer as is)."""
+
+
+class ActionCancelled(ActionError):
+    """The step's timeout passed or the run is stopping; the action gave up cleanly."""
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=Params)
+
+
+@dataclass
+class ActionResult:
+    output: dict[str, Any] = field(default_factory=dict)
+    # The moment a mark on this step stands for, when earlier than the step's end
+    # (a health check's first good probe of the streak that verified the service).
+    marked_at: datetime | None = None
+
+
+class RunResources:
+    """Per-run shared things (SSH transports, HTTP clients), closed when the run ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Any] = {}
+        self._closers: list[Callable[[], None]] = []
+
+    def get_or_create(self, key: str, factory: Callable[[], Any], close: Callable[[Any], None] | None = None) -> Any:
+        with self._lock:
+            if key not in self._items:
+                item = factory()
+                self._items[key] = item
+                if close is not None:
+                    self._closers.append(lambda: close(item))
+            return self._items[key]
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def close(self) -> None:
+        with self._lock:
+            closers, self._closers, self._items = self._closers, [], {}
+        for closer in reversed(closers):
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - closing is best effort at the end of a run
+                pass
+
+
+@dataclass
+class ActionContext:
+    run_id: str
+    step_id: str
+    attempt: int
+    inventory: Inventory
+    emit: Callable[[Event], None]
+    cancelled: threading.Event
+    deadline: float  # time.monotonic() value
+    resources: RunResources
+    service: str | None = None
+    site: str | None = None
+    check_mode: bool = False
+    run_info: dict[str, Any] = field(default_factory=dict)
+    redact: Callable[[str], str] = lambda text: text
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise ActionCancelled("cancelled: the step's timeout passed or the run is stopping")
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep that wakes at once when the step is cancelled."""
+        if self.cancelled.wait(min(seconds, self.remaining())):
+            self.check_cancelled()
+
+    def probe(self, target: str, ok: bool, at: datetime, latency_ms: float, detail: str = "") -> None:
+        self.emit(ProbeResult(self.run_id, self.step_id, self.attempt, at, target, ok, latency_ms, self.redact(detail)))
+
+    def measure(self, metric: str, value: float, method: str, raw: dict[str, Any], service: str | None = None) -> None:
+        self.emit(Measurement(self.run_id, self.step_id, service or self.service, metric, value, method, raw, utcnow()))
+
+    def report(self, kind: str, **data: Any) -> None:
+        self.emit(ActionEvent(self.run_id, self.step_id, kind, utcnow(), data))
+
+    def host(self, name: str) -> Host:
+        try:
+            return self.inventory.hosts[name]
+        except KeyError:
+            raise ActionError(f"host {name!r} is not in inventory {self.inventory.name!r}") from None
+
+
+class Action(Generic[P]):
+    """Subclasses set ``name`` and ``Params``, and implement ``run``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+    # Safe to repeat after a crash in the middle of it (reads, checks, idempotent switches).
+    idempotent: ClassVar[bool] = False
+
+    def run(self, params: P, ctx: ActionContext) -> ActionResult:
+        raise NotImplementedError
+
+    def hosts(self, params: P) -> list[str]:
+        """Inventory hosts (or endpoints) the step touches, for ``dr plan``."""
+        return []
+
+
+class ActionRegistry:
+    """Action names to ``module:Class`` paths, imported on first use so ``dr --help`` stays fast."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = dict(paths)
+        self._loaded: dict[str, type[Action[Any]]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._paths)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._paths
+
+    def get(self, name: str) -> type[Action[Any]]:
+        if name not in self._loaded:
+            module_name, _, class_name = self._paths[name].partition(":")
+            self._loaded[name] = getattr(importlib.import_module(module_name), class_name)
+        return self._loaded[name]
+
+    def params_model(self, name: str) -> type[Params] | None:
+        return self.get(name).Params if name in self._paths else None
+
+    def register(self, name: str, path: str) -> None:
+        self._paths[name] = path
+        self._loaded.pop(name, None)
+
+
+@contextmanager
+def timed() -> Iterator[Callable[[], float]]:
+    """``with timed() as elapsed: ...; elapsed()`` in seconds from the monotonic clock."""
+    start = time.monotonic()
+    yield lambda: time.monotonic() - start

@@ -1,0 +1,31 @@
+"""Immutable typed objects shared by every room. Imports nothing of the project."""
+
+from dr_orchestrator.model.durations import parse_duration
+from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
+from dr_orchestrator.model.runbook import (
+    OnFailure,
+    Parameter,
+    Retries,
+    Runbook,
+    RollbackSpec,
+    Step,
+)
+from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
+
+__all__ = [
+    "Host",
+    "Inventory",
+    "OnFailure",
+    "Parameter",
+    "Retries",
+    "RollbackSpec",
+    "Runbook",
+    "RunKind",
+    "RunPlan",
+    "RunState",
+    "Service",
+    "Site",
+    "Step",
+    "StepState",
+    "parse_duration",
+]

@@ -1,0 +1,144 @@
+"""What the engine tells its observers (evidence store, progress display, notifier).
+
+Every event carries the run id and a timezone-aware UTC timestamp taken when the thing happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from dr_orchestrator.model.run import RunPlan, RunState, StepState
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    run_id: str
+    at: datetime
+    plan: RunPlan
+    host: str  # where the orchestrator runs
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    run_id: str
+    step_id: str
+    at: datetime
+    phase: str = "forward"  # forward | rollback
+    rendered: dict[str, Any] = field(default_factory=dict)  # parameters after templating, redacted
+
+
+@dataclass(frozen=True)
+class AttemptStarted:
+    run_id: str
+    step_id: str
+    attempt: int
+    at: datetime
+    phase: str = "forward"
+
+
+@dataclass(frozen=True)
+class AttemptFinished:
+    run_id: str
+    step_id: str
+    attempt: int
+    at: datetime
+    state: StepState
+    duration_s: float  # monotonic clock
+    output: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    phase: str = "forward"
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    run_id: str
+    step_id: str
+    at: datetime
+    state: StepState
+    output: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    phase: str = "forward"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One health probe. ``ok`` is the probe's verdict; ``at`` is when the probe was sent."""
+
+    run_id: str
+    step_id: str
+    attempt: int
+    at: datetime
+    target: str
+    ok: bool
+    latency_ms: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class MarkerReached:
+    """A step marked e.g. ``service_restored`` succeeded; ``at`` is the moment the mark stands for
+    (for health checks: the first of the consecutive good probes), not when the step ended."""
+
+    run_id: str
+    step_id: str
+    marker: str
+    service: str | None
+    site: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A figure an action measured (e.g. RPO from the promoted database), with how and from what."""
+
+    run_id: str
+    step_id: str
+    service: str | None
+    metric: str  # rpo_s, replication_lag_bytes, ...
+    value: float
+    method: str
+    raw: dict[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ActionEvent:
+    """Anything else an action reports as it happens: an Ansible task, an AWS API call, a delivery."""
+
+    run_id: str
+    step_id: str
+    kind: str
+    at: datetime
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    run_id: str
+    at: datetime
+    state: RunState
+    error: str | None = None
+
+
+Event = (
+    RunStarted
+    | StepStarted
+    | AttemptStarted
+    | AttemptFinished
+    | StepFinished
+    | ProbeResult
+    | MarkerReached
+    | Measurement
+    | ActionEvent
+    | RunFinished
+)
+
+
+class Observer(Protocol):
+    def __call__(self, event: Event) -> None: ...

@@ -1,0 +1,79 @@
+"""A run: one immutable plan executed by the engine, and the states it and its steps pass through."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from dr_orchestrator.model.inventory import Frozen, Inventory
+from dr_orchestrator.model.runbook import Runbook
+
+
+class RunKind(str, enum.Enum):
+    FAILOVER = "failover"
+    SWITCHOVER = "switchover"
+    FAILBACK = "failback"
+    REHEARSAL = "rehearsal"
+
+
+class RunState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.ABORTED)
+
+
+class StepState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"  # its `when` was false, or a step it needs did not succeed
+    CANCELLED = "cancelled"  # the run stopped before it could start or finish
+    ROLLED_BACK = "rolled_back"
+    ROLLBACK_FAILED = "rollback_failed"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (StepState.PENDING, StepState.RUNNING, StepState.WAITING_APPROVAL)
+
+    @property
+    def ok(self) -> bool:
+        return self is StepState.SUCCEEDED
+
+
+class SourceDocument(Frozen):
+    """A file that shaped the run, kept whole so an auditor can see exactly what ran."""
+
+    path: str
+    sha256: str
+    text: str
+
+
+class RunPlan(Frozen):
+    """Everything that decides what a run does, fixed before it starts."""
+
+    runbook: Runbook
+    inventory: Inventory
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    kind: RunKind = RunKind.FAILOVER
+    incident_at: datetime | None = None
+    started_by: str = "unknown"
+    reason: str = ""
+    trigger: str = "manual"
+    runbook_source: SourceDocument
+    inventory_source: SourceDocument
+    parameters_sha256: str
+    forced: tuple[str, ...] = ()

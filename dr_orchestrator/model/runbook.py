@@ -1,0 +1,98 @@
+"""Runbook: the ordered, dependency-linked steps that fail a service or a site over or back."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import Field
+
+from dr_orchestrator.model.inventory import Frozen
+
+
+class OnFailure(str, enum.Enum):
+    ABORT = "abort"  # stop scheduling new steps; the run fails
+    CONTINUE = "continue"  # record the failure and go on with the steps that do not need it
+    ROLLBACK = "rollback"  # stop, then roll back completed steps in reverse order
+
+
+class Retries(Frozen):
+    count: int = Field(default=0, ge=0, le=100)
+    delay: float = Field(default=1.0, ge=0)
+    backoff: float = Field(default=2.0, ge=1.0, le=10.0)
+    max_delay: float = Field(default=60.0, ge=0)
+
+    def delay_before(self, attempt: int) -> float:
+        """Delay before attempt number ``attempt`` (2, 3, ...)."""
+        return min(self.delay * self.backoff ** max(attempt - 2, 0), self.max_delay)
+
+
+class RollbackSpec(Frozen):
+    action: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    timeout: float | None = None
+
+    model_config = Frozen.model_config | {"populate_by_name": True}
+
+
+class Step(Frozen):
+    id: str
+    action: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    needs: tuple[str, ...] = ()
+    when: str | None = None
+    timeout: float = 300.0
+    retries: Retries = Retries()
+    on_failure: OnFailure = OnFailure.ABORT
+    rollback: RollbackSpec | None = None
+    marks: tuple[str, ...] = ()
+    service: str | None = None
+    site: str | None = None
+    idempotent: bool | None = None
+    description: str = ""
+
+    model_config = Frozen.model_config | {"populate_by_name": True}
+
+
+class Parameter(Frozen):
+    default: Any = None
+    required: bool = False
+    description: str = ""
+    choices: tuple[Any, ...] | None = None
+
+
+class Scope(Frozen):
+    services: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()
+
+
+class Runbook(Frozen):
+    name: str
+    description: str = ""
+    kind: str = "failover"
+    scope: Scope = Scope()
+    parameters: dict[str, Parameter] = Field(default_factory=dict)
+    steps: tuple[Step, ...]
+    max_parallel: int = Field(default=8, ge=1, le=256)
+    approvals: dict[str, Any] = Field(default_factory=dict)
+
+    def step(self, step_id: str) -> Step:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    def execution_groups(self) -> list[list[str]]:
+        """Steps grouped by depth in the DAG: every step of a group may run in parallel."""
+        by_id = {step.id: step for step in self.steps}
+        depth: dict[str, int] = {}
+
+        def depth_of(step_id: str) -> int:  # loading has refused cycles
+            if step_id not in depth:
+                depth[step_id] = 1 + max((depth_of(n) for n in by_id[step_id].needs), default=-1)
+            return depth[step_id]
+
+        groups: dict[int, list[str]] = {}
+        for step in self.steps:
+            groups.setdefault(depth_of(step.id), []).append(step.id)
+        return [groups[d] for d in sorted(groups)]
