@@ -2,15 +2,15 @@
 
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
+from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import (
     OnFailure,
     Parameter,
     Retries,
-    Runbook,
     RollbackSpec,
+    Runbook,
     Step,
 )
-from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
 
 __all__ = [
     "Host",

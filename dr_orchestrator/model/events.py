@@ -6,14 +6,14 @@ Every event carries the run id and a timezone-aware UTC timestamp taken when the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

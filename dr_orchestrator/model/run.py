@@ -12,14 +12,14 @@ from dr_orchestrator.model.inventory import Frozen, Inventory
 from dr_orchestrator.model.runbook import Runbook
 
 
-class RunKind(str, enum.Enum):
+class RunKind(enum.StrEnum):
     FAILOVER = "failover"
     SWITCHOVER = "switchover"
     FAILBACK = "failback"
     REHEARSAL = "rehearsal"
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     WAITING_APPROVAL = "waiting_approval"
@@ -33,7 +33,7 @@ class RunState(str, enum.Enum):
         return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.ABORTED)
 
 
-class StepState(str, enum.Enum):
+class StepState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     WAITING_APPROVAL = "waiting_approval"

@@ -10,7 +10,7 @@ from pydantic import Field
 from dr_orchestrator.model.inventory import Frozen
 
 
-class OnFailure(str, enum.Enum):
+class OnFailure(enum.StrEnum):
     ABORT = "abort"  # stop scheduling new steps; the run fails
     CONTINUE = "continue"  # record the failure and go on with the steps that do not need it
     ROLLBACK = "rollback"  # stop, then roll back completed steps in reverse order

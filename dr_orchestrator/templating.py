@@ -1,0 +1,127 @@
+"""Jinja2 templates in runbooks: sandboxed, strict about undefined names, with shell quoting.
+
+A value that is exactly one ``{{ expression }}`` renders to the expression's native value (a list
+stays a list); anything else renders to text.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Names a template may use; loading checks templates against these.
+CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
+
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
+
+
+class TemplateError(Exception):
+    """A template could not be parsed or rendered; the message says why in one sentence."""
+
+
+def _shquote(value: Any) -> str:
+    return shlex.quote(str(value))
+
+
+def _shjoin(values: Iterable[Any]) -> str:
+    return shlex.join(str(v) for v in values)
+
+
+@lru_cache(maxsize=1)
+def environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env.filters["shquote"] = _shquote
+    env.filters["shjoin"] = _shjoin
+    return env
+
+
+def is_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
+
+
+def parse(source: str) -> nodes.Template:
+    """Parse a template (or a single expression); raise TemplateError on bad syntax."""
+    try:
+        return environment().parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error: {exc.message}") from None
+
+
+def render_value(value: Any, context: dict[str, Any]) -> Any:
+    """Render every string inside ``value`` (dicts and lists walked recursively)."""
+    if isinstance(value, str):
+        return render_string(value, context)
+    if isinstance(value, dict):
+        return {k: render_value(v, context) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [render_value(v, context) for v in value]
+    return value
+
+
+def render_string(source: str, context: dict[str, Any]) -> Any:
+    if not is_template(source):
+        return source
+    env = environment()
+    try:
+        single = _SINGLE_EXPRESSION.match(source)
+        if single and "{{" not in single.group("expr") and "}}" not in single.group("expr"):
+            value = env.compile_expression(single.group("expr"), undefined_to_none=False)(**context)
+            if isinstance(value, Undefined):
+                value._fail_with_undefined_error()
+            return value
+        return env.from_string(source).render(**context)
+    except UndefinedError as exc:
+        raise TemplateError(f"undefined variable in template {source!r}: {exc.message}") from None
+    except SecurityError as exc:
+        raise TemplateError(f"template {source!r} tried something the sandbox forbids: {exc}") from None
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template syntax error in {source!r}: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - any error inside a user's expression is the user's to fix
+        raise TemplateError(f"template {source!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def evaluate_condition(source: str, context: dict[str, Any]) -> bool:
+    """A step's ``when``: a bare expression or a ``{{ }}`` template; must come out boolean."""
+    expression = source if is_template(source) else "{{ " + source + " }}"
+    value = render_string(expression, context)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "yes", "1"):
+            return True
+        if lowered in ("false", "no", "0", ""):
+            return False
+        raise TemplateError(f"condition {source!r} gave {value!r}, which is not true or false")
+    return bool(value)
+
+
+def references(source: str) -> list[tuple[str, str | None]]:
+    """Top-level names a template uses, each with the attribute or key read from it (if constant).
+
+    ``{{ params.site }}`` gives ``[("params", "site")]``. Raises TemplateError on bad syntax.
+    """
+    expression = source if is_template(source) else "{{ " + source + " }}"
+    tree = parse(expression)
+    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    found: list[tuple[str, str | None]] = []
+    seen_names: set[int] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        inner = node.node
+        if isinstance(inner, nodes.Name) and inner.ctx == "load" and inner.name not in assigned:
+            key: str | None = None
+            if isinstance(node, nodes.Getattr):
+                key = node.attr
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                key = node.arg.value
+            found.append((inner.name, key))
+            seen_names.add(id(inner))
+    for name_node in tree.find_all(nodes.Name):
+        if name_node.ctx == "load" and name_node.name not in assigned and id(name_node) not in seen_names:
+            found.append((name_node.name, None))
+    return found

@@ -1,0 +1,156 @@
+"""YAML read with the line of every value kept, so each error can name where it is."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PathKey = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a file: where, what, and what to do about it."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return f"{text} ({self.fix})" if self.fix else text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message, "fix": self.fix}
+
+
+class LoadError(Exception):
+    """Raised with every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass
+class YamlDocument:
+    path: str
+    text: str
+    data: Any
+    lines: dict[PathKey, int] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def line(self, key: PathKey) -> int | None:
+        """Line of the value at ``key``, or of its nearest parent that has one."""
+        while True:
+            if key in self.lines:
+                return self.lines[key]
+            if not key:
+                return None
+            key = key[:-1]
+
+    def problem(self, key: PathKey, message: str, fix: str = "") -> Problem:
+        return Problem(self.path, self.line(key), dotted(key), message, fix)
+
+
+def dotted(key: PathKey) -> str:
+    text = ""
+    for part in key:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+_MAX_BYTES = 2 * 1024 * 1024  # a runbook or inventory this large is a mistake, not a plan
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
+    """Parse one YAML document; raise LoadError naming the line on bad YAML."""
+    shown = str(path)
+    if text is None:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise LoadError([Problem(shown, None, "", f"cannot read the file: {exc.strerror}")]) from None
+        if len(raw) > _MAX_BYTES:
+            raise LoadError([Problem(shown, None, "", f"the file is {len(raw)} bytes; the limit is {_MAX_BYTES}")])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LoadError([Problem(shown, None, "", "the file is not UTF-8 text")]) from None
+    document = YamlDocument(shown, text, None)
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise LoadError([Problem(shown, line, "", f"not valid YAML: {exc.problem or exc.context}")]) from None
+    except yaml.YAMLError as exc:
+        raise LoadError([Problem(shown, None, "", f"not valid YAML: {exc}")]) from None
+    constructor = _Loader("")
+    try:
+        document.data = _Converter(document, constructor).convert(node, ()) if node is not None else None
+    finally:
+        constructor.dispose()
+    return document
+
+
+class _Converter:
+    def __init__(self, document: YamlDocument, constructor: _Loader) -> None:
+        self.document = document
+        self.constructor = constructor
+        self.seen: set[int] = set()
+
+    def convert(self, node: yaml.Node, key: PathKey) -> Any:
+        document = self.document
+        if id(node) in self.seen:  # aliases would let a small file expand without bound
+            raise LoadError([document.problem(key, "YAML anchors and aliases are not supported; write the value out")])
+        self.seen.add(id(node))
+        document.lines[key] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise LoadError(
+                        [document.problem(key, "YAML merge keys (<<) are not supported; write the keys out")]
+                    )
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise LoadError([document.problem(key, "a mapping key must be a plain scalar")])
+                name = self.scalar(key_node)
+                child = key + (str(name),)
+                if str(name) in result:
+                    raise LoadError(
+                        [
+                            Problem(
+                                document.path,
+                                key_node.start_mark.line + 1,
+                                dotted(child),
+                                "this key appears twice",
+                                "keep one",
+                            )
+                        ]
+                    )
+                result[str(name)] = self.convert(value_node, child)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, key + (i,)) for i, item in enumerate(node.value)]
+        return self.scalar(node)
+
+    def scalar(self, node: yaml.Node) -> Any:
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            raise LoadError([Problem(self.document.path, node.start_mark.line + 1, "", f"bad value: {exc}")]) from None
