@@ -112,6 +112,7 @@ def references(source: str) -> list[tuple[str, str | None]]:
     found: list[tuple[str, str | None]] = []
     seen_names: set[int] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
         inner = node.node
         if isinstance(inner, nodes.Name) and inner.ctx == "load" and inner.name not in assigned:
             key: str | None = None

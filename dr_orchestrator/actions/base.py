@@ -8,8 +8,7 @@ from __future__ import annotations
 import importlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeVar
@@ -156,13 +155,11 @@ class ActionRegistry:
     def params_model(self, name: str) -> type[Params] | None:
         return self.get(name).Params if name in self._paths else None
 
-    def register(self, name: str, path: str) -> None:
-        self._paths[name] = path
-        self._loaded.pop(name, None)
-
-
-@contextmanager
-def timed() -> Iterator[Callable[[], float]]:
-    """``with timed() as elapsed: ...; elapsed()`` in seconds from the monotonic clock."""
-    start = time.monotonic()
-    yield lambda: time.monotonic() - start
+    def register(self, name: str, action: str | type[Action[Any]]) -> None:
+        """Add an action by ``module:Class`` path, or by the class itself."""
+        if isinstance(action, str):
+            self._paths[name] = action
+            self._loaded.pop(name, None)
+        else:
+            self._paths[name] = f"{action.__module__}:{action.__qualname__}"
+            self._loaded[name] = action
