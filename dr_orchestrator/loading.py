@@ -324,8 +324,16 @@ def _find_cycle(steps: list[dict[str, Any]]) -> list[str] | None:
 
 # ---------------------------------------------------------------- runbook against inventory and actions
 
-_HOST_FIELDS = ("host", "hosts")
-_SITE_FIELDS = ("site", "from_site", "to_site", "sites")
+
+
+def inventory_reference(model: type[BaseModel] | None, field: str) -> str | None:
+    """``"host"`` or ``"site"`` when an action's parameter names inventory hosts or sites.
+
+    Actions declare it on the field: ``Field(json_schema_extra={"refers_to": "host"})``."""
+    if model is None or field not in model.model_fields:
+        return None
+    extra = model.model_fields[field].json_schema_extra
+    return extra.get("refers_to") if isinstance(extra, dict) else None  # type: ignore[return-value]
 
 
 def check_runbook(
@@ -386,7 +394,7 @@ def check_runbook(
                     f"use one of: {', '.join(inventory.sites)}",
                 )
             )
-        problems.extend(_check_names(document, key + ("with",), step.with_, inventory))
+        problems.extend(_check_names(document, key + ("with",), step.with_, inventory, model))
         for tkey, source in _templates(key, step):
             problems.extend(_check_template(document, tkey, source, runbook, inventory, step_ids))
     return problems
@@ -421,14 +429,17 @@ def _check_params(
     return problems
 
 
-def _check_names(document: YamlDocument, key: PathKey, values: dict[str, Any], inventory: Inventory) -> list[Problem]:
+def _check_names(
+    document: YamlDocument, key: PathKey, values: dict[str, Any], inventory: Inventory, model: type[BaseModel] | None
+) -> list[Problem]:
     problems = []
     for name, value in values.items():
+        refers_to = inventory_reference(model, name)
         items = value if isinstance(value, list) else [value]
         for item in items:
             if not isinstance(item, str) or templating.is_template(item):
                 continue
-            if name in _HOST_FIELDS and item not in inventory.hosts:
+            if refers_to == "host" and item not in inventory.hosts:
                 problems.append(
                     document.problem(
                         key + (name,),
@@ -436,7 +447,7 @@ def _check_names(document: YamlDocument, key: PathKey, values: dict[str, Any], i
                         f"use one of: {', '.join(inventory.hosts)}",
                     )
                 )
-            if name in _SITE_FIELDS and item not in inventory.sites:
+            if refers_to == "site" and item not in inventory.sites:
                 problems.append(
                     document.problem(
                         key + (name,),

@@ -1,0 +1,216 @@
+"""From files on disk to an immutable RunPlan, and what `dr plan` shows of it.
+
+Shared by the CLI, the HTTP API and the scheduler, so all three check and build plans alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dr_orchestrator import templating
+from dr_orchestrator.actions import default_registry
+from dr_orchestrator.actions.base import ActionRegistry
+from dr_orchestrator.engine.context import step_service, template_context
+from dr_orchestrator.loading import check_runbook, load_inventory, load_runbook
+from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
+from dr_orchestrator.model.runbook import Runbook
+from dr_orchestrator.yamlsource import LoadError, Problem, YamlDocument
+
+
+class PlanError(Exception):
+    """The user asked for something that cannot be planned; one clear sentence."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs from the command line; values are read as YAML scalars (3, true, text)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PlanError(f"parameter {pair!r} is not key=value")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def resolve_parameters(runbook: Runbook, document: YamlDocument, overrides: dict[str, Any]) -> dict[str, Any]:
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for name in overrides:
+        if name not in runbook.parameters:
+            known = ", ".join(runbook.parameters) or "none"
+            problems.append(Problem(document.path, None, f"-p {name}", f"runbook {runbook.name!r} has no parameter "
+                                    f"{name!r}", f"its parameters: {known}"))
+    for name, spec in runbook.parameters.items():
+        if name in overrides:
+            value = overrides[name]
+        elif spec.required:
+            problems.append(document.problem(("parameters", name), "is required and was not given",
+                                             f"pass -p {name}=VALUE"))
+            continue
+        else:
+            value = spec.default
+        if spec.choices is not None and value not in spec.choices:
+            problems.append(document.problem(("parameters", name), f"{value!r} is not one of "
+                                             f"{', '.join(map(str, spec.choices))}"))
+        values[name] = value
+    if problems:
+        raise LoadError(problems)
+    return values
+
+
+def validate_files(runbook_path: str, inventory_path: str, registry: ActionRegistry | None = None) -> list[Problem]:
+    """Every problem of a runbook against an inventory (empty when clean)."""
+    registry = registry or default_registry()
+    problems: list[Problem] = []
+    inventory = inventory_document = None
+    try:
+        inventory, inventory_document = load_inventory(inventory_path)
+    except LoadError as exc:
+        problems.extend(exc.problems)
+    try:
+        runbook, document = load_runbook(runbook_path)
+    except LoadError as exc:
+        return problems + exc.problems
+    if inventory is not None:
+        problems.extend(check_runbook(runbook, document, inventory, registry.params_model))
+    return problems
+
+
+def build_plan(
+    runbook_path: str,
+    inventory_path: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    kind: str | None = None,
+    incident_at: datetime | None = None,
+    started_by: str | None = None,
+    reason: str = "",
+    trigger: str = "manual",
+    forced: tuple[str, ...] = (),
+    registry: ActionRegistry | None = None,
+) -> RunPlan:
+    """Load, check and freeze a plan; raise LoadError with every problem found."""
+    registry = registry or default_registry()
+    problems = validate_files(runbook_path, inventory_path, registry)
+    if problems:
+        raise LoadError(problems)
+    inventory, inventory_document = load_inventory(inventory_path)
+    runbook, runbook_document = load_runbook(runbook_path)
+    parameters = resolve_parameters(runbook, runbook_document, overrides or {})
+    chosen_kind = kind or runbook.kind
+    try:
+        run_kind = RunKind(chosen_kind)
+    except ValueError:
+        raise PlanError(f"kind {chosen_kind!r} is not one of {', '.join(k.value for k in RunKind)}") from None
+    return RunPlan(
+        runbook=runbook,
+        inventory=inventory,
+        parameters=parameters,
+        kind=run_kind,
+        incident_at=incident_at,
+        started_by=started_by or default_actor(),
+        reason=reason,
+        trigger=trigger,
+        runbook_source=_source(runbook_document),
+        inventory_source=_source(inventory_document),
+        parameters_sha256=hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest(),
+        forced=forced,
+    )
+
+
+def default_actor() -> str:
+    return os.environ.get("DR_ACTOR") or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+
+
+def _source(document: YamlDocument) -> SourceDocument:
+    return SourceDocument(path=str(Path(document.path)), sha256=document.sha256, text=document.text)
+
+
+# ---------------------------------------------------------------- what `dr plan` shows
+
+
+class _StepOutputPlaceholder:
+    """Stands in for outputs of steps that have not run: renders as ``<steps.x.output.y>``."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str) -> _StepOutputPlaceholder:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _StepOutputPlaceholder(f"{self._path}.{name}")
+
+    def __getitem__(self, key: object) -> _StepOutputPlaceholder:
+        return _StepOutputPlaceholder(f"{self._path}.{key}")
+
+    def __str__(self) -> str:
+        return f"<{self._path}>"
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter([self])
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def describe_plan(plan: RunPlan, registry: ActionRegistry | None = None) -> dict[str, Any]:
+    """Execution order with parallel groups, each step's rendered parameters and the hosts it touches."""
+    registry = registry or default_registry()
+    runbook = plan.runbook
+    run_info = {"id": "<run id>", "kind": str(plan.kind), "started_by": plan.started_by,
+                "incident_at": plan.incident_at.isoformat() if plan.incident_at else "<run start>",
+                "started_at": "<run start>", "forced": list(plan.forced)}
+    steps_placeholder = _StepOutputPlaceholder("steps")
+    groups = []
+    for number, group in enumerate(runbook.execution_groups(), start=1):
+        described = []
+        for step_id in group:
+            step = runbook.step(step_id)
+            service = step_service(plan, step.service)
+            context = template_context(plan, run_info, {}, service, step.site)
+            context["steps"] = steps_placeholder
+            entry: dict[str, Any] = {
+                "id": step.id, "action": step.action, "needs": list(step.needs), "timeout_s": step.timeout,
+                "retries": step.retries.count, "on_failure": str(step.on_failure), "marks": list(step.marks),
+                "service": service, "when": step.when,
+            }
+            try:
+                rendered = templating.render_value(step.with_, context)
+                entry["with"] = _plain(rendered)
+                action = registry.get(step.action)
+                try:
+                    entry["hosts"] = action().hosts(action.Params.model_validate(rendered))
+                except Exception:  # noqa: BLE001 - placeholders may not validate; hosts are a courtesy
+                    entry["hosts"] = []
+            except templating.TemplateError as exc:
+                entry["with"] = {}
+                entry["error"] = str(exc)
+            if step.rollback is not None:
+                entry["rollback"] = {"action": step.rollback.action}
+            described.append(entry)
+        groups.append({"group": number, "parallel": len(described) > 1, "steps": described})
+    return {
+        "runbook": runbook.name, "kind": str(plan.kind), "inventory": plan.inventory.name,
+        "parameters": plan.parameters, "runbook_sha256": plan.runbook_source.sha256,
+        "inventory_sha256": plan.inventory_source.sha256, "groups": groups,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, _StepOutputPlaceholder):
+        return str(value)
+    return value

@@ -1,0 +1,136 @@
+"""What people see in the terminal: live step progress, run summaries, timelines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dr_orchestrator.model.durations import format_duration
+from dr_orchestrator.model.events import (
+    AttemptFinished,
+    Event,
+    MarkerReached,
+    Measurement,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+)
+
+_STYLE = {
+    "succeeded": "green", "failed": "red", "timed_out": "red", "skipped": "yellow", "cancelled": "yellow",
+    "rolled_back": "magenta", "rollback_failed": "bold red", "aborted": "bold red", "running": "cyan",
+    "waiting_approval": "cyan", "interrupted": "bold red",
+}
+
+
+def _state(state: str) -> str:
+    return f"[{_STYLE.get(state, 'white')}]{state}[/]"
+
+
+class ProgressPrinter:
+    """An engine observer printing one line per step change, with elapsed times (monotonic)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
+        self.run_started = time.monotonic()
+        self.step_started: dict[tuple[str, str], float] = {}
+
+    def __call__(self, event: Event) -> None:
+        now = time.monotonic()
+        elapsed = f"[dim]{now - self.run_started:7.3f}s[/]"
+        if isinstance(event, RunStarted):
+            self.run_started = now
+            plan = event.plan
+            self.console.print(f"run [bold]{event.run_id}[/] {plan.runbook.name} ({plan.kind}) "
+                               f"by {plan.started_by} on {event.host}")
+        elif isinstance(event, StepStarted):
+            self.step_started[(event.step_id, event.phase)] = now
+            label = "rolling back" if event.phase == "rollback" else "started"
+            self.console.print(f"{elapsed}  {event.step_id:<28} {label}")
+        elif isinstance(event, AttemptFinished) and event.state != "succeeded":
+            self.console.print(f"{elapsed}  {event.step_id:<28} attempt {event.attempt} {_state(event.state)}: "
+                               f"{event.error or ''}")
+        elif isinstance(event, StepFinished):
+            began = self.step_started.get((event.step_id, event.phase))
+            took = f" in {format_duration(now - began)}" if began is not None else ""
+            reason = f": {event.error}" if event.error and event.state != "succeeded" else ""
+            self.console.print(f"{elapsed}  {event.step_id:<28} {_state(event.state)}{took}{reason}")
+        elif isinstance(event, MarkerReached):
+            self.console.print(f"{elapsed}  [bold]{event.marker}[/] {event.service or ''} at {event.at.isoformat()}")
+        elif isinstance(event, Measurement):
+            self.console.print(f"{elapsed}  measured {event.metric} = {event.value:g} ({event.method})")
+        elif isinstance(event, RunFinished):
+            error = f": {event.error}" if event.error else ""
+            self.console.print(f"{elapsed}  run {_state(event.state)}{error}")
+
+
+def _figure(value: Any, target: Any, met: Any) -> str:
+    if value is None:
+        return "[yellow]not measured[/]"
+    verdict = "[green]met[/]" if met else "[red]MISSED[/]"
+    target_text = f" / target {format_duration(float(target))}" if target is not None else ""
+    return f"{format_duration(float(value))}{target_text} {verdict}"
+
+
+def print_results(detail: dict[str, Any] | None, console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    if detail is None:
+        console.print("[red]the run is not in the evidence database[/]")
+        return
+    run = detail["run"]
+    console.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']})")
+    results = detail.get("results") or []
+    if not results:
+        return
+    table = Table("service", "RTO achieved", "RPO achieved", "RTO method", "RPO method", title="recovery figures")
+    for row in results:
+        table.add_row(row["service"], _figure(row.get("rto_s"), row.get("rto_target_s"), row.get("rto_met")),
+                      _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")),
+                      row.get("rto_method") or "", row.get("rpo_method") or "")
+    console.print(table)
+
+
+def print_run_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    table = Table("run", "runbook", "kind", "state", "started", "by", "services")
+    for row in rows:
+        table.add_row(row["id"], row["runbook_name"], row["kind"], _state(row["state"]),
+                      str(row["started_at"]), row.get("started_by") or "", ", ".join(row.get("services") or []))
+    console.print(table)
+
+
+def print_run_detail(detail: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console(highlight=False)
+    run = detail["run"]
+    console.print(f"run {run['id']}  {run['runbook_name']}  {run['kind']}  {_state(run['state'])}")
+    for label, key in (("started by", "started_by"), ("on host", "orchestrator_host"), ("reason", "reason"),
+                       ("incident at", "incident_at"), ("started at", "started_at"), ("finished at", "finished_at"),
+                       ("runbook", "runbook_path"), ("runbook sha256", "runbook_sha256"),
+                       ("inventory sha256", "inventory_sha256"), ("error", "error")):
+        if run.get(key):
+            console.print(f"  {label:<17} {run[key]}")
+    table = Table("step", "phase", "state", "started", "finished", "attempts", "error / output")
+    for step in detail.get("steps", []):
+        attempts = step.get("attempts") or []
+        note = step.get("error") or _short(step.get("output"))
+        table.add_row(step["step_id"], step.get("phase", ""), _state(step["state"]), str(step.get("started_at") or ""),
+                      str(step.get("finished_at") or ""), str(len(attempts)), note)
+    console.print(table)
+    probes = detail.get("probes") or []
+    if probes:
+        console.print(f"  {len(probes)} probes; first {probes[0]['at']}, last {probes[-1]['at']}")
+    for marker in detail.get("markers") or []:
+        console.print(f"  marker {marker['marker']} {marker.get('service') or ''} at {marker['at']}")
+    for measurement in detail.get("measurements") or []:
+        console.print(f"  measured {measurement['metric']} = {measurement['value']} ({measurement['method']}) "
+                      f"raw {measurement.get('raw')}")
+    print_results(detail, console)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = "" if not value else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
