@@ -5,9 +5,11 @@ Shared by the CLI, the HTTP API and the scheduler, so all three check and build 
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -129,7 +131,8 @@ def build_plan(
 
 
 def default_actor() -> str:
-    return os.environ.get("DR_ACTOR") or os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+    """Who starts a run: $DR_ACTOR when a wrapper knows better (API, scheduler), else the OS user."""
+    return os.environ.get("DR_ACTOR") or getpass.getuser()
 
 
 def _source(document: YamlDocument) -> SourceDocument:
@@ -156,7 +159,7 @@ class _StepOutputPlaceholder:
     def __str__(self) -> str:
         return f"<{self._path}>"
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[_StepOutputPlaceholder]:
         return iter([self])
 
     def __bool__(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,12 @@ _STYLE = {
 }
 
 
+def console(stderr: bool = False) -> Console:
+    """Full-width output when piped (rich would wrap at 80 columns and cut run ids)."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, highlight=False, width=None if stream.isatty() else 200)
+
+
 def _state(state: str) -> str:
     return f"[{_STYLE.get(state, 'white')}]{state}[/]"
 
@@ -34,8 +41,8 @@ def _state(state: str) -> str:
 class ProgressPrinter:
     """An engine observer printing one line per step change, with elapsed times (monotonic)."""
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+    def __init__(self, output: Console | None = None) -> None:
+        self.console = output or console(stderr=True)
         self.run_started = time.monotonic()
         self.step_started: dict[tuple[str, str], float] = {}
 
@@ -76,59 +83,61 @@ def _figure(value: Any, target: Any, met: Any) -> str:
     return f"{format_duration(float(value))}{target_text} {verdict}"
 
 
-def print_results(detail: dict[str, Any] | None, console: Console | None = None) -> None:
-    console = console or Console(highlight=False)
+def print_results(detail: dict[str, Any] | None, out: Console | None = None) -> None:
+    out = out or console()
     if detail is None:
-        console.print("[red]the run is not in the evidence database[/]")
+        out.print("[red]the run is not in the evidence database[/]")
         return
     run = detail["run"]
-    console.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']})")
+    out.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']})")
     results = detail.get("results") or []
     if not results:
         return
-    table = Table("service", "RTO achieved", "RPO achieved", "RTO method", "RPO method", title="recovery figures")
+    table = Table("service", "RTO achieved / target", "RPO achieved / target", title="recovery figures")
     for row in results:
         table.add_row(row["service"], _figure(row.get("rto_s"), row.get("rto_target_s"), row.get("rto_met")),
-                      _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")),
-                      row.get("rto_method") or "", row.get("rpo_method") or "")
-    console.print(table)
+                      _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")))
+    out.print(table)
+    for row in results:
+        out.print(f"  {row['service']}: RTO = {row.get('rto_method') or 'not measured'}")
+        out.print(f"  {row['service']}: RPO = {row.get('rpo_method') or 'not measured'}")
 
 
-def print_run_list(rows: list[dict[str, Any]], console: Console | None = None) -> None:
-    console = console or Console(highlight=False)
+def print_run_list(rows: list[dict[str, Any]], out: Console | None = None) -> None:
+    out = out or console()
     table = Table("run", "runbook", "kind", "state", "started", "by", "services")
     for row in rows:
         table.add_row(row["id"], row["runbook_name"], row["kind"], _state(row["state"]),
                       str(row["started_at"]), row.get("started_by") or "", ", ".join(row.get("services") or []))
-    console.print(table)
+    out.print(table)
 
 
-def print_run_detail(detail: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console(highlight=False)
+def print_run_detail(detail: dict[str, Any], out: Console | None = None) -> None:
+    out = out or console()
     run = detail["run"]
-    console.print(f"run {run['id']}  {run['runbook_name']}  {run['kind']}  {_state(run['state'])}")
+    out.print(f"run {run['id']}  {run['runbook_name']}  {run['kind']}  {_state(run['state'])}")
     for label, key in (("started by", "started_by"), ("on host", "orchestrator_host"), ("reason", "reason"),
                        ("incident at", "incident_at"), ("started at", "started_at"), ("finished at", "finished_at"),
                        ("runbook", "runbook_path"), ("runbook sha256", "runbook_sha256"),
                        ("inventory sha256", "inventory_sha256"), ("error", "error")):
         if run.get(key):
-            console.print(f"  {label:<17} {run[key]}")
+            out.print(f"  {label:<17} {run[key]}")
     table = Table("step", "phase", "state", "started", "finished", "attempts", "error / output")
     for step in detail.get("steps", []):
         attempts = step.get("attempts") or []
         note = step.get("error") or _short(step.get("output"))
         table.add_row(step["step_id"], step.get("phase", ""), _state(step["state"]), str(step.get("started_at") or ""),
                       str(step.get("finished_at") or ""), str(len(attempts)), note)
-    console.print(table)
+    out.print(table)
     probes = detail.get("probes") or []
     if probes:
-        console.print(f"  {len(probes)} probes; first {probes[0]['at']}, last {probes[-1]['at']}")
+        out.print(f"  {len(probes)} probes; first {probes[0]['at']}, last {probes[-1]['at']}")
     for marker in detail.get("markers") or []:
-        console.print(f"  marker {marker['marker']} {marker.get('service') or ''} at {marker['at']}")
+        out.print(f"  marker {marker['marker']} {marker.get('service') or ''} at {marker['at']}")
     for measurement in detail.get("measurements") or []:
-        console.print(f"  measured {measurement['metric']} = {measurement['value']} ({measurement['method']}) "
+        out.print(f"  measured {measurement['metric']} = {measurement['value']} ({measurement['method']}) "
                       f"raw {measurement.get('raw')}")
-    print_results(detail, console)
+    print_results(detail, out)
 
 
 def _short(value: Any, limit: int = 80) -> str:
