@@ -1,0 +1,45 @@
+"""Ask the lab's databases which site is read-write and which acknowledged keys they hold."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from dr_orchestrator.lab.config import SITES, LabConfig
+
+
+@dataclass(frozen=True)
+class SiteDatabase:
+    site: str
+    conninfo: str
+    reachable: bool
+    read_write: bool
+    error: str | None = None
+
+
+def site_databases(config: LabConfig) -> list[SiteDatabase]:
+    # The lab's DSNs carry a short connect_timeout: a killed site refuses at once, a hung one must not hang us.
+    return [_probe(site, config.dsn(site)) for site in SITES]
+
+
+def _probe(site: str, conninfo: str) -> SiteDatabase:
+    try:
+        with psycopg.connect(conninfo) as connection:
+            row = connection.execute("SELECT pg_is_in_recovery()").fetchone()
+    except psycopg.Error as error:
+        return SiteDatabase(site, conninfo, reachable=False, read_write=False, error=str(error).strip())
+    return SiteDatabase(site, conninfo, reachable=True, read_write=row is not None and not row[0])
+
+
+def present_keys(database: SiteDatabase, table: str, column: str, keys: Sequence[str]) -> set[str]:
+    """The subset of ``keys`` that has a row in ``table`` at that site."""
+    if not keys:
+        return set()
+    query = sql.SQL("SELECT {column} FROM {table} WHERE {column} = ANY(%s)").format(
+        column=sql.Identifier(column), table=sql.Identifier(table)
+    )
+    with psycopg.connect(database.conninfo) as connection:
+        return {row[0] for row in connection.execute(query, (list(keys),))}

@@ -1,0 +1,353 @@
+"""The load generator and its ground-truth report: the computation on synthetic ledgers, the generator
+against a small fake front door (real HTTP, real process, real SQLite), and the whole against the lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from dr_orchestrator.lab.config import FRONTEND_PORTS, SERVICES, LabConfig
+from dr_orchestrator.lab.load import LoadError, ledger_path, load_report, load_running, start_load, stop_load
+from dr_orchestrator.lab.load.analysis import missing_writes, outage_windows, summarise_service
+from dr_orchestrator.lab.load.cli import load_group
+from dr_orchestrator.lab.load.ledger import LedgerEntry, latest_run, open_ledger, run_entries
+
+# --- synthetic ledgers ----------------------------------------------------------------------------
+
+
+def entry(
+    t: float, outcome: str = "ok", site: str | None = "primary", key: str = "k", service: str = "trading"
+) -> LedgerEntry:
+    """A request answered ``t`` seconds after 10:00:00 UTC (sent 10 ms earlier)."""
+    stamp = lambda s: f"2026-11-28T10:00:{s:09.6f}+00:00"  # noqa: E731
+    return LedgerEntry(
+        "run1",
+        service,
+        "place_order",
+        key,
+        stamp(t - 0.01),
+        stamp(t),
+        t - 0.01,
+        t,
+        outcome,
+        201 if outcome == "ok" else None,
+        site,
+    )
+
+
+def test_an_outage_runs_from_the_last_success_to_the_first_success_after_it() -> None:
+    entries = [
+        entry(1.0),
+        entry(1.5),
+        entry(2.0, "http 503", site="primary"),
+        entry(2.5, "error: ConnectError", site=None),
+        entry(3.25, site="backup"),
+        entry(4.0, site="backup"),
+    ]
+
+    [window] = outage_windows(entries)
+
+    assert window.start == "2026-11-28T10:00:01.500000+00:00"
+    assert window.end == "2026-11-28T10:00:03.250000+00:00"
+    assert window.duration_s == pytest.approx(1.75)
+    assert (window.site_before, window.site_after) == ("primary", "backup")
+    assert window.failed_requests == 2
+    assert window.first_failure_at == "2026-11-28T10:00:02.000000+00:00"
+    assert window.last_failure_at == "2026-11-28T10:00:02.500000+00:00"
+    assert not window.ongoing
+
+
+def test_separate_runs_of_failures_are_separate_outages_and_success_only_has_none() -> None:
+    entries = [
+        entry(1.0),
+        entry(2.0, "http 503"),
+        entry(3.0),
+        entry(4.0),
+        entry(5.0, "http 502"),
+        entry(5.5, "http 502"),
+        entry(6.0),
+    ]
+
+    windows = outage_windows(entries)
+
+    assert [(w.duration_s, w.failed_requests) for w in windows] == [(pytest.approx(2.0), 1), (pytest.approx(2.0), 2)]
+    assert outage_windows([entry(1.0), entry(2.0)]) == []
+    assert outage_windows([]) == []
+
+
+def test_an_outage_without_a_success_before_has_no_start_and_one_still_failing_has_no_end() -> None:
+    [leading] = outage_windows([entry(1.0, "http 503"), entry(2.0)])
+    [trailing] = outage_windows([entry(1.0), entry(2.0, "http 503"), entry(3.0, "error: ReadTimeout")])
+
+    assert leading.start is None and leading.end is not None and leading.duration_s is None
+    assert trailing.start is not None and trailing.end is None and trailing.duration_s is None
+    assert trailing.ongoing and trailing.failed_requests == 2 and trailing.site_after is None
+
+
+def test_missing_writes_are_the_acknowledged_keys_absent_from_the_database_with_their_time_window() -> None:
+    acknowledged = [entry(float(i), key=f"run1-{i}") for i in range(1, 7)]
+
+    lost = missing_writes(acknowledged, present_keys={"run1-1", "run1-2", "run1-4", "run1-6"}, site="backup")
+
+    assert lost.checked_site == "backup"
+    assert lost.acknowledged == 6
+    assert lost.keys == ("run1-3", "run1-5") and lost.count == 2
+    assert lost.first_acked_at == "2026-11-28T10:00:03.000000+00:00"
+    assert lost.last_acked_at == "2026-11-28T10:00:05.000000+00:00"
+    nothing_lost = missing_writes(acknowledged, {e.key for e in acknowledged}, "primary")
+    assert nothing_lost.count == 0 and nothing_lost.first_acked_at is None
+
+
+def test_a_service_summary_counts_outcomes_sites_and_acknowledged_writes() -> None:
+    entries = [
+        entry(1.0),
+        entry(2.0, "http 503"),
+        entry(3.0, "http 503"),
+        entry(4.0, "error: ConnectError", site=None),
+        entry(5.0, site="backup"),
+    ]
+
+    summary = summarise_service("trading", entries, writes=True)
+    reads = summarise_service("quotation", entries, writes=False)
+
+    assert (summary.requests, summary.ok, summary.failed) == (5, 2, 3)
+    assert summary.failures_by_outcome == {"http 503": 2, "error: ConnectError": 1}
+    assert summary.answers_by_site == {"primary": 3, "backup": 1}
+    assert summary.acknowledged_writes == 2 and reads.acknowledged_writes is None
+    assert len(summary.outage_windows) == 1
+
+
+# --- the generator against a fake front door ------------------------------------------------------
+
+
+class FakeFrontDoor:
+    """The three services' HTTP API on the lab's front-door ports; can be switched down and to another site."""
+
+    def __init__(self, port_offset: int) -> None:
+        self.site = "primary"
+        self.down = False
+        self.acknowledged: dict[str, set[str]] = {service: set() for service in SERVICES}
+        self._lock = threading.Lock()
+        self._servers = [self._serve(service, FRONTEND_PORTS[service] + port_offset) for service in SERVICES]
+
+    def _serve(self, service: str, port: int) -> ThreadingHTTPServer:
+        door = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                key = body.get("client_order_id") or body.get("contract_id")
+                if door.down:
+                    self._answer(503, {"error": "database is read-only"})
+                    return
+                with door._lock:
+                    door.acknowledged[service].add(key)
+                self._answer(201, body)
+
+            def do_GET(self) -> None:
+                symbol = self.path.rsplit("/", 1)[-1]
+                self._answer(503, {}) if door.down else self._answer(200, {"symbol": symbol, "bid": 1.0, "ask": 1.1})
+
+            def _answer(self, status: int, body: dict[str, object]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("X-DR-Site", door.site)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+
+
+def _ports_free(offset: int) -> bool:
+    for port in [FRONTEND_PORTS[s] + offset for s in SERVICES]:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def fake_lab(tmp_path: Path) -> Iterator[tuple[LabConfig, FakeFrontDoor]]:
+    """A lab config whose front door is a fake; its databases do not exist (nothing listens there)."""
+    for _ in range(50):
+        offset = random.randrange(20000, 40000)
+        if _ports_free(offset):
+            break
+    else:
+        pytest.fail("found no free front-door ports")
+    config = LabConfig(root=tmp_path / "lab", port_offset=offset)
+    door = FakeFrontDoor(offset)
+    try:
+        yield config, door
+    finally:
+        stop_load(config)
+        door.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def ledger(config: LabConfig) -> list[LedgerEntry]:
+    with open_ledger(ledger_path(config.root)) as connection:
+        run = latest_run(connection)
+        return run_entries(connection, run.run_id) if run else []
+
+
+def every_service_saw(config: LabConfig, condition: Callable[[LedgerEntry], bool], after: float = 0.0) -> bool:
+    seen = {e.service for e in ledger(config) if e.answered_mono > after and condition(e)}
+    return seen == set(SERVICES)
+
+
+def test_the_generator_records_every_request_and_the_report_shows_the_outage_it_saw(
+    fake_lab: tuple[LabConfig, FakeFrontDoor],
+) -> None:
+    config, door = fake_lab
+    pid = start_load(config, rate=20)
+    assert load_running(config) == pid
+
+    wait_for(lambda: every_service_saw(config, lambda e: e.ok and e.site == "primary"), 10, "successes at primary")
+    door.down = True
+    down_at = time.monotonic()
+    wait_for(lambda: every_service_saw(config, lambda e: not e.ok, after=down_at), 10, "failures in the outage")
+    time.sleep(0.3)  # let the outage last a few requests
+    door.site, door.down = "backup", False
+    up_at = time.monotonic()
+    wait_for(lambda: every_service_saw(config, lambda e: e.ok and e.site == "backup"), 10, "successes at backup")
+    assert stop_load(config) == pid
+
+    assert load_running(config) is None
+    report = load_report(config)
+    assert report["run"]["running"] is False and report["run"]["stopped_at"] is not None
+    assert report["serving_database"] is None and "No site's database is read-write" in report["note"]
+    entries = ledger(config)
+    for service in SERVICES:
+        summary = report["services"][service]
+        [window] = summary["outage_windows"]
+        assert (window["site_before"], window["site_after"]) == ("primary", "backup")
+        assert window["failed_requests"] >= 2
+        assert up_at - down_at - 0.2 <= window["duration_s"] <= up_at - down_at + 0.5
+        assert summary["ok"] + summary["failed"] == summary["requests"] == sum(e.service == service for e in entries)
+        sent = sorted(e.sent_mono for e in entries if e.service == service)
+        assert (len(sent) - 1) / (sent[-1] - sent[0]) == pytest.approx(20, rel=0.2)  # the configured rate
+    for service in ("trading", "contract-signing"):
+        acked_in_ledger = {e.key for e in entries if e.service == service and e.ok}
+        assert acked_in_ledger == door.acknowledged[service]
+        assert report["services"][service]["acknowledged_writes"] == len(acked_in_ledger)
+        assert report["services"][service]["missing_writes"] is None  # no database to check
+
+
+def test_the_ledger_survives_the_generator_being_killed(fake_lab: tuple[LabConfig, FakeFrontDoor]) -> None:
+    config, door = fake_lab
+    pid = start_load(config, rate=20)
+    wait_for(lambda: len(ledger(config)) >= 60, 10, "60 requests in the ledger")
+
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: load_running(config) is None, 5, "the killed generator to be gone")
+
+    with sqlite3.connect(ledger_path(config.root)) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    entries = ledger(config)
+    for service in ("trading", "contract-signing"):
+        in_ledger = {e.key for e in entries if e.service == service and e.ok}
+        assert in_ledger <= door.acknowledged[service]
+        # Only the last uncommitted batch (100 ms, ~2 requests per service at 20/s) may be lost.
+        assert len(door.acknowledged[service] - in_ledger) <= 6
+    assert stop_load(config) is None
+    assert start_load(config) != pid  # a new run starts after the crash
+    assert stop_load(config) is not None
+    with open_ledger(ledger_path(config.root)) as connection:
+        assert connection.execute("SELECT count(*) FROM runs").fetchone() == (2,)
+
+
+def test_a_second_start_is_refused_and_stop_is_idempotent(fake_lab: tuple[LabConfig, FakeFrontDoor]) -> None:
+    config, _ = fake_lab
+    assert stop_load(config) is None
+    pid = start_load(config)
+
+    with pytest.raises(LoadError, match=f"already running \\(pid {pid}\\)"):
+        start_load(config)
+    assert stop_load(config) == pid
+    assert stop_load(config) is None
+
+
+def test_a_report_without_a_ledger_says_to_start_the_load(tmp_path: Path) -> None:
+    with pytest.raises(LoadError, match="start the load first"):
+        load_report(LabConfig(root=tmp_path))
+
+
+# --- the commands ------------------------------------------------------------------------------------
+
+
+def run_load_command(config: LabConfig, *args: str) -> Result:
+    env = {"DR_LAB_DIR": str(config.root), "DR_LAB_PORT_OFFSET": str(config.port_offset)}
+    return CliRunner().invoke(load_group, list(args), env=env)
+
+
+def test_the_load_commands_start_stop_and_report_as_json(fake_lab: tuple[LabConfig, FakeFrontDoor]) -> None:
+    config, door = fake_lab
+    config.root.mkdir(parents=True)
+    config.marker.touch()  # what `dr lab up` leaves in a lab directory
+
+    started = run_load_command(config, "start", "--rate", "10")
+    assert started.exit_code == 0, started.output
+    assert "10 requests/s per service" in started.output
+    refused = run_load_command(config, "start")
+    assert refused.exit_code == 2 and "already running" in refused.output
+    wait_for(lambda: every_service_saw(config, lambda e: e.ok), 10, "a success per service")
+    stopped = run_load_command(config, "stop")
+    assert stopped.exit_code == 0 and "stopped" in stopped.output
+    report = run_load_command(config, "report", "--output", "json")
+    text = run_load_command(config, "report")
+
+    assert report.exit_code == 0, report.output
+    data = json.loads(report.output)
+    assert data["run"]["rate"] == 10 and data["run"]["running"] is False
+    assert set(data["services"]) == set(SERVICES)
+    assert data["services"]["trading"]["acknowledged_writes"] == len(door.acknowledged["trading"]) > 0
+    assert text.exit_code == 0 and "trading" in text.output and data["run"]["run_id"] in text.output
+    assert run_load_command(config, "stop").output.strip() == "No load generator was running."
+
+
+def test_the_load_commands_explain_a_missing_lab_or_ledger_in_one_sentence(tmp_path: Path) -> None:
+    config = LabConfig(root=tmp_path / "nolab")
+
+    started = run_load_command(config, "start")
+    reported = run_load_command(config, "report")
+
+    assert started.exit_code == 2 and "There is no lab at" in started.output and "Traceback" not in started.output
+    assert reported.exit_code == 2 and "No load ledger at" in reported.output
