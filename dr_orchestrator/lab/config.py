@@ -1,0 +1,199 @@
+"""Where everything of one lab lives: addresses, ports and paths, all derived from one LabConfig.
+
+Several labs run side by side (tests, helpers, the demo): each has its own root directory and port
+offset, so nothing here is a fixed global path or port.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SITES: tuple[str, ...] = ("primary", "backup")
+SITE_ADDRESSES: dict[str, str] = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
+SITE_REGIONS: dict[str, str] = {"primary": "lab-a", "backup": "lab-b"}
+SERVICES: tuple[str, ...] = ("trading", "contract-signing", "quotation")
+
+FRONT_DOOR_ADDRESS = "127.0.0.1"
+SSHD_PORT = 2222
+POSTGRES_PORT = 15432
+SERVICE_PORTS: dict[str, int] = {"trading": 8101, "contract-signing": 8102, "quotation": 8103}
+FRONTEND_PORTS: dict[str, int] = {"trading": 18101, "contract-signing": 18102, "quotation": 18103}
+
+DATABASE_NAME = "drlab"
+DATABASE_USER = "drlab"  # the clusters' bootstrap superuser, whatever OS user runs PostgreSQL
+REPLICATION_SLOT = "backup"
+STANDBY_APPLICATION_NAME = "backup"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SERVICE_PYTHON = "/usr/bin/python3"  # readable by the postgres user, unlike a venv under /root
+
+DEFAULT_ROOT = "/tmp/dr-lab"
+ROOT_ENV = "DR_LAB_DIR"
+PORT_OFFSET_ENV = "DR_LAB_PORT_OFFSET"
+MAX_PORT = 65535
+
+
+class LabConfigError(ValueError):
+    """A lab setting a user chose cannot work (one sentence, shown as is)."""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    root: Path = Path(DEFAULT_ROOT)
+    port_offset: int = 0
+    sync: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(os.path.abspath(self.root)))
+        highest = max(POSTGRES_PORT, *FRONTEND_PORTS.values()) + self.port_offset
+        lowest = min(SSHD_PORT, *SERVICE_PORTS.values()) + self.port_offset
+        if lowest < 1024 or highest > MAX_PORT:
+            raise LabConfigError(
+                f"port offset {self.port_offset} puts the lab's ports outside 1024-{MAX_PORT}; "
+                f"choose an offset between {1024 - min(SSHD_PORT, *SERVICE_PORTS.values())} "
+                f"and {MAX_PORT - highest + self.port_offset}"
+            )
+
+    @classmethod
+    def from_env(cls, root: str | Path | None = None, port_offset: int | None = None, sync: bool = False) -> LabConfig:
+        """Explicit values win; then DR_LAB_DIR / DR_LAB_PORT_OFFSET; then the defaults."""
+        chosen_root = root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+        if port_offset is None:
+            raw = os.environ.get(PORT_OFFSET_ENV, "0").strip() or "0"
+            try:
+                port_offset = int(raw)
+            except ValueError:
+                raise LabConfigError(f"{PORT_OFFSET_ENV}={raw!r} is not a whole number") from None
+        return cls(root=Path(chosen_root), port_offset=port_offset, sync=sync)
+
+    # --- who runs what -----------------------------------------------------------------------------
+    @property
+    def as_root(self) -> bool:
+        return os.geteuid() == 0
+
+    @property
+    def os_user(self) -> str:
+        """The OS user of PostgreSQL, the services and SSH logins (PostgreSQL refuses root)."""
+        return "postgres" if self.as_root else getpass.getuser()
+
+    # --- addresses and ports -----------------------------------------------------------------------
+    def address(self, site: str) -> str:
+        return SITE_ADDRESSES[site]
+
+    @property
+    def sshd_port(self) -> int:
+        return SSHD_PORT + self.port_offset
+
+    @property
+    def postgres_port(self) -> int:
+        return POSTGRES_PORT + self.port_offset
+
+    def service_port(self, service: str) -> int:
+        return SERVICE_PORTS[service] + self.port_offset
+
+    def frontend_port(self, service: str) -> int:
+        return FRONTEND_PORTS[service] + self.port_offset
+
+    def service_url(self, service: str, site: str) -> str:
+        return f"http://{self.address(site)}:{self.service_port(service)}"
+
+    def frontend_url(self, service: str) -> str:
+        return f"http://{FRONT_DOOR_ADDRESS}:{self.frontend_port(service)}"
+
+    def listening_ports(self) -> list[tuple[str, int]]:
+        """Every (address, port) the lab binds: all must be free before `up`."""
+        ports = [(FRONT_DOOR_ADDRESS, self.frontend_port(s)) for s in SERVICES]
+        for site in SITES:
+            address = self.address(site)
+            ports += [(address, self.sshd_port), (address, self.postgres_port)]
+            ports += [(address, self.service_port(s)) for s in SERVICES]
+        return ports
+
+    def dsn(self, site: str, dbname: str = DATABASE_NAME) -> str:
+        return (
+            f"host={self.address(site)} port={self.postgres_port} dbname={dbname} "
+            f"user={DATABASE_USER} connect_timeout=2"
+        )
+
+    # --- paths -------------------------------------------------------------------------------------
+    @property
+    def marker(self) -> Path:
+        """Present only in a directory the lab created: `down` removes nothing without it."""
+        return self.root / ".dr-lab"
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "lab.json"
+
+    @property
+    def inventory_path(self) -> Path:
+        return self.root / "inventory.yml"
+
+    @property
+    def ssh_dir(self) -> Path:
+        return self.root / "ssh"
+
+    @property
+    def client_key(self) -> Path:
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.ssh_dir / "known_hosts"
+
+    @property
+    def haproxy_dir(self) -> Path:
+        return self.root / "haproxy"
+
+    @property
+    def haproxy_cfg(self) -> Path:
+        return self.haproxy_dir / "haproxy.cfg"
+
+    @property
+    def haproxy_pidfile(self) -> Path:
+        return self.haproxy_dir / "haproxy.pid"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.haproxy_dir / "admin.sock"
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / site
+
+    def bin_dir(self, site: str) -> Path:
+        return self.site_dir(site) / "bin"
+
+    def servicectl(self, site: str) -> Path:
+        return self.bin_dir(site) / "servicectl"
+
+    def site_settings(self, site: str) -> Path:
+        """The JSON file the site's servicectl and services read (address, ports, database)."""
+        return self.site_dir(site) / "site.json"
+
+    def run_dir(self, site: str) -> Path:
+        return self.site_dir(site) / "run"
+
+    def log_dir(self, site: str) -> Path:
+        return self.site_dir(site) / "log"
+
+    def pgdata(self, site: str) -> Path:
+        return self.site_dir(site) / "pgdata"
+
+    def sshd_dir(self, site: str) -> Path:
+        return self.site_dir(site) / "sshd"
+
+    def sshd_config(self, site: str) -> Path:
+        return self.sshd_dir(site) / "sshd_config"
+
+    def sshd_pidfile(self, site: str) -> Path:
+        return self.run_dir(site) / "sshd.pid"
+
+    def service_pidfile(self, site: str, service: str) -> Path:
+        return self.run_dir(site) / f"{service}.pid"
+
+    @property
+    def wal_archive(self) -> Path:
+        """WAL archived by the primary, kept at the backup site (for point-in-time recovery)."""
+        return self.site_dir("backup") / "wal-archive"

@@ -1,0 +1,270 @@
+"""One of the lab's three financial services (trading, contract-signing, quotation) at one site.
+
+Run by the system's /usr/bin/python3 with Debian's python3-psycopg2 (the lab copies this file into
+its directory so the postgres OS user can read it):
+
+    python3 service_app.py --config SITE_DIR/site.json --service trading
+
+Every response is JSON and carries `X-DR-Site: <site>`. `GET /health` answers 200 when ready, else
+503: trading and contract-signing need a read-write database, quotation any database that answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.pool
+
+WRITERS = {"trading", "contract-signing"}
+SIDES = {"buy", "sell"}
+MAX_BODY = 1 << 20
+
+
+class Unavailable(Exception):
+    """The database cannot serve this request now (read-only or unreachable): answer 503."""
+
+    def __init__(self, db_role: str) -> None:
+        super().__init__(db_role)
+        self.db_role = db_role
+
+
+class BadRequest(Exception):
+    """The client sent something we cannot accept: answer 400 with the reason."""
+
+
+class Database:
+    """A small pool of connections to the site's database; broken connections are replaced."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._pool = psycopg2.pool.ThreadedConnectionPool(
+            0, 32, host=settings["host"], port=settings["port"], dbname=settings["dbname"],
+            user=settings["user"], connect_timeout=2, application_name=settings.get("application_name", "service"),
+        )
+
+    def run(self, work: Callable[[Any], Any]) -> Any:
+        """Run `work(cursor)` in autocommit; retried once on a fresh connection when the old one broke."""
+        for attempt in (1, 2):
+            try:
+                connection = self._pool.getconn()
+            except psycopg2.pool.PoolError:
+                raise Unavailable("unreachable") from None
+            except psycopg2.OperationalError:
+                raise Unavailable("unreachable") from None
+            broken = False
+            try:
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    return work(cursor)
+            except psycopg2.errors.ReadOnlySqlTransaction:
+                raise Unavailable("read-only") from None
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                broken = True
+                if attempt == 2:
+                    raise Unavailable("unreachable") from None
+            finally:
+                self._pool.putconn(connection, close=broken or bool(connection.closed))
+        raise Unavailable("unreachable")
+
+    def role(self) -> str:
+        try:
+            in_recovery = self.run(lambda cursor: _one(cursor, "SELECT pg_is_in_recovery()")[0])
+        except Unavailable as exc:
+            return exc.db_role
+        return "read-only" if in_recovery else "read-write"
+
+
+def _one(cursor: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    cursor.execute(sql, args)
+    return cursor.fetchone()
+
+
+class App:
+    def __init__(self, service: str, site: str, database: Database) -> None:
+        self.service = service
+        self.site = site
+        self.database = database
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        role = self.database.role()
+        ready = role == "read-write" if self.service in WRITERS else role != "unreachable"
+        body = {"service": self.service, "site": self.site, "db_role": role, "ready": ready}
+        return (200 if ready else 503), body
+
+    def handle(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and path == "/health":
+            return self.health()
+        route = (self.service, method, path.split("/")[1] if "/" in path else "")
+        handlers: dict[tuple[str, str, str], Callable[[str, dict[str, Any] | None], tuple[int, dict[str, Any]]]] = {
+            ("trading", "POST", "orders"): self.place_order,
+            ("trading", "GET", "orders"): self.get_order,
+            ("contract-signing", "POST", "contracts"): self.sign_contract,
+            ("contract-signing", "GET", "contracts"): self.get_contract,
+            ("quotation", "GET", "quotes"): self.get_quote,
+        }
+        handler = handlers.get(route)
+        if handler is None:
+            return 404, {"error": f"no route {method} {path} on {self.service}"}
+        return handler(path, body)
+
+    # --- trading -----------------------------------------------------------------------------------
+    def place_order(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        if path != "/orders":
+            return 404, {"error": f"no route POST {path}"}
+        order = _fields(body, {"client_order_id": str, "symbol": str, "side": str, "qty": int})
+        if order["side"] not in SIDES or order["qty"] <= 0:
+            raise BadRequest("side must be buy or sell and qty a positive integer")
+        # The same client_order_id again (a client retrying) returns the order it already placed.
+        order_id = self.database.run(lambda cursor: _one(
+            cursor,
+            "INSERT INTO orders (client_order_id, symbol, side, qty) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (client_order_id) DO UPDATE SET client_order_id = EXCLUDED.client_order_id "
+            "RETURNING order_id",
+            (order["client_order_id"], order["symbol"], order["side"], order["qty"]),
+        )[0])
+        return 201, {"order_id": order_id, "client_order_id": order["client_order_id"]}
+
+    def get_order(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        client_order_id = _key(path, "orders")
+        row = self.database.run(lambda cursor: _one(
+            cursor, "SELECT order_id, client_order_id, symbol, side, qty, created_at FROM orders "
+                    "WHERE client_order_id = %s", (client_order_id,)))
+        if row is None:
+            return 404, {"error": f"no order {client_order_id}"}
+        keys = ("order_id", "client_order_id", "symbol", "side", "qty", "created_at")
+        return 200, {**dict(zip(keys[:-1], row[:-1], strict=True)), "created_at": row[-1].isoformat()}
+
+    # --- contract-signing --------------------------------------------------------------------------
+    def sign_contract(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        if path != "/contracts":
+            return 404, {"error": f"no route POST {path}"}
+        contract = _fields(body, {"contract_id": str, "body": str})
+        digest = hashlib.sha256(contract["body"].encode()).hexdigest()
+        stored = self.database.run(lambda cursor: _one(
+            cursor,
+            "INSERT INTO contracts (contract_id, body, sha256) VALUES (%s, %s, %s) "
+            "ON CONFLICT (contract_id) DO UPDATE SET contract_id = EXCLUDED.contract_id RETURNING sha256",
+            (contract["contract_id"], contract["body"], digest),
+        )[0])
+        return 201, {"contract_id": contract["contract_id"], "sha256": stored}
+
+    def get_contract(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        contract_id = _key(path, "contracts")
+        row = self.database.run(lambda cursor: _one(
+            cursor, "SELECT contract_id, body, sha256, created_at FROM contracts WHERE contract_id = %s",
+            (contract_id,)))
+        if row is None:
+            return 404, {"error": f"no contract {contract_id}"}
+        return 200, {"contract_id": row[0], "body": row[1], "sha256": row[2], "created_at": row[3].isoformat()}
+
+    # --- quotation ---------------------------------------------------------------------------------
+    def get_quote(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        symbol = _key(path, "quotes").upper()
+        row = self.database.run(lambda cursor: _one(
+            cursor, "SELECT symbol, bid, ask, as_of FROM quotes WHERE symbol = %s", (symbol,)))
+        if row is None:
+            return 404, {"error": f"no quote for {symbol}"}
+        return 200, {"symbol": row[0], "bid": float(row[1]), "ask": float(row[2]), "as_of": row[3].isoformat()}
+
+
+def _key(path: str, collection: str) -> str:
+    match = re.fullmatch(rf"/{collection}/([^/]+)", path)
+    if match is None:
+        raise BadRequest(f"use /{collection}/<id>")
+    return match.group(1)
+
+
+def _fields(body: dict[str, Any] | None, wanted: dict[str, type]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest("send a JSON object")
+    values = {}
+    for name, kind in wanted.items():
+        value = body.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+            raise BadRequest(f"field {name!r} must be a non-empty {kind.__name__}")
+        values[name] = value
+    return values
+
+
+def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # keep-alive replies otherwise wait ~40 ms for a delayed ACK
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+        def _serve(self, method: str) -> None:
+            try:
+                body = self._body() if method == "POST" else None
+                status, payload = app.handle(method, self.path.split("?", 1)[0], body)
+            except BadRequest as exc:
+                status, payload = 400, {"error": str(exc)}
+            except Unavailable as exc:
+                status, payload = 503, {"error": f"database is {exc.db_role}", "db_role": exc.db_role}
+            except psycopg2.Error as exc:
+                status, payload = 500, {"error": str(exc).strip()}
+            self._reply(status, payload)
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise BadRequest("body too large")
+            try:
+                return json.loads(self.rfile.read(length) or b"null")
+            except ValueError:
+                raise BadRequest("body is not JSON") from None
+
+        def _reply(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-DR-Site", app.site)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # one line per request would fill the log under load
+
+    return Handler
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the site's site.json")
+    parser.add_argument("--service", required=True)
+    args = parser.parse_args()
+    with open(args.config) as handle:
+        settings = json.load(handle)
+    if args.service not in settings["services"]:
+        print(f"unknown service {args.service!r}", file=sys.stderr)
+        return 2
+    database = Database({**settings["database"], "application_name": f"{args.service}@{settings['site']}"})
+    app = App(args.service, settings["site"], database)
+    server = ThreadingHTTPServer((settings["address"], settings["services"][args.service]), make_handler(app))
+    server.daemon_threads = True
+    # SIGTERM (servicectl stop) ends serve_forever cleanly; shutdown must come from another thread.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"{args.service}@{settings['site']} listening on {settings['address']}:{settings['services'][args.service]}",
+          flush=True)
+    server.serve_forever(poll_interval=0.2)
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The two-site lab: bring it up, take it down, look at it, and break it (faults)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from dr_orchestrator.lab import haproxy, postgres, sshd
+from dr_orchestrator.lab import inventory as lab_inventory
+from dr_orchestrator.lab.config import (
+    DATABASE_NAME,
+    DATABASE_USER,
+    FRONT_DOOR_ADDRESS,
+    SERVICE_PYTHON,
+    SERVICES,
+    SITES,
+    LabConfig,
+)
+from dr_orchestrator.lab.processes import (
+    ProcessSpec,
+    kill_now,
+    processes_under,
+    running_pid,
+    send,
+    wait_gone,
+    with_descendants,
+)
+from dr_orchestrator.lab.status import collect_status
+from dr_orchestrator.lab.system import LabSetupError, as_user, check_reachable, chown, ensure_packages
+
+
+class LabError(LabSetupError):
+    """A lab operation cannot be done as asked (one sentence for the user)."""
+
+
+@dataclass
+class UpResult:
+    already_up: bool
+    seconds: float = 0.0
+    sync: bool = False
+    layout: list[str] = field(default_factory=list)
+
+
+class Lab:
+    def __init__(self, config: LabConfig | None = None) -> None:
+        self.config = config or LabConfig.from_env()
+
+    # --- what runs -----------------------------------------------------------------------------------
+    def processes(self) -> list[ProcessSpec]:
+        """Every process the lab runs, each with its pidfile and the marker its command line contains."""
+        config = self.config
+        specs = [ProcessSpec("haproxy", None, config.haproxy_pidfile, haproxy.marker(config))]
+        for site in SITES:
+            specs.append(ProcessSpec("sshd", site, config.sshd_pidfile(site), sshd.marker(config, site)))
+            specs.append(ProcessSpec("postgres", site, config.pgdata(site) / "postmaster.pid",
+                                     postgres.postmaster_marker(config, site)))
+            for service in SERVICES:
+                specs.append(ProcessSpec(service, site, config.service_pidfile(site, service),
+                                         f"{config.bin_dir(site)}/service_app.py --config "
+                                         f"{config.site_settings(site)} --service {service}"))
+        return specs
+
+    def running(self) -> dict[str, int]:
+        """label -> pid of the lab's processes that run now."""
+        return {spec.label: pid for spec in self.processes() if (pid := running_pid(spec)) is not None}
+
+    def is_up(self) -> bool:
+        return self.config.state_file.exists() and bool(self.running())
+
+    def state(self) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = json.loads(self.config.state_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return loaded
+
+    # --- up --------------------------------------------------------------------------------------------
+    def up(self, sync: bool | None = None) -> UpResult:
+        """Start both sites and the front door; says so (already_up) when the lab already runs."""
+        config = self.config
+        synchronous = config.sync if sync is None else sync
+        ensure_packages()
+        if self.is_up():
+            return UpResult(already_up=True, sync=bool(self.state().get("sync")))
+        if config.root.exists() and any(config.root.iterdir()):
+            if not config.marker.exists():
+                raise LabError(f"{config.root} is not empty and was not made by `dr lab up`; choose another --root")
+            self.down()  # leftovers of a lab that crashed
+        self._check_ports_free()
+        started = time.monotonic()
+        try:
+            self._build(synchronous)
+        except BaseException:
+            self.down()
+            raise
+        return UpResult(already_up=False, seconds=time.monotonic() - started, sync=synchronous, layout=self.layout())
+
+    def _check_ports_free(self) -> None:
+        for address, port in self.config.listening_ports():
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((address, port))
+                except OSError:
+                    raise LabError(f"{address}:{port} is already in use; choose another --port-offset "
+                                   f"(or DR_LAB_PORT_OFFSET)") from None
+
+    def _build(self, synchronous: bool) -> None:
+        config = self.config
+        check_reachable(config.root.parent, config.os_user)
+        config.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        config.root.chmod(0o755)
+        config.marker.write_text(json.dumps({"created": _now(), "port_offset": config.port_offset}) + "\n")
+        self._lay_out_sites()
+        sshd.create_keys(config)
+        for site in SITES:
+            sshd.write_config(config, site)
+            sshd.start(config, site)
+        postgres.create_primary(config)
+        postgres.create_standby(config)
+        postgres.wait_streaming(config)
+        if synchronous:
+            postgres.set_synchronous(config, True)
+        self._start_services(SITES)
+        haproxy.start(config)
+        self._wait_front_door()
+        config.inventory_path.write_text(lab_inventory.render(config))
+        config.state_file.write_text(json.dumps({
+            "started_at": _now(), "sync": synchronous, "port_offset": config.port_offset,
+            "os_user": config.os_user,
+        }, indent=2) + "\n")
+
+    def _lay_out_sites(self) -> None:
+        config = self.config
+        files = resources.files("dr_orchestrator.lab") / "files"
+        for site in SITES:
+            config.site_dir(site).mkdir(mode=0o755)
+            for directory in (config.run_dir(site), config.log_dir(site)):
+                directory.mkdir(mode=0o755)
+                chown(directory, config.os_user)
+            config.bin_dir(site).mkdir(mode=0o755)
+            (config.bin_dir(site) / "service_app.py").write_bytes((files / "service_app.py").read_bytes())
+            servicectl = config.servicectl(site)
+            servicectl.write_bytes((files / "servicectl.py").read_bytes())
+            servicectl.chmod(0o755)
+            config.site_settings(site).write_text(json.dumps({
+                "site": site,
+                "address": config.address(site),
+                "services": {service: config.service_port(service) for service in SERVICES},
+                "database": {"host": config.address(site), "port": config.postgres_port, "dbname": DATABASE_NAME,
+                             "user": DATABASE_USER},
+            }, indent=2) + "\n")
+        config.wal_archive.mkdir(mode=0o700)
+        chown(config.wal_archive, config.os_user)
+
+    def _start_services(self, sites: Iterable[str]) -> None:
+        """servicectl start all at each site, the sites in parallel (as the runbooks would, over SSH)."""
+        running = {
+            site: subprocess.Popen(
+                as_user(self.config.os_user, [SERVICE_PYTHON, str(self.config.servicectl(site)), "start", "all"]),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for site in sites
+        }
+        for site, process in running.items():
+            output, _ = process.communicate(timeout=60)
+            if process.returncode != 0:
+                raise LabError(f"the services at the {site} site did not start: {output.strip()[-600:]}")
+
+    def _wait_front_door(self, timeout: float = 10.0) -> None:
+        """HAProxy's first health checks must pass before the front door serves."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                states = haproxy.server_states(self.config)
+            except OSError:
+                states = {}
+            if all(states.get(service, {}).get("primary") == "UP" for service in SERVICES):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"HAProxy does not see the primary services as UP after {timeout:.0f} s: {states}")
+            time.sleep(0.05)
+
+    def layout(self) -> list[str]:
+        """What runs where, one line per place."""
+        config = self.config
+        ports = "  ".join(f"{service} :{config.service_port(service)}" for service in SERVICES)
+        front = "  ".join(f"{service} :{config.frontend_port(service)}" for service in SERVICES)
+        return [
+            f"primary    {config.address('primary')}  sshd :{config.sshd_port}  postgres :{config.postgres_port} "
+            f"(read-write)  {ports}",
+            f"backup     {config.address('backup')}  sshd :{config.sshd_port}  postgres :{config.postgres_port} "
+            f"(hot standby)  {ports} (warm, read-only)",
+            f"front door {FRONT_DOOR_ADDRESS}  {front}  admin socket {config.admin_socket}",
+            f"inventory  {config.inventory_path}",
+            f"ssh        ssh -i {config.client_key} -o UserKnownHostsFile={config.known_hosts} "
+            f"-p {config.sshd_port} {config.os_user}@{config.address('primary')}",
+        ]
+
+    # --- down ------------------------------------------------------------------------------------------
+    def down(self) -> list[str]:
+        """Stop every process the lab started and remove its directory; returns what was stopped."""
+        config = self.config
+        specs = {pid: spec for spec in self.processes() if (pid := running_pid(spec)) is not None}
+        stray = processes_under(config.root) - set(specs)
+        postmasters = {pid for pid, spec in specs.items() if spec.name == "postgres"}
+        # Immediate shutdown (SIGQUIT) lets the postmaster remove its shared memory; the data goes anyway.
+        send(postmasters, signal.SIGQUIT)
+        send((set(specs) | stray) - postmasters, signal.SIGTERM)
+        remaining = wait_gone(set(specs) | stray, timeout=5.0)
+        leftovers = with_descendants(remaining | processes_under(config.root))
+        if leftovers and kill_now(leftovers):
+            raise LabError(f"processes {sorted(leftovers)} of the lab at {config.root} survived SIGKILL")
+        for site in SITES:
+            postgres.release_shared_memory(config.pgdata(site))
+        if config.marker.exists():
+            shutil.rmtree(config.root)
+        return [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]
+
+    # --- faults ----------------------------------------------------------------------------------------
+    def kill_site(self, site: str) -> list[str]:
+        """SIGKILL every process of `site` at once, as a power loss would; returns what was killed."""
+        self._check_site(site)
+        specs = {pid: spec for spec in self.processes() if spec.site == site and (pid := running_pid(spec))}
+        targets = with_descendants(set(specs) | processes_under(self.config.site_dir(site)))
+        survivors = kill_now(targets)
+        if survivors:
+            raise LabError(f"processes {sorted(survivors)} at the {site} site survived SIGKILL")
+        return [spec.label for spec in specs.values()]
+
+    def kill_service(self, service: str, site: str) -> int:
+        """SIGKILL one service at one site; returns its pid."""
+        self._check_site(site)
+        if service not in SERVICES:
+            raise LabError(f"unknown service {service!r}; the lab runs {', '.join(SERVICES)}")
+        spec = next(s for s in self.processes() if s.name == service and s.site == site)
+        pid = running_pid(spec)
+        if pid is None:
+            raise LabError(f"{spec.label} is not running")
+        if kill_now(with_descendants({pid})):
+            raise LabError(f"{spec.label} (pid {pid}) survived SIGKILL")
+        return pid
+
+    def break_replication(self) -> None:
+        """Cut the standby off the primary: the backup site stops receiving WAL (the primary keeps serving)."""
+        if postgres.database_state(self.config, "backup").get("role") != "standby":
+            raise LabError("the backup site's database is not a running standby, so there is no replication to break")
+        postgres.break_replication(self.config)
+
+    def start_site(self, site: str) -> None:
+        """Power restored at `site`: its sshd comes back, nothing else (the failback runbook rebuilds the rest)."""
+        self._check_site(site)
+        if not self.config.marker.exists():
+            raise LabError(f"there is no lab at {self.config.root}; run `dr lab up` first")
+        spec = next(s for s in self.processes() if s.name == "sshd" and s.site == site)
+        if running_pid(spec) is None:
+            sshd.start(self.config, site)
+
+    def _check_site(self, site: str) -> None:
+        if site not in SITES:
+            raise LabError(f"unknown site {site!r}; the lab's sites are {', '.join(SITES)}")
+
+    # --- status ----------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return collect_status(self.config, self.processes(), self.state())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+

@@ -1,0 +1,251 @@
+"""The lab's PostgreSQL: a primary cluster at the primary site, a streaming hot standby at the backup site."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from dr_orchestrator.lab.config import (
+    DATABASE_NAME,
+    DATABASE_USER,
+    PG_BIN,
+    REPLICATION_SLOT,
+    STANDBY_APPLICATION_NAME,
+    LabConfig,
+)
+from dr_orchestrator.lab.system import LabSetupError, as_user, chown, run
+
+SCHEMA = """
+CREATE TABLE orders (
+    order_id bigserial PRIMARY KEY,
+    client_order_id text NOT NULL UNIQUE,
+    symbol text NOT NULL,
+    side text NOT NULL CHECK (side IN ('buy', 'sell')),
+    qty integer NOT NULL CHECK (qty > 0),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE contracts (
+    contract_id text PRIMARY KEY,
+    body text NOT NULL,
+    sha256 text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE quotes (
+    symbol text PRIMARY KEY,
+    bid numeric(18, 6) NOT NULL,
+    ask numeric(18, 6) NOT NULL,
+    as_of timestamptz NOT NULL DEFAULT clock_timestamp(),
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+INSERT INTO quotes (symbol, bid, ask) VALUES
+    ('ACME', 101.25, 101.30), ('GLOBEX', 54.10, 54.14), ('INITECH', 12.02, 12.05),
+    ('EURUSD', 1.0841, 1.0843), ('GBPUSD', 1.2702, 1.2705), ('BUND10Y', 131.40, 131.46);
+"""
+
+
+def _settings(config: LabConfig, site: str) -> dict[str, str]:
+    """Settings of the cluster at `site` (appended to postgresql.conf: the last one wins)."""
+    archive = config.wal_archive
+    return {
+        "listen_addresses": f"'{config.address(site)}'",
+        "port": str(config.postgres_port),
+        "unix_socket_directories": f"'{config.run_dir(site)}'",
+        "cluster_name": f"'drlab-{site}'",
+        "max_connections": "100",
+        "shared_buffers": "32MB",
+        "wal_level": "replica",
+        "max_wal_senders": "10",
+        "max_replication_slots": "10",
+        "wal_log_hints": "on",  # pg_rewind, for failback
+        "hot_standby": "on",
+        "hot_standby_feedback": "on",
+        # A promote landing just as the walreceiver dies would otherwise stall up to 5 s.
+        "wal_retrieve_retry_interval": "100ms",
+        "archive_mode": "on",
+        "archive_command": f"'test ! -f {archive}/%f && cp %p {archive}/%f'",
+        "archive_timeout": "60s",
+        "logging_collector": "off",
+        "log_line_prefix": "'%m [%p] '",
+        "log_min_messages": "warning",
+    }
+
+
+def _append_settings(conf: Path, settings: dict[str, str], heading: str) -> None:
+    lines = "".join(f"{name} = {value}\n" for name, value in settings.items())
+    with conf.open("a") as handle:
+        handle.write(f"\n# --- {heading} (dr lab) ---\n{lines}")
+
+
+def _hba(config: LabConfig) -> str:
+    # Loopback only; connections to 127.0.10.1 come from 127.0.0.1, hence the whole /8.
+    return (
+        "# dr lab: trust on loopback, the lab's sites are all on this machine\n"
+        "local   all          all                 trust\n"
+        "host    all          all   127.0.0.0/8   trust\n"
+        "host    replication  all   127.0.0.0/8   trust\n"
+    )
+
+
+def pg(command: str) -> str:
+    return str(PG_BIN / command)
+
+
+def ctl_start(config: LabConfig, site: str) -> None:
+    log = config.log_dir(site) / "postgres.log"
+    command = [pg("pg_ctl"), "-D", str(config.pgdata(site)), "-l", str(log), "-w", "-t", "30", "start"]
+    run(as_user(config.os_user, command), timeout=40)
+
+
+def create_primary(config: LabConfig) -> None:
+    """initdb, configure, start, and create the `drlab` database with its seeded tables."""
+    data = config.pgdata("primary")
+    data.mkdir(mode=0o700)
+    chown(data, config.os_user)
+    run(as_user(config.os_user, [pg("initdb"), "-D", str(data), "-U", DATABASE_USER, "-A", "trust",
+                                 "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]), timeout=60)
+    _append_settings(data / "postgresql.conf", _settings(config, "primary"), "primary site")
+    (data / "pg_hba.conf").write_text(_hba(config))
+    ctl_start(config, "primary")
+    with psycopg.connect(config.dsn("primary", dbname="postgres"), autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {DATABASE_NAME}")
+    with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
+        connection.execute(SCHEMA.encode())
+        connection.execute("SELECT pg_create_physical_replication_slot(%s)", (REPLICATION_SLOT,))
+
+
+def create_standby(config: LabConfig) -> None:
+    """pg_basebackup of the primary into the backup site, configured as a streaming hot standby."""
+    data = config.pgdata("backup")
+    data.mkdir(mode=0o700)
+    chown(data, config.os_user)
+    run(as_user(config.os_user, [
+        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port), "-U", DATABASE_USER,
+        "-D", str(data), "-R", "-X", "stream", "-S", REPLICATION_SLOT, "-c", "fast", "--no-sync",
+    ]), timeout=120)
+    standby = _settings(config, "backup")
+    standby.update({
+        "primary_conninfo": (f"'host={config.address('primary')} port={config.postgres_port} "
+                             f"user={DATABASE_USER} application_name={STANDBY_APPLICATION_NAME}'"),
+        "primary_slot_name": f"'{REPLICATION_SLOT}'",
+        # The copied configuration must not make a promoted standby wait for a standby of its own.
+        "synchronous_standby_names": "''",
+    })
+    _append_settings(data / "postgresql.conf", standby, "backup site (standby)")
+    # pg_basebackup -R wrote its own primary_conninfo into postgresql.auto.conf, which is read last.
+    auto = data / "postgresql.auto.conf"
+    auto.write_text("".join(line for line in auto.read_text().splitlines(keepends=True)
+                            if not line.startswith("primary_conninfo")))
+    ctl_start(config, "backup")
+
+
+def wait_streaming(config: LabConfig, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = replication_rows(config)
+        if any(row["state"] == "streaming" for row in rows):
+            return
+        if time.monotonic() > deadline:
+            raise LabSetupError(f"the standby did not start streaming within {timeout:.0f} s; "
+                                f"see {config.log_dir('backup') / 'postgres.log'}")
+        time.sleep(0.05)
+
+
+def set_synchronous(config: LabConfig, synchronous: bool) -> None:
+    """Make commits on the primary wait for the standby (only once it streams, or writes hang)."""
+    names = f"FIRST 1 ({STANDBY_APPLICATION_NAME})" if synchronous else ""
+    with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
+        connection.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'".encode())
+        connection.execute("SELECT pg_reload_conf()")
+        if synchronous:
+            deadline = time.monotonic() + 10
+            while connection.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
+                                     ).fetchone() != (1,):
+                if time.monotonic() > deadline:
+                    raise LabSetupError("the standby did not become synchronous within 10 s")
+                time.sleep(0.05)
+
+
+def replication_rows(config: LabConfig) -> list[dict[str, Any]]:
+    """The primary's view of its standbys: state, sync_state, lag in bytes and seconds."""
+    query = """
+        SELECT application_name, client_addr::text, state, sync_state,
+               pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes,
+               COALESCE(EXTRACT(epoch FROM replay_lag), 0)::float AS lag_seconds,
+               sent_lsn::text, replay_lsn::text
+        FROM pg_stat_replication"""
+    try:
+        with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
+            cursor = connection.execute(query)
+            names = [column.name for column in cursor.description or []]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    except psycopg.Error:
+        return []
+
+
+def database_state(config: LabConfig, site: str) -> dict[str, Any]:
+    """Role and WAL position of the cluster at `site` ({"role": "unreachable"} when it does not answer)."""
+    query = """
+        SELECT pg_is_in_recovery(),
+               CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
+                    ELSE pg_current_wal_lsn()::text END,
+               CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END,
+               pg_last_xact_replay_timestamp(),
+               (SELECT status FROM pg_stat_wal_receiver),
+               current_setting('synchronous_standby_names')"""
+    try:
+        with psycopg.connect(config.dsn(site), autocommit=True) as connection:
+            row = connection.execute(query).fetchone()
+    except psycopg.Error:
+        return {"role": "unreachable"}
+    assert row is not None
+    in_recovery, lsn, replay_lsn, replay_time, receiver, sync_names = row
+    state: dict[str, Any] = {"role": "standby" if in_recovery else "primary", "wal_lsn": lsn}
+    if in_recovery:
+        state.update(replay_lsn=replay_lsn, wal_receiver=receiver or "stopped",
+                     last_replay=replay_time.isoformat() if replay_time else None)
+    else:
+        state["synchronous_standby_names"] = sync_names
+    return state
+
+
+def break_replication(config: LabConfig) -> None:
+    """Cut the standby off its primary (as a broken replication link would): it stops receiving WAL."""
+    with psycopg.connect(config.dsn("backup"), autocommit=True) as connection:
+        connection.execute("ALTER SYSTEM SET primary_conninfo = ''")
+        connection.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while connection.execute("SELECT count(*) FROM pg_stat_wal_receiver").fetchone() != (0,):
+            if time.monotonic() > deadline:
+                raise LabSetupError("the standby's WAL receiver did not stop within 10 s")
+            time.sleep(0.05)
+
+
+def postmaster_marker(config: LabConfig, site: str) -> str:
+    return f"-D {config.pgdata(site)}"
+
+
+_SHM_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s*$")
+
+
+def release_shared_memory(pgdata: Path) -> None:
+    """Remove the SysV segment a SIGKILLed postmaster leaves behind (nobody attached: it is garbage)."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return
+    match = _SHM_LINE.match(lines[6]) if len(lines) > 6 else None
+    if match is None:
+        return
+    shmid = match.group(2)
+    try:
+        table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    except OSError:
+        return
+    for entry in table:
+        fields = entry.split()  # key shmid perms size cpid lpid nattch ...
+        if len(fields) > 6 and fields[1] == shmid and fields[6] == "0":
+            run(["ipcrm", "-m", shmid], check=False)
