@@ -1,0 +1,105 @@
+"""Create and migrate the evidence schema with Alembic, from any working directory.
+
+The migrations live in ``alembic/`` at the top of the source tree, next to this package (it is
+installed editable). ``schema_problem`` is what ``dr run`` asks before it writes any evidence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from dr_orchestrator.evidence.database import database_url, make_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "alembic"
+
+
+class MigrationsMissing(RuntimeError):
+    """The alembic/ directory is not next to the package (installed from a wheel, not the source tree)."""
+
+
+def alembic_config(url: str | None = None) -> Config:
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise MigrationsMissing(
+            f"the evidence migrations are missing ({MIGRATIONS_DIR}/env.py not found): "
+            "install dr-orchestrator from its source tree with `pip install -e .`"
+        )
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # Passed as an attribute, not a main option: ini interpolation would choke on a '%' in a password.
+    config.attributes["url"] = database_url(url)
+    return config
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str | None, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def head_revisions() -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def current_revisions(url: str | None = None) -> set[str]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return set(MigrationContext.configure(connection).get_current_heads())
+    finally:
+        engine.dispose()
+
+
+def current_revision(url: str | None = None) -> str:
+    """The database's revision for people to read: ``0001``, or ``none`` before the first upgrade."""
+    return ", ".join(sorted(current_revisions(url))) or "none"
+
+
+def display_url(url: str | None = None) -> str:
+    return make_url(database_url(url)).render_as_string(hide_password=True)
+
+
+def _sqlite_file_missing(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and bool(parsed.database) and not Path(parsed.database or "").exists()
+
+
+def schema_problem(url: str | None = None) -> str | None:
+    """One sentence saying why the database cannot take evidence yet, or None when its schema is current."""
+    resolved = database_url(url)
+    where = display_url(resolved)
+    if _sqlite_file_missing(resolved):  # checked first: connecting would create an empty file
+        return f"the evidence database {where} does not exist yet: run `dr db upgrade`"
+    heads = head_revisions()
+    try:
+        current = current_revisions(resolved)
+    except SQLAlchemyError as exc:
+        # The driver's own message, without SQLAlchemy's statement and link lines.
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["unknown error"])[0]
+        return f"cannot open the evidence database {where}: {reason}"
+    if current == heads:
+        return None
+    if not current:
+        return f"the evidence database {where} has no schema yet: run `dr db upgrade`"
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current - known:
+        return (
+            f"the evidence database {where} is at revision {', '.join(sorted(current))}, "
+            "newer than this dr-orchestrator: upgrade dr-orchestrator"
+        )
+    return (
+        f"the evidence database {where} is at revision {', '.join(sorted(current))}, "
+        f"not {', '.join(sorted(heads))}: run `dr db upgrade`"
+    )
+
+
+def schema_is_current(url: str | None = None) -> bool:
+    return schema_problem(url) is None

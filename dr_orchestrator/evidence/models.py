@@ -1,0 +1,219 @@
+"""The evidence schema, as SQLAlchemy 2 typed ORM classes.
+
+Rows are written once and finished once (a step: pending -> running -> finished); nothing is
+deleted. Every table has its own primary key and a ``recorded_at``, so an audit chain, approvals,
+drill verdicts, findings and notifications can later refer to any record without reshaping these.
+The Alembic migrations in ``alembic/versions`` create this schema; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dr_orchestrator.evidence.database import UTCDateTime
+from dr_orchestrator.model.events import utcnow
+
+# Named constraints: Alembic can then alter and drop them on every backend (SQLite batch mode too).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+STATE = String(20)
+NAME = String(200)
+SHA256 = String(64)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+class Recorded:
+    """When this database learned of the record (the event's own time is in its other columns)."""
+
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Run(Recorded, Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    runbook_name: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(STATE)
+    state: Mapped[str] = mapped_column(STATE)
+    trigger: Mapped[str] = mapped_column(String(50))
+    started_by: Mapped[str] = mapped_column(NAME)
+    reason: Mapped[str] = mapped_column(Text)
+    orchestrator_host: Mapped[str] = mapped_column(NAME)
+    incident_at: Mapped[datetime | None] = mapped_column(comment="declared incident time; None: the run's start")
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    runbook_path: Mapped[str] = mapped_column(Text)
+    runbook_sha256: Mapped[str] = mapped_column(SHA256)
+    runbook_text: Mapped[str] = mapped_column(Text)
+    inventory_name: Mapped[str] = mapped_column(NAME)
+    inventory_path: Mapped[str] = mapped_column(Text)
+    inventory_sha256: Mapped[str] = mapped_column(SHA256)
+    inventory_text: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[dict[str, Any]]
+    parameters_sha256: Mapped[str] = mapped_column(SHA256)
+    sites: Mapped[list[Any]] = mapped_column(comment="sites in scope")
+    targets: Mapped[dict[str, Any]] = mapped_column(comment="every inventory service's targets as they stood")
+    forced: Mapped[list[Any]] = mapped_column(comment="safety checks the engineer overrode")
+
+    __table_args__ = (Index(None, "started_at"),)
+
+
+class RunService(Recorded, Base):
+    """A service in the run's scope, with its targets as they stood when the run started. Services
+    that only a marker or a measurement named (a templated step ``service``) are added when the run ends."""
+
+    __tablename__ = "run_services"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    service: Mapped[str] = mapped_column(NAME)
+    rto_target_s: Mapped[float | None] = mapped_column(Float)
+    rpo_target_s: Mapped[float | None] = mapped_column(Float)
+    tier: Mapped[str | None] = mapped_column(String(50))
+    criticality: Mapped[str | None] = mapped_column(String(50))
+    sites: Mapped[list[Any]]
+
+    __table_args__ = (UniqueConstraint("run_id", "service"), Index(None, "service", "run_id"))
+
+
+class StepRecord(Recorded, Base):
+    """One execution of a step in one phase. Forward steps are recorded as pending when the run
+    starts, so steps that never ran are in the evidence too."""
+
+    __tablename__ = "steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    phase: Mapped[str] = mapped_column(String(10), comment="forward | rollback")
+    action: Mapped[str | None] = mapped_column(NAME)
+    service: Mapped[str | None] = mapped_column(NAME)
+    site: Mapped[str | None] = mapped_column(NAME)
+    state: Mapped[str] = mapped_column(STATE)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    rendered: Mapped[dict[str, Any] | None] = mapped_column(comment="parameters after templating, redacted")
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "run_id", "step_id", "phase"),)
+
+
+class Attempt(Recorded, Base):
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_pk: Mapped[int] = mapped_column(ForeignKey("steps.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    phase: Mapped[str] = mapped_column(String(10))
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(STATE)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    duration_s: Mapped[float | None] = mapped_column(Float, comment="monotonic clock")
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("step_pk", "attempt"), Index(None, "run_id"))
+
+
+class Probe(Recorded, Base):
+    __tablename__ = "probes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(comment="when the probe was sent")
+    target: Mapped[str] = mapped_column(Text)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    detail: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "run_id", "at"),)
+
+
+class Marker(Recorded, Base):
+    __tablename__ = "markers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    marker: Mapped[str] = mapped_column(NAME)
+    service: Mapped[str | None] = mapped_column(NAME, comment="None: every service in the run's scope")
+    site: Mapped[str | None] = mapped_column(NAME)
+    at: Mapped[datetime] = mapped_column(comment="the moment the mark stands for")
+
+    __table_args__ = (Index(None, "run_id", "marker"),)
+
+
+class MeasurementRecord(Recorded, Base):
+    __tablename__ = "measurements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    service: Mapped[str | None] = mapped_column(NAME, comment="None: every service in the run's scope")
+    metric: Mapped[str] = mapped_column(NAME)
+    value: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]]
+    at: Mapped[datetime]
+
+    __table_args__ = (Index(None, "run_id", "metric"), Index(None, "service", "metric"))
+
+
+class ActionEventRecord(Recorded, Base):
+    __tablename__ = "action_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(NAME)
+    at: Mapped[datetime]
+    data: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index(None, "run_id", "at"),)
+
+
+class ServiceResult(Recorded, Base):
+    """Achieved RTO/RPO of one service in one run, with the method and every input behind them."""
+
+    __tablename__ = "service_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    service: Mapped[str] = mapped_column(NAME)
+    incident_at: Mapped[datetime]
+    run_started_at: Mapped[datetime]
+    restored_at: Mapped[datetime | None]
+    detection_s: Mapped[float | None] = mapped_column(Float)
+    decision_s: Mapped[float | None] = mapped_column(Float)
+    execution_s: Mapped[float | None] = mapped_column(Float)
+    rto_s: Mapped[float | None] = mapped_column(Float)
+    rto_target_s: Mapped[float | None] = mapped_column(Float)
+    rto_met: Mapped[bool | None] = mapped_column(Boolean, comment="None: no target to compare with")
+    rto_method: Mapped[str] = mapped_column(Text)
+    rpo_s: Mapped[float | None] = mapped_column(Float, comment="None: not measured (never assumed)")
+    rpo_target_s: Mapped[float | None] = mapped_column(Float)
+    rpo_met: Mapped[bool | None] = mapped_column(Boolean, comment="None: not measured or no target")
+    rpo_method: Mapped[str] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]] = mapped_column(comment="the timestamps and records the figures come from")
+
+    __table_args__ = (UniqueConstraint("run_id", "service"), Index(None, "service", "run_id"))

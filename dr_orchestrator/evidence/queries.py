@@ -1,0 +1,219 @@
+"""Reading the evidence back: run lists, one run's whole record, and the RTO/RPO export.
+
+Everything returned is plain JSON-ready data (timestamps as ISO-8601 UTC text), for the CLI's
+tables and its ``--output json`` alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import DeclarativeBase, Session
+
+from dr_orchestrator.evidence.models import (
+    ActionEventRecord,
+    Attempt,
+    Marker,
+    MeasurementRecord,
+    Probe,
+    Run,
+    RunService,
+    ServiceResult,
+    StepRecord,
+)
+
+EXPORT_FIELDS = (
+    "run_id",
+    "runbook",
+    "kind",
+    "state",
+    "service",
+    "run_started_at",
+    "incident_at",
+    "restored_at",
+    "rto_s",
+    "rto_target_s",
+    "rto_met",
+    "rpo_s",
+    "rpo_target_s",
+    "rpo_met",
+    "rto_method",
+    "rpo_method",
+)
+
+
+class AmbiguousRunId(LookupError):
+    """A shortened run id that more than one run starts with."""
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def as_dict(row: DeclarativeBase, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    return {c.key: _plain(getattr(row, c.key)) for c in row.__table__.columns if c.key not in exclude}
+
+
+def _services_by_run(session: Session, run_ids: Sequence[str]) -> dict[str, list[str]]:
+    services: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
+    rows = session.execute(
+        select(RunService.run_id, RunService.service).where(RunService.run_id.in_(run_ids)).order_by(RunService.id)
+    )
+    for run_id, service in rows:
+        services[run_id].append(service)
+    return services
+
+
+def list_runs(
+    session: Session,
+    service: str | None = None,
+    kind: str | None = None,
+    state: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Runs, newest first: id, runbook_name, kind, state, trigger, started_by, reason, started_at,
+    finished_at, incident_at, error, services (in scope)."""
+    query = select(Run).order_by(Run.started_at.desc(), Run.id)
+    if service is not None:
+        query = query.where(Run.id.in_(select(RunService.run_id).where(RunService.service == service)))
+    if kind is not None:
+        query = query.where(Run.kind == kind)
+    if state is not None:
+        query = query.where(Run.state == state)
+    if since is not None:
+        query = query.where(Run.started_at >= since)
+    if limit is not None:
+        query = query.limit(limit)
+    runs = list(session.scalars(query))
+    services = _services_by_run(session, [run.id for run in runs])
+    summary_fields = ("runbook_text", "inventory_text", "targets", "parameters")
+    return [as_dict(run, exclude=summary_fields) | {"services": services[run.id]} for run in runs]
+
+
+def find_run(session: Session, run_id: str) -> Run | None:
+    """The run with this id, or the only run whose id starts with it (as ``git`` takes short hashes)."""
+    run = session.get(Run, run_id)
+    if run is not None or len(run_id) < 4:
+        return run
+    pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    matches = list(session.scalars(select(Run).where(Run.id.like(pattern, escape="\\")).limit(2)))
+    if len(matches) > 1:
+        raise AmbiguousRunId(f"several runs have ids starting with {run_id!r}: give more of the id")
+    return matches[0] if matches else None
+
+
+def _rows(session: Session, query: Select[Any]) -> list[dict[str, Any]]:
+    return [as_dict(row) for row in session.scalars(query)]
+
+
+def run_detail(session: Session, run_id: str) -> dict[str, Any] | None:
+    """Everything recorded about one run, or None when there is no such run.
+
+    Keys: run (every column), services (scope and targets), steps (time order, each with its
+    attempts), probes, markers, measurements, events, results (per-service RTO/RPO)."""
+    run = find_run(session, run_id)
+    if run is None:
+        return None
+    attempts: dict[int, list[dict[str, Any]]] = {}
+    for attempt in _rows(session, select(Attempt).where(Attempt.run_id == run.id).order_by(Attempt.id)):
+        attempts.setdefault(attempt["step_pk"], []).append(attempt)
+    steps = _rows(session, select(StepRecord).where(StepRecord.run_id == run.id).order_by(StepRecord.id))
+    for step in steps:
+        step["attempts"] = attempts.get(step["id"], [])
+    # Time order; steps that never started (skipped, cancelled) where they ended, never-run ones last.
+    steps.sort(key=lambda s: (s["started_at"] or s["finished_at"] or "~", s["id"]))
+    by_run = run.id
+    return {
+        "run": as_dict(run),
+        "services": _rows(session, select(RunService).where(RunService.run_id == by_run).order_by(RunService.id)),
+        "steps": steps,
+        "probes": _rows(session, select(Probe).where(Probe.run_id == by_run).order_by(Probe.at, Probe.id)),
+        "markers": _rows(session, select(Marker).where(Marker.run_id == by_run).order_by(Marker.at, Marker.id)),
+        "measurements": _rows(
+            session,
+            select(MeasurementRecord)
+            .where(MeasurementRecord.run_id == by_run)
+            .order_by(MeasurementRecord.at, MeasurementRecord.id),
+        ),
+        "events": _rows(
+            session,
+            select(ActionEventRecord)
+            .where(ActionEventRecord.run_id == by_run)
+            .order_by(ActionEventRecord.at, ActionEventRecord.id),
+        ),
+        "results": _rows(
+            session, select(ServiceResult).where(ServiceResult.run_id == by_run).order_by(ServiceResult.id)
+        ),
+    }
+
+
+def evidence_rows(session: Session, service: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+    """One row per finished run and service in scope, oldest first, with the fields in EXPORT_FIELDS."""
+    query = (
+        select(Run, ServiceResult)
+        .join(ServiceResult, ServiceResult.run_id == Run.id)
+        .order_by(Run.started_at, Run.id, ServiceResult.id)
+    )
+    if service is not None:
+        query = query.where(ServiceResult.service == service)
+    if since is not None:
+        query = query.where(Run.started_at >= since)
+    rows = []
+    for run, result in session.execute(query).tuples():
+        rows.append(
+            {
+                "run_id": run.id,
+                "runbook": run.runbook_name,
+                "kind": run.kind,
+                "state": run.state,
+                "service": result.service,
+                "run_started_at": _plain(result.run_started_at),
+                "incident_at": _plain(result.incident_at),
+                "restored_at": _plain(result.restored_at),
+                "rto_s": result.rto_s,
+                "rto_target_s": result.rto_target_s,
+                "rto_met": result.rto_met,
+                "rpo_s": result.rpo_s,
+                "rpo_target_s": result.rpo_target_s,
+                "rpo_met": result.rpo_met,
+                "rto_method": result.rto_method,
+                "rpo_method": result.rpo_method,
+            }
+        )
+    return rows
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""  # unknown stays empty: never a made-up zero
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def rows_as_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_cell(row[key]) for key in EXPORT_FIELDS})
+    return buffer.getvalue()
+
+
+def export_evidence(
+    session: Session, fmt: str = "json", service: str | None = None, since: datetime | None = None
+) -> str:
+    """The evidence rows as ``json`` (a list of objects) or ``csv`` (a header, then one line per row)."""
+    rows = evidence_rows(session, service=service, since=since)
+    if fmt == "csv":
+        return rows_as_csv(rows)
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    raise ValueError(f"unknown export format {fmt!r}: use json or csv")

@@ -1,0 +1,384 @@
+"""The evidence store: an engine observer that writes each event as it happens.
+
+Each event is its own short transaction, so a crash loses nothing already written. Events arrive
+from several engine threads (and, later, several processes): writes are serialised in-process by a
+lock and across processes by the database (BEGIN IMMEDIATE on SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dr_orchestrator.evidence import rto
+from dr_orchestrator.evidence.database import WRITE_TRANSACTION
+from dr_orchestrator.evidence.models import (
+    ActionEventRecord,
+    Attempt,
+    Marker,
+    MeasurementRecord,
+    Probe,
+    Run,
+    RunService,
+    ServiceResult,
+    StepRecord,
+)
+from dr_orchestrator.model.events import (
+    ActionEvent,
+    AttemptFinished,
+    AttemptStarted,
+    Event,
+    MarkerReached,
+    Measurement,
+    ProbeResult,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+)
+from dr_orchestrator.model.run import RunPlan, StepState
+
+FORWARD = "forward"
+ROLLBACK = "rollback"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data; what JSON cannot hold (datetimes, bytes, ...) becomes text."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def services_in_scope(plan: RunPlan) -> list[str]:
+    """The runbook's declared services and those its steps name; for a site-scoped runbook without
+    either, the services served at those sites. Only names the inventory knows (a templated step
+    ``service`` is resolved by the engine and reaches the store through markers and measurements)."""
+    runbook, inventory = plan.runbook, plan.inventory
+    named = [*runbook.scope.services, *(step.service for step in runbook.steps if step.service)]
+    if not named and runbook.scope.sites:
+        named = [name for name, svc in inventory.services.items() if set(svc.sites) & set(runbook.scope.sites)]
+    return [name for name in dict.fromkeys(named) if name in inventory.services]
+
+
+def sites_in_scope(plan: RunPlan) -> list[str]:
+    runbook = plan.runbook
+    named = [*runbook.scope.sites, *(step.site for step in runbook.steps if step.site)]
+    return [name for name in dict.fromkeys(named) if name in plan.inventory.sites]
+
+
+def step_service(plan: RunPlan, named: str | None) -> str | None:
+    """The service a step acts for: its own, or the runbook's when the runbook has exactly one
+    (as the engine decides it for markers)."""
+    if named:
+        return named
+    services = plan.runbook.scope.services
+    return services[0] if len(services) == 1 else None
+
+
+def target_snapshot(plan: RunPlan) -> dict[str, Any]:
+    return {
+        name: {
+            "rto_s": svc.rto,
+            "rpo_s": svc.rpo,
+            "tier": svc.tier,
+            "criticality": svc.criticality,
+            "sites": list(svc.sites),
+        }
+        for name, svc in plan.inventory.services.items()
+    }
+
+
+def run_service_row(run_id: str, service: str, targets: dict[str, Any]) -> RunService:
+    target = targets.get(service, {})
+    return RunService(
+        run_id=run_id,
+        service=service,
+        rto_target_s=target.get("rto_s"),
+        rpo_target_s=target.get("rpo_s"),
+        tier=target.get("tier"),
+        criticality=target.get("criticality"),
+        sites=target.get("sites", []),
+    )
+
+
+class EvidenceStore:
+    """``store(event)`` (or call the store itself: it is an ``Observer``) for every engine event."""
+
+    def __init__(self, session_factory: Callable[[], Session]) -> None:
+        self._sessions = session_factory
+        self._lock = threading.Lock()
+        # Rollback actions by run and step, for naming the action on rollback step rows.
+        self._rollback_actions: dict[str, dict[str, str]] = {}
+        self._handlers: dict[type[Any], Callable[[Session, Any], None]] = {
+            RunStarted: self._run_started,
+            StepStarted: self._step_started,
+            AttemptStarted: self._attempt_started,
+            AttemptFinished: self._attempt_finished,
+            StepFinished: self._step_finished,
+            ProbeResult: self._probe,
+            MarkerReached: self._marker,
+            Measurement: self._measurement,
+            ActionEvent: self._action_event,
+            RunFinished: self._run_finished,
+        }
+
+    def __call__(self, event: Event) -> None:
+        self.store(event)
+
+    def store(self, event: Event) -> None:
+        """Write ``event`` in its own transaction; database errors propagate to the caller."""
+        handler = self._handlers[type(event)]
+        with self._lock, self._sessions() as session, session.begin():
+            session.connection(execution_options=WRITE_TRANSACTION)
+            handler(session, event)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def _run_started(self, session: Session, event: RunStarted) -> None:
+        plan = event.plan
+        targets = target_snapshot(plan)
+        session.add(
+            Run(
+                id=event.run_id,
+                runbook_name=plan.runbook.name,
+                kind=plan.kind.value,
+                state="running",
+                trigger=plan.trigger,
+                started_by=plan.started_by,
+                reason=plan.reason,
+                orchestrator_host=event.host,
+                incident_at=plan.incident_at,
+                started_at=event.at,
+                runbook_path=plan.runbook_source.path,
+                runbook_sha256=plan.runbook_source.sha256,
+                runbook_text=plan.runbook_source.text,
+                inventory_name=plan.inventory.name,
+                inventory_path=plan.inventory_source.path,
+                inventory_sha256=plan.inventory_source.sha256,
+                inventory_text=plan.inventory_source.text,
+                parameters=jsonable(plan.parameters),
+                parameters_sha256=plan.parameters_sha256,
+                sites=sites_in_scope(plan),
+                targets=targets,
+                forced=list(plan.forced),
+            )
+        )
+        session.flush()  # the run row first: the rows below refer to it
+        session.add_all(run_service_row(event.run_id, name, targets) for name in services_in_scope(plan))
+        session.add_all(
+            StepRecord(
+                run_id=event.run_id,
+                step_id=step.id,
+                phase=FORWARD,
+                action=step.action,
+                service=step_service(plan, step.service),
+                site=step.site,
+                state=StepState.PENDING.value,
+            )
+            for step in plan.runbook.steps
+        )
+        self._rollback_actions[event.run_id] = {
+            step.id: step.rollback.action for step in plan.runbook.steps if step.rollback is not None
+        }
+
+    def _run_finished(self, session: Session, event: RunFinished) -> None:
+        run = session.get_one(Run, event.run_id)
+        run.state = event.state.value
+        run.finished_at = event.at
+        run.error = event.error
+        self._rollback_actions.pop(event.run_id, None)
+        self._write_results(session, run)
+
+    def _write_results(self, session: Session, run: Run) -> None:
+        markers = [
+            rto.MarkerFact(m.service, m.at, m.step_id, m.id)
+            for m in session.scalars(
+                select(Marker).where(Marker.run_id == run.id, Marker.marker == rto.RESTORED_MARKER).order_by(Marker.id)
+            )
+        ]
+        approvals = [
+            rto.Interval(s.started_at, s.finished_at, s.step_id)
+            for s in session.scalars(
+                select(StepRecord)
+                .where(StepRecord.run_id == run.id, StepRecord.action == rto.APPROVAL_ACTION)
+                .order_by(StepRecord.id)
+            )
+            if s.started_at is not None and s.finished_at is not None
+        ]
+        readings = [
+            rto.RpoReading(m.service, m.value, m.method, m.at, m.step_id, m.id)
+            for m in session.scalars(
+                select(MeasurementRecord)
+                .where(MeasurementRecord.run_id == run.id, MeasurementRecord.metric == rto.RPO_METRIC)
+                .order_by(MeasurementRecord.id)
+            )
+        ]
+        scope = list(session.scalars(select(RunService).where(RunService.run_id == run.id).order_by(RunService.id)))
+        known = {row.service for row in scope}
+        named = {m.service for m in markers} | {r.service for r in readings}
+        added = [
+            run_service_row(run.id, name, run.targets) for name in sorted(n for n in named if n and n not in known)
+        ]
+        session.add_all(added)
+        targets = {row.service: rto.Targets(row.rto_target_s, row.rpo_target_s) for row in scope + added}
+        for fig in rto.service_figures(targets, run.started_at, run.incident_at, markers, approvals, readings):
+            session.add(
+                ServiceResult(
+                    run_id=run.id,
+                    service=fig.service,
+                    incident_at=fig.incident_at,
+                    run_started_at=fig.run_started_at,
+                    restored_at=fig.restored_at,
+                    detection_s=fig.detection_s,
+                    decision_s=fig.decision_s,
+                    execution_s=fig.execution_s,
+                    rto_s=fig.rto_s,
+                    rto_target_s=fig.rto_target_s,
+                    rto_met=fig.rto_met,
+                    rto_method=fig.rto_method,
+                    rpo_s=fig.rpo_s,
+                    rpo_target_s=fig.rpo_target_s,
+                    rpo_met=fig.rpo_met,
+                    rpo_method=fig.rpo_method,
+                    raw=fig.raw,
+                )
+            )
+
+    # -- steps and attempts -----------------------------------------------------------------
+
+    def _latest_step(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord | None:
+        return session.scalars(
+            select(StepRecord)
+            .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.phase == phase)
+            .order_by(StepRecord.id.desc())
+            .limit(1)
+        ).first()
+
+    def _new_step(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
+        """A step row the run did not announce: a rollback, or a step run again (resume)."""
+        forward = self._latest_step(session, run_id, step_id, FORWARD)
+        if phase == ROLLBACK:
+            action = self._rollback_actions.get(run_id, {}).get(step_id)
+        else:
+            action = forward.action if forward else None
+        row = StepRecord(
+            run_id=run_id,
+            step_id=step_id,
+            phase=phase,
+            action=action,
+            service=forward.service if forward else None,
+            site=forward.site if forward else None,
+            state=StepState.PENDING.value,
+        )
+        session.add(row)
+        return row
+
+    def _step_for_start(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
+        row = self._latest_step(session, run_id, step_id, phase)
+        if row is not None and row.started_at is None and row.state == StepState.PENDING.value:
+            return row
+        return self._new_step(session, run_id, step_id, phase)
+
+    def _step_started(self, session: Session, event: StepStarted) -> None:
+        row = self._step_for_start(session, event.run_id, event.step_id, event.phase)
+        row.state = StepState.RUNNING.value
+        row.started_at = event.at
+        row.rendered = jsonable(event.rendered)
+
+    def _step_finished(self, session: Session, event: StepFinished) -> None:
+        row = self._latest_step(session, event.run_id, event.step_id, event.phase)
+        if row is None:
+            row = self._new_step(session, event.run_id, event.step_id, event.phase)
+        row.state = event.state.value
+        row.finished_at = event.at
+        row.output = jsonable(event.output)
+        row.error = event.error
+
+    def _step_of_attempt(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
+        row = self._latest_step(session, run_id, step_id, phase)
+        if row is None:
+            row = self._new_step(session, run_id, step_id, phase)
+        session.flush()  # its id is needed
+        return row
+
+    def _attempt_started(self, session: Session, event: AttemptStarted) -> None:
+        step = self._step_of_attempt(session, event.run_id, event.step_id, event.phase)
+        session.add(
+            Attempt(
+                run_id=event.run_id,
+                step_pk=step.id,
+                step_id=event.step_id,
+                phase=event.phase,
+                attempt=event.attempt,
+                state=StepState.RUNNING.value,
+                started_at=event.at,
+            )
+        )
+
+    def _attempt_finished(self, session: Session, event: AttemptFinished) -> None:
+        step = self._step_of_attempt(session, event.run_id, event.step_id, event.phase)
+        row = session.scalars(
+            select(Attempt).where(Attempt.step_pk == step.id, Attempt.attempt == event.attempt)
+        ).first()
+        if row is None:
+            row = Attempt(
+                run_id=event.run_id, step_pk=step.id, step_id=event.step_id, phase=event.phase, attempt=event.attempt
+            )
+            session.add(row)
+        row.state = event.state.value
+        row.finished_at = event.at
+        row.duration_s = event.duration_s
+        row.output = jsonable(event.output)
+        row.error = event.error
+
+    # -- what actions report ------------------------------------------------------------------
+
+    def _probe(self, session: Session, event: ProbeResult) -> None:
+        session.add(
+            Probe(
+                run_id=event.run_id,
+                step_id=event.step_id,
+                attempt=event.attempt,
+                at=event.at,
+                target=event.target,
+                ok=event.ok,
+                latency_ms=event.latency_ms,
+                detail=event.detail,
+            )
+        )
+
+    def _marker(self, session: Session, event: MarkerReached) -> None:
+        session.add(
+            Marker(
+                run_id=event.run_id,
+                step_id=event.step_id,
+                marker=event.marker,
+                service=event.service,
+                site=event.site,
+                at=event.at,
+            )
+        )
+
+    def _measurement(self, session: Session, event: Measurement) -> None:
+        session.add(
+            MeasurementRecord(
+                run_id=event.run_id,
+                step_id=event.step_id,
+                service=event.service,
+                metric=event.metric,
+                value=event.value,
+                method=event.method,
+                raw=jsonable(event.raw),
+                at=event.at,
+            )
+        )
+
+    def _action_event(self, session: Session, event: ActionEvent) -> None:
+        session.add(
+            ActionEventRecord(
+                run_id=event.run_id, step_id=event.step_id, kind=event.kind, at=event.at, data=jsonable(event.data)
+            )
+        )
