@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # How long a cancelled action gets to stop before the engine moves on without it.
 CANCEL_GRACE_S = 2.0
-_POLL_S = 0.2  # how often the scheduler looks for Ctrl-C or a stop request while steps run
+_POLL_S = 0.05  # how often waiting threads look for Ctrl-C, a stop request or a cancellation
 
 
 @dataclass
@@ -74,11 +74,13 @@ class Engine:
         *,
         max_parallel: int = 16,
         host: str | None = None,
+        cancel_grace: float = CANCEL_GRACE_S,
     ) -> None:
         self.registry = registry
         self.observers = list(observers or [])
         self.max_parallel = max_parallel
         self.host = host or socket.gethostname()
+        self.cancel_grace = cancel_grace
 
     def run(self, plan: RunPlan, run_id: str | None = None, stop: threading.Event | None = None) -> RunOutcome:
         """Execute ``plan``; ``stop`` (set from another thread) ends the run as Ctrl-C would."""
@@ -94,13 +96,17 @@ class _Run:
         self.steps = {s.id: s for s in plan.runbook.steps}
         self.states: dict[str, StepState] = {s.id: StepState.PENDING for s in plan.runbook.steps}
         self.results: dict[str, dict[str, Any]] = {}
+        self.sites: dict[str, str | None] = {}  # each step's rendered site, reused by its rollback
         self.completed: list[str] = []  # succeeded steps, in the order they finished
         self.skipped_by_condition: set[str] = set()
         self.lock = threading.Lock()
         self.emit_lock = threading.Lock()
         self.active_cancels: set[threading.Event] = set()
         self.resources = RunResources()
-        self.interrupted = False
+        self.interrupted = False  # the operator stopped the run (Ctrl-C or `stop`): it ends aborted
+        # Cancel what runs and start nothing new; cleared while rollbacks run, set again by another Ctrl-C.
+        self.halt = threading.Event()
+        self.closed = False  # RunFinished was sent: news from abandoned actions is dropped
         self.rollback_wanted = False
         self.failed = False
         self.started_at: datetime = utcnow()
@@ -110,6 +116,9 @@ class _Run:
 
     def emit(self, event: Event) -> None:
         with self.emit_lock:
+            if self.closed:
+                return
+            self.closed = isinstance(event, RunFinished)
             for observer in self.engine.observers:
                 try:
                     observer(event)
@@ -119,6 +128,8 @@ class _Run:
     def finish_step(self, step_id: str, state: StepState, output: dict[str, Any] | None = None,
                     error: str | None = None, phase: str = "forward") -> None:
         with self.lock:
+            if phase == "forward" and self.states[step_id].finished:
+                return  # an abandoned action reporting after the run already ended its step
             self.states[step_id] = state
             self.results[step_id] = {"state": str(state), "output": output or {}, "error": error}
             if state is StepState.SUCCEEDED and phase == "forward":
@@ -141,23 +152,25 @@ class _Run:
         self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
         error: str | None = None
         try:
-            try:
-                self.schedule()
-            except KeyboardInterrupt:
-                self.interrupt()
+            self.schedule()
             if self.rollback_wanted:
-                try:
-                    self.roll_back()
-                except KeyboardInterrupt:  # a second Ctrl-C stops the rollback too
-                    self.interrupted = True
-                    self.cancel_running()
+                self.roll_back()
+        except KeyboardInterrupt:  # a Ctrl-C outside the places that expect one: stop where we are
+            self.interrupt()
         except Exception as exc:  # noqa: BLE001 - a bug must still end the run, recorded
             log.exception("run %s failed inside the engine", self.run_id)
             error = f"internal error: {type(exc).__name__}: {exc}"
             self.failed = True
         finally:
-            for step_id, step_state in list(self.states.items()):
-                if not step_state.finished:
+            for step_id, step_state in list(self.states.items()):  # file order: needs come first
+                if step_state.finished:
+                    continue
+                blocker = self.blocking_need(self.steps[step_id])
+                if step_state is StepState.PENDING and blocker is not None:
+                    # Same verdict whether or not the scheduler got to it before the run stopped.
+                    self.finish_step(step_id, StepState.SKIPPED,
+                                     error=f"needs {blocker!r}, which ended {self.states[blocker]}")
+                else:
                     self.finish_step(step_id, StepState.CANCELLED, error="the run stopped before this step finished")
             self.resources.close()
             state = self.final_state()
@@ -174,80 +187,78 @@ class _Run:
         return RunState.SUCCEEDED
 
     def interrupt(self) -> None:
+        """Ctrl-C or ``stop``: cancel running actions; roll back if an interrupted step asks for it."""
         self.interrupted = True
-        self.cancel_running()
-        with self.lock:
-            in_flight = [self.steps[s] for s, st in self.states.items() if st is StepState.RUNNING]
-        # Rollbacks "as configured": an interrupted step that asks for rollback gets it.
-        if any(step.on_failure is OnFailure.ROLLBACK for step in in_flight):
-            self.rollback_wanted = True
-
-    def cancel_running(self) -> None:
+        self.halt.set()
         with self.lock:
             for cancel in self.active_cancels:
                 cancel.set()
+            in_flight = [self.steps[s] for s, st in self.states.items() if st is StepState.RUNNING]
+        if any(step.on_failure is OnFailure.ROLLBACK for step in in_flight):
+            self.rollback_wanted = True
 
     def stopping(self) -> bool:
-        return self.failed or self.interrupted
+        return self.failed or self.halt.is_set()
 
     def schedule(self) -> None:
-        plan = self.plan
-        pending = [s.id for s in plan.runbook.steps]
+        pending = [s.id for s in self.plan.runbook.steps]
         running: dict[Future[StepState], str] = {}
-        workers = max(1, min(plan.runbook.max_parallel, self.engine.max_parallel))
+        workers = max(1, min(self.plan.runbook.max_parallel, self.engine.max_parallel))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"run-{self.run_id[:8]}")
         try:
             while True:
-                if not self.stopping():
-                    self.start_ready(pending, running, pool)
-                if not running:
-                    break
-                done, _ = wait(running, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-                for future in done:
-                    step_id = running.pop(future)
-                    self.after_step(self.steps[step_id], future)
-                if self.stop.is_set() and not self.interrupted:
-                    self.interrupt()
-        except KeyboardInterrupt:
-            self.interrupt()
-            self.drain(running)
+                try:
+                    if self.stop.is_set() and not self.interrupted:
+                        self.interrupt()
+                    if not self.stopping():
+                        self.start_ready(pending, running, pool, workers)
+                    if not running:
+                        return
+                    done, _ = wait(running, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self.after_step(self.steps[running[future]], future)
+                        del running[future]
+                except KeyboardInterrupt:
+                    if self.interrupted:
+                        return  # a second Ctrl-C: stop waiting for the cancelled steps
+                    self.interrupt()  # cancelled steps end within the grace; the loop waits for them
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def drain(self, running: dict[Future[StepState], str]) -> None:
-        """After Ctrl-C: give cancelled steps their grace to stop, then move on."""
-        deadline = time.monotonic() + CANCEL_GRACE_S + 1.0
-        while running and time.monotonic() < deadline:
-            done, _ = wait(running, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
-            for future in done:
-                running.pop(future)
-
-    def start_ready(self, pending: list[str], running: dict[Future[StepState], str], pool: ThreadPoolExecutor) -> None:
+    def start_ready(self, pending: list[str], running: dict[Future[StepState], str], pool: ThreadPoolExecutor,
+                    workers: int) -> None:
         progressed = True
         while progressed:
             progressed = False
             for step_id in list(pending):
                 step = self.steps[step_id]
-                need_states = [self.states[n] for n in step.needs]
-                if not all(s.finished for s in need_states):
+                if not all(self.states[n].finished for n in step.needs):
                     continue
-                pending.remove(step_id)
-                progressed = True
-                blocker = next((n for n in step.needs if not self.satisfied(n)), None)
+                blocker = self.blocking_need(step)
                 if blocker is not None:
+                    pending.remove(step_id)
+                    progressed = True  # skipping may decide the steps that need this one
                     self.finish_step(step_id, StepState.SKIPPED,
                                      error=f"needs {blocker!r}, which ended {self.states[blocker]}")
                     continue
+                if len(running) >= workers:
+                    continue  # a step is RUNNING only once a worker has it
+                pending.remove(step_id)
                 with self.lock:
                     self.states[step_id] = StepState.RUNNING
                 running[pool.submit(self.run_step, step)] = step_id
+
+    def blocking_need(self, step: Step) -> str | None:
+        """A need that ended without success, which keeps ``step`` from ever running."""
+        return next((n for n in step.needs if self.states[n].finished and not self.satisfied(n)), None)
 
     def satisfied(self, step_id: str) -> bool:
         state = self.states[step_id]
         if state is StepState.SUCCEEDED:
             return True
         # A step skipped because its `when` was false does not block what follows.
-        return state is StepState.SKIPPED and step_id in self.skipped_by_condition
+        with self.lock:
+            return state is StepState.SKIPPED and step_id in self.skipped_by_condition
 
     def after_step(self, step: Step, future: Future[StepState]) -> None:
         try:
@@ -274,9 +285,12 @@ class _Run:
         service = step_service(self.plan, step.service)
         try:
             site = templating.render_string(step.site, self.context(service, None)) if step.site else None
+            with self.lock:
+                self.sites[step.id] = site
             if step.when is not None:
                 if not templating.evaluate_condition(step.when, self.context(service, site)):
-                    self.skipped_by_condition.add(step.id)
+                    with self.lock:
+                        self.skipped_by_condition.add(step.id)
                     self.finish_step(step.id, StepState.SKIPPED, error=f"when {step.when!r} was false")
                     return StepState.SKIPPED
         except templating.TemplateError as exc:
@@ -296,7 +310,7 @@ class _Run:
                    retries: Retries, service: str | None, site: str | None) -> _Attempt:
         try:
             action_class = self.engine.registry.get(action_name)
-            rendered = templating.render_value(raw_params, self.context(service, site))
+            rendered = templating.render_value(raw_params, self.context(service, site), "with")
             params = action_class.Params.model_validate(rendered)
         except KeyError:
             return self.refuse(step_id, phase, f"unknown action {action_name!r}")
@@ -307,21 +321,24 @@ class _Run:
             return self.refuse(step_id, phase, f"bad parameters for {action_name}: {problems}")
         self.emit(StepStarted(self.run_id, step_id, utcnow(), phase, params.model_dump(mode="json")))
         action = action_class()
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout  # bounds all attempts together
         outcome = _Attempt(StepState.FAILED, error="no attempt was made")
         for attempt in range(1, retries.count + 2):
             if attempt > 1:
-                pause = min(retries.delay_before(attempt), max(0.0, deadline - time.monotonic()))
-                if self.stop_waiting(pause):
+                pause = retries.delay_before(attempt)
+                if time.monotonic() + pause >= deadline:
+                    outcome.error = (f"{outcome.error} (attempt {attempt - 1}; no time left for another "
+                                     f"within the step's timeout of {timeout:g}s)")
+                    break
+                if self.halt.wait(pause):
+                    outcome = _Attempt(StepState.CANCELLED, error="cancelled between attempts: the run was stopped")
                     break
             self.emit(AttemptStarted(self.run_id, step_id, attempt, utcnow(), phase))
             started = time.monotonic()
             outcome = self.attempt(action, params, step_id, attempt, deadline, timeout, service, site)
             self.emit(AttemptFinished(self.run_id, step_id, attempt, utcnow(), outcome.state,
                                       time.monotonic() - started, outcome.result.output, outcome.error, phase))
-            if outcome.state in (StepState.SUCCEEDED, StepState.TIMED_OUT, StepState.CANCELLED):
-                break
-            if time.monotonic() >= deadline or self.interrupted:
+            if outcome.state is not StepState.FAILED or self.halt.is_set():
                 break
         return outcome
 
@@ -329,18 +346,11 @@ class _Run:
         self.emit(StepStarted(self.run_id, step_id, utcnow(), phase, {}))
         return _Attempt(StepState.FAILED, error=error)
 
-    def stop_waiting(self, seconds: float) -> bool:
-        """Wait between attempts; True when the run is being interrupted meanwhile."""
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            if self.interrupted or self.stop.wait(min(left, _POLL_S)):
-                return True
-        return self.interrupted
-
     def attempt(self, action: Action[Any], params: Any, step_id: str, attempt: int, deadline: float,
                 timeout: float, service: str | None, site: str | None) -> _Attempt:
         cancel = threading.Event()
         closed = threading.Event()
+        finished = threading.Event()
 
         def emit_while_open(event: Event) -> None:
             if not closed.is_set():  # an abandoned action must not write into a finished step
@@ -358,33 +368,45 @@ class _Run:
                 box["result"] = action.run(params, ctx)
             except BaseException as exc:  # noqa: BLE001 - reported below, whatever it is
                 box["error"] = exc
+            finally:
+                box["ended"] = time.monotonic()
+                finished.set()
 
         with self.lock:
             self.active_cancels.add(cancel)
-        if self.interrupted:
+        if self.halt.is_set():
             cancel.set()
         worker = threading.Thread(target=call, name=f"{step_id}#{attempt}", daemon=True)
         try:
             worker.start()
-            worker.join(max(0.0, deadline - time.monotonic()))
-            if worker.is_alive():
+            try:
+                # The action runs in its own thread so that a timeout or Ctrl-C never waits on it.
+                while not finished.is_set() and not cancel.is_set() and (left := deadline - time.monotonic()) > 0:
+                    finished.wait(min(left, _POLL_S))
+            except KeyboardInterrupt:  # only the thread running rollbacks sees Ctrl-C here
+                self.interrupt()
+            if not finished.is_set():
                 cancel.set()
-                worker.join(CANCEL_GRACE_S)
-                closed.set()
-                if self.interrupted:
-                    return _Attempt(StepState.CANCELLED, error="cancelled: the run was interrupted")
-                note = "" if not worker.is_alive() else "; the action did not stop when asked and was abandoned"
-                return _Attempt(StepState.TIMED_OUT, error=f"timed out after {timeout:g}s{note}")
+                finished.wait(self.engine.cancel_grace)
         finally:
             closed.set()
             with self.lock:
                 self.active_cancels.discard(cancel)
-        error = box.get("error")
-        if error is None:
-            result = box.get("result")
+        return self.classify(box, finished.is_set(), cancel.is_set(), deadline, timeout)
+
+    def classify(self, box: dict[str, Any], finished: bool, cancelled: bool, deadline: float,
+                 timeout: float) -> _Attempt:
+        note = "" if finished else "; the action did not stop when asked and was abandoned"
+        stopped = cancelled and self.halt.is_set()
+        if finished and "result" in box and (box["ended"] <= deadline or stopped):
+            result = box["result"]
             return _Attempt(StepState.SUCCEEDED, result if isinstance(result, ActionResult) else ActionResult())
-        if isinstance(error, ActionCancelled) or (self.interrupted and cancel.is_set()):
-            return _Attempt(StepState.CANCELLED, error=str(error) or "cancelled")
+        error = box.get("error")
+        if stopped:
+            return _Attempt(StepState.CANCELLED, error=f"cancelled: the run was stopped{note}")
+        if box.get("ended", time.monotonic()) >= deadline:
+            detail = f" ({error})" if error is not None and not isinstance(error, ActionCancelled) else ""
+            return _Attempt(StepState.TIMED_OUT, error=f"timed out after {timeout:g}s{detail}{note}")
         if isinstance(error, ActionError):
             return _Attempt(StepState.FAILED, error=str(error))
         return _Attempt(StepState.FAILED, error=f"{type(error).__name__}: {error}")
@@ -392,14 +414,23 @@ class _Run:
     # ------------------------------------------------------------------ rollback
 
     def roll_back(self) -> None:
-        """Undo completed steps that declare a rollback, newest first."""
+        """Undo completed steps that declare a rollback, newest first. Runs even after Ctrl-C;
+        another Ctrl-C stops it."""
+        self.halt.clear()
         for step_id in reversed(list(self.completed)):
+            if self.halt.is_set():
+                break
             step = self.steps[step_id]
             if step.rollback is None:
                 continue
             service = step_service(self.plan, step.service)
             rollback = step.rollback
-            outcome = self.run_action(step_id, "rollback", rollback.action, rollback.with_,
-                                      rollback.timeout or step.timeout, step.retries, service, step.site)
+            timeout = rollback.timeout if rollback.timeout is not None else step.timeout
+            try:
+                outcome = self.run_action(step_id, "rollback", rollback.action, rollback.with_, timeout,
+                                          step.retries, service, self.sites.get(step_id))
+            except KeyboardInterrupt:
+                self.interrupt()
+                outcome = _Attempt(StepState.CANCELLED, error="the rollback was interrupted by the operator")
             state = StepState.ROLLED_BACK if outcome.state is StepState.SUCCEEDED else StepState.ROLLBACK_FAILED
             self.finish_step(step_id, state, outcome.result.output, outcome.error, phase="rollback")
