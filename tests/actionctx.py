@@ -1,0 +1,49 @@
+"""An ActionContext built by hand for the integration actions' tests, keeping what the action emits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from dr_orchestrator.actions.base import ActionContext, RunResources
+from dr_orchestrator.loading import load_inventory
+from dr_orchestrator.model.events import Event, Measurement
+from dr_orchestrator.model.inventory import Inventory
+
+
+def lab_inventory(lab: Any) -> Inventory:
+    """The inventory a running lab wrote for itself."""
+    inventory, _ = load_inventory(str(lab.config.inventory_path))
+    return inventory
+
+
+class Harness:
+    """One run's worth of context: shared resources, an event list, a deadline per step."""
+
+    def __init__(self, inventory: Inventory, run_info: dict[str, Any] | None = None) -> None:
+        self.inventory = inventory
+        self.events: list[Event] = []
+        self.resources = RunResources()
+        self.cancelled = threading.Event()
+        self.run_info: dict[str, Any] = {"forced": [], **(run_info or {})}
+
+    def ctx(self, timeout: float = 30.0, service: str | None = None, step_id: str = "step") -> ActionContext:
+        return ActionContext(
+            run_id="run-1",
+            step_id=step_id,
+            attempt=1,
+            inventory=self.inventory,
+            emit=self.events.append,
+            cancelled=self.cancelled,
+            deadline=time.monotonic() + timeout,
+            resources=self.resources,
+            service=service,
+            run_info=self.run_info,
+        )
+
+    def measurements(self, metric: str) -> list[Measurement]:
+        return [e for e in self.events if isinstance(e, Measurement) and e.metric == metric]
+
+    def close(self) -> None:
+        self.resources.close()
