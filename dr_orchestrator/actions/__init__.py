@@ -9,6 +9,7 @@ BUILTIN_ACTIONS = {
     "wait": "dr_orchestrator.actions.wait:Wait",
     "noop": "dr_orchestrator.actions.wait:Noop",
     "fail": "dr_orchestrator.actions.wait:Fail",
+    "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
 }
 
 
