@@ -166,7 +166,7 @@ def evidence_rows(session: Session, service: str | None = None, since: datetime 
     if since is not None:
         query = query.where(Run.started_at >= since)
     rows = []
-    for run, result in session.execute(query).tuples():
+    for run, result in session.execute(query):
         rows.append(
             {
                 "run_id": run.id,
