@@ -55,6 +55,13 @@ def json_path(document: Any, path: str) -> Any:
     return node
 
 
+def same_json(actual: Any, expected: Any) -> bool:
+    """Equal as JSON values: true is not 1, as Python would have it."""
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected
+    return bool(actual == expected)
+
+
 def judge(response: httpx.Response, params: HttpCheckParams) -> Verdict:
     """Good when the status, then every JSON field, then the text match; else name what failed first."""
     status = response.status_code
@@ -70,7 +77,7 @@ def judge(response: httpx.Response, params: HttpCheckParams) -> Verdict:
             actual = json_path(document, path)
             if actual is _MISSING:
                 return Verdict(False, f"status {status}, but JSON field {path!r} is missing")
-            if actual != expected_value:
+            if not same_json(actual, expected_value):
                 found = f"JSON field {path!r} is {actual!r}, expected {expected_value!r}"
                 return Verdict(False, f"status {status}, but {found}")
     if params.expect_text is not None and params.expect_text not in response.text:

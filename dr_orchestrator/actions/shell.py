@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shlex
 import signal
 import subprocess
 import time
@@ -16,6 +17,8 @@ from dr_orchestrator.model.durations import format_duration
 
 # How long a cancelled process group gets to exit on SIGTERM before SIGKILL.
 TERM_GRACE_S = 1.0
+# How long to wait for SIGKILLed processes to vanish.
+KILL_WAIT_S = 0.5
 # After the program exits, how long to keep reading output a background child may still be writing.
 DRAIN_GRACE_S = 0.5
 # How often the loop looks at cancellation and the deadline while the program is quiet.
@@ -96,19 +99,27 @@ def last_line(text: str) -> str:
 
 
 def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole process group, SIGKILL whatever is left after a grace period, reap the leader."""
-    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, None)):
+    """SIGTERM the whole process group, SIGKILL whatever is left after a grace period, and return
+    once the group is gone (or after a bounded wait, should a zombie linger unreaped)."""
+    group = process.pid  # start_new_session made the program the leader of its own group
+    try:
+        os.killpg(group, signal.SIGTERM)
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break  # the group is empty
-        if grace is not None:
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-            # The leader may be gone while children that ignore SIGTERM live on: SIGKILL the group anyway.
+            process.wait(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        # Even with the leader gone, children that ignore SIGTERM may live on.
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is already empty
     process.wait()
+    end = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < end:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
 
 
 class ShellRun(Action[ShellRunParams]):
@@ -121,7 +132,9 @@ class ShellRun(Action[ShellRunParams]):
 
     def run(self, params: ShellRunParams, ctx: ActionContext) -> ActionResult:
         argv = params.program()
-        shown = params.command if params.command is not None else " ".join(argv)
+        shown = params.command if params.command is not None else shlex.join(argv)
+        if len(shown) > 200:
+            shown = shown[:197] + "..."
         if ctx.check_mode:
             return ActionResult(output={"check_mode": True, "would_run": argv})
         if params.cwd is not None and not os.path.isdir(params.cwd):
@@ -185,7 +198,7 @@ class ShellRun(Action[ShellRunParams]):
                 expected = " or ".join(str(code) for code in params.expect_exit)
                 how = f"exited with code {exit_code} (expected {expected})"
             tail = last_line(stderr_text)
-            raise ActionError(f"{ctx.redact(shown)!r} {how}" + (f": {tail}" if tail else ", stderr empty"))
+            raise ActionError(f"`{ctx.redact(shown)}` {how}" + (f": {tail}" if tail else ", stderr empty"))
         return ActionResult(output=output)
 
     @staticmethod
