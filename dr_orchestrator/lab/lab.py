@@ -35,7 +35,7 @@ from dr_orchestrator.lab.processes import (
     with_descendants,
 )
 from dr_orchestrator.lab.status import collect_status
-from dr_orchestrator.lab.system import LabSetupError, as_user, check_reachable, chown, ensure_packages
+from dr_orchestrator.lab.system import LabSetupError, as_user, check_reachable, chown, ensure_packages, run
 
 
 class LabError(LabSetupError):
@@ -67,6 +67,9 @@ class Lab:
                 specs.append(ProcessSpec(service, site, config.service_pidfile(site, service),
                                          f"{config.bin_dir(site)}/service_app.py --config "
                                          f"{config.site_settings(site)} --service {service}"))
+        specs.append(ProcessSpec("heartbeat", "primary", config.run_dir("primary") / "heartbeat.pid",
+                                 f"{config.bin_dir('primary')}/heartbeat.py run "
+                                 f"--config {config.site_settings('primary')}"))
         return specs
 
     def running(self) -> dict[str, int]:
@@ -131,6 +134,7 @@ class Lab:
         if synchronous:
             postgres.set_synchronous(config, True)
         self._start_services(SITES)
+        self._start_heartbeat()
         haproxy.start(config)
         self._wait_front_door()
         config.inventory_path.write_text(lab_inventory.render(config))
@@ -148,7 +152,8 @@ class Lab:
                 directory.mkdir(mode=0o755)
                 chown(directory, config.os_user)
             config.bin_dir(site).mkdir(mode=0o755)
-            (config.bin_dir(site) / "service_app.py").write_bytes((files / "service_app.py").read_bytes())
+            for name in ("service_app.py", "heartbeat.py"):
+                (config.bin_dir(site) / name).write_bytes((files / name).read_bytes())
             servicectl = config.servicectl(site)
             servicectl.write_bytes((files / "servicectl.py").read_bytes())
             servicectl.chmod(0o755)
@@ -174,6 +179,12 @@ class Lab:
             output, _ = process.communicate(timeout=60)
             if process.returncode != 0:
                 raise LabError(f"the services at the {site} site did not start: {output.strip()[-600:]}")
+
+    def _start_heartbeat(self) -> None:
+        """The primary site's heartbeat: a row every 100 ms that the RPO measurement reads (see heartbeat.py)."""
+        config = self.config
+        run(as_user(config.os_user, [SERVICE_PYTHON, str(config.bin_dir("primary") / "heartbeat.py"), "start",
+                                     "--config", str(config.site_settings("primary"))]))
 
     def _wait_front_door(self, timeout: float = 10.0) -> None:
         """HAProxy's first health checks must pass before the front door serves."""
