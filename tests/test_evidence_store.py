@@ -198,7 +198,7 @@ def test_successful_run_writes_exactly_the_expected_rows(sessions: sessionmaker[
             "inventories/lab.yml",
             "all: {}\n",
         )
-        assert run.parameters == {"dry": False, "when": str(at(0))}  # what JSON cannot hold is kept as text
+        assert run.parameters == {"dry": False, "when": at(0).isoformat()}  # what JSON cannot hold is kept as text
         assert run.sites == ["backup"]
         assert run.forced == ["replication-lag"]
         assert run.targets["contract-signing"] == {
@@ -261,7 +261,7 @@ def test_successful_run_writes_exactly_the_expected_rows(sessions: sessionmaker[
             0.0,
             at(8.5),
         )
-        assert measurement.raw == {"replay_lsn": "0/3000060", "when": str(at(8.5))}
+        assert measurement.raw == {"replay_lsn": "0/3000060", "when": at(8.5).isoformat()}
         event = s.scalars(select(ActionEventRecord)).one()
         assert (event.step_id, event.kind, event.at, event.data) == (
             "promote",
@@ -439,3 +439,20 @@ def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmak
             for target in (f"w{w}" for w in range(6))
         }
     assert counts == {f"w{w}": 40 for w in range(6)}
+
+
+def test_awkward_outputs_are_kept_as_text_on_every_backend(sessions: sessionmaker[Session]) -> None:
+    """Command output can hold NUL bytes and NaN; PostgreSQL refuses both in text and JSON."""
+    store = EvidenceStore(sessions)
+    store(RunStarted(RUN, at(0), make_plan(), "h"))
+    output = {"stdout": "a\x00b", "ratio": float("nan"), "raw": b"\x01", "state": StepState.FAILED, 7: (1, 2)}
+    store(StepStarted(RUN, "promote", at(1), rendered={"argv": ["x\x00"]}))
+    store(StepFinished(RUN, "promote", at(2), StepState.FAILED, output, error="exit 1: a\x00b"))
+    store(ProbeResult(RUN, "promote", 1, at(1.5), "tcp://h:1", False, 0.5, "got \x00"))
+    with sessions() as s:
+        row = s.scalars(select(StepRecord).where(StepRecord.step_id == "promote")).one()
+        probe = s.scalars(select(Probe)).one()
+    assert row.output == {"stdout": "a\\x00b", "ratio": "nan", "raw": "b'\\x01'", "state": "failed", "7": [1, 2]}
+    assert row.rendered == {"argv": ["x\\x00"]}
+    assert row.error == "exit 1: a\\x00b"
+    assert probe.detail == "got \\x00"

@@ -7,11 +7,14 @@ lock and across processes by the database (BEGIN IMMEDIATE on SQLite).
 
 from __future__ import annotations
 
-import json
+import enum
+import math
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -41,15 +44,40 @@ from dr_orchestrator.model.events import (
     StepFinished,
     StepStarted,
 )
-from dr_orchestrator.model.run import RunPlan, StepState
+from dr_orchestrator.model.run import RunPlan, RunState, StepState
 
 FORWARD = "forward"
 ROLLBACK = "rollback"
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data; what JSON cannot hold (datetimes, bytes, ...) becomes text."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as plain JSON data both backends accept. What JSON cannot hold (datetimes, bytes,
+    NaN, ...) becomes text, and NUL characters are escaped: PostgreSQL refuses them in text."""
+    if isinstance(value, dict):
+        return {clean_text(str(key)): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, str):
+        return clean_text(value)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, BaseModel):
+        return jsonable(value.model_dump(mode="json"))
+    return clean_text(str(value))
+
+
+def clean_text(text: str) -> str:
+    return text.replace("\x00", "\\x00")
+
+
+def maybe_text(text: str | None) -> str | None:
+    return None if text is None else clean_text(text)
 
 
 def services_in_scope(plan: RunPlan) -> list[str]:
@@ -145,10 +173,10 @@ class EvidenceStore:
                 id=event.run_id,
                 runbook_name=plan.runbook.name,
                 kind=plan.kind.value,
-                state="running",
+                state=RunState.RUNNING.value,
                 trigger=plan.trigger,
                 started_by=plan.started_by,
-                reason=plan.reason,
+                reason=clean_text(plan.reason),
                 orchestrator_host=event.host,
                 incident_at=plan.incident_at,
                 started_at=event.at,
@@ -188,7 +216,7 @@ class EvidenceStore:
         run = session.get_one(Run, event.run_id)
         run.state = event.state.value
         run.finished_at = event.at
-        run.error = event.error
+        run.error = maybe_text(event.error)
         self._rollback_actions.pop(event.run_id, None)
         self._write_results(session, run)
 
@@ -295,7 +323,7 @@ class EvidenceStore:
         row.state = event.state.value
         row.finished_at = event.at
         row.output = jsonable(event.output)
-        row.error = event.error
+        row.error = maybe_text(event.error)
 
     def _step_of_attempt(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
         row = self._latest_step(session, run_id, step_id, phase)
@@ -332,7 +360,7 @@ class EvidenceStore:
         row.finished_at = event.at
         row.duration_s = event.duration_s
         row.output = jsonable(event.output)
-        row.error = event.error
+        row.error = maybe_text(event.error)
 
     # -- what actions report ------------------------------------------------------------------
 
@@ -343,10 +371,10 @@ class EvidenceStore:
                 step_id=event.step_id,
                 attempt=event.attempt,
                 at=event.at,
-                target=event.target,
+                target=clean_text(event.target),
                 ok=event.ok,
                 latency_ms=event.latency_ms,
-                detail=event.detail,
+                detail=clean_text(event.detail),
             )
         )
 
@@ -370,7 +398,7 @@ class EvidenceStore:
                 service=event.service,
                 metric=event.metric,
                 value=event.value,
-                method=event.method,
+                method=clean_text(event.method),
                 raw=jsonable(event.raw),
                 at=event.at,
             )
