@@ -53,6 +53,10 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
         # WAL: readers (the CLI, the API) never block the engine's writes, nor the reverse.
         cursor.execute("PRAGMA journal_mode = WAL")
+        # In WAL mode NORMAL skips the fsync per commit (~7 ms here, paid by every engine event)
+        # and still loses nothing when a process crashes; only an OS crash or power cut may undo
+        # the last commits, never corrupting the file.
+        cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()
 
