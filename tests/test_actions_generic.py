@@ -190,7 +190,8 @@ def test_shell_deadline_kills_children_that_ignore_sigterm(tmp_path: Path) -> No
     thread.join(10)
     assert not thread.is_alive()
     error = box.get("error")
-    assert isinstance(error, ActionCancelled) and "timeout passed" in str(error)
+    assert isinstance(error, ActionError) and not isinstance(error, ActionCancelled)
+    assert "was stopped after" in str(error) and "timeout passed" in str(error)
     assert not alive(shell_pid) and not alive(child_pid)
 
 

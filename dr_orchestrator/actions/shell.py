@@ -15,6 +15,9 @@ from pydantic import Field, model_validator
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.durations import format_duration
 
+CANCELLED = "the run is stopping or the step was cancelled"
+TIMED_OUT = "the step's timeout passed"
+
 # How long a cancelled process group gets to exit on SIGTERM before SIGKILL.
 TERM_GRACE_S = 1.0
 # How long to wait for SIGKILLed processes to vanish.
@@ -161,6 +164,7 @@ class ShellRun(Action[ShellRunParams]):
         pipes = {process.stdout: stdout, process.stderr: stderr}
         try:
             stop_reason = self._pump(process, pipes, ctx)
+            duration = time.monotonic() - start
             if stop_reason is not None:
                 stop_group(process)
         except BaseException:
@@ -170,15 +174,15 @@ class ShellRun(Action[ShellRunParams]):
             for pipe in pipes:
                 if pipe is not None:
                     pipe.close()
-        duration = time.monotonic() - start
 
         stderr_text = ctx.redact(stderr.text())
         if stop_reason is not None:
             tail = last_line(stderr_text)
-            raise ActionCancelled(
-                f"{argv[0]} stopped after {format_duration(duration)}: {stop_reason}"
-                + (f" (last stderr line: {tail})" if tail else "")
+            message = f"`{ctx.redact(shown)}` was stopped after {format_duration(duration)}: {stop_reason}" + (
+                f"; last stderr line: {tail}" if tail else ""
             )
+            # At the timeout the engine marks the step timed out and keeps this message as the detail.
+            raise ActionCancelled(message) if stop_reason == CANCELLED else ActionError(message)
 
         exit_code = process.returncode
         output = {
@@ -214,9 +218,9 @@ class ShellRun(Action[ShellRunParams]):
             while True:
                 now = time.monotonic()
                 if ctx.cancelled.is_set():
-                    return "the run is stopping or the step was cancelled"
+                    return CANCELLED
                 if now >= ctx.deadline:
-                    return "the step's timeout passed"
+                    return TIMED_OUT
                 if exited_at is None and process.poll() is not None:
                     exited_at = now
                 if exited_at is not None and (not selector.get_map() or now - exited_at > DRAIN_GRACE_S):
