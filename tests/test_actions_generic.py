@@ -378,6 +378,14 @@ def test_http_deadline_says_what_failed_and_how_many_probes(health: HealthServer
     assert not isinstance(failure.value, ActionCancelled)
 
 
+def test_http_deadline_reports_a_streak_cut_short(health: HealthServer) -> None:
+    health.status = 200
+    with pytest.raises(
+        ActionError, match=r"no 5 consecutive good probes within 120ms \(\\d) probes, 0 failed, the last \\1 good"
+    ):
+        check_http(Harness(), url=health.url, consecutive=5, interval="50ms", deadline="120ms")
+
+
 def test_http_gives_up_without_sleeping_past_the_deadline(health: HealthServer) -> None:
     h = Harness()
     started = time.monotonic()

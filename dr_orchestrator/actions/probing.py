@@ -105,6 +105,8 @@ def probe_until_streak(
 
     def summary() -> str:
         counts = f"{probes} probe{'s' if probes != 1 else ''}, {failed} failed"
+        if streak:
+            counts += f", the last {len(streak)} good"
         return f"{counts}; last failure: {last_failure}" if last_failure else counts
 
     while True:
