@@ -17,7 +17,7 @@ from dr_orchestrator.evidence.database import URL_ENV, database_url, make_engine
 from dr_orchestrator.evidence.models import Base
 
 config = context.config
-if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+if config.config_file_name is not None:  # the alembic command; `dr db` configures no logging
     fileConfig(config.config_file_name)
 
 target_metadata = Base.metadata

@@ -128,3 +128,15 @@ def test_plain_alembic_command_uses_dr_database_url(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert migrate.schema_is_current(url)
     assert not (tmp_path / "dr-evidence.db").exists()  # the URL from the environment won over alembic.ini's
+
+
+def test_migration_failures_are_one_sentence(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    migrate.upgrade(url)
+    with pytest.raises(migrate.MigrationError, match="^Can't locate revision identified by 'nope'$"):
+        migrate.downgrade(url, "nope")
+    with closed_port() as port, pytest.raises(migrate.MigrationError) as caught:
+        migrate.upgrade(f"postgresql://dr:s3cret@127.0.0.1:{port}/evidence")
+    message = str(caught.value)
+    assert message.startswith(f"cannot migrate the evidence database postgresql+psycopg://dr:***@127.0.0.1:{port}/")
+    assert "s3cret" not in message and "\n" not in message

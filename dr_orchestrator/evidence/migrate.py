@@ -6,12 +6,15 @@ installed editable). ``schema_problem`` is what ``dr run`` asks before it writes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -20,7 +23,11 @@ from dr_orchestrator.evidence.database import database_url, make_engine
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "alembic"
 
 
-class MigrationsMissing(RuntimeError):
+class MigrationError(RuntimeError):
+    """Migrating could not be done; the message is one sentence for the engineer."""
+
+
+class MigrationsMissing(MigrationError):
     """The alembic/ directory is not next to the package (installed from a wheel, not the source tree)."""
 
 
@@ -38,11 +45,30 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    """Create or migrate the schema up to ``revision``; MigrationError says why it could not."""
+    with _explained(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str | None, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
+    """Migrate down to ``revision`` (``base``: drop every evidence table)."""
+    with _explained(url):
+        command.downgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def _explained(url: str | None) -> Iterator[None]:
+    try:
+        yield
+    except CommandError as exc:  # e.g. an unknown revision
+        raise MigrationError(f"{exc}") from None
+    except SQLAlchemyError as exc:
+        raise MigrationError(f"cannot migrate the evidence database {display_url(url)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    """The driver's own message, without SQLAlchemy's statement and link lines."""
+    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["unknown error"])[0]
 
 
 def head_revisions() -> set[str]:
@@ -82,9 +108,7 @@ def schema_problem(url: str | None = None) -> str | None:
     try:
         current = current_revisions(resolved)
     except SQLAlchemyError as exc:
-        # The driver's own message, without SQLAlchemy's statement and link lines.
-        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["unknown error"])[0]
-        return f"cannot open the evidence database {where}: {reason}"
+        return f"cannot open the evidence database {where}: {_first_line(exc)}"
     if current == heads:
         return None
     if not current:
