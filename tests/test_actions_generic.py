@@ -381,7 +381,7 @@ def test_http_deadline_says_what_failed_and_how_many_probes(health: HealthServer
 def test_http_deadline_reports_a_streak_cut_short(health: HealthServer) -> None:
     health.status = 200
     with pytest.raises(
-        ActionError, match=r"no 5 consecutive good probes within 120ms \(\\d) probes, 0 failed, the last \\1 good"
+        ActionError, match=r"no 5 consecutive good probes within 120ms \((\d) probes, 0 failed, the last \1 good"
     ):
         check_http(Harness(), url=health.url, consecutive=5, interval="50ms", deadline="120ms")
 
