@@ -36,9 +36,10 @@ venv_works() {
 # --- Python ----------------------------------------------------------------------------------------
 command -v "$python" >/dev/null ||
     fail "Python 3.11 or newer is needed but '$python' is not on PATH; install it (Debian/Ubuntu: sudo apt-get install python3 python3-venv)."
-version="$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null)" ||
+# one call through a launcher such as pyenv's shim (slow), then the interpreter itself
+read -r version executable < <("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3], sys.executable)' 2>/dev/null) ||
     fail "'$python' does not run; install Python 3.11 or newer, or point PYTHON at one."
-python_is_new_enough "$python" ||
+python_is_new_enough "$executable" ||
     fail "Python 3.11 or newer is needed but '$python' is $version; install a newer one, or point PYTHON at one."
 
 # --- Debian packages -------------------------------------------------------------------------------
@@ -49,8 +50,8 @@ while read -r package; do
     is_installed "$package" || missing+=("$package")
 done < <(debian_packages)
 # Debian's own python3 ships without ensurepip: its venv module needs python3-venv.
-if ! venv_works && ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
-    if [[ $(readlink -f "$(command -v "$python")") == /usr/bin/* ]]; then
+if ! venv_works && ! "$executable" -c 'import venv, ensurepip' 2>/dev/null; then
+    if [[ $(readlink -f "$executable") == /usr/bin/* ]]; then
         missing+=(python3-venv)
     else
         fail "'$python' ($version) has no working venv module; on Debian/Ubuntu install python3-venv, otherwise reinstall this Python with ensurepip."
@@ -81,7 +82,7 @@ if ! venv_works; then
         rm -rf "$venv"
     fi
     say "creating .venv with $python ($version)"
-    "$python" -m venv "$venv" || fail "'$python -m venv' could not create $venv (see above)."
+    "$executable" -m venv "$venv" || fail "'$python -m venv' could not create $venv (see above)."
 fi
 
 wanted="$(sha256sum pyproject.toml | cut -d ' ' -f 1) $("$venv/bin/python" -V 2>&1)"
