@@ -18,6 +18,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Names a template may use; loading checks templates against these.
 CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
+# What ``run`` holds while a run executes.
+RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced")
 
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
@@ -31,14 +33,37 @@ def _shquote(value: Any) -> str:
 
 
 def _shjoin(values: Iterable[Any]) -> str:
+    if isinstance(values, (str, bytes, dict)):  # a string would be split into characters
+        raise TypeError("shjoin takes a list of arguments; use shquote for a single value")
     return shlex.join(str(v) for v in values)
+
+
+# Bounds on what one expression may build, so a runbook typo cannot exhaust memory or CPU.
+_MAX_REPEAT = 1_000_000
+_MAX_POWER_BITS = 100_000
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if max(abs(left).bit_length(), 1) * right > _MAX_POWER_BITS:
+                raise SecurityError(f"a power of more than {_MAX_POWER_BITS} bits")
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, (str, bytes, list, tuple)) and isinstance(count, int):
+                    if len(sequence) * count > _MAX_REPEAT:
+                        raise SecurityError(f"repeating a sequence to more than {_MAX_REPEAT} items")
+        return super().call_binop(context, operator, left, right)
 
 
 @lru_cache(maxsize=1)
 def environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    env = _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     env.filters["shquote"] = _shquote
     env.filters["shjoin"] = _shjoin
+    env.globals.pop("lipsum", None)  # generates text of any size; nothing a runbook needs
     return env
 
 
@@ -54,14 +79,19 @@ def parse(source: str) -> nodes.Template:
         raise TemplateError(f"template syntax error: {exc.message}") from None
 
 
-def render_value(value: Any, context: dict[str, Any]) -> Any:
-    """Render every string inside ``value`` (dicts and lists walked recursively)."""
+def render_value(value: Any, context: dict[str, Any], path: str = "") -> Any:
+    """Render every string inside ``value`` (dicts and lists walked recursively).
+
+    ``path`` names ``value`` in errors (``with.url: undefined variable ...``)."""
     if isinstance(value, str):
-        return render_string(value, context)
+        try:
+            return render_string(value, context)
+        except TemplateError as exc:
+            raise TemplateError(f"{path}: {exc}" if path else str(exc)) from None
     if isinstance(value, dict):
-        return {k: render_value(v, context) for k, v in value.items()}
+        return {k: render_value(v, context, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [render_value(v, context) for v in value]
+        return [render_value(v, context, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 

@@ -128,13 +128,25 @@ class _Run:
     def finish_step(self, step_id: str, state: StepState, output: dict[str, Any] | None = None,
                     error: str | None = None, phase: str = "forward") -> None:
         with self.lock:
-            if phase == "forward" and self.states[step_id].finished:
+            previous = self.states[step_id]
+            if phase == "forward" and previous.finished:
                 return  # an abandoned action reporting after the run already ended its step
             self.states[step_id] = state
             self.results[step_id] = {"state": str(state), "output": output or {}, "error": error}
-            if state is StepState.SUCCEEDED and phase == "forward":
-                self.completed.append(step_id)
+            if phase == "forward":
+                self.apply_policy(self.steps[step_id], state, previous)
         self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
+
+    def apply_policy(self, step: Step, state: StepState, previous: StepState) -> None:
+        """The step's `on_failure`, decided with its state (under the lock), so that no step is
+        scheduled in between by a run that is about to stop."""
+        if state is StepState.SUCCEEDED:
+            self.completed.append(step.id)
+        elif state in (StepState.FAILED, StepState.TIMED_OUT) and step.on_failure is not OnFailure.CONTINUE:
+            self.failed = True
+            self.rollback_wanted |= step.on_failure is OnFailure.ROLLBACK
+        elif state is StepState.CANCELLED and previous is StepState.RUNNING:
+            self.rollback_wanted |= step.on_failure is OnFailure.ROLLBACK
 
     # ------------------------------------------------------------------ the run
 
@@ -194,8 +206,7 @@ class _Run:
             for cancel in self.active_cancels:
                 cancel.set()
             in_flight = [self.steps[s] for s, st in self.states.items() if st is StepState.RUNNING]
-        if any(step.on_failure is OnFailure.ROLLBACK for step in in_flight):
-            self.rollback_wanted = True
+            self.rollback_wanted |= any(step.on_failure is OnFailure.ROLLBACK for step in in_flight)
 
     def stopping(self) -> bool:
         return self.failed or self.halt.is_set()
@@ -210,8 +221,7 @@ class _Run:
                 try:
                     if self.stop.is_set() and not self.interrupted:
                         self.interrupt()
-                    if not self.stopping():
-                        self.start_ready(pending, running, pool, workers)
+                    self.start_ready(pending, running, pool, workers)
                     if not running:
                         return
                     done, _ = wait(running, timeout=_POLL_S, return_when=FIRST_COMPLETED)
@@ -227,26 +237,33 @@ class _Run:
 
     def start_ready(self, pending: list[str], running: dict[Future[StepState], str], pool: ThreadPoolExecutor,
                     workers: int) -> None:
-        progressed = True
-        while progressed:
-            progressed = False
-            for step_id in list(pending):
-                step = self.steps[step_id]
-                if not all(self.states[n].finished for n in step.needs):
-                    continue
-                blocker = self.blocking_need(step)
-                if blocker is not None:
-                    pending.remove(step_id)
-                    progressed = True  # skipping may decide the steps that need this one
-                    self.finish_step(step_id, StepState.SKIPPED,
-                                     error=f"needs {blocker!r}, which ended {self.states[blocker]}")
-                    continue
-                if len(running) >= workers:
-                    continue  # a step is RUNNING only once a worker has it
-                pending.remove(step_id)
-                with self.lock:
-                    self.states[step_id] = StepState.RUNNING
-                running[pool.submit(self.run_step, step)] = step_id
+        while True:
+            skipped: list[tuple[str, str]] = []
+            ready: list[str] = []
+            with self.lock:  # decided against states that finishing steps cannot change meanwhile
+                if self.stopping():
+                    return
+                for step_id in list(pending):
+                    step = self.steps[step_id]
+                    if not all(self.states[n].finished for n in step.needs):
+                        continue
+                    blocker = self.blocking_need(step)
+                    if blocker is not None:
+                        pending.remove(step_id)
+                        error = f"needs {blocker!r}, which ended {self.states[blocker]}"
+                        self.states[step_id] = StepState.SKIPPED
+                        self.results[step_id] = {"state": str(StepState.SKIPPED), "output": {}, "error": error}
+                        skipped.append((step_id, error))
+                    elif len(running) + len(ready) < workers:  # a step is RUNNING only once a worker has it
+                        pending.remove(step_id)
+                        self.states[step_id] = StepState.RUNNING
+                        ready.append(step_id)
+            for step_id, error in skipped:
+                self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
+            for step_id in ready:
+                running[pool.submit(self.run_step, self.steps[step_id])] = step_id
+            if not skipped:
+                return  # a skip may decide the steps that need the skipped one: look again
 
     def blocking_need(self, step: Step) -> str | None:
         """A need that ended without success, which keeps ``step`` from ever running."""
@@ -254,25 +271,15 @@ class _Run:
 
     def satisfied(self, step_id: str) -> bool:
         state = self.states[step_id]
-        if state is StepState.SUCCEEDED:
-            return True
         # A step skipped because its `when` was false does not block what follows.
-        with self.lock:
-            return state is StepState.SKIPPED and step_id in self.skipped_by_condition
+        return state is StepState.SUCCEEDED or (state is StepState.SKIPPED and step_id in self.skipped_by_condition)
 
     def after_step(self, step: Step, future: Future[StepState]) -> None:
         try:
-            state = future.result()
+            future.result()
         except Exception as exc:  # noqa: BLE001 - run_step catches everything; this is a last guard
             log.exception("step %s crashed the engine", step.id)
-            state = StepState.FAILED
-            self.finish_step(step.id, state, error=f"internal error: {exc}")
-        if state in (StepState.FAILED, StepState.TIMED_OUT) and step.on_failure is not OnFailure.CONTINUE:
-            self.failed = True
-            if step.on_failure is OnFailure.ROLLBACK:
-                self.rollback_wanted = True
-        elif state is StepState.CANCELLED and step.on_failure is OnFailure.ROLLBACK:
-            self.rollback_wanted = True
+            self.finish_step(step.id, StepState.FAILED, error=f"internal error: {exc}")
 
     # ------------------------------------------------------------------ one step
 
@@ -282,6 +289,9 @@ class _Run:
         return template_context(self.plan, self.run_info, results, service, site)
 
     def run_step(self, step: Step) -> StepState:
+        if self.halt.is_set():  # stopped between scheduling and a worker picking the step up
+            self.finish_step(step.id, StepState.CANCELLED, error="the run was stopped before this step started")
+            return StepState.CANCELLED
         service = step_service(self.plan, step.service)
         try:
             site = templating.render_string(step.site, self.context(service, None)) if step.site else None

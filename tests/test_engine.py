@@ -1,0 +1,866 @@
+"""The engine: DAG order, parallelism, retries, timeouts, failure policies, rollback, cancellation, events.
+
+Steps run small in-test actions that coordinate with the test through events and barriers, so
+every assertion about timing waits on a condition with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import Field
+
+from dr_orchestrator.actions.base import (
+    Action,
+    ActionCancelled,
+    ActionContext,
+    ActionError,
+    ActionRegistry,
+    ActionResult,
+    Params,
+)
+from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.loading import load_inventory, load_runbook
+from dr_orchestrator.model.events import (
+    ActionEvent,
+    AttemptFinished,
+    AttemptStarted,
+    Event,
+    MarkerReached,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+)
+from dr_orchestrator.model.run import RunPlan, RunState, SourceDocument, StepState
+from dr_orchestrator.model.runbook import Retries
+
+WAIT_S = 10.0  # deadline for anything a test waits on; never reached when the engine works
+GRACE_S = 0.2  # cancel grace used in these tests, to keep abandoned actions cheap
+
+INVENTORY = """\
+all:
+  vars:
+    dr:
+      name: test
+      sites: {primary: {}, backup: {}}
+      services:
+        trading: {rto: 60s, rpo: 0s, sites: [primary, backup]}
+  children:
+    primary: {hosts: {p1: {ansible_host: 127.0.0.1}}}
+    backup: {hosts: {b1: {ansible_host: 127.0.0.1}}}
+"""
+
+
+def source(path: str, text: str) -> SourceDocument:
+    return SourceDocument(path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), text=text)
+
+
+def make_plan(runbook_yaml: str, parameters: dict[str, Any] | None = None) -> RunPlan:
+    text = textwrap.dedent(runbook_yaml)
+    runbook, _ = load_runbook("runbook.yml", text)
+    inventory, _ = load_inventory("inventory.yml", INVENTORY)
+    params = {name: p.default for name, p in runbook.parameters.items()} | (parameters or {})
+    return RunPlan(
+        runbook=runbook,
+        inventory=inventory,
+        parameters=params,
+        runbook_source=source("runbook.yml", text),
+        inventory_source=source("inventory.yml", INVENTORY),
+        parameters_sha256=hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
+    )
+
+
+def check_invariants(events: list[Event], plan: RunPlan) -> None:
+    """What every observer relies on, whatever happened in the run."""
+    assert isinstance(events[0], RunStarted)
+    assert isinstance(events[-1], RunFinished)
+    assert sum(isinstance(e, RunStarted) for e in events) == 1
+    assert sum(isinstance(e, RunFinished) for e in events) == 1
+    open_steps: dict[tuple[str, str], int] = defaultdict(int)
+    open_attempts: dict[tuple[str, str, int], int] = defaultdict(int)
+    finished_forward: dict[str, int] = defaultdict(int)
+    for event in events:
+        if isinstance(event, StepStarted):
+            open_steps[(event.step_id, event.phase)] += 1
+        elif isinstance(event, StepFinished):
+            if open_steps[(event.step_id, event.phase)]:
+                open_steps[(event.step_id, event.phase)] -= 1
+            assert event.state.finished
+            if event.phase == "forward":
+                finished_forward[event.step_id] += 1
+        elif isinstance(event, AttemptStarted):
+            open_attempts[(event.step_id, event.phase, event.attempt)] += 1
+        elif isinstance(event, AttemptFinished):
+            open_attempts[(event.step_id, event.phase, event.attempt)] -= 1
+    assert not any(open_steps.values()), f"steps started but never finished: {dict(open_steps)}"
+    assert not any(open_attempts.values()), f"attempts started but never finished: {dict(open_attempts)}"
+    assert finished_forward == {s.id: 1 for s in plan.runbook.steps}, "every step ends exactly once"
+
+
+class Bench:
+    """A registry of test actions, the events they cause, and the handles a test steers them with."""
+
+    def __init__(self) -> None:
+        self.registry = ActionRegistry({})
+        self.events: list[Event] = []
+        self.lock = threading.Lock()
+        self.flags: dict[str, threading.Event] = defaultdict(threading.Event)
+        self.barriers: dict[str, threading.Barrier] = {}
+        self.attempt_times: dict[str, list[float]] = defaultdict(list)
+        self.rolled_back: list[str] = []
+        self.active = 0
+        self.peak = 0
+        for name, cls in actions_for(self).items():
+            self.registry.register(name, cls)
+
+    def observe(self, event: Event) -> None:
+        with self.lock:
+            self.events.append(event)
+        if isinstance(event, StepFinished):  # lets an action wait until another step has ended
+            self.flags[f"finished:{event.step_id}"].set()
+
+    def run(self, plan: RunPlan, stop: threading.Event | None = None, **engine_options: Any) -> RunOutcome:
+        engine_options.setdefault("cancel_grace", GRACE_S)
+        outcome = Engine(self.registry, [self.observe], **engine_options).run(plan, stop=stop)
+        check_invariants(self.events, plan)
+        assert all(state.finished for state in outcome.steps.values())
+        return outcome
+
+    def of(self, kind: type[Any], step_id: str | None = None, phase: str | None = None) -> list[Any]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, kind)
+            and (step_id is None or getattr(e, "step_id", None) == step_id)
+            and (phase is None or getattr(e, "phase", None) == phase)
+        ]
+
+    def index(self, kind: type[Any], step_id: str, phase: str = "forward") -> int:
+        return next(
+            i for i, e in enumerate(self.events) if isinstance(e, kind) and e.step_id == step_id and e.phase == phase
+        )
+
+
+class EchoParams(Params):
+    value: Any = None
+    output: dict[str, Any] = Field(default_factory=dict)
+    marked_at: datetime | None = None
+
+
+class GateParams(Params):
+    barrier: str | None = None  # wait at this barrier: proves steps overlap
+    hold: str | None = None  # wait for this flag: keeps the step running until the test lets go
+    started: str | None = None  # flag to set on start
+
+
+class FlakyParams(Params):
+    succeed_on: int = 3
+
+
+class BlockParams(Params):
+    started: str = "started"
+
+
+class BoomParams(Params):
+    message: str = "boom"
+
+
+class UndoParams(Params):
+    what: str
+    fail: bool = False
+
+
+def actions_for(bench: Bench) -> dict[str, type[Action[Any]]]:
+    class Echo(Action[EchoParams]):
+        name = "echo"
+        Params = EchoParams
+
+        def run(self, params: EchoParams, ctx: ActionContext) -> ActionResult:
+            return ActionResult(output={"value": params.value, **params.output}, marked_at=params.marked_at)
+
+    class Gate(Action[GateParams]):
+        name = "gate"
+        Params = GateParams
+
+        def run(self, params: GateParams, ctx: ActionContext) -> ActionResult:
+            with bench.lock:
+                bench.active += 1
+                bench.peak = max(bench.peak, bench.active)
+            try:
+                if params.started:
+                    bench.flags[params.started].set()
+                if params.barrier:
+                    bench.barriers[params.barrier].wait(timeout=WAIT_S)
+                if params.hold and not bench.flags[params.hold].wait(WAIT_S):
+                    raise ActionError(f"flag {params.hold} was never set")
+            finally:
+                with bench.lock:
+                    bench.active -= 1
+            return ActionResult(output={"step": ctx.step_id})
+
+    class Flaky(Action[FlakyParams]):
+        name = "flaky"
+        Params = FlakyParams
+
+        def run(self, params: FlakyParams, ctx: ActionContext) -> ActionResult:
+            bench.attempt_times[ctx.step_id].append(time.monotonic())
+            if ctx.attempt < params.succeed_on:
+                raise ActionError(f"attempt {ctx.attempt} failed")
+            return ActionResult(output={"attempt": ctx.attempt})
+
+    class Block(Action[BlockParams]):
+        """Runs until cancelled, as a well-behaved long action does."""
+
+        name = "block"
+        Params = BlockParams
+
+        def run(self, params: BlockParams, ctx: ActionContext) -> ActionResult:
+            bench.flags[params.started].set()
+            if not ctx.cancelled.wait(WAIT_S):
+                raise ActionError("was never cancelled")
+            bench.flags[f"{ctx.step_id}-saw-cancel"].set()
+            raise ActionCancelled("stopped as asked")
+
+    class Stubborn(Action[BlockParams]):
+        """Ignores cancellation; ends only when the test sets `release`, then tries to report."""
+
+        name = "stubborn"
+        Params = BlockParams
+
+        def run(self, params: BlockParams, ctx: ActionContext) -> ActionResult:
+            bench.flags[params.started].set()
+            bench.flags["release"].wait(WAIT_S)
+            ctx.report("late news", detail="from an abandoned action")
+            bench.flags["stubborn-exited"].set()
+            return ActionResult(output={"late": True})
+
+    class Boom(Action[BoomParams]):
+        name = "boom"
+        Params = BoomParams
+
+        def run(self, params: BoomParams, ctx: ActionContext) -> ActionResult:
+            raise ActionError(params.message)
+
+    class Undo(Action[UndoParams]):
+        name = "undo"
+        Params = UndoParams
+
+        def run(self, params: UndoParams, ctx: ActionContext) -> ActionResult:
+            ctx.check_cancelled()  # as real actions do before changing anything
+            with bench.lock:
+                bench.rolled_back.append(params.what)
+            if params.fail:
+                raise ActionError(f"could not undo {params.what}")
+            return ActionResult(output={"undone": params.what})
+
+    return {cls.name: cls for cls in (Echo, Gate, Flaky, Block, Stubborn, Boom, Undo)}
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    made = Bench()
+    try:
+        yield made
+    finally:
+        made.flags["release"].set()  # let abandoned actions end
+
+
+# ---------------------------------------------------------------- order and parallelism
+
+
+def test_steps_without_needs_run_one_after_another(bench: Bench) -> None:
+    plan = make_plan("""
+        name: sequential
+        steps:
+          - {id: a, action: echo}
+          - {id: b, action: echo}
+          - {id: c, action: echo}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    assert outcome.steps == {"a": StepState.SUCCEEDED, "b": StepState.SUCCEEDED, "c": StepState.SUCCEEDED}
+    assert bench.index(StepFinished, "a") < bench.index(StepStarted, "b")
+    assert bench.index(StepFinished, "b") < bench.index(StepStarted, "c")
+
+
+def test_parallel_branches_overlap_and_join(bench: Bench) -> None:
+    bench.barriers["both"] = threading.Barrier(2)
+    plan = make_plan("""
+        name: branches
+        steps:
+          - {id: start, action: echo}
+          - {id: left, action: gate, with: {barrier: both}, needs: [start]}
+          - {id: right, action: gate, with: {barrier: both}, needs: [start]}
+          - {id: join, action: echo, needs: [left, right]}
+    """)
+    outcome = bench.run(plan)
+    # Each branch waits at a two-party barrier: it only passes when the other runs at the same time.
+    assert outcome.state is RunState.SUCCEEDED, outcome
+    assert bench.index(StepFinished, "left") < bench.index(StepStarted, "join")
+    assert bench.index(StepFinished, "right") < bench.index(StepStarted, "join")
+
+
+def test_empty_needs_starts_at_once_beside_earlier_steps(bench: Bench) -> None:
+    bench.barriers["pair"] = threading.Barrier(2)
+    plan = make_plan("""
+        name: at-once
+        steps:
+          - {id: first, action: gate, with: {barrier: pair}}
+          - {id: second, action: gate, with: {barrier: pair}, needs: []}
+    """)
+    assert bench.run(plan).state is RunState.SUCCEEDED
+
+
+def test_max_parallel_bounds_running_steps(bench: Bench) -> None:
+    plan = make_plan("""
+        name: bounded
+        steps:
+          - {id: s1, action: gate, with: {hold: go}, needs: []}
+          - {id: s2, action: gate, with: {hold: go}, needs: []}
+          - {id: s3, action: gate, with: {hold: go}, needs: []}
+          - {id: s4, action: gate, with: {hold: go}, needs: []}
+    """)
+    result: list[RunOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(bench.run(plan, max_parallel=2)))
+    runner.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while bench.active < 2 and time.monotonic() < deadline:
+            bench.flags["never"].wait(0.01)
+        assert bench.active == 2
+        # Two run; the others wait for a worker and must not start meanwhile.
+        assert not bench.flags["never"].wait(0.3)
+        assert bench.active == 2
+        assert len(bench.of(StepStarted)) == 2
+    finally:
+        bench.flags["go"].set()
+        runner.join(WAIT_S)
+    assert result and result[0].state is RunState.SUCCEEDED
+    assert bench.peak == 2
+
+
+# ---------------------------------------------------------------- retries and timeouts
+
+
+def test_retried_step_succeeds_on_third_attempt_after_backoff(bench: Bench) -> None:
+    plan = make_plan("""
+        name: retry
+        steps:
+          - id: flaky
+            action: flaky
+            with: {succeed_on: 3}
+            retries: {count: 4, delay: 50ms, backoff: 3}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.steps["flaky"] is StepState.SUCCEEDED
+    attempts = bench.of(AttemptFinished, "flaky")
+    assert [(a.attempt, a.state) for a in attempts] == [
+        (1, StepState.FAILED),
+        (2, StepState.FAILED),
+        (3, StepState.SUCCEEDED),
+    ]
+    assert attempts[0].error == "attempt 1 failed"
+    assert bench.of(StepFinished, "flaky")[0].output == {"attempt": 3}
+    times = bench.attempt_times["flaky"]
+    assert times[1] - times[0] >= 0.05  # delay
+    assert times[2] - times[1] >= 0.15  # delay * backoff
+
+
+def test_retry_delay_is_capped_by_max_delay() -> None:
+    retries = Retries(count=5, delay=1, backoff=2, max_delay=5)
+    assert [retries.delay_before(n) for n in range(2, 7)] == [1, 2, 4, 5, 5]
+
+
+def test_retries_exhausted_fail_the_step_with_the_last_error(bench: Bench) -> None:
+    plan = make_plan("""
+        name: exhausted
+        steps:
+          - {id: flaky, action: flaky, with: {succeed_on: 9}, retries: {count: 2, delay: 0}}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.FAILED
+    assert outcome.steps["flaky"] is StepState.FAILED
+    assert len(bench.of(AttemptStarted, "flaky")) == 3
+    assert bench.of(StepFinished, "flaky")[0].error == "attempt 3 failed"
+
+
+def test_timeout_bounds_all_attempts_together(bench: Bench) -> None:
+    plan = make_plan("""
+        name: bounded-retries
+        steps:
+          - {id: slow, action: block, timeout: 300ms, retries: {count: 5, delay: 0}}
+    """)
+    started = time.monotonic()
+    outcome = bench.run(plan)
+    assert outcome.steps["slow"] is StepState.TIMED_OUT
+    assert len(bench.of(AttemptStarted, "slow")) == 1  # no time left for another attempt
+    assert time.monotonic() - started < 300e-3 + GRACE_S + 1.0
+
+
+def test_no_retry_when_its_delay_would_pass_the_timeout(bench: Bench) -> None:
+    plan = make_plan("""
+        name: no-time-left
+        steps:
+          - {id: flaky, action: flaky, with: {succeed_on: 9}, timeout: 1s, retries: {count: 3, delay: 5s}}
+    """)
+    started = time.monotonic()
+    outcome = bench.run(plan)
+    assert outcome.steps["flaky"] is StepState.FAILED
+    assert len(bench.of(AttemptStarted, "flaky")) == 1
+    assert "no time left" in (bench.of(StepFinished, "flaky")[0].error or "")
+    assert time.monotonic() - started < 1.0  # it did not sleep towards a retry it could not make
+
+
+def test_timed_out_step_with_continue_skips_dependents_and_run_succeeds(bench: Bench) -> None:
+    plan = make_plan("""
+        name: timeout-continue
+        steps:
+          - {id: slow, action: block, timeout: 200ms, on_failure: continue}
+          - {id: after-slow, action: echo}
+          - {id: after-that, action: echo}
+          - {id: independent, action: echo, needs: []}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    assert outcome.steps == {
+        "slow": StepState.TIMED_OUT,
+        "after-slow": StepState.SKIPPED,
+        "after-that": StepState.SKIPPED,
+        "independent": StepState.SUCCEEDED,
+    }
+    assert bench.flags["slow-saw-cancel"].is_set()  # the action was told to stop
+    finished = bench.of(StepFinished, "slow")[0]
+    assert finished.error == "timed out after 0.2s"
+    assert "slow" in (bench.of(StepFinished, "after-slow")[0].error or "")
+    assert not bench.of(StepStarted, "after-slow")
+
+
+def test_generic_wait_action_past_its_timeout_is_timed_out(bench: Bench) -> None:
+    bench.registry.register("wait", "dr_orchestrator.actions.wait:Wait")
+    plan = make_plan("""
+        name: wait-too-long
+        steps:
+          - {id: pause, action: wait, with: {duration: 30s}, timeout: 200ms}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.steps["pause"] is StepState.TIMED_OUT
+    assert outcome.state is RunState.FAILED
+
+
+def test_action_ignoring_cancellation_is_abandoned_after_the_grace(bench: Bench) -> None:
+    plan = make_plan("""
+        name: stubborn
+        steps:
+          - {id: stuck, action: stubborn, timeout: 200ms, on_failure: continue}
+          - {id: other, action: echo, needs: []}
+    """)
+    started = time.monotonic()
+    outcome = bench.run(plan)
+    assert time.monotonic() - started < 200e-3 + GRACE_S + 1.0
+    assert outcome.state is RunState.SUCCEEDED
+    assert outcome.steps == {"stuck": StepState.TIMED_OUT, "other": StepState.SUCCEEDED}
+    assert "abandoned" in (bench.of(StepFinished, "stuck")[0].error or "")
+    # When the abandoned action finally ends, nothing it says reaches the finished run.
+    count = len(bench.events)
+    bench.flags["release"].set()
+    assert bench.flags["stubborn-exited"].wait(WAIT_S)
+    assert len(bench.events) == count
+    assert not bench.of(ActionEvent)
+
+
+# ---------------------------------------------------------------- failure policies
+
+
+def test_abort_stops_new_steps_lets_in_flight_finish_and_fails_the_run(bench: Bench) -> None:
+    plan = make_plan("""
+        name: abort
+        steps:
+          - {id: bad, action: boom, with: {message: disk on fire}}
+          - {id: in-flight, action: gate, with: {hold: "finished:bad"}, needs: []}
+          - {id: later, action: echo, needs: [in-flight]}
+          - {id: after-bad, action: echo, needs: [bad]}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.FAILED
+    assert outcome.steps == {
+        "bad": StepState.FAILED,
+        "in-flight": StepState.SUCCEEDED,
+        "later": StepState.CANCELLED,  # could have run: the abort stopped it
+        "after-bad": StepState.SKIPPED,  # could never run
+    }
+    assert bench.of(StepFinished, "bad")[0].error == "disk on fire"
+    assert not bench.of(StepStarted, "later")
+
+
+def test_failing_step_with_rollback_undoes_completed_steps_newest_first(bench: Bench) -> None:
+    plan = make_plan("""
+        name: rollback
+        steps:
+          - id: stop-primary
+            action: echo
+            with: {output: {pid: 41}}
+            rollback: {action: undo, with: {what: "start {{ steps['stop-primary'].output.pid }}"}}
+          - id: promote
+            action: echo
+            rollback: {action: undo, with: {what: demote}}
+          - id: note
+            action: echo
+          - id: switch
+            action: boom
+            on_failure: rollback
+          - id: never
+            action: echo
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.FAILED
+    assert bench.rolled_back == ["demote", "start 41"]
+    assert outcome.steps == {
+        "stop-primary": StepState.ROLLED_BACK,
+        "promote": StepState.ROLLED_BACK,
+        "note": StepState.SUCCEEDED,  # nothing to undo
+        "switch": StepState.FAILED,
+        "never": StepState.SKIPPED,  # its need failed
+    }
+    rollback_finishes = bench.of(StepFinished, phase="rollback")
+    assert [(e.step_id, e.state) for e in rollback_finishes] == [
+        ("promote", StepState.ROLLED_BACK),
+        ("stop-primary", StepState.ROLLED_BACK),
+    ]
+    assert [e.step_id for e in bench.of(StepStarted, phase="rollback")] == ["promote", "stop-primary"]
+    assert bench.index(StepFinished, "switch") < bench.index(StepStarted, "promote", "rollback")
+
+
+def test_a_failed_rollback_is_recorded_and_the_others_still_run(bench: Bench) -> None:
+    plan = make_plan("""
+        name: rollback-fails
+        steps:
+          - {id: one, action: echo, rollback: {action: undo, with: {what: one}}}
+          - {id: two, action: echo, rollback: {action: undo, with: {what: two, fail: true}}}
+          - {id: three, action: boom, on_failure: rollback}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.FAILED
+    assert bench.rolled_back == ["two", "one"]
+    assert outcome.steps["two"] is StepState.ROLLBACK_FAILED
+    assert outcome.steps["one"] is StepState.ROLLED_BACK
+    assert bench.of(StepFinished, "two", "rollback")[0].error == "could not undo two"
+
+
+def test_continue_records_the_failure_and_the_run_succeeds(bench: Bench) -> None:
+    plan = make_plan("""
+        name: continue
+        steps:
+          - {id: optional, action: boom, on_failure: continue}
+          - {id: needs-it, action: echo}
+          - {id: free, action: echo, needs: []}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    assert outcome.steps == {"optional": StepState.FAILED, "needs-it": StepState.SKIPPED, "free": StepState.SUCCEEDED}
+
+
+# ---------------------------------------------------------------- conditions and templates
+
+
+def test_false_when_skips_the_step_but_not_its_dependents(bench: Bench) -> None:
+    plan = make_plan(
+        """
+        name: when
+        parameters: {drill: true}
+        steps:
+          - {id: page-oncall, action: echo, when: "not params.drill"}
+          - {id: after, action: echo}
+          - {id: literal-false, action: echo, when: false, needs: []}
+        """
+    )
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    assert outcome.steps == {
+        "page-oncall": StepState.SKIPPED,
+        "after": StepState.SUCCEEDED,
+        "literal-false": StepState.SKIPPED,
+    }
+    assert not bench.of(StepStarted, "page-oncall")
+
+
+def test_templates_render_step_outputs_and_parameters_natively(bench: Bench) -> None:
+    plan = make_plan(
+        """
+        name: templates
+        parameters:
+          target: {default: backup}
+          replicas: {default: 2}
+        scope: {services: trading}
+        steps:
+          - {id: find, action: echo, with: {output: {port: 5433, hosts: [b1, b2]}}}
+          - id: use
+            action: echo
+            with:
+              value:
+                port: "{{ steps.find.output.port }}"
+                hosts: "{{ steps.find.output.hosts }}"
+                url: "http://{{ params.target }}:{{ steps.find.output.port }}/"
+                replicas: "{{ params.replicas + 1 }}"
+                rto: "{{ service.rto }}"
+                run_kind: "{{ run.kind }}"
+        """,
+        {"target": "dr-site"},
+    )
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    value = bench.of(StepFinished, "use")[0].output["value"]
+    assert value == {
+        "port": 5433,
+        "hosts": ["b1", "b2"],
+        "url": "http://dr-site:5433/",
+        "replicas": 3,
+        "rto": 60.0,
+        "run_kind": "failover",
+    }
+    assert bench.of(StepStarted, "use")[0].rendered["value"]["url"] == "http://dr-site:5433/"
+
+
+def test_bad_template_at_run_time_fails_the_step_with_a_clear_error(bench: Bench) -> None:
+    plan = make_plan("""
+        name: bad-template
+        steps:
+          - {id: find, action: echo, with: {output: {port: 5433}}}
+          - {id: use, action: echo, with: {value: "{{ steps.find.output.prot }}"}}
+          - {id: never, action: echo}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.state is RunState.FAILED
+    assert outcome.steps["use"] is StepState.FAILED
+    assert outcome.steps["never"] is StepState.SKIPPED
+    error = bench.of(StepFinished, "use")[0].error or ""
+    assert error.startswith("with.value: undefined variable")
+    assert "prot" in error
+    assert not bench.of(AttemptStarted, "use")  # the action never ran
+
+
+def test_parameters_that_do_not_fit_the_action_fail_the_step(bench: Bench) -> None:
+    plan = make_plan("""
+        name: bad-params
+        steps:
+          - {id: flaky, action: flaky, with: {succeed_on: "{{ 'three' }}"}}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.steps["flaky"] is StepState.FAILED
+    assert (bench.of(StepFinished, "flaky")[0].error or "").startswith("bad parameters for flaky: succeed_on:")
+
+
+# ---------------------------------------------------------------- markers and observers
+
+
+def test_marker_carries_the_moment_the_action_reports(bench: Bench) -> None:
+    plan = make_plan("""
+        name: markers
+        scope: {services: [trading]}
+        steps:
+          - id: verify
+            action: echo
+            with: {marked_at: "2026-11-28T03:00:00.123456+00:00"}
+            marks: [service_restored]
+          - {id: plain, action: echo, marks: [done]}
+    """)
+    before = datetime.now(UTC)
+    bench.run(plan)
+    verify, plain = bench.of(MarkerReached)
+    assert (verify.step_id, verify.marker, verify.service) == ("verify", "service_restored", "trading")
+    assert verify.at == datetime(2026, 11, 28, 3, 0, 0, 123456, tzinfo=UTC)
+    assert plain.marker == "done"
+    assert plain.at >= before and plain.at.tzinfo is not None
+
+
+def test_failed_step_reaches_no_marker(bench: Bench) -> None:
+    plan = make_plan("""
+        name: no-marker
+        steps:
+          - {id: verify, action: boom, marks: [service_restored]}
+    """)
+    bench.run(plan)
+    assert not bench.of(MarkerReached)
+
+
+def test_an_observer_that_raises_does_not_break_the_run(bench: Bench) -> None:
+    def broken(event: Event) -> None:
+        raise RuntimeError("the display crashed")
+
+    plan = make_plan("""
+        name: observers
+        steps:
+          - {id: a, action: echo}
+          - {id: b, action: echo}
+    """)
+    outcome = Engine(bench.registry, [broken, bench.observe]).run(plan)
+    assert outcome.state is RunState.SUCCEEDED
+    check_invariants(bench.events, plan)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def test_stop_event_cancels_running_steps_and_aborts_the_run(bench: Bench) -> None:
+    plan = make_plan("""
+        name: stop
+        steps:
+          - {id: long, action: block}
+          - {id: stuck, action: stubborn, with: {started: stuck-started}, needs: []}
+          - {id: later, action: echo, needs: [long]}
+    """)
+    stop = threading.Event()
+    result: list[RunOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(bench.run(plan, stop=stop)))
+    runner.start()
+    assert bench.flags["started"].wait(WAIT_S) and bench.flags["stuck-started"].wait(WAIT_S)
+    stop.set()
+    runner.join(WAIT_S)
+    assert not runner.is_alive()
+    outcome = result[0]
+    assert outcome.state is RunState.ABORTED
+    assert outcome.error == "interrupted by the operator"
+    assert outcome.steps == {"long": StepState.CANCELLED, "stuck": StepState.CANCELLED, "later": StepState.SKIPPED}
+    assert bench.flags["long-saw-cancel"].is_set()
+    assert "abandoned" in (bench.of(StepFinished, "stuck")[0].error or "")
+    assert bench.of(RunFinished)[0].state is RunState.ABORTED
+
+
+def test_stop_during_retry_delay_cancels_the_step(bench: Bench) -> None:
+    plan = make_plan("""
+        name: stop-retry
+        steps:
+          - {id: flaky, action: flaky, with: {succeed_on: 9}, retries: {count: 3, delay: 30s}, timeout: 60s}
+    """)
+    stop = threading.Event()
+    result: list[RunOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(bench.run(plan, stop=stop)))
+    runner.start()
+    deadline = time.monotonic() + WAIT_S
+    while not bench.of(AttemptFinished, "flaky") and time.monotonic() < deadline:
+        bench.flags["never"].wait(0.01)
+    stop.set()
+    runner.join(WAIT_S)
+    assert result and result[0].state is RunState.ABORTED
+    assert result[0].steps["flaky"] is StepState.CANCELLED
+
+
+def test_stop_before_anything_runs_cancels_every_step(bench: Bench) -> None:
+    plan = make_plan("""
+        name: stopped-early
+        steps:
+          - {id: a, action: echo}
+          - {id: b, action: echo, needs: []}
+    """)
+    stop = threading.Event()
+    stop.set()
+    outcome = bench.run(plan, stop=stop)
+    assert outcome.state is RunState.ABORTED
+    assert outcome.steps == {"a": StepState.CANCELLED, "b": StepState.CANCELLED}
+    assert not bench.of(StepStarted)
+
+
+def test_stop_with_rollback_step_in_flight_rolls_back_completed_steps(bench: Bench) -> None:
+    plan = make_plan("""
+        name: stop-rollback
+        steps:
+          - {id: done, action: echo, rollback: {action: undo, with: {what: done}}}
+          - {id: long, action: block, on_failure: rollback}
+    """)
+    stop = threading.Event()
+    result: list[RunOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(bench.run(plan, stop=stop)))
+    runner.start()
+    assert bench.flags["started"].wait(WAIT_S)
+    stop.set()
+    runner.join(WAIT_S)
+    assert result[0].state is RunState.ABORTED
+    assert result[0].steps == {"done": StepState.ROLLED_BACK, "long": StepState.CANCELLED}
+    assert bench.rolled_back == ["done"]
+
+
+SIGINT_SCRIPT = """
+import json, sys, threading
+from dr_orchestrator.actions.base import Action, ActionCancelled, ActionRegistry, ActionResult, Params
+from dr_orchestrator.engine import Engine
+from tests.test_engine import make_plan
+
+class Hold(Action[Params]):
+    name = "hold"
+    Params = Params
+    def run(self, params, ctx):
+        print("READY", flush=True)
+        ctx.cancelled.wait(30)
+        raise ActionCancelled("stopped as asked")
+
+class Note(Action[Params]):
+    name = "note"
+    Params = Params
+    def run(self, params, ctx):
+        ctx.check_cancelled()
+        print("ROLLBACK", ctx.step_id, flush=True)
+        return ActionResult()
+
+registry = ActionRegistry({})
+registry.register("hold", Hold)
+registry.register("note", Note)
+plan = make_plan('''
+    name: sigint
+    steps:
+      - {id: prepared, action: note, rollback: {action: note}}
+      - {id: switch, action: hold, on_failure: rollback}
+      - {id: verify, action: note}
+''')
+events = []
+outcome = Engine(registry, [events.append], cancel_grace=0.5).run(plan)
+print("OUTCOME", json.dumps({"state": outcome.state, "steps": outcome.steps,
+                             "last": type(events[-1]).__name__}), flush=True)
+"""
+
+
+def test_ctrl_c_aborts_the_run_rolls_back_and_leaves_nothing_running(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert process.stdout is not None
+        lines: list[str] = []
+        for line in process.stdout:  # the step prints READY once it runs; the pipe closes on exit
+            lines.append(line)
+            if line.startswith("READY"):
+                process.send_signal(signal.SIGINT)
+                break
+        rest, errors = process.communicate(timeout=WAIT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, errors
+    output = "".join(lines) + rest
+    assert "ROLLBACK prepared" in output
+    outcome = json.loads(output.split("OUTCOME ", 1)[1])
+    assert outcome == {
+        "state": "aborted",
+        "steps": {"prepared": "rolled_back", "switch": "cancelled", "verify": "skipped"},
+        "last": "RunFinished",
+    }
