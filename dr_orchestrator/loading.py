@@ -7,14 +7,16 @@ fields (sites, services, targets, free variables) live under ``all.vars.dr``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from dr_orchestrator import templating
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
-from dr_orchestrator.model.runbook import Runbook
+from dr_orchestrator.model.runbook import Runbook, Step
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, read_yaml
 
 ParamsLookup = Callable[[str], type[BaseModel] | None]
@@ -186,17 +188,64 @@ _STEP_DURATIONS = ("timeout",)
 _RETRY_DURATIONS = ("delay", "max_delay")
 
 
+@dataclass
+class _ParsedRunbook:
+    runbook: Runbook | None  # None when even a lenient reading of its top-level fields fails
+    steps: list[tuple[int, Step]]  # the well-formed steps, with their index in the file
+    problems: list[Problem]
+
+
 def load_runbook(path: str, text: str | None = None) -> tuple[Runbook, YamlDocument]:
     """Parse and check a runbook on its own (structure, ids, needs, durations, template syntax)."""
     document = read_yaml(path, text)
+    parsed = _parse_runbook(document)
+    if parsed.problems or parsed.runbook is None:
+        raise LoadError(_by_line(parsed.problems))
+    return parsed.runbook, document
+
+
+def validate(
+    runbook_path: str,
+    inventory_path: str,
+    params_model: ParamsLookup,
+    *,
+    runbook_text: str | None = None,
+    inventory_text: str | None = None,
+) -> list[Problem]:
+    """Every problem of a runbook against an inventory, structural and semantic together (empty when
+    clean): what `dr validate` reports. Inventory problems come first, then the runbook's by line."""
+    problems: list[Problem] = []
+    inventory: Inventory | None = None
+    try:
+        inventory, _ = load_inventory(inventory_path, inventory_text)
+    except LoadError as exc:
+        problems.extend(exc.problems)
+    try:
+        document = read_yaml(runbook_path, runbook_text)
+    except LoadError as exc:
+        return problems + exc.problems
+    parsed = _parse_runbook(document)
+    found = list(parsed.problems)
+    if inventory is not None and parsed.runbook is not None:
+        found.extend(_check_steps(parsed.runbook, parsed.steps, document, inventory, params_model))
+    return problems + _by_line(found)
+
+
+def _by_line(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.file, p.line if p.line is not None else 0))
+
+
+def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
+    """Read as much of a runbook as is well-formed, with every problem found on the way."""
     problems: list[Problem] = []
     data = document.data
     if not isinstance(data, dict):
-        raise LoadError([document.problem((), "a runbook is a mapping with name and steps")])
+        return _ParsedRunbook(None, [], [document.problem((), "a runbook is a mapping with name and steps")])
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
-        raise LoadError([document.problem(("steps",), "must be a non-empty list of steps")])
-    steps: list[dict[str, Any]] = []
+        problems.append(document.problem(("steps",), "must be a non-empty list of steps"))
+        raw_steps = []
+    normalised: list[tuple[int, dict[str, Any]]] = []
     ids: dict[str, int] = {}
     previous: str | None = None
     for index, raw in enumerate(raw_steps):
@@ -218,8 +267,8 @@ def load_runbook(path: str, text: str | None = None) -> tuple[Runbook, YamlDocum
             else:
                 ids[step_id] = index
             previous = step_id
-        steps.append(step)
-    for index, step in enumerate(steps):
+        normalised.append((index, step))
+    for index, step in normalised:
         for n, need in enumerate(step.get("needs", ())):
             if need not in ids:
                 problems.append(
@@ -227,28 +276,55 @@ def load_runbook(path: str, text: str | None = None) -> tuple[Runbook, YamlDocum
                         ("steps", index, "needs", n), f"needs unknown step {need!r}", f"use one of: {', '.join(ids)}"
                     )
                 )
-    cycle = _find_cycle(steps)
+    cycle = _find_cycle([step for _, step in normalised])
     if cycle:
-        first = ids[cycle[0]]
-        problems.append(
-            document.problem(
-                ("steps", first, "needs"), "a cycle in needs: " + " -> ".join(cycle), "remove one of these needs"
-            )
+        # Point at the `needs` entry that closes the loop.
+        last, first = cycle[-2], cycle[-1]
+        at = next(
+            ("steps", index, "needs", n)
+            for index, step in normalised
+            if step.get("id") == last
+            for n, need in enumerate(step["needs"])
+            if need == first
         )
+        problems.append(
+            document.problem(at, "a cycle in needs: " + " -> ".join(cycle), "remove one of these needs")
+        )
+    steps: list[tuple[int, Step]] = []
+    for index, step in normalised:
+        try:
+            steps.append((index, Step.model_validate(step)))
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(document, ("steps", index), exc))
+        else:
+            problems.extend(_template_syntax(document, ("steps", index), steps[-1][1]))
+    top = _normalise_top(data)
+    try:
+        runbook: Runbook | None = Runbook(**top, steps=tuple(s for _, s in steps))
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(document, (), exc))
+        # Read the rest leniently so that the steps can still be checked against the inventory.
+        wrong = {e["loc"][0] for e in exc.errors() if e["loc"]}
+        lenient = {k: v for k, v in top.items() if k not in wrong}
+        lenient.setdefault("name", document.path)
+        try:
+            runbook = Runbook(**lenient, steps=tuple(s for _, s in steps))
+        except ValidationError:
+            runbook = None
+    return _ParsedRunbook(runbook, steps, problems)
+
+
+def _normalise_top(data: dict[str, Any]) -> dict[str, Any]:
     top = {k: v for k, v in data.items() if k != "steps"}
-    for name, spec in (top.get("parameters") or {}).items() if isinstance(top.get("parameters"), dict) else ():
-        if not isinstance(spec, dict):  # `name: value` is shorthand for a default
-            top["parameters"][name] = {"default": spec}
+    parameters = top.get("parameters")
+    if isinstance(parameters, dict):  # `name: value` is shorthand for a default
+        top["parameters"] = {
+            name: spec if isinstance(spec, dict) else {"default": spec} for name, spec in parameters.items()
+        }
     scope = top.get("scope")
     if isinstance(scope, dict):
         top["scope"] = {k: [v] if isinstance(v, str) else v for k, v in scope.items()}
-    if problems:
-        raise LoadError(problems)
-    try:
-        runbook = Runbook(**top, steps=steps)
-    except ValidationError as exc:
-        raise LoadError(pydantic_problems(document, (), exc)) from None
-    return runbook, document
+    return top
 
 
 def _normalise_step(
@@ -259,12 +335,16 @@ def _normalise_step(
     if isinstance(needs, str):
         needs = [needs]
     if not isinstance(needs, list) or not all(isinstance(n, str) for n in needs):
-        problems.append(document.problem(key + ("needs",), "must be a step id or a list of step ids"))
+        problems.append(
+            document.problem(key + ("needs",), "must be a step id or a list of step ids", "use [] to start at once")
+        )
         needs = []
     step["needs"] = needs
+    if isinstance(step.get("when"), bool):  # `when: false` is YAML's boolean, not a string
+        step["when"] = str(step["when"]).lower()
     for name in _STEP_DURATIONS:
         if name in step:
-            step[name] = _duration(document, key + (name,), step[name], problems)
+            step[name] = _duration(document, key + (name,), step[name], problems, positive=True)
     retries = step.get("retries")
     if isinstance(retries, int) and not isinstance(retries, bool):
         step["retries"] = {"count": retries}
@@ -277,24 +357,30 @@ def _normalise_step(
     if isinstance(rollback, dict) and "timeout" in rollback:
         step["rollback"] = {
             **rollback,
-            "timeout": _duration(document, key + ("rollback", "timeout"), rollback["timeout"], problems),
+            "timeout": _duration(document, key + ("rollback", "timeout"), rollback["timeout"], problems, positive=True),
         }
-    for name in ("marks",):
-        if isinstance(step.get(name), str):
-            step[name] = [step[name]]
+    if isinstance(step.get("marks"), str):
+        step["marks"] = [step["marks"]]
     return step
 
 
-def _duration(document: YamlDocument, key: PathKey, value: Any, problems: list[Problem]) -> Any:
+def _duration(document: YamlDocument, key: PathKey, value: Any, problems: list[Problem], positive: bool = False) -> Any:
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError as exc:
         problems.append(document.problem(key, str(exc)))
-        return 0.0
+        return 1.0
+    if positive and seconds <= 0:
+        problems.append(document.problem(key, "must be more than zero", "e.g. 30s"))
+        return 1.0
+    return seconds
 
 
 def _find_cycle(steps: list[dict[str, Any]]) -> list[str] | None:
-    graph = {s["id"]: list(s.get("needs", ())) for s in steps if isinstance(s.get("id"), str)}
+    graph: dict[str, list[str]] = {}
+    for step in steps:  # a duplicated id (reported apart) contributes the needs of both steps
+        if isinstance(step.get("id"), str):
+            graph.setdefault(step["id"], []).extend(step.get("needs", ()))
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []
 
@@ -322,8 +408,17 @@ def _find_cycle(steps: list[dict[str, Any]]) -> list[str] | None:
     return None
 
 
-# ---------------------------------------------------------------- runbook against inventory and actions
+def _template_syntax(document: YamlDocument, key: PathKey, step: Step) -> list[Problem]:
+    problems = []
+    for tkey, source in _templates(key, step):
+        try:
+            templating.references(source)
+        except templating.TemplateError as exc:
+            problems.append(document.problem(tkey, str(exc), "see the Jinja2 syntax: {{ params.name }}"))
+    return problems
 
+
+# ---------------------------------------------------------------- runbook against inventory and actions
 
 
 def inventory_reference(model: type[BaseModel] | None, field: str) -> str | None:
@@ -340,8 +435,18 @@ def check_runbook(
     runbook: Runbook, document: YamlDocument, inventory: Inventory, params_model: ParamsLookup
 ) -> list[Problem]:
     """Everything that needs the inventory or the action registry to check."""
+    return _check_steps(runbook, list(enumerate(runbook.steps)), document, inventory, params_model)
+
+
+def _check_steps(
+    runbook: Runbook,
+    steps: list[tuple[int, Step]],
+    document: YamlDocument,
+    inventory: Inventory,
+    params_model: ParamsLookup,
+) -> list[Problem]:
     problems: list[Problem] = []
-    step_ids = {s.id for s in runbook.steps}
+    ancestors = _ancestors(runbook)
     for field in ("services", "sites"):
         known = inventory.services if field == "services" else inventory.sites
         for i, name in enumerate(getattr(runbook.scope, field)):
@@ -353,7 +458,7 @@ def check_runbook(
                         f"use one of: {', '.join(known)}",
                     )
                 )
-    for index, step in enumerate(runbook.steps):
+    for index, step in steps:
         key: PathKey = ("steps", index)
         model = params_model(step.action)
         if model is None:
@@ -395,30 +500,71 @@ def check_runbook(
                 )
             )
         problems.extend(_check_names(document, key + ("with",), step.with_, inventory, model))
+        if step.rollback is not None:
+            problems.extend(
+                _check_names(
+                    document, key + ("rollback", "with"), step.rollback.with_, inventory,
+                    params_model(step.rollback.action),
+                )
+            )
         for tkey, source in _templates(key, step):
-            problems.extend(_check_template(document, tkey, source, runbook, inventory, step_ids))
+            readable = ancestors.get(step.id, set())
+            if tkey[2] == "rollback":
+                readable = readable | {step.id}  # a rollback runs after its own step
+            problems.extend(_check_template(document, tkey, source, runbook, inventory, readable))
     return problems
+
+
+def _ancestors(runbook: Runbook) -> dict[str, set[str]]:
+    """The steps each step needs, directly or not: the ones sure to have ended before it starts."""
+    needs: dict[str, set[str]] = {}
+    for step in runbook.steps:
+        needs.setdefault(step.id, set()).update(step.needs)
+    found: dict[str, set[str]] = {}
+    for start in needs:
+        seen: set[str] = set()
+        todo = list(needs[start])
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                todo.extend(needs.get(node, ()))
+        found[start] = seen - {start}
+    return found
+
+
+def _field_names(name: str, info: FieldInfo) -> set[str]:
+    """The keys a runbook may use for a parameter: its name and its aliases."""
+    names = {name}
+    for alias in (info.alias, info.validation_alias):
+        if isinstance(alias, str):
+            names.add(alias)
+        elif isinstance(alias, AliasChoices):
+            names.update(choice for choice in alias.choices if isinstance(choice, str))
+    return names
 
 
 def _check_params(
     document: YamlDocument, key: PathKey, values: dict[str, Any], model: type[BaseModel]
 ) -> list[Problem]:
     problems = []
-    fields = model.model_fields
-    accepted = set(fields) | {f.alias for f in fields.values() if f.alias}
-    for name in values:
-        if name not in accepted:
-            problems.append(
-                document.problem(
-                    key + (name,), "is not a parameter of this action", f"parameters: {', '.join(sorted(accepted))}"
+    names = {name: _field_names(name, info) for name, info in model.model_fields.items()}
+    accepted = set().union(*names.values()) if names else set()
+    if model.model_config.get("extra") == "forbid":
+        for name in values:
+            if name not in accepted:
+                problems.append(
+                    document.problem(
+                        key + (name,),
+                        "is not a parameter of this action",
+                        f"parameters: {', '.join(sorted(accepted)) or 'none'}",
+                    )
                 )
-            )
-    for name, info in fields.items():
-        if info.is_required() and name not in values and (info.alias or name) not in values:
+    for name, info in model.model_fields.items():
+        if info.is_required() and not names[name] & set(values):
+            shown = info.alias or name
             problems.append(
-                document.problem(
-                    key, f"missing required parameter {info.alias or name!r}", f"add `{info.alias or name}:` under with"
-                )
+                document.problem(key, f"missing required parameter {shown!r}", f"add `{shown}:` under with")
             )
     if problems or _has_template(values):
         return problems  # types are checked after rendering
@@ -494,12 +640,13 @@ def _has_template(value: Any) -> bool:
 
 
 def _check_template(
-    document: YamlDocument, key: PathKey, source: str, runbook: Runbook, inventory: Inventory, step_ids: set[str]
+    document: YamlDocument, key: PathKey, source: str, runbook: Runbook, inventory: Inventory, readable: set[str]
 ) -> list[Problem]:
+    """Names a template reads must exist; steps it reads must be ones this step needs (so they have run)."""
     try:
         refs = templating.references(source)
-    except templating.TemplateError as exc:
-        return [document.problem(key, str(exc))]
+    except templating.TemplateError:
+        return []  # reading the runbook reported the syntax error
     problems = []
     known_by_name: dict[str, set[str] | None] = {
         "params": set(runbook.parameters),
@@ -507,9 +654,9 @@ def _check_template(
         "services": set(inventory.services),
         "sites": set(inventory.sites),
         "hosts": set(inventory.hosts),
-        "steps": step_ids,
+        "steps": {s.id for s in runbook.steps},
         "inventory": None,
-        "run": {"id", "kind", "incident_at", "started_at", "started_by"},
+        "run": set(templating.RUN_KEYS),
         "service": None,
         "site": None,
     }
@@ -533,6 +680,14 @@ def _check_template(
                     key,
                     f"template uses undefined {what} {name}.{attr}",
                     f"declare it or use one of: {', '.join(sorted(known)) or 'none'}",
+                )
+            )
+        elif name == "steps" and attr is not None and attr not in readable:
+            problems.append(
+                document.problem(
+                    key,
+                    f"template reads steps.{attr}, but this step does not need {attr!r}, so it may not have run yet",
+                    f"add {attr} to this step's needs",
                 )
             )
     return problems
