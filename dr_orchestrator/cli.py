@@ -76,9 +76,9 @@ def session_factory(ctx: click.Context) -> Any:
     from dr_orchestrator.evidence.database import database_url, session_factory_for
 
     url = database_url(database_of(ctx))
-    if not migrate.schema_is_current(url):
-        raise UserError(f"the evidence database {migrate.display_url(url)} is not set up or not current: "
-                        "run `dr db upgrade`")
+    problem = migrate.schema_problem(url)
+    if problem:
+        raise UserError(problem)
     return session_factory_for(url)
 
 
@@ -241,7 +241,10 @@ def runs_show(ctx: click.Context, run_id: str, output: str) -> None:
     from dr_orchestrator.progress import print_run_detail
 
     with session_factory(ctx)() as session:
-        detail = queries.run_detail(session, run_id)
+        try:
+            detail = queries.run_detail(session, run_id)
+        except queries.AmbiguousRunId as exc:
+            raise UserError(str(exc)) from None
     if detail is None:
         raise UserError(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
     if output == "json":
@@ -292,7 +295,10 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     from dr_orchestrator.evidence.database import database_url
 
     url = database_url(database_of(ctx))
-    migrate.upgrade(url, revision)
+    try:
+        migrate.upgrade(url, revision)
+    except migrate.MigrationError as exc:
+        raise UserError(str(exc)) from None
     click.echo(f"evidence database {migrate.display_url(url)} is at revision {migrate.current_revision(url)}")
 
 
@@ -305,7 +311,10 @@ def db_downgrade(ctx: click.Context, revision: str) -> None:
     from dr_orchestrator.evidence.database import database_url
 
     url = database_url(database_of(ctx))
-    migrate.downgrade(url, revision)
+    try:
+        migrate.downgrade(url, revision)
+    except migrate.MigrationError as exc:
+        raise UserError(str(exc)) from None
     click.echo(f"evidence database {migrate.display_url(url)} is at revision {migrate.current_revision(url)}")
 
 
