@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import socket
@@ -9,11 +11,15 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from dr_orchestrator.lab.lab import Lab
 
 # --- PostgreSQL for the evidence tests --------------------------------------------------------------
 # `postgres_url`: a server for the session, $DR_TEST_POSTGRES_URL or a throwaway cluster started here.
@@ -130,3 +136,78 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'evidence.db'}"
     return str(request.getfixturevalue("postgres_database_url"))
+
+
+# --- The two-site lab (dr_orchestrator.lab) ----------------------------------------------------------
+# `lab`: one running lab shared by the whole session (tests must leave it as they found it).
+# `lab_factory`: `with lab_factory() as lab:` a lab of one's own, for tests that break things.
+# Each lab gets a directory under /tmp (the postgres OS user must reach it) and a port offset whose
+# ports are all free, claimed with a lock so that concurrent test sessions never share one. The
+# offsets keep every port below 32768, out of the kernel's ephemeral range used by client sockets.
+
+LAB_PORT_OFFSETS = range(1000, 14001, 1000)
+LAB_OFFSET_LOCKS = Path(tempfile.gettempdir()) / "dr-lab-port-offsets"
+
+
+@contextlib.contextmanager
+def _claimed_lab_offset() -> Iterator[int]:
+    from dr_orchestrator.lab.config import LabConfig
+
+    LAB_OFFSET_LOCKS.mkdir(mode=0o777, exist_ok=True)
+    for offset in LAB_PORT_OFFSETS:
+        lock = (LAB_OFFSET_LOCKS / f"{offset}.lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        config = LabConfig(root=LAB_OFFSET_LOCKS, port_offset=offset)
+        if all(_port_free(address, port) for address, port in config.listening_ports()):
+            try:
+                yield offset
+            finally:
+                lock.close()  # releases the lock
+            return
+        lock.close()
+    raise RuntimeError(f"no free lab port offset among {list(LAB_PORT_OFFSETS)}")
+
+
+def _port_free(address: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def running_lab(name: str, sync: bool = False) -> Iterator[Lab]:
+    """A lab brought up for the duration of the block, and always taken down after it."""
+    from dr_orchestrator.lab.config import LabConfig
+    from dr_orchestrator.lab.lab import Lab
+
+    with _claimed_lab_offset() as offset:
+        root = Path(tempfile.mkdtemp(prefix=f"dr-lab-{name}-"))
+        root.chmod(0o755)
+        lab = Lab(LabConfig(root=root, port_offset=offset))
+        try:
+            lab.up(sync=sync)
+            yield lab
+        finally:
+            lab.down()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """The session's shared, running lab (a dr_orchestrator.lab.Lab); leave it as you found it."""
+    with running_lab("shared") as shared:
+        yield shared
+
+
+@pytest.fixture
+def lab_factory() -> Callable[..., contextlib.AbstractContextManager[Lab]]:
+    """`with lab_factory(sync=False) as lab:` a fresh lab of the test's own, taken down after the block."""
+    return lambda sync=False: running_lab("own", sync=sync)
