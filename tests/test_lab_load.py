@@ -3,6 +3,7 @@ against a small fake front door (real HTTP, real process, real SQLite), and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -14,11 +15,15 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner, Result
 
+from dr_orchestrator.lab import haproxy
 from dr_orchestrator.lab.config import FRONTEND_PORTS, SERVICES, LabConfig
+from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.lab.load import LoadError, ledger_path, load_report, load_running, start_load, stop_load
 from dr_orchestrator.lab.load.analysis import missing_writes, outage_windows, summarise_service
 from dr_orchestrator.lab.load.cli import load_group
@@ -27,23 +32,22 @@ from dr_orchestrator.lab.load.ledger import LedgerEntry, latest_run, open_ledger
 # --- synthetic ledgers ----------------------------------------------------------------------------
 
 
+def stamp(t: float) -> str:
+    return f"2026-11-28T10:00:{t:09.6f}+00:00"
+
+
 def entry(
-    t: float, outcome: str = "ok", site: str | None = "primary", key: str = "k", service: str = "trading"
+    t: float,
+    outcome: str = "ok",
+    site: str | None = "primary",
+    key: str = "k",
+    service: str = "trading",
+    took: float = 0.01,
 ) -> LedgerEntry:
-    """A request answered ``t`` seconds after 10:00:00 UTC (sent 10 ms earlier)."""
-    stamp = lambda s: f"2026-11-28T10:00:{s:09.6f}+00:00"  # noqa: E731
+    """A request answered ``t`` seconds after 10:00:00 UTC, sent ``took`` seconds earlier."""
+    status = 201 if outcome == "ok" else None
     return LedgerEntry(
-        "run1",
-        service,
-        "place_order",
-        key,
-        stamp(t - 0.01),
-        stamp(t),
-        t - 0.01,
-        t,
-        outcome,
-        201 if outcome == "ok" else None,
-        site,
+        "run1", service, "place_order", key, stamp(t - took), stamp(t), t - took, t, outcome, status, site
     )
 
 
@@ -85,6 +89,20 @@ def test_separate_runs_of_failures_are_separate_outages_and_success_only_has_non
     assert [(w.duration_s, w.failed_requests) for w in windows] == [(pytest.approx(2.0), 1), (pytest.approx(2.0), 2)]
     assert outage_windows([entry(1.0), entry(2.0)]) == []
     assert outage_windows([]) == []
+
+
+def test_a_request_in_flight_when_the_service_recovered_does_not_open_a_new_outage() -> None:
+    sent_order = [
+        entry(1.0),
+        entry(2.0, "http 503"),
+        entry(3.2, "error: ReadTimeout", site=None, took=1.0),  # sent at 2.2 to the dead site, answered late
+        entry(2.5, site="backup"),
+        entry(3.0, site="backup"),
+    ]
+
+    [window] = outage_windows(sorted(sent_order, key=lambda e: e.sent_mono))
+
+    assert (window.end, window.failed_requests, window.last_failure_at) == (stamp(2.5), 2, stamp(3.2))
 
 
 def test_an_outage_without_a_success_before_has_no_start_and_one_still_failing_has_no_end() -> None:
@@ -200,7 +218,8 @@ def _ports_free(offset: int) -> bool:
 def fake_lab(tmp_path: Path) -> Iterator[tuple[LabConfig, FakeFrontDoor]]:
     """A lab config whose front door is a fake; its databases do not exist (nothing listens there)."""
     for _ in range(50):
-        offset = random.randrange(20000, 40000)
+        # Labs take offsets that are multiples of 1000; stay clear of them and below the ephemeral ports.
+        offset = random.randrange(1, 14) * 1000 + random.randrange(100, 900)
         if _ports_free(offset):
             break
     else:
@@ -351,3 +370,139 @@ def test_the_load_commands_explain_a_missing_lab_or_ledger_in_one_sentence(tmp_p
 
     assert started.exit_code == 2 and "There is no lab at" in started.output and "Traceback" not in started.output
     assert reported.exit_code == 2 and "No load ledger at" in reported.output
+
+
+# --- against the real lab ---------------------------------------------------------------------------
+
+
+WRITES = (("trading", "orders", "client_order_id"), ("contract-signing", "contracts", "contract_id"))
+
+
+def acked_ledger_keys(config: LabConfig, service: str) -> list[LedgerEntry]:
+    return [e for e in ledger(config) if e.service == service and e.ok]
+
+
+def run_load_until_acked(config: LabConfig, writes_per_service: int) -> dict[str, Any]:
+    """Run the generator until each write service has that many acknowledged writes; return the report."""
+    start_load(config)
+    try:
+        for service in ("trading", "contract-signing"):
+            wait_for(
+                lambda s=service: len(acked_ledger_keys(config, s)) >= writes_per_service,  # type: ignore[misc]
+                30,
+                f"{writes_per_service} acknowledged writes to {service}",
+            )
+    finally:
+        stop_load(config)
+    return load_report(config)
+
+
+def rows_of_run(config: LabConfig, site: str, table: str, column: str, run_id: str) -> set[str]:
+    query = f"SELECT {column} FROM {table} WHERE {column} LIKE %s"
+    with psycopg.connect(config.dsn(site)) as connection:
+        return {row[0] for row in connection.execute(query, (f"{run_id}-%",))}
+
+
+@pytest.mark.lab
+def test_the_ledger_counts_match_the_database_rows(lab: Lab) -> None:
+    config = lab.config
+
+    report = run_load_until_acked(config, writes_per_service=40)
+
+    run_id = report["run"]["run_id"]
+    assert report["serving_database"] == "primary" and report["note"] is None
+    for summary in report["services"].values():
+        assert summary["failed"] == 0 and summary["outage_windows"] == [], summary["failures_by_outcome"]
+        assert summary["answers_by_site"] == {"primary": summary["requests"]}
+    for service, table, column in (
+        ("trading", "orders", "client_order_id"),
+        ("contract-signing", "contracts", "contract_id"),
+    ):
+        acked = {e.key for e in acked_ledger_keys(config, service)}
+        # A clean stop leaves no request in flight: the run's rows are exactly its acknowledged writes.
+        assert rows_of_run(config, "primary", table, column, run_id) == acked
+        assert report["services"][service]["acknowledged_writes"] == len(acked) >= 40
+        assert report["services"][service]["missing_writes"]["count"] == 0
+
+
+@pytest.mark.lab
+def test_the_report_names_acknowledged_writes_missing_from_the_serving_database(lab: Lab) -> None:
+    config = lab.config
+    run_load_until_acked(config, writes_per_service=10)
+    acked = acked_ledger_keys(config, "trading")
+    lost = [acked[2], acked[5], acked[7]]
+    with psycopg.connect(config.dsn("primary")) as connection:  # as if the failover had lost them
+        connection.execute("DELETE FROM orders WHERE client_order_id = ANY(%s)", ([e.key for e in lost],))
+
+    report = load_report(config)
+
+    missing = report["services"]["trading"]["missing_writes"]
+    assert missing["checked_site"] == "primary" and missing["acknowledged"] == len(acked)
+    assert missing["keys"] == [e.key for e in lost] and missing["count"] == 3
+    assert (missing["first_acked_at"], missing["last_acked_at"]) == (lost[0].answered_at, lost[-1].answered_at)
+    assert report["services"]["contract-signing"]["missing_writes"]["count"] == 0
+
+
+def backup_serves_steadily(config: LabConfig, answers: int = 10) -> bool:
+    entries = ledger(config)
+    latest = [[e for e in entries if e.service == service][-answers:] for service in SERVICES]
+    return all(len(last) == answers and all(e.ok and e.site == "backup" for e in last) for last in latest)
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_after_a_failover_the_report_shows_the_outage_and_checks_the_promoted_backup(
+    lab_factory: Callable[..., contextlib.AbstractContextManager[Lab]],
+) -> None:
+    with lab_factory() as lab:
+        config = lab.config
+        start_load(config)
+        try:
+            wait_for(lambda: every_service_saw(config, lambda e: e.ok), 10, "a success per service")
+            lab.kill_site("primary")
+            killed_at = time.monotonic()
+            wait_for(lambda: every_service_saw(config, lambda e: not e.ok, after=killed_at), 10, "failures")
+            during = load_report(config)
+            with psycopg.connect(config.dsn("backup"), autocommit=True) as connection:
+                connection.execute("SELECT pg_promote(wait => true)")
+            for service in SERVICES:  # what a runbook's haproxy step does
+                haproxy.command(config, f"set server {service}/primary state maint")
+                haproxy.command(config, f"set server {service}/backup state ready")
+            wait_for(lambda: backup_serves_steadily(config), 20, "the backup serving steadily")
+        finally:
+            stop_load(config)
+        report = load_report(config)
+        run_id = report["run"]["run_id"]
+        acked = {service: acked_ledger_keys(config, service) for service, _, _ in WRITES}
+        at_backup = {service: rows_of_run(config, "backup", table, column, run_id) for service, table, column in WRITES}
+
+    assert during["serving_database"] is None and "backup: read-only" in during["note"]
+    assert during["databases"]["primary"]["reachable"] is False
+    for service in SERVICES:
+        # Killing a site's processes takes a few milliseconds, so a blip can come before the real outage.
+        ongoing = during["services"][service]["outage_windows"][-1]
+        assert ongoing["ongoing"] and ongoing["site_before"] == "primary" and ongoing["end"] is None
+        *blips, window = report["services"][service]["outage_windows"]
+        assert (window["site_before"], window["site_after"]) == ("primary", "backup")
+        assert window["start"] == ongoing["start"] and window["duration_s"] > 0
+        assert all(blip["site_after"] == "primary" for blip in blips)
+    assert report["serving_database"] == "backup"
+    for service, _, _ in WRITES:
+        # Asynchronous replication may lose a few acknowledged writes; the report must name exactly those.
+        lost = [e for e in acked[service] if e.key not in at_backup[service]]
+        missing = report["services"][service]["missing_writes"]
+        assert missing["checked_site"] == "backup" and missing["acknowledged"] == len(acked[service])
+        assert missing["keys"] == [e.key for e in lost]
+        assert missing["first_acked_at"] == (lost[0].answered_at if lost else None)
+
+
+@pytest.mark.lab
+def test_taking_the_lab_down_stops_the_load_generator(
+    lab_factory: Callable[..., contextlib.AbstractContextManager[Lab]],
+) -> None:
+    with lab_factory() as lab:
+        pid = start_load(lab.config)
+        lab.down()
+
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        assert load_running(lab.config) is None

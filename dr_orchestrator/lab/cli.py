@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from dr_orchestrator.lab.config import PORT_OFFSET_ENV, ROOT_ENV, SERVICES, SITES, LabConfig, LabConfigError
+from dr_orchestrator.lab.load.cli import load_group
 
 if TYPE_CHECKING:
     from dr_orchestrator.lab.lab import Lab
@@ -189,6 +190,9 @@ def start_site(context: click.Context, site: str) -> None:
     """Power restored at SITE: its sshd comes back; the failback runbook rebuilds the rest."""
     _lab(context).start_site(site)
     click.echo(f"The {site} site has power again: sshd is up; its database and services are still down.")
+
+
+lab_group.add_command(load_group)
 
 
 if __name__ == "__main__":

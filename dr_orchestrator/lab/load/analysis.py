@@ -11,10 +11,12 @@ from dr_orchestrator.lab.load.ledger import LedgerEntry
 
 @dataclass(frozen=True)
 class OutageWindow:
-    """From the last success before a run of failures to the first success after it, as the client saw them.
+    """From the last success before a run of failures to the first success after it.
 
-    Times are answer times (ISO UTC); the duration comes from the monotonic clock. ``start`` is None when
-    the ledger holds no success before the failures, ``end`` is None while the outage is still going on.
+    Requests are taken in the order they were sent, so a request already in flight when the service
+    recovered (answered late, with a timeout) belongs to the outage it was sent in instead of opening a
+    new one. Times are answer times (ISO UTC); the duration comes from the monotonic clock. ``start`` is
+    None when the ledger holds no success before the failures, ``end`` is None while they go on.
     """
 
     start: str | None
@@ -60,7 +62,7 @@ class ServiceSummary:
 
 
 def outage_windows(entries: Sequence[LedgerEntry]) -> list[OutageWindow]:
-    """``entries`` of one service, in the order their answers arrived."""
+    """``entries`` of one service, in the order they were sent."""
     windows: list[OutageWindow] = []
     last_ok: LedgerEntry | None = None
     failures: list[LedgerEntry] = []
@@ -86,8 +88,8 @@ def _window(before: LedgerEntry | None, failures: list[LedgerEntry], after: Ledg
         site_before=before.site if before else None,
         site_after=after.site if after else None,
         failed_requests=len(failures),
-        first_failure_at=failures[0].answered_at,
-        last_failure_at=failures[-1].answered_at,
+        first_failure_at=min(failure.answered_at for failure in failures),
+        last_failure_at=max(failure.answered_at for failure in failures),
     )
 
 

@@ -1,7 +1,7 @@
 """The load generator process: drives each service through the front door at a steady rate.
 
-Run as ``python -m dr_orchestrator.lab.load.generator --root LAB_DIR --port-offset N [--rate R]``;
-SIGTERM or SIGINT stop it after committing the ledger.
+Run as ``python -m dr_orchestrator.lab.load.generator --ledger PATH --url SERVICE=URL ... [--rate R]``
+(``dr lab load start`` does); SIGTERM or SIGINT stop it after committing the ledger.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from types import FrameType
 
 import httpx
 
-from dr_orchestrator.lab.config import LabConfig
 from dr_orchestrator.lab.load import DEFAULT_RATE, DEFAULT_TIMEOUT
 from dr_orchestrator.lab.load.ledger import (
     LedgerEntry,
     LedgerWriter,
     RunInfo,
     connect,
-    ledger_path,
     record_run_start,
     record_run_stop,
     utc_now,
@@ -37,7 +35,8 @@ from dr_orchestrator.lab.load.workload import WORKLOADS, Workload, request_key
 
 @dataclass(frozen=True)
 class GeneratorSettings:
-    lab: LabConfig
+    ledger: Path
+    urls: dict[str, str]  # service -> its front-door URL
     rate: float = DEFAULT_RATE
     timeout: float = DEFAULT_TIMEOUT
 
@@ -69,7 +68,7 @@ class ServiceDriver:
         # The timeout bounds each phase (connect, read), so cover two timeouts' worth of slots.
         self._workers = max(1, math.ceil(settings.rate * settings.timeout * 2))
         self._client = httpx.Client(
-            base_url=settings.lab.frontend_url(workload.service),
+            base_url=settings.urls[workload.service],
             timeout=settings.timeout,
             limits=httpx.Limits(max_connections=self._workers, max_keepalive_connections=self._workers),
         )
@@ -136,9 +135,7 @@ def run(settings: GeneratorSettings) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    ledger = ledger_path(settings.lab.root)
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    connection = connect(ledger)
+    connection = connect(settings.ledger)
     run_id = "ld" + uuid.uuid4().hex[:8]
     record_run_start(connection, RunInfo(run_id, os.getpid(), utc_now(), None, settings.rate, settings.timeout))
     writer = LedgerWriter(connection)
@@ -158,12 +155,15 @@ def run(settings: GeneratorSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", type=Path, required=True)
-    parser.add_argument("--port-offset", type=int, default=0)
+    parser.add_argument("--ledger", type=Path, required=True)
+    parser.add_argument("--url", action="append", required=True, metavar="SERVICE=URL", help="once per service")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE)
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
-    run(GeneratorSettings(LabConfig(root=args.root, port_offset=args.port_offset), args.rate, args.timeout))
+    urls = dict(item.split("=", 1) for item in args.url)
+    if set(urls) != set(WORKLOADS):
+        parser.error(f"give --url for each of {', '.join(WORKLOADS)}")
+    run(GeneratorSettings(args.ledger, urls, args.rate, args.timeout))
 
 
 if __name__ == "__main__":

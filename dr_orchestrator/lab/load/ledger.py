@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS requests (
     http_status INTEGER,
     site TEXT
 );
-CREATE INDEX IF NOT EXISTS requests_by_run_service ON requests (run_id, service, answered_mono);
+CREATE INDEX IF NOT EXISTS requests_by_run_sent ON requests (run_id, sent_mono);
 """
 
 
@@ -143,10 +143,10 @@ def find_run_by_pid(connection: sqlite3.Connection, pid: int) -> RunInfo | None:
 
 
 def run_entries(connection: sqlite3.Connection, run_id: str) -> list[LedgerEntry]:
-    """The run's requests in the order the client saw their answers."""
+    """The run's requests in the order they were sent."""
     rows = connection.execute(
         "SELECT run_id, service, operation, key, sent_at, answered_at, sent_mono, answered_mono, outcome,"
-        " http_status, site FROM requests WHERE run_id = ? ORDER BY answered_mono, id",
+        " http_status, site FROM requests WHERE run_id = ? ORDER BY sent_mono, id",
         (run_id,),
     ).fetchall()
     return [LedgerEntry(*row) for row in rows]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from dr_orchestrator.lab.config import LabConfig
+from dr_orchestrator.lab.config import SERVICES, LabConfig
 from dr_orchestrator.lab.load import DEFAULT_RATE, DEFAULT_TIMEOUT, LoadError
 from dr_orchestrator.lab.load.ledger import find_run_by_pid, ledger_path, load_dir, open_ledger
 
@@ -34,7 +34,7 @@ def _is_generator(pid: int, root: Path) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    return state != "Z" and GENERATOR_MODULE.encode() in cmdline and str(root).encode() in cmdline
+    return state != "Z" and GENERATOR_MODULE.encode() in cmdline and str(ledger_path(root)).encode() in cmdline
 
 
 def _reap_if_child(pid: int) -> None:
@@ -61,19 +61,10 @@ def start_generator(config: LabConfig, rate: float = DEFAULT_RATE, timeout: floa
     if (pid := running_pid(root)) is not None:
         raise LoadError(f"The load generator is already running (pid {pid}); stop it first with `dr lab load stop`.")
     load_dir(root).mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        GENERATOR_MODULE,
-        "--root",
-        str(root),
-        "--port-offset",
-        str(config.port_offset),
-        "--rate",
-        str(rate),
-        "--timeout",
-        str(timeout),
-    ]
+    # The ledger's path in the command line also lets the lab's `down` find the generator under its root.
+    command = [sys.executable, "-m", GENERATOR_MODULE, "--ledger", str(ledger_path(root))]
+    command += [f"--url={service}={config.frontend_url(service)}" for service in SERVICES]
+    command += ["--rate", str(rate), "--timeout", str(timeout)]
     with _log_file(root).open("ab") as log:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
