@@ -160,6 +160,9 @@ class _Run:
             "started_at": self.started_at.isoformat(),
             "started_by": plan.started_by,
             "forced": list(plan.forced),
+            # Files of the plan, for actions that hand them to other tools (ansible.playbook).
+            "runbook_path": plan.runbook_source.path,
+            "inventory_path": plan.inventory_source.path,
         }
         self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
         error: str | None = None
