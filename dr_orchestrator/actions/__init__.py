@@ -9,6 +9,12 @@ BUILTIN_ACTIONS = {
     "wait": "dr_orchestrator.actions.wait:Wait",
     "noop": "dr_orchestrator.actions.wait:Noop",
     "fail": "dr_orchestrator.actions.wait:Fail",
+    "aws.route53.switch": "dr_orchestrator.actions.aws.route53:Route53Switch",
+    "aws.route53.health": "dr_orchestrator.actions.aws.route53:Route53Health",
+    "aws.rds.promote": "dr_orchestrator.actions.aws.rds:RdsPromote",
+    "aws.ec2.start": "dr_orchestrator.actions.aws.ec2:Ec2Start",
+    "aws.elbv2.shift": "dr_orchestrator.actions.aws.elbv2:Elbv2Shift",
+    "aws.s3.archive": "dr_orchestrator.actions.aws.s3:S3Archive",
     "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
 }
 
