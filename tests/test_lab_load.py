@@ -27,7 +27,9 @@ from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.lab.load import LoadError, ledger_path, load_report, load_running, start_load, stop_load
 from dr_orchestrator.lab.load.analysis import missing_writes, outage_windows, summarise_service
 from dr_orchestrator.lab.load.cli import load_group
+from dr_orchestrator.lab.load.database import SiteDatabase
 from dr_orchestrator.lab.load.ledger import LedgerEntry, latest_run, open_ledger, run_entries
+from dr_orchestrator.lab.load.report import serving_database
 
 # --- synthetic ledgers ----------------------------------------------------------------------------
 
@@ -145,6 +147,20 @@ def test_a_service_summary_counts_outcomes_sites_and_acknowledged_writes() -> No
     assert summary.answers_by_site == {"primary": 3, "backup": 1}
     assert summary.acknowledged_writes == 2 and reads.acknowledged_writes is None
     assert len(summary.outage_windows) == 1
+
+
+def test_the_serving_database_is_the_read_write_one_and_a_split_brain_is_reported() -> None:
+    primary_rw = SiteDatabase("primary", "host=a", reachable=True, read_write=True)
+    backup_rw = SiteDatabase("backup", "host=b", reachable=True, read_write=True)
+    backup_ro = SiteDatabase("backup", "host=b", reachable=True, read_write=False)
+    primary_gone = SiteDatabase("primary", "host=a", reachable=False, read_write=False, error="refused")
+    served_by_backup = [entry(1.0, site="primary"), entry(2.0, site="backup"), entry(3.0, "http 503", site="primary")]
+
+    assert serving_database([primary_rw, backup_ro], []) == (primary_rw, None)
+    chosen, note = serving_database([primary_rw, backup_rw], served_by_backup)
+    assert chosen == backup_rw and note is not None and "split brain" in note and "checked backup" in note
+    nobody, why = serving_database([primary_gone, backup_ro], served_by_backup)
+    assert nobody is None and why is not None and "primary: unreachable, backup: read-only" in why
 
 
 # --- the generator against a fake front door ------------------------------------------------------

@@ -24,7 +24,7 @@ def build_report(config: LabConfig) -> dict[str, Any]:
             raise LoadError(f"The load ledger {path} holds no run yet; start one with `dr lab load start`.")
         entries = run_entries(connection, run.run_id)
     databases = site_databases(config)
-    serving, note = _serving_database(databases, entries)
+    serving, note = serving_database(databases, entries)
     services: dict[str, Any] = {}
     for name, workload in WORKLOADS.items():
         service_entries = [entry for entry in entries if entry.service == name]
@@ -48,9 +48,10 @@ def build_report(config: LabConfig) -> dict[str, Any]:
     }
 
 
-def _serving_database(
+def serving_database(
     databases: list[SiteDatabase], entries: list[LedgerEntry]
 ) -> tuple[SiteDatabase | None, str | None]:
+    """The database to check acknowledged writes against, and a note for the reader when it is not clear-cut."""
     read_write = [db for db in databases if db.read_write]
     if len(read_write) == 1:
         return read_write[0], None
