@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
+    from dr_orchestrator.lab.config import LabConfig
     from dr_orchestrator.lab.lab import Lab
 
 # --- PostgreSQL for the evidence tests --------------------------------------------------------------
@@ -183,21 +184,31 @@ def _port_free(address: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_lab(name: str, sync: bool = False) -> Iterator[Lab]:
-    """A lab brought up for the duration of the block, and always taken down after it."""
+def lab_slot(name: str) -> Iterator[LabConfig]:
+    """A LabConfig with a claimed port offset and a fresh directory; whatever runs there is taken down after."""
     from dr_orchestrator.lab.config import LabConfig
     from dr_orchestrator.lab.lab import Lab
 
     with _claimed_lab_offset() as offset:
         root = Path(tempfile.mkdtemp(prefix=f"dr-lab-{name}-"))
         root.chmod(0o755)
-        lab = Lab(LabConfig(root=root, port_offset=offset))
+        config = LabConfig(root=root, port_offset=offset)
         try:
-            lab.up(sync=sync)
-            yield lab
+            yield config
         finally:
-            lab.down()
+            Lab(config).down()
             shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_lab(name: str, sync: bool = False) -> Iterator[Lab]:
+    """A lab brought up for the duration of the block, and always taken down after it."""
+    from dr_orchestrator.lab.lab import Lab
+
+    with lab_slot(name) as config:
+        lab = Lab(config)
+        lab.up(sync=sync)
+        yield lab
 
 
 @pytest.fixture(scope="session")
@@ -211,3 +222,10 @@ def lab() -> Iterator[Lab]:
 def lab_factory() -> Callable[..., contextlib.AbstractContextManager[Lab]]:
     """`with lab_factory(sync=False) as lab:` a fresh lab of the test's own, taken down after the block."""
     return lambda sync=False: running_lab("own", sync=sync)
+
+
+@pytest.fixture
+def lab_config() -> Iterator[LabConfig]:
+    """A config for a lab of the test's own, not started: free ports, a fresh directory, down afterwards."""
+    with lab_slot("own") as config:
+        yield config

@@ -318,39 +318,35 @@ def test_faults_kill_service_break_replication_and_kill_the_primary_site(
 
 
 @pytest.mark.lab
-def test_down_leaves_nothing_and_up_down_up_works(lab_factory: LabFactory) -> None:
-    with lab_factory() as own:
-        config = own.config
-        for _ in range(2):
-            assert own.status()["healthy"]
-            pids = list(own.running().values())
-            assert len(pids) == 12
-            own.down()
-            assert_nothing_left(config, pids)
-            result = own.up()
-            assert not result.already_up and result.seconds < 30
+def test_down_leaves_nothing_and_up_down_up_works(lab_config: LabConfig) -> None:
+    own = Lab(lab_config)
+    for _ in range(2):
+        result = own.up()
+        assert not result.already_up and result.seconds < 30
+        assert own.status()["healthy"]
+        pids = list(own.running().values())
+        assert len(pids) == len(own.processes())
+
+        own.down()
+
+        assert_nothing_left(lab_config, pids)
 
 
 @pytest.mark.lab
-def test_down_cleans_up_after_an_up_that_was_killed_halfway(lab_factory: LabFactory) -> None:
-    with lab_factory() as own:  # claims a free offset and directory; replaced by a crashing `up` below
-        config = own.config
-        own.down()
-        command = [sys.executable, "-m", "dr_orchestrator.lab.cli", "--root", str(config.root),
-                   "--port-offset", str(config.port_offset), "up"]
-        crashing = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-        try:
-            # Kill it once the primary database runs and the standby is being made: a crash mid-way.
-            wait_for(lambda: (config.pgdata("backup") / "PG_VERSION").exists() or crashing.poll() is not None,
-                     30, "the lab to be half up")
-        finally:
-            os.killpg(crashing.pid, signal.SIGKILL)
-            crashing.wait()
-        leftovers = processes_under(config.root)
-        assert leftovers, "the crash should have left processes for down to clean up"
+def test_down_cleans_up_after_an_up_that_was_killed_halfway(lab_config: LabConfig) -> None:
+    command = [sys.executable, "-m", "dr_orchestrator.lab.cli", "--root", str(lab_config.root),
+               "--port-offset", str(lab_config.port_offset), "up"]
+    crashing = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # Kill it once the primary database runs and the standby is being made: a crash mid-way.
+        wait_for(lambda: (lab_config.pgdata("backup") / "PG_VERSION").exists() or crashing.poll() is not None,
+                 60, "the lab to be half up")
+    finally:
+        os.killpg(crashing.pid, signal.SIGKILL)
+        crashing.wait()
+    leftovers = processes_under(lab_config.root)
+    assert leftovers, "the crash should have left processes for down to clean up"
 
-        own.down()
+    Lab(lab_config).down()
 
-        assert_nothing_left(config, list(leftovers))
-        assert own.up().already_up is False  # and the lab comes up again from there
+    assert_nothing_left(lab_config, list(leftovers))
