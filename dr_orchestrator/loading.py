@@ -7,7 +7,7 @@ fields (sites, services, targets, free variables) live under ``all.vars.dr``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ValidationError
@@ -78,11 +78,17 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         )
     base: PathKey = ("all", "vars", "dr")
     sites: dict[str, Site] = {}
-    for name, spec in _mapping(document, base + ("sites",), dr.get("sites"), problems).items():
+    declared_sites = _mapping(document, base + ("sites",), dr.get("sites"), problems)
+    for name, spec in declared_sites.items():
+        if spec is not None and not isinstance(spec, dict):
+            problems.append(
+                document.problem(base + ("sites", name), "must be a mapping", "e.g. {description: ..., region: ...}")
+            )
+            continue
         try:
             sites[name] = Site(name=name, **(spec or {}))
-        except (ValidationError, TypeError) as exc:
-            problems.extend(_errors(document, base + ("sites", name), exc))
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(document, base + ("sites", name), exc))
     services: dict[str, Service] = {}
     for name, spec in _mapping(document, base + ("services",), dr.get("services"), problems).items():
         key = base + ("services", name)
@@ -90,27 +96,31 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
             problems.append(document.problem(key, "must be a mapping with rto, rpo and sites"))
             continue
         fields = dict(spec)
+        durations_ok = True
         for target in ("rto", "rpo"):
             if target in fields:
                 try:
                     fields[target] = parse_duration(fields[target])
                 except ValueError as exc:
                     problems.append(document.problem(key + (target,), str(exc)))
-                    fields.pop(target)
-        try:
-            service = Service(name=name, **fields)
-        except (ValidationError, TypeError) as exc:
-            problems.extend(_errors(document, key, exc))
-            continue
-        for index, site in enumerate(service.sites):
-            if site not in sites:
+                    durations_ok = False
+        served_by = fields.get("sites")
+        for index, site in enumerate(served_by if isinstance(served_by, list) else []):
+            if isinstance(site, str) and site not in declared_sites:
                 problems.append(
                     document.problem(
                         key + ("sites", index),
                         f"site {site!r} is not in dr.sites",
-                        f"use one of: {', '.join(sites) or 'none defined'}",
+                        f"use one of: {', '.join(declared_sites) or 'none defined'}",
                     )
                 )
+        if not durations_ok:
+            continue
+        try:
+            service = Service(name=name, **fields)
+        except ValidationError as exc:
+            problems.extend(pydantic_problems(document, key, exc))
+            continue
         services[name] = service
     hosts = _inventory_hosts(document, all_group, all_vars, sites, problems)
     extra = set(dr) - {"name", "sites", "services", "vars", "safety"}
@@ -118,6 +128,9 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         problems.append(
             document.problem(base + (name,), "is not a known field", "allowed: name, sites, services, vars, safety")
         )
+    for name in ("vars", "safety"):
+        if dr.get(name) is not None and not isinstance(dr[name], dict):
+            problems.append(document.problem(base + (name,), "must be a mapping of names to values"))
     if problems:
         raise LoadError(problems)
     inventory = Inventory(
@@ -147,11 +160,22 @@ def _inventory_hosts(
     for group, spec in children.items():
         if group not in sites:
             continue  # other Ansible groups are Ansible's business
+        group_key: PathKey = ("all", "children", group)
         spec = spec or {}
-        group_vars = {**inherited, **(spec.get("vars") or {})}
-        for name, host_vars in (spec.get("hosts") or {}).items():
-            key: PathKey = ("all", "children", group, "hosts", name)
-            merged = {**group_vars, **(host_vars or {})}
+        if not isinstance(spec, dict):
+            problems.append(document.problem(group_key, "a group is a mapping with hosts (and optional vars)"))
+            continue
+        group_vars = spec.get("vars") or {}
+        group_hosts = spec.get("hosts") or {}
+        if not isinstance(group_vars, dict) or not isinstance(group_hosts, dict):
+            problems.append(document.problem(group_key, "a group's hosts and vars must be mappings"))
+            continue
+        for name, host_vars in group_hosts.items():
+            key: PathKey = group_key + ("hosts", name)
+            if host_vars is not None and not isinstance(host_vars, dict):
+                problems.append(document.problem(key, "a host's value must be a mapping of its variables"))
+                continue
+            merged = {**inherited, **group_vars, **(host_vars or {})}
             fields: dict[str, Any] = {"name": name, "site": group, "vars": {}}
             for var, value in merged.items():
                 if var in _HOST_KEYS:
@@ -165,7 +189,12 @@ def _inventory_hosts(
             try:
                 hosts[name] = Host(**fields)
             except ValidationError as exc:
-                problems.extend(_errors(document, key, exc))
+                for problem in pydantic_problems(document, key, exc):  # name the variable as written
+                    for var, field_name in _HOST_KEYS.items():
+                        if problem.field.endswith("." + field_name):
+                            line = document.line(key + (var,))
+                            problem = replace(problem, field=problem.field[: -len(field_name)] + var, line=line)
+                    problems.append(problem)
     return hosts
 
 
@@ -174,12 +203,6 @@ def _mapping(document: YamlDocument, key: PathKey, value: Any, problems: list[Pr
         return value
     problems.append(document.problem(key, "must be a non-empty mapping"))
     return {}
-
-
-def _errors(document: YamlDocument, key: PathKey, exc: Exception) -> list[Problem]:
-    if isinstance(exc, ValidationError):
-        return pydantic_problems(document, key, exc)
-    return [document.problem(key, str(exc))]
 
 
 # ---------------------------------------------------------------- runbook
@@ -269,13 +292,11 @@ def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
             previous = step_id
         normalised.append((index, step))
     for index, step in normalised:
+        written_as_list = isinstance(raw_steps[index].get("needs"), list)
         for n, need in enumerate(step.get("needs", ())):
             if need not in ids:
-                problems.append(
-                    document.problem(
-                        ("steps", index, "needs", n), f"needs unknown step {need!r}", f"use one of: {', '.join(ids)}"
-                    )
-                )
+                at: PathKey = ("steps", index, "needs", n) if written_as_list else ("steps", index, "needs")
+                problems.append(document.problem(at, f"needs unknown step {need!r}", f"use one of: {', '.join(ids)}"))
     cycle = _find_cycle([step for _, step in normalised])
     if cycle:
         # Point at the `needs` entry that closes the loop.

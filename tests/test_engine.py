@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from pydantic import Field
 
+from dr_orchestrator import templating
 from dr_orchestrator.actions.base import (
     Action,
     ActionCancelled,
@@ -33,7 +34,7 @@ from dr_orchestrator.actions.base import (
     ActionResult,
     Params,
 )
-from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.engine import Engine, RunOutcome, template_context
 from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.events import (
     ActionEvent,
@@ -633,6 +634,17 @@ def test_templates_render_step_outputs_and_parameters_natively(bench: Bench) -> 
         "run_kind": "failover",
     }
     assert bench.of(StepStarted, "use")[0].rendered["value"]["url"] == "http://dr-site:5433/"
+
+
+def test_templates_see_exactly_the_names_the_loader_checks_against(bench: Bench) -> None:
+    plan = make_plan("""
+        name: names
+        steps:
+          - {id: a, action: echo, with: {value: "{{ run }}"}}
+    """)
+    bench.run(plan)
+    assert set(bench.of(StepFinished, "a")[0].output["value"]) == set(templating.RUN_KEYS)
+    assert set(template_context(plan, {}, {})) == set(templating.CONTEXT_NAMES)
 
 
 def test_bad_template_at_run_time_fails_the_step_with_a_clear_error(bench: Bench) -> None:
