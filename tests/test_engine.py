@@ -124,6 +124,7 @@ class Bench:
         self.barriers: dict[str, threading.Barrier] = {}
         self.attempt_times: dict[str, list[float]] = defaultdict(list)
         self.rolled_back: list[str] = []
+        self.rollback_sites: list[str | None] = []
         self.active = 0
         self.peak = 0
         for name, cls in actions_for(self).items():
@@ -192,7 +193,8 @@ def actions_for(bench: Bench) -> dict[str, type[Action[Any]]]:
         Params = EchoParams
 
         def run(self, params: EchoParams, ctx: ActionContext) -> ActionResult:
-            return ActionResult(output={"value": params.value, **params.output}, marked_at=params.marked_at)
+            output = {"value": params.value, **params.output, "site": ctx.site}
+            return ActionResult(output=output, marked_at=params.marked_at)
 
     class Gate(Action[GateParams]):
         name = "gate"
@@ -265,6 +267,7 @@ def actions_for(bench: Bench) -> dict[str, type[Action[Any]]]:
             ctx.check_cancelled()  # as real actions do before changing anything
             with bench.lock:
                 bench.rolled_back.append(params.what)
+                bench.rollback_sites.append(ctx.site)
             if params.fail:
                 raise ActionError(f"could not undo {params.what}")
             return ActionResult(output={"undone": params.what})
@@ -645,6 +648,36 @@ def test_templates_see_exactly_the_names_the_loader_checks_against(bench: Bench)
     bench.run(plan)
     assert set(bench.of(StepFinished, "a")[0].output["value"]) == set(templating.RUN_KEYS)
     assert set(template_context(plan, {}, {})) == set(templating.CONTEXT_NAMES)
+
+
+def test_step_site_is_rendered_once_and_its_rollback_acts_on_the_same_site(bench: Bench) -> None:
+    plan = make_plan(
+        """
+        name: sites
+        parameters: {target: backup}
+        steps:
+          - id: promote
+            action: echo
+            site: "{{ params.target }}"
+            rollback: {action: undo, with: {what: "demote at {{ site }}"}}
+          - {id: fail, action: boom, on_failure: rollback}
+        """
+    )
+    bench.run(plan)
+    assert bench.of(StepFinished, "promote")[0].output["site"] == "backup"
+    assert bench.rolled_back == ["demote at backup"]
+    assert bench.rollback_sites == ["backup"]
+
+
+def test_bad_condition_fails_the_step(bench: Bench) -> None:
+    plan = make_plan("""
+        name: bad-when
+        steps:
+          - {id: a, action: echo, when: "params.missing"}
+    """)
+    outcome = bench.run(plan)
+    assert outcome.steps["a"] is StepState.FAILED
+    assert "missing" in (bench.of(StepFinished, "a")[0].error or "")
 
 
 def test_bad_template_at_run_time_fails_the_step_with_a_clear_error(bench: Bench) -> None:
