@@ -60,6 +60,7 @@ class ServiceDriver:
     def __init__(
         self, workload: Workload, run_id: str, settings: GeneratorSettings, writer: LedgerWriter, stop: threading.Event
     ) -> None:
+        self._start_mono = 0.0  # set by start(): all services share one schedule origin
         self._workload = workload
         self._run_id = run_id
         self._rate = settings.rate
