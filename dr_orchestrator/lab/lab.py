@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -129,19 +130,26 @@ class Lab:
             sshd.write_config(config, site)
             sshd.start(config, site)
         postgres.create_primary(config)
-        postgres.create_standby(config)
-        postgres.wait_streaming(config)
-        if synchronous:
-            postgres.set_synchronous(config, True)
-        self._start_services(SITES)
+        # The standby is copied while the primary site's services and the front door start.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            standby = pool.submit(self._build_standby, synchronous)
+            self._start_services(["primary"])
+            haproxy.start(config)
+            standby.result()
+        self._start_services(["backup"])
         self._start_heartbeat()
-        haproxy.start(config)
         self._wait_front_door()
         config.inventory_path.write_text(lab_inventory.render(config))
         config.state_file.write_text(json.dumps({
             "started_at": _now(), "sync": synchronous, "port_offset": config.port_offset,
             "os_user": config.os_user,
         }, indent=2) + "\n")
+
+    def _build_standby(self, synchronous: bool) -> None:
+        postgres.create_standby(self.config)
+        postgres.wait_streaming(self.config)
+        if synchronous:
+            postgres.set_synchronous(self.config, True)
 
     def _lay_out_sites(self) -> None:
         config = self.config
