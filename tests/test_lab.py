@@ -316,6 +316,13 @@ def test_faults_kill_service_break_replication_and_kill_the_primary_site(
         assert set(own.running()) - {f"{name}@backup" for name in ("sshd", "postgres", *SERVICES)} == {
             "haproxy", "sshd@primary"}
 
+        # down after a power loss: nothing left, not even the dead postmaster's shared memory
+        shmid = (config.pgdata("primary") / "postmaster.pid").read_text().splitlines()[6].split()[1]
+        pids = list(own.running().values())
+        own.down()
+        assert_nothing_left(config, pids)
+        assert shmid not in {line.split()[1] for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]}
+
 
 @pytest.mark.lab
 def test_down_leaves_nothing_and_up_down_up_works(lab_config: LabConfig) -> None:

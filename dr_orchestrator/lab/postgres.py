@@ -66,6 +66,9 @@ def _settings(config: LabConfig, site: str) -> dict[str, str]:
         "max_wal_size": "256MB",
         "max_replication_slots": "10",
         "wal_log_hints": "on",  # pg_rewind, for failback
+        # pg_rewind reads the old primary's WAL back to the last common checkpoint; without a floor, the
+        # checkpoint of its own crash recovery recycles those segments and only a full base backup is left.
+        "wal_keep_size": "256MB",
         "hot_standby": "on",
         "hot_standby_feedback": "on",
         # A promote landing just as the walreceiver dies would otherwise stall up to 5 s.
@@ -203,17 +206,19 @@ def database_state(config: LabConfig, site: str) -> dict[str, Any]:
                CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END,
                pg_last_xact_replay_timestamp(),
                (SELECT status FROM pg_stat_wal_receiver),
-               current_setting('synchronous_standby_names')"""
+               current_setting('synchronous_standby_names'),
+               pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint"""
     try:
         with psycopg.connect(config.dsn(site), autocommit=True) as connection:
             row = connection.execute(query).fetchone()
     except psycopg.Error:
         return {"role": "unreachable"}
     assert row is not None
-    in_recovery, lsn, replay_lsn, replay_time, receiver, sync_names = row
+    in_recovery, lsn, replay_lsn, replay_time, receiver, sync_names, unreplayed = row
     state: dict[str, Any] = {"role": "standby" if in_recovery else "primary", "wal_lsn": lsn}
     if in_recovery:
-        state.update(replay_lsn=replay_lsn, wal_receiver=receiver or "stopped",
+        # Received but not yet replayed; the lag behind the primary is in pg_stat_replication.
+        state.update(replay_lsn=replay_lsn, replay_backlog_bytes=unreplayed, wal_receiver=receiver or "stopped",
                      last_replay=replay_time.isoformat() if replay_time else None)
     else:
         state["synchronous_standby_names"] = sync_names
