@@ -101,10 +101,13 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     except yaml.YAMLError as exc:
         raise LoadError([Problem(shown, None, "", f"not valid YAML: {exc}")]) from None
     constructor = _Loader("")
+    converter = _Converter(document, constructor)
     try:
-        document.data = _Converter(document, constructor).convert(node, ()) if node is not None else None
+        document.data = converter.convert(node, ()) if node is not None else None
     finally:
         constructor.dispose()
+    if converter.problems:
+        raise LoadError(converter.problems)
     return document
 
 
@@ -113,44 +116,45 @@ class _Converter:
         self.document = document
         self.constructor = constructor
         self.seen: set[int] = set()
+        self.problems: list[Problem] = []  # every one found, not just the first
 
     def convert(self, node: yaml.Node, key: PathKey) -> Any:
         document = self.document
         if id(node) in self.seen:  # aliases would let a small file expand without bound
-            raise LoadError([document.problem(key, "YAML anchors and aliases are not supported; write the value out")])
+            line = document.lines.get(key, node.start_mark.line + 1)  # an alias node is its anchor's node
+            self.report(line, key, "YAML anchors and aliases are not supported; write it out")
+            return None
         self.seen.add(id(node))
         document.lines[key] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
+                line = key_node.start_mark.line + 1
                 if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise LoadError(
-                        [document.problem(key, "YAML merge keys (<<) are not supported; write the keys out")]
-                    )
+                    self.report(line, key, "YAML merge keys (<<) are not supported; write the keys out")
+                    continue
                 if not isinstance(key_node, yaml.ScalarNode):
-                    raise LoadError([document.problem(key, "a mapping key must be a plain scalar")])
-                name = self.scalar(key_node)
+                    self.report(line, key, "a mapping key must be a plain scalar")
+                    continue
+                name = self.scalar(key_node, key)
                 child = key + (str(name),)
                 if str(name) in result:
-                    raise LoadError(
-                        [
-                            Problem(
-                                document.path,
-                                key_node.start_mark.line + 1,
-                                dotted(child),
-                                "this key appears twice",
-                                "keep one",
-                            )
-                        ]
-                    )
+                    self.report(line, child, "this key appears twice", "keep one")
+                    continue
+                document.lines[child] = line  # until its value says better: an alias has no line of its own
                 result[str(name)] = self.convert(value_node, child)
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.convert(item, key + (i,)) for i, item in enumerate(node.value)]
-        return self.scalar(node)
+        return self.scalar(node, key)
 
-    def scalar(self, node: yaml.Node) -> Any:
+    def scalar(self, node: yaml.Node, key: PathKey) -> Any:
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
-            raise LoadError([Problem(self.document.path, node.start_mark.line + 1, "", f"bad value: {exc}")]) from None
+            reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else str(exc)
+            self.report(node.start_mark.line + 1, key, f"bad value: {reason}")
+            return None
+
+    def report(self, line: int, key: PathKey, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(self.document.path, line, dotted(key), message, fix))

@@ -369,6 +369,18 @@ def test_duplicated_key_names_its_line() -> None:
     assert problems_of(error) == [(5, "steps[0].id", "this key appears twice")]
 
 
+def test_every_yaml_level_problem_is_reported_at_once() -> None:
+    text = "name: x\nname: y\nsteps:\n  - id: a\n    action: !custom note\n    with:\n      <<: {a: 1}\n"
+    with pytest.raises(LoadError) as error:
+        load_runbook("runbook.yml", text)
+    assert [(line, field) for line, field, _ in problems_of(error)] == [
+        (2, "name"),
+        (5, "steps[0].action"),
+        (7, "steps[0].with"),
+    ]
+    assert "tag '!custom'" in error.value.problems[1].message
+
+
 def test_anchors_and_aliases_are_refused() -> None:
     text = "name: x\ndefaults: &d {timeout: 5s}\nsteps:\n  - id: a\n    action: note\n    with: *d\n"
     with pytest.raises(LoadError) as error:
