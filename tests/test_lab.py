@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import paramiko
+import psycopg
 import pytest
 from click.testing import CliRunner
 
@@ -262,6 +263,28 @@ def test_the_services_api(lab: Lab, http: httpx.Client) -> None:
     assert standby_write.headers["X-DR-Site"] == "backup"
     assert bad.status_code == 400
     assert http.get(f"{config.frontend_url('trading')}/orders/{contract_id}-missing").status_code == 404
+
+
+# --- labs of the test's own ---------------------------------------------------------------------------
+
+
+@pytest.mark.lab
+def test_a_sync_lab_makes_commits_wait_for_the_standby_and_the_standby_waits_for_nobody(
+    lab_factory: LabFactory, http: httpx.Client
+) -> None:
+    with lab_factory(sync=True) as own:
+        status = own.status()
+
+        assert status["healthy"], status["problems"]
+        assert [row["sync_state"] for row in status["replication"]] == ["sync"]
+        assert status["databases"]["primary"]["synchronous_standby_names"] == "FIRST 1 (backup)"
+        with psycopg.connect(own.config.dsn("backup")) as standby:  # once promoted, it must not wait for itself
+            assert standby.execute("SHOW synchronous_standby_names").fetchone() == ("",)
+        order = {"client_order_id": f"sync-{uuid.uuid4().hex}", "symbol": "ACME", "side": "sell", "qty": 3}
+        assert http.post(own.config.frontend_url("trading") + "/orders", json=order).status_code == 201
+        result = CliRunner().invoke(lab_group, ["--root", str(own.config.root), "--port-offset",
+                                                str(own.config.port_offset), "up"])
+        assert result.exit_code == 0 and "already up (replication synchronous)" in result.output
 
 
 # --- faults (a lab of the test's own) -----------------------------------------------------------------

@@ -78,6 +78,8 @@ def _settings(config: LabConfig, site: str) -> dict[str, str]:
         "archive_timeout": "60s",
         "logging_collector": "off",
         "log_line_prefix": "'%m [%p] '",
+        "timezone": "'UTC'",
+        "log_timezone": "'UTC'",
         "log_min_messages": "warning",
     }
 
