@@ -30,6 +30,7 @@ from dr_orchestrator.lab.config import SERVICES, SITES, LabConfig, LabConfigErro
 from dr_orchestrator.lab.inventory import render as render_inventory
 from dr_orchestrator.lab.lab import Lab, LabError
 from dr_orchestrator.lab.processes import is_running, processes_under
+from dr_orchestrator.lab.system import LabSetupError
 from dr_orchestrator.loading import load_inventory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -380,3 +381,23 @@ def test_down_cleans_up_after_an_up_that_was_killed_halfway(lab_config: LabConfi
     Lab(lab_config).down()
 
     assert_nothing_left(lab_config, list(leftovers))
+
+
+@pytest.mark.lab
+def test_an_up_that_fails_halfway_stops_everything_and_keeps_the_logs(
+    lab_config: LabConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_front_door(config: LabConfig) -> None:
+        raise LabSetupError("HAProxy did not start: simulated")
+
+    monkeypatch.setattr("dr_orchestrator.lab.lab.haproxy.start", broken_front_door)
+    own = Lab(lab_config)
+
+    with pytest.raises(LabError, match="simulated .nothing is left running; the logs are under"):
+        own.up()
+
+    assert processes_under(lab_config.root) == set() and own.running() == {}
+    assert (lab_config.log_dir("primary") / "postgres.log").exists()
+    assert not own.is_up()
+    own.down()
+    assert_nothing_left(lab_config, [])

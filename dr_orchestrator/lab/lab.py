@@ -103,8 +103,10 @@ class Lab:
         started = time.monotonic()
         try:
             self._build(synchronous)
-        except BaseException:
-            self.down()
+        except BaseException as failure:
+            self.down(keep_files=True)  # the logs say why; the next `up` or `down` removes them
+            if isinstance(failure, LabSetupError):
+                raise LabError(f"{failure} (nothing is left running; the logs are under {config.root})") from None
             raise
         return UpResult(already_up=False, seconds=time.monotonic() - started, sync=synchronous, layout=self.layout())
 
@@ -225,7 +227,7 @@ class Lab:
         ]
 
     # --- down ------------------------------------------------------------------------------------------
-    def down(self) -> list[str]:
+    def down(self, keep_files: bool = False) -> list[str]:
         """Stop every process the lab started and remove its directory; returns what was stopped."""
         config = self.config
         specs = {pid: spec for spec in self.processes() if (pid := running_pid(spec)) is not None}
@@ -240,7 +242,7 @@ class Lab:
             raise LabError(f"processes {sorted(leftovers)} of the lab at {config.root} survived SIGKILL")
         for site in SITES:
             postgres.release_shared_memory(config.pgdata(site))
-        if config.marker.exists():
+        if config.marker.exists() and not keep_files:
             shutil.rmtree(config.root)
         return [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]
 
