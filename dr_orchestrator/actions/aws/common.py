@@ -149,6 +149,7 @@ def _on_after_call(http_response: Any, parsed: dict[str, Any], model: Any, conte
         data["extended_request_id"] = meta["HostId"]
     error = parsed.get("Error") or {}
     if http_response.status_code >= 300:
+        _current.failed_service = data["service"]  # errors name the service that answered
         data["error_code"] = error.get("Code") or f"HTTP {http_response.status_code}"
         data["error"] = ctx.redact(str(error.get("Message") or ""))
     if retries:
@@ -255,10 +256,12 @@ class AwsAction(Action[P]):
     def run(self, params: P, ctx: ActionContext) -> ActionResult:
         previous = getattr(_current, "ctx", None)
         _current.ctx = ctx
+        _current.failed_service = None
         try:
             return self.execute(params, Aws(params, ctx))
         except ClientError as exc:
-            raise ActionError(describe_client_error(self.service, exc, ctx)) from None
+            service = getattr(_current, "failed_service", None) or self.service
+            raise ActionError(describe_client_error(service, exc, ctx)) from None
         except NoCredentialsError:
             raise ActionError(
                 "no AWS credentials found in the standard chain (environment, shared credentials or config "

@@ -1,13 +1,21 @@
-"""``aws.rds.promote``: promote a read replica in the backup region to a standalone database, wait until available."""
+"""``aws.rds.promote``: promote a read replica in the backup region to a standalone database, wait until available.
+
+Just before promoting, the replica's lag behind its source (CloudWatch ``AWS/RDS ReplicaLag``) is
+recorded as the service's RPO measurement, with the datapoints behind it.
+"""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams
 from dr_orchestrator.actions.base import ActionResult
+from dr_orchestrator.model.durations import format_duration, parse_duration
+
+LAG_PERIOD_S = 60  # RDS publishes ReplicaLag every minute
 
 
 class RdsPromoteParams(AwsParams, PollingParams):
@@ -16,10 +24,57 @@ class RdsPromoteParams(AwsParams, PollingParams):
         default=None, ge=0, le=35, description="Automated backup retention of the promoted database (default: AWS's)."
     )
     poll_interval: float = Field(default=10.0, description="Time between status reads while waiting (seconds or 10s).")
+    measure_rpo: bool = Field(
+        default=True, description="Record the replica's lag (CloudWatch ReplicaLag) before promotion as the RPO."
+    )
+    rpo_window: float = Field(
+        default=600.0, description="How far back to look for the newest ReplicaLag datapoint (seconds or 10m)."
+    )
+
+    @field_validator("rpo_window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> float:
+        return parse_duration(value)
 
 
 def describe(client: Any, db_instance: str) -> dict[str, Any]:
     return dict(client.describe_db_instances(DBInstanceIdentifier=db_instance)["DBInstances"][0])
+
+
+def measure_replica_lag(aws: Aws, db_instance: str, window_s: float) -> float | None:
+    """The newest 1-minute maximum of ReplicaLag, recorded as ``rpo_s``; None (and why, as an event) if none."""
+    end = datetime.now(UTC)
+    start = end - timedelta(seconds=window_s)
+    query = {
+        "Namespace": "AWS/RDS",
+        "MetricName": "ReplicaLag",
+        "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": db_instance}],
+        "StartTime": start,
+        "EndTime": end,
+        "Period": LAG_PERIOD_S,
+        "Statistics": ["Maximum"],
+    }
+    points = sorted(aws.client("cloudwatch").get_metric_statistics(**query)["Datapoints"], key=lambda p: p["Timestamp"])
+    raw = {
+        "metric": "AWS/RDS ReplicaLag",
+        "db_instance": db_instance,
+        "statistic": "Maximum",
+        "period_s": LAG_PERIOD_S,
+        "window": [start.isoformat(), end.isoformat()],
+        "datapoints": [{"at": p["Timestamp"].astimezone(UTC).isoformat(), "lag_s": p["Maximum"]} for p in points],
+    }
+    if not points or points[-1]["Maximum"] < 0:  # -1: replication is not running
+        why = "no ReplicaLag datapoint" if not points else "ReplicaLag is -1 (replication not running)"
+        aws.ctx.report("aws.rds.rpo_not_measured", reason=f"{why} in the last {format_duration(window_s)}", **raw)
+        return None
+    lag = float(points[-1]["Maximum"])
+    aws.ctx.measure(
+        "rpo_s",
+        lag,
+        method=f"newest 1-minute maximum of CloudWatch AWS/RDS ReplicaLag of {db_instance} before promotion",
+        raw=raw,
+    )
+    return lag
 
 
 class RdsPromote(AwsAction[RdsPromoteParams]):
@@ -40,6 +95,8 @@ class RdsPromote(AwsAction[RdsPromoteParams]):
             "promoted": source is not None,
         }
         status = instance["DBInstanceStatus"]
+        if source is not None and params.measure_rpo:
+            output["rpo_s"] = measure_replica_lag(aws, params.db_instance, params.rpo_window)
         if source is not None:
             kwargs: dict[str, Any] = {"DBInstanceIdentifier": params.db_instance}
             if params.backup_retention_days is not None:
