@@ -126,7 +126,10 @@ class _Run:
                     log.exception("observer %r failed on %s", observer, type(event).__name__)
 
     def finish_step(self, step_id: str, state: StepState, output: dict[str, Any] | None = None,
-                    error: str | None = None, phase: str = "forward") -> None:
+                    error: str | None = None, phase: str = "forward", markers: list[MarkerReached] | None = None
+                    ) -> None:
+        """Record how a step ended and tell the observers. Under the lock, so that no step that needs
+        this one can start, and be heard of, before this one's end is."""
         with self.lock:
             previous = self.states[step_id]
             if phase == "forward" and previous.finished:
@@ -135,7 +138,9 @@ class _Run:
             self.results[step_id] = {"state": str(state), "output": output or {}, "error": error}
             if phase == "forward":
                 self.apply_policy(self.steps[step_id], state, previous)
-        self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
+            self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
+            for marker in markers or ():
+                self.emit(marker)
 
     def apply_policy(self, step: Step, state: StepState, previous: StepState) -> None:
         """The step's `on_failure`, decided with its state (under the lock), so that no step is
@@ -181,7 +186,8 @@ class _Run:
                 if step_state.finished:
                     continue
                 blocker = self.blocking_need(self.steps[step_id])
-                if step_state is StepState.PENDING and blocker is not None:
+                if step_state is StepState.PENDING and blocker is not None and \
+                        self.states[blocker] is not StepState.CANCELLED:
                     # Same verdict whether or not the scheduler got to it before the run stopped.
                     self.finish_step(step_id, StepState.SKIPPED,
                                      error=f"needs {blocker!r}, which ended {self.states[blocker]}")
@@ -240,8 +246,9 @@ class _Run:
 
     def start_ready(self, pending: list[str], running: dict[Future[StepState], str], pool: ThreadPoolExecutor,
                     workers: int) -> None:
-        while True:
-            skipped: list[tuple[str, str]] = []
+        skipped_any = True
+        while skipped_any:  # a skip may decide the steps that need the skipped one: look again
+            skipped_any = False
             ready: list[str] = []
             with self.lock:  # decided against states that finishing steps cannot change meanwhile
                 if self.stopping():
@@ -256,17 +263,14 @@ class _Run:
                         error = f"needs {blocker!r}, which ended {self.states[blocker]}"
                         self.states[step_id] = StepState.SKIPPED
                         self.results[step_id] = {"state": str(StepState.SKIPPED), "output": {}, "error": error}
-                        skipped.append((step_id, error))
+                        self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
+                        skipped_any = True
                     elif len(running) + len(ready) < workers:  # a step is RUNNING only once a worker has it
                         pending.remove(step_id)
                         self.states[step_id] = StepState.RUNNING
                         ready.append(step_id)
-            for step_id, error in skipped:
-                self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
             for step_id in ready:
                 running[pool.submit(self.run_step, self.steps[step_id])] = step_id
-            if not skipped:
-                return  # a skip may decide the steps that need the skipped one: look again
 
     def blocking_need(self, step: Step) -> str | None:
         """A need that ended without success, which keeps ``step`` from ever running."""
@@ -312,11 +316,11 @@ class _Run:
             return StepState.FAILED
         outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
                                   service, site)
-        self.finish_step(step.id, outcome.state, outcome.result.output, outcome.error)
+        markers = []
         if outcome.state is StepState.SUCCEEDED:
             marked_at = outcome.result.marked_at or utcnow()
-            for mark in step.marks:
-                self.emit(MarkerReached(self.run_id, step.id, mark, service, site, marked_at))
+            markers = [MarkerReached(self.run_id, step.id, mark, service, site, marked_at) for mark in step.marks]
+        self.finish_step(step.id, outcome.state, outcome.result.output, outcome.error, markers=markers)
         return outcome.state
 
     def run_action(self, step_id: str, phase: str, action_name: str, raw_params: dict[str, Any], timeout: float,
