@@ -846,7 +846,7 @@ def test_stop_with_rollback_step_in_flight_rolls_back_completed_steps(bench: Ben
 
 
 SIGINT_SCRIPT = """
-import json, sys, threading
+import json, sys
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionRegistry, ActionResult, Params
 from dr_orchestrator.engine import Engine
 from tests.test_engine import make_plan
@@ -855,7 +855,7 @@ class Hold(Action[Params]):
     name = "hold"
     Params = Params
     def run(self, params, ctx):
-        print("READY", flush=True)
+        print("READY", ctx.step_id, flush=True)
         ctx.cancelled.wait(30)
         raise ActionCancelled("stopped as asked")
 
@@ -873,7 +873,7 @@ registry.register("note", Note)
 plan = make_plan('''
     name: sigint
     steps:
-      - {id: prepared, action: note, rollback: {action: note}}
+      - {id: prepared, action: note, rollback: {action: %s}}
       - {id: switch, action: hold, on_failure: rollback}
       - {id: verify, action: note}
 ''')
@@ -884,10 +884,11 @@ print("OUTCOME", json.dumps({"state": outcome.state, "steps": outcome.steps,
 """
 
 
-def test_ctrl_c_aborts_the_run_rolls_back_and_leaves_nothing_running(tmp_path: Path) -> None:
+def run_interrupted(rollback_action: str, interrupt_when: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """Run the script above, sending SIGINT each time a line starts with the next of ``interrupt_when``."""
     root = Path(__file__).resolve().parent.parent
     process = subprocess.Popen(
-        [sys.executable, "-c", SIGINT_SCRIPT],
+        [sys.executable, "-c", SIGINT_SCRIPT % rollback_action],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -897,11 +898,14 @@ def test_ctrl_c_aborts_the_run_rolls_back_and_leaves_nothing_running(tmp_path: P
     try:
         assert process.stdout is not None
         lines: list[str] = []
-        for line in process.stdout:  # the step prints READY once it runs; the pipe closes on exit
+        waiting_for = list(interrupt_when)
+        for line in process.stdout:  # the pipe closes when the process exits
             lines.append(line)
-            if line.startswith("READY"):
+            if waiting_for and line.startswith(waiting_for[0]):
+                waiting_for.pop(0)
                 process.send_signal(signal.SIGINT)
-                break
+                if not waiting_for:
+                    break
         rest, errors = process.communicate(timeout=WAIT_S)
     finally:
         if process.poll() is None:
@@ -909,10 +913,23 @@ def test_ctrl_c_aborts_the_run_rolls_back_and_leaves_nothing_running(tmp_path: P
             process.wait()
     assert process.returncode == 0, errors
     output = "".join(lines) + rest
+    return output, json.loads(output.split("OUTCOME ", 1)[1])
+
+
+def test_ctrl_c_aborts_the_run_rolls_back_and_leaves_nothing_running() -> None:
+    output, outcome = run_interrupted("note", ("READY switch",))
     assert "ROLLBACK prepared" in output
-    outcome = json.loads(output.split("OUTCOME ", 1)[1])
     assert outcome == {
         "state": "aborted",
         "steps": {"prepared": "rolled_back", "switch": "cancelled", "verify": "cancelled"},
+        "last": "RunFinished",
+    }
+
+
+def test_second_ctrl_c_stops_the_rollback_and_the_run_still_ends() -> None:
+    output, outcome = run_interrupted("hold", ("READY switch", "READY prepared"))
+    assert outcome == {
+        "state": "aborted",
+        "steps": {"prepared": "rollback_failed", "switch": "cancelled", "verify": "cancelled"},
         "last": "RunFinished",
     }

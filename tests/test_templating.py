@@ -33,6 +33,8 @@ CONTEXT: dict[str, Any] = {
         "{{ params|attr('__class__') }}",
         "before {{ ''.__class__ }} after",
         "{% for c in ''.__class__.__mro__ %}{{ c }}{% endfor %}",
+        "{{ '{0.__class__.__mro__}'.format(params) }}",
+        "{{ '{0.__init__.__globals__}'.format_map({'0': cycler}) }}",
     ],
 )
 def test_sandbox_escapes_are_refused(source: str) -> None:
