@@ -16,6 +16,7 @@ BUILTIN_ACTIONS = {
     "aws.elbv2.shift": "dr_orchestrator.actions.aws.elbv2:Elbv2Shift",
     "aws.s3.archive": "dr_orchestrator.actions.aws.s3:S3Archive",
     "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
+    "ansible.playbook": "dr_orchestrator.actions.ansible:AnsiblePlaybook",
 }
 
 

@@ -1,0 +1,367 @@
+"""ansible.playbook through the real engine and the real ansible-runner / ansible-playbook: task events
+streamed into evidence while the playbook runs, failures naming host and task, the step's timeout
+ending the playbook, a fresh private data dir per run; and over the lab's sshd with pinned host keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from actionctx import Harness
+from sqlalchemy import select
+
+from dr_orchestrator.actions import default_registry
+from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams
+from dr_orchestrator.actions.base import ActionError
+from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.evidence import migrate
+from dr_orchestrator.evidence.database import make_engine, make_session_factory
+from dr_orchestrator.evidence.models import ActionEventRecord, StepRecord
+from dr_orchestrator.evidence.store import EvidenceStore
+from dr_orchestrator.lab import Lab
+from dr_orchestrator.loading import load_inventory
+from dr_orchestrator.model.events import ActionEvent, Event, StepFinished
+from dr_orchestrator.model.run import RunState, StepState
+from dr_orchestrator.plans import build_plan
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+# A DR inventory that is also an Ansible inventory; its one host is this machine (local connection).
+LOCAL_INVENTORY = """\
+all:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: /usr/bin/python3
+    dr:
+      name: ansible-test
+      sites: {primary: {}, backup: {}}
+      services:
+        quotation: {rto: 30s, rpo: 60s, sites: [primary, backup]}
+  children:
+    backup:
+      hosts:
+        backup-local: {ansible_host: 127.0.0.1}
+"""
+
+
+@pytest.fixture(autouse=True)
+def evidence_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "evidence"
+    monkeypatch.setenv("DR_EVIDENCE_DIR", str(folder))
+    return folder
+
+
+class Workspace:
+    """A runbook folder of the test's own: runbook files, playbooks/ beside them, one inventory."""
+
+    def __init__(self, root: Path, inventory_text: str = LOCAL_INVENTORY) -> None:
+        self.root = root
+        (root / "playbooks").mkdir(parents=True, exist_ok=True)
+        self.inventory = root / "inventory.yml"
+        self.inventory.write_text(inventory_text)
+
+    def playbook(self, name: str, text: str) -> None:
+        (self.root / "playbooks" / name).write_text(textwrap.dedent(text))
+
+    def run(self, step_with: dict[str, Any], timeout: str = "60s", observers: Sequence[Callable[[Event], None]] = (),
+            inventory: Path | None = None) -> tuple[RunOutcome, list[Event]]:
+        runbook = self.root / f"runbook-{uuid.uuid4().hex[:8]}.yml"
+        runbook.write_text(json.dumps({
+            "name": "ansible-test", "kind": "rehearsal", "scope": {"services": ["quotation"]},
+            "steps": [{"id": "play", "action": "ansible.playbook", "with": step_with, "timeout": timeout}],
+        }))
+        events: list[Event] = []
+        plan = build_plan(str(runbook), str(inventory or self.inventory))
+        outcome = Engine(default_registry(), [events.append, *observers]).run(plan)
+        return outcome, events
+
+
+def task_events(events: list[Event]) -> list[dict[str, Any]]:
+    return [e.data for e in events if isinstance(e, ActionEvent) and e.kind == "ansible.task"]
+
+
+def step_result(events: list[Event]) -> StepFinished:
+    return next(e for e in events if isinstance(e, StepFinished) and e.step_id == "play")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return Workspace(tmp_path / "runbooks")
+
+
+@pytest.mark.timeout(120)
+def test_task_events_reach_the_evidence_store_while_the_playbook_runs(
+    workspace: Workspace, tmp_path: Path, evidence_dir: Path
+) -> None:
+    go_on = tmp_path / "go-on"
+    # The second task waits for a file that the test creates only on hearing of the first task:
+    # the playbook can finish only if its events arrive while it runs.
+    workspace.playbook("steps.yml", """\
+        - name: Three kinds of task
+          hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Report in
+              ansible.builtin.command: echo {{ greeting }}
+              changed_when: false
+            - name: Wait for the orchestrator to have heard
+              ansible.builtin.wait_for: {path: "{{ go_on }}", timeout: 30}
+            - name: Never on this host
+              ansible.builtin.command: "false"
+              when: false
+    """)
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    db = make_engine(url)
+    sessions = make_session_factory(db)
+
+    def release(event: Event) -> None:
+        if isinstance(event, ActionEvent) and event.data.get("task") == "Report in":
+            go_on.touch()
+
+    try:
+        outcome, events = workspace.run(
+            {"playbook": "steps.yml", "extra_vars": {"greeting": "hello", "go_on": str(go_on)}},
+            observers=[EvidenceStore(sessions), release],
+        )
+        with sessions() as session:
+            stored = session.scalars(select(ActionEventRecord).order_by(ActionEventRecord.id)).all()
+            step = session.scalars(select(StepRecord)).one()
+    finally:
+        db.dispose()
+
+    assert outcome.state is RunState.SUCCEEDED, step_result(events).error
+    assert [(r.kind, r.data["task"], r.data["host"], r.data["status"]) for r in stored] == [
+        ("ansible.task", "Report in", "backup-local", "ok"),
+        ("ansible.task", "Wait for the orchestrator to have heard", "backup-local", "ok"),
+        ("ansible.task", "Never on this host", "backup-local", "skipped"),
+    ]
+    assert all(r.step_id == "play" and r.data["duration_s"] is not None for r in stored[:2])
+    assert stored[0].data["changed"] is False
+    output = step.output
+    assert (output["status"], output["rc"], output["playbook"]) == ("successful", 0, "steps.yml")
+    assert output["stats"]["backup-local"]["ok"] == 2
+    assert output["stats"]["backup-local"]["skipped"] == 1
+    assert output["inventory"] == str(workspace.inventory)
+    artifacts = Path(output["artifacts"])
+    assert artifacts.parent == evidence_dir / outcome.run_id / "ansible" / "play"
+    assert "ok: [backup-local]" in (artifacts / "stdout").read_text()
+    assert "TASK [Report in]" in output["stdout"]
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_task_fails_the_step_naming_host_task_and_message(workspace: Workspace) -> None:
+    workspace.playbook("breaks.yml", """\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Check the replica
+              ansible.builtin.shell: echo "replica is 42 s behind" >&2; exit 3
+            - name: Not reached
+              ansible.builtin.command: "true"
+    """)
+
+    outcome, events = workspace.run({"playbook": "breaks.yml"})
+
+    finished = step_result(events)
+    assert outcome.steps["play"] is StepState.FAILED
+    assert finished.error == (
+        "playbook breaks.yml: task 'Check the replica' failed on host backup-local: "
+        "non-zero return code (rc 3): replica is 42 s behind"
+    )
+    assert [(t["task"], t["status"]) for t in task_events(events)] == [("Check the replica", "failed")]
+
+
+@pytest.mark.timeout(120)
+def test_the_step_timeout_ends_a_long_playbook_promptly(workspace: Workspace, tmp_path: Path) -> None:
+    marker = tmp_path / "sleeping"
+    sleep = f"{37 + uuid.uuid4().int % 1000 / 1000:.3f}"  # a command line no other process has
+    workspace.playbook("long.yml", f"""\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Sleep a long time
+              ansible.builtin.shell: touch {marker} && exec sleep {sleep}
+    """)
+
+    started = time.monotonic()
+    outcome, events = workspace.run({"playbook": "long.yml"}, timeout="6s")
+    elapsed = time.monotonic() - started
+
+    assert outcome.steps["play"] is StepState.TIMED_OUT
+    assert elapsed < 6 + 2.5
+    assert marker.exists(), "the task never started: the timeout came during Ansible's start-up"
+    error = step_result(events).error or ""
+    assert "playbook long.yml was stopped after" in error and "during task 'Sleep a long time'" in error
+    left = subprocess.run(["pgrep", "-f", f"sleep {sleep}"], capture_output=True, text=True)
+    assert left.stdout == "", "the task's process outlived the cancelled playbook"
+
+
+@pytest.mark.timeout(120)
+def test_each_run_has_a_fresh_private_data_dir(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-artifacts")
+    workspace.playbook("show.yml", """\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Show the word
+              ansible.builtin.debug: {msg: "word={{ word | default('unset') }}"}
+    """)
+    harness = Harness(load_inventory(str(workspace.inventory))[0],
+                      {"runbook_path": str(workspace.root / "rb.yml"), "inventory_path": str(workspace.inventory)})
+    action = AnsiblePlaybook()
+
+    first = action.run(AnsiblePlaybookParams(playbook="show.yml", extra_vars={"word": "secret"}), harness.ctx(60))
+    second = action.run(AnsiblePlaybookParams(playbook="show.yml"), harness.ctx(60))
+
+    assert [t["msg"] for t in task_events(harness.events)] == ["word=secret", "word=unset"]
+    assert first.output["artifacts"] != second.output["artifacts"]
+    # Extra vars went through a file of the run's private dir (removed), not the command line.
+    command = json.loads((Path(first.output["artifacts"]) / "command").read_text())
+    assert "secret" not in json.dumps(command["command"])
+    # ansible-runner records the whole environment there; only the variables set for Ansible stay.
+    assert "AWS_SECRET_ACCESS_KEY" not in command["env"] and "ANSIBLE_HOST_KEY_CHECKING" in command["env"]
+
+
+@pytest.mark.timeout(120)
+def test_check_mode_changes_nothing(workspace: Workspace, tmp_path: Path) -> None:
+    target = tmp_path / "would-be-created"
+    workspace.playbook("touch.yml", f"""\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Create the flag file
+              ansible.builtin.file: {{path: {target}, state: touch}}
+    """)
+
+    outcome, events = workspace.run({"playbook": "touch.yml", "check": True})
+
+    assert outcome.state is RunState.SUCCEEDED, step_result(events).error
+    assert [(t["task"], t["status"]) for t in task_events(events)] == [("Create the flag file", "changed")]
+    assert step_result(events).output["check"] is True
+    assert not target.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_play_that_matches_no_host_fails_the_step(workspace: Workspace) -> None:
+    workspace.playbook("typo.yml", """\
+        - hosts: bakcup
+          gather_facts: false
+          tasks:
+            - ansible.builtin.command: "true"
+    """)
+
+    outcome, events = workspace.run({"playbook": "typo.yml"})
+
+    assert outcome.steps["play"] is StepState.FAILED
+    assert "playbook typo.yml ran on no host" in (step_result(events).error or "")
+
+
+def test_playbooks_outside_the_playbooks_folder_are_refused(workspace: Workspace, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.yml"
+    outside.write_text("- hosts: all\n  tasks: []\n")
+    (workspace.root / "playbooks" / "link.yml").symlink_to(outside)
+    harness = Harness(load_inventory(str(workspace.inventory))[0],
+                      {"runbook_path": str(workspace.root / "rb.yml"), "inventory_path": str(workspace.inventory)})
+
+    with pytest.raises(ValueError, match="'..' is not allowed"):
+        AnsiblePlaybookParams(playbook="../outside.yml")
+    for playbook in (str(outside), "link.yml"):
+        with pytest.raises(ActionError, match="is outside the playbooks folder"):
+            AnsiblePlaybook().run(AnsiblePlaybookParams(playbook=playbook), harness.ctx())
+    with pytest.raises(ActionError, match="playbook 'missing.yml' not found in"):
+        AnsiblePlaybook().run(AnsiblePlaybookParams(playbook="missing.yml"), harness.ctx())
+
+
+@pytest.mark.parametrize("inventory", ["inventories/lab.yml", "inventories/local.yml"])
+def test_the_inventories_are_ansible_inventories(inventory: str) -> None:
+    listed = subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", inventory, "--list"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+
+    assert listed.returncode == 0, listed.stderr
+    assert "WARNING" not in listed.stderr
+    found = json.loads(listed.stdout)
+    dr_inventory, _ = load_inventory(str(REPO / inventory))
+    assert set(found["_meta"]["hostvars"]) == set(dr_inventory.hosts)
+    for site in dr_inventory.sites:
+        assert set(found[site]["hosts"]) == {h.name for h in dr_inventory.site_hosts(site)}
+
+
+# --- over the lab's sshd ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lab_workspace(lab: Lab, tmp_path: Path) -> Iterator[Workspace]:
+    """A runbook folder whose playbooks/ are the repository's, with the running lab's inventory."""
+    root = tmp_path / "runbooks"
+    root.mkdir()
+    (root / "playbooks").symlink_to(REPO / "runbooks" / "playbooks")
+    yield Workspace(root, lab.config.inventory_path.read_text())
+
+
+def health(lab: Lab, service: str, site: str) -> int | None:
+    try:
+        return httpx.get(lab.config.service_url(service, site) + "/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_start_service_starts_a_stopped_backup_service_over_ssh(lab: Lab, lab_workspace: Workspace) -> None:
+    lab.kill_service("quotation", "backup")
+    try:
+        assert health(lab, "quotation", "backup") is None
+        step = {"playbook": "start-service.yml", "extra_vars": {"site": "backup", "service": "quotation"}}
+
+        outcome, events = lab_workspace.run(step)
+
+        assert outcome.state is RunState.SUCCEEDED, step_result(events).error
+        assert health(lab, "quotation", "backup") == 200
+        assert [(t["host"], t["status"]) for t in task_events(events)] == [("backup-app", "changed")]
+        assert step_result(events).output["stats"]["backup-app"]["changed"] == 1
+
+        again, events = lab_workspace.run(step)  # idempotent: already running, nothing changed
+
+        assert again.state is RunState.SUCCEEDED, step_result(events).error
+        assert [(t["host"], t["status"]) for t in task_events(events)] == [("backup-app", "ok")]
+    finally:
+        if health(lab, "quotation", "backup") is None:  # leave the shared lab as it was
+            subprocess.run(["runuser", "-u", lab.config.os_user, "--", "/usr/bin/python3",
+                            str(lab.config.servicectl("backup")), "start", "quotation"], check=True, timeout=30)
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_a_host_whose_key_differs_from_the_pinned_one_is_refused(lab: Lab, lab_workspace: Workspace,
+                                                                 tmp_path: Path) -> None:
+    wrong = tmp_path / "known_hosts"
+    # The primary site's key pinned for the backup's address: what a man in the middle would present.
+    pins = lab.config.known_hosts.read_text().splitlines()
+    primary_key = next(line for line in pins if line.startswith("[127.0.10.1]")).split(" ", 1)[1]
+    wrong.write_text(f"[127.0.20.1]:{lab.config.sshd_port} {primary_key}\n")
+    inventory = tmp_path / "wrong-pins.yml"
+    inventory.write_text(lab.config.inventory_path.read_text().replace(str(lab.config.known_hosts), str(wrong)))
+    assert str(wrong) in inventory.read_text()
+
+    outcome, events = lab_workspace.run(
+        {"playbook": "start-service.yml", "extra_vars": {"site": "backup", "service": "quotation"}},
+        inventory=inventory,
+    )
+
+    error = step_result(events).error or ""
+    assert outcome.steps["play"] is StepState.FAILED
+    assert "task 'Start quotation unless it runs' could not reach host backup-app" in error
+    assert "Host key verification failed" in error
+    assert [t["status"] for t in task_events(events)] == ["unreachable"]
+
