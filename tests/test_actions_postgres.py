@@ -1,0 +1,263 @@
+"""The postgres.* actions against the lab's real primary and streaming standby.
+
+Read-only checks share the session's lab; failover, RPO and failback each get a lab of their own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import psycopg
+import pytest
+from actionctx import Harness, lab_inventory
+
+from dr_orchestrator.actions import default_registry
+from dr_orchestrator.actions.base import Action, ActionError
+from dr_orchestrator.actions.pgdb import resolve
+from dr_orchestrator.actions.postgres import (
+    Promote,
+    ReplicationStatus,
+    Rpo,
+    SetReadOnly,
+    SetSync,
+    WaitCaughtUp,
+)
+from dr_orchestrator.actions.postgres_rebuild import RebuildStandby
+from dr_orchestrator.lab import Lab
+from dr_orchestrator.model.events import utcnow
+
+pytestmark = pytest.mark.lab
+
+LabFactory = Callable[..., AbstractContextManager[Lab]]
+
+
+def act(harness: Harness, action: type[Action[Any]], timeout: float = 30.0, **params: Any) -> dict[str, Any]:
+    return action().run(action.Params.model_validate(params), harness.ctx(timeout)).output
+
+
+def query(lab: Lab, site: str, sql: str, params: tuple[Any, ...] = ()) -> Any:
+    with psycopg.connect(lab.config.dsn(site), autocommit=True) as connection:
+        cursor = connection.execute(sql.encode(), params)
+        row = cursor.fetchone() if cursor.description else None
+    return row[0] if row else None
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def heartbeat_replicated(lab: Lab) -> None:
+    wait_for(
+        lambda: (
+            bool(query(lab, "backup", "SELECT to_regclass('dr_heartbeat') IS NOT NULL"))
+            and bool(query(lab, "backup", "SELECT count(*) FROM dr_heartbeat"))
+        ),
+        20,
+        "the first heartbeat to reach the standby",
+    )
+
+
+@pytest.fixture
+def harness(lab: Lab) -> Iterator[Harness]:
+    heartbeat_replicated(lab)
+    harness = Harness(lab_inventory(lab))
+    yield harness
+    harness.close()
+
+
+# ---------------------------------------------------------------- on the shared lab (nothing changes)
+
+
+def test_the_lab_inventory_describes_its_database(harness: Harness, lab: Lab) -> None:
+    db = resolve(harness.inventory, None)
+    assert db.hosts == {"primary": "127.0.10.1", "backup": "127.0.20.1"}
+    assert db.port == lab.config.postgres_port
+    assert resolve(harness.inventory, db.name) == db
+    with pytest.raises(ActionError, match="describes one database"):
+        resolve(harness.inventory, "ledger")
+
+
+def test_replication_status_reports_each_site(harness: Harness) -> None:
+    output = act(harness, ReplicationStatus)
+
+    primary, backup = output["sites"]["primary"], output["sites"]["backup"]
+    assert primary["role"] == "primary" and primary["writable"] is True
+    assert [s["application_name"] for s in primary["standbys"]] == ["backup"]
+    assert primary["standbys"][0]["state"] == "streaming"
+    assert backup["role"] == "standby" and backup["wal_receiver"] == "streaming"
+
+
+def test_a_standby_beyond_the_limits_is_refused_unless_forced(harness: Harness) -> None:
+    fit = act(harness, ReplicationStatus, site="backup", max_lag_bytes=10_000_000, max_staleness="5s")
+    assert fit["problems"] == [] and fit["staleness_source"] == "heartbeat"
+    assert fit["heartbeat"]["site"] == "primary"
+
+    with pytest.raises(ActionError, match=r"not fit to take over: its newest data is .* old \(limit 1ms\).*--force"):
+        act(harness, ReplicationStatus, site="backup", max_staleness="1ms")
+
+    harness.run_info["forced"] = ["drill: testing the precheck"]
+    forced = act(harness, ReplicationStatus, site="backup", max_staleness="1ms")
+    assert forced["forced"] == ["drill: testing the precheck"]
+    assert forced["problems"]
+
+
+def test_promote_refuses_a_primary_and_refuses_while_the_old_primary_takes_writes(harness: Harness) -> None:
+    with pytest.raises(ActionError, match="site primary .* is not a standby"):
+        act(harness, Promote, site="primary")
+
+    with pytest.raises(ActionError, match="refusing to promote .*site backup.*still answers and takes writes"):
+        act(harness, Promote, site="backup")
+
+    assert query_role(harness) == (False, True)  # nothing changed
+
+
+def query_role(harness: Harness) -> tuple[bool, bool]:
+    sites = act(harness, ReplicationStatus)["sites"]
+    return sites["primary"]["role"] == "standby", sites["backup"]["role"] == "standby"
+
+
+def test_all_postgres_actions_are_registered_with_site_references() -> None:
+    registry = default_registry()
+    for name in (
+        "postgres.replication_status",
+        "postgres.promote",
+        "postgres.rpo",
+        "postgres.wait_caught_up",
+        "postgres.set_sync",
+        "postgres.set_read_only",
+        "postgres.rebuild_standby",
+    ):
+        model = registry.get(name).Params
+        assert model.model_fields["site"].json_schema_extra == {"refers_to": "site"}, name
+    assert registry.get("postgres.rebuild_standby").Params.model_fields["host"].json_schema_extra == {
+        "refers_to": "host"
+    }
+
+
+# ---------------------------------------------------------------- labs of their own
+
+
+def test_failover_after_a_site_loss_then_failback_restores_replication_both_ways(lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        heartbeat_replicated(lab)
+        harness = Harness(lab_inventory(lab))
+        try:
+            # The primary site is lost. Its database is unreachable, which fences it.
+            lab.kill_site("primary")
+            harness.run_info["incident_at"] = utcnow().isoformat()
+            promoted = act(harness, Promote, site="backup")
+            assert promoted["old_primary"]["role"] == "unreachable" and "forced" not in promoted
+            assert promoted["timeline"] == 2 and promoted["before"]["role"] == "standby"
+            assert promoted["before"]["replay_lsn"] and promoted["before"]["last_replayed_commit_at"]
+            assert promoted["promotion_s"] < 5
+            assert query(lab, "backup", "SELECT pg_is_in_recovery()") is False
+            [promotion] = harness.measurements("promotion_s")
+            assert promotion.value == pytest.approx(promoted["promotion_s"], abs=1e-6)
+
+            # Asynchronous replication: the RPO is the time since the newest heartbeat the standby got.
+            rpo = act(harness, Rpo, site="backup", services=["trading", "quotation"])
+            assert rpo["method"] == "async: newest replicated heartbeat"
+            assert 0 < rpo["rpo_s"] < 1
+            assert rpo["raw"]["heartbeat"]["sync_state"] == "async"
+            assert [(m.service, m.value) for m in harness.measurements("rpo_s")] == [
+                ("trading", rpo["rpo_s"]),
+                ("quotation", rpo["rpo_s"]),
+            ]
+
+            # Power back at the primary site: rebuild its database as a standby of the backup.
+            lab.start_site("primary")
+            rebuilt = act(harness, RebuildStandby, timeout=120, site="primary", flush=False)
+            assert rebuilt["method"] == "pg_rewind" and rebuilt["server_found"] == "stale"
+            assert rebuilt["streaming"]["state"] == "streaming"
+            query(lab, "backup", "CREATE TABLE written_at_backup AS SELECT 42 AS answer")
+            wait_for(
+                lambda: query(lab, "primary", "SELECT to_regclass('written_at_backup') IS NOT NULL") is True,
+                10,
+                "a write at the backup to reach the rebuilt primary site",
+            )
+            again = act(harness, RebuildStandby, site="primary")
+            assert again["already_streaming"] is True
+
+            synced = act(harness, SetSync, site="backup")
+            assert synced["after"] == 'FIRST 1 ("primary")'
+
+            # Planned switchover back: fence the backup, wait for catch-up, promote, RPO by LSN equality.
+            fenced = act(harness, SetReadOnly, site="backup")
+            assert fenced["after"]["writable"] is False
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                query(lab, "backup", "CREATE TABLE refused AS SELECT 1")
+            caught_up = act(harness, WaitCaughtUp, site="primary")
+            assert caught_up["primary_read_only"] is True
+            back = act(harness, Promote, site="primary")
+            assert back["old_primary"] == {**back["old_primary"], "role": "primary", "writable": False}
+            switchover = act(harness, Rpo, site="primary", old_primary_final_lsn=caught_up["primary_lsn"])
+            assert switchover["rpo_s"] == 0
+            assert switchover["method"].startswith("switchover: LSN equality")
+            assert query(lab, "primary", "SELECT answer FROM written_at_backup") == 42
+
+            # And the backup follows the primary again: the original direction.
+            forward = act(harness, RebuildStandby, timeout=120, site="backup", flush=False)
+            assert forward["server_found"] == "running" and forward["streaming"]["state"] == "streaming"
+            assert query(lab, "backup", "SELECT pg_is_in_recovery()") is True
+            assert query(lab, "backup", "SHOW default_transaction_read_only") == "off"  # the fence is gone
+
+            # Forcing: a promotion with the old primary still writable goes ahead, the reason recorded.
+            with pytest.raises(ActionError, match="refusing to promote"):
+                act(harness, Promote, site="backup")
+            harness.run_info["forced"] = ["drill: split brain on purpose"]
+            forced = act(harness, Promote, site="backup")
+            assert forced["forced"] == ["drill: split brain on purpose"]
+            assert forced["old_primary"]["writable"] is True
+            harness.run_info["forced"] = []
+            with pytest.raises(ActionError, match="refusing to rebuild .*writable primary"):
+                act(harness, RebuildStandby, site="primary")
+        finally:
+            harness.close()
+
+
+def test_synchronous_replication_under_write_load_gives_rpo_zero_and_loses_nothing(lab_factory: LabFactory) -> None:
+    with lab_factory(sync=True) as lab:
+        heartbeat_replicated(lab)
+        query(lab, "primary", "CREATE TABLE acknowledged (id bigint PRIMARY KEY)")
+        acknowledged: list[int] = []
+        stop = threading.Event()
+
+        def write() -> None:
+            with psycopg.connect(lab.config.dsn("primary"), autocommit=True) as connection:
+                for number in range(1, 1_000_000):
+                    if stop.is_set():
+                        return
+                    try:
+                        connection.execute("INSERT INTO acknowledged VALUES (%s)", (number,))
+                    except psycopg.Error:
+                        return  # the site is gone
+                    acknowledged.append(number)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        harness = Harness(lab_inventory(lab))
+        try:
+            wait_for(lambda: len(acknowledged) >= 200, 20, "200 acknowledged writes")
+            harness.run_info["incident_at"] = utcnow().isoformat()
+            lab.kill_site("primary")
+            writer.join(10)
+            stop.set()
+
+            act(harness, Promote, site="backup")
+            rpo = act(harness, Rpo, site="backup", services=["trading"])
+
+            assert rpo["rpo_s"] == 0
+            assert rpo["method"].startswith("synchronous replication in force at the last heartbeat")
+            assert rpo["raw"]["heartbeat"]["sync_state"] == "sync"
+            kept = query(lab, "backup", "SELECT count(*) FROM acknowledged WHERE id <= %s", (acknowledged[-1],))
+            assert kept == len(acknowledged)  # ground truth: every acknowledged write survived
+        finally:
+            stop.set()
+            harness.close()
