@@ -16,6 +16,13 @@ BUILTIN_ACTIONS = {
     "aws.elbv2.shift": "dr_orchestrator.actions.aws.elbv2:Elbv2Shift",
     "aws.s3.archive": "dr_orchestrator.actions.aws.s3:S3Archive",
     "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
+    "postgres.replication_status": "dr_orchestrator.actions.postgres:ReplicationStatus",
+    "postgres.set_read_only": "dr_orchestrator.actions.postgres:SetReadOnly",
+    "postgres.promote": "dr_orchestrator.actions.postgres:Promote",
+    "postgres.rpo": "dr_orchestrator.actions.postgres:Rpo",
+    "postgres.wait_caught_up": "dr_orchestrator.actions.postgres:WaitCaughtUp",
+    "postgres.set_sync": "dr_orchestrator.actions.postgres:SetSync",
+    "postgres.rebuild_standby": "dr_orchestrator.actions.postgres_rebuild:RebuildStandby",
     "ansible.playbook": "dr_orchestrator.actions.ansible:AnsiblePlaybook",
 }
 
