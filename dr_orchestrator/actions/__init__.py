@@ -23,6 +23,8 @@ BUILTIN_ACTIONS = {
     "postgres.wait_caught_up": "dr_orchestrator.actions.postgres:WaitCaughtUp",
     "postgres.set_sync": "dr_orchestrator.actions.postgres:SetSync",
     "postgres.rebuild_standby": "dr_orchestrator.actions.postgres_rebuild:RebuildStandby",
+    "haproxy.set_active": "dr_orchestrator.actions.haproxy:SetActive",
+    "haproxy.state": "dr_orchestrator.actions.haproxy:State",
     "ansible.playbook": "dr_orchestrator.actions.ansible:AnsiblePlaybook",
 }
 
