@@ -20,7 +20,7 @@ from dr_orchestrator import templating
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.engine.context import step_service, template_context
-from dr_orchestrator.loading import check_runbook, load_inventory, load_runbook
+from dr_orchestrator.loading import load_inventory, load_runbook, validate
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
 from dr_orchestrator.model.runbook import Runbook
 from dr_orchestrator.yamlsource import LoadError, Problem, YamlDocument
@@ -72,20 +72,7 @@ def resolve_parameters(runbook: Runbook, document: YamlDocument, overrides: dict
 
 def validate_files(runbook_path: str, inventory_path: str, registry: ActionRegistry | None = None) -> list[Problem]:
     """Every problem of a runbook against an inventory (empty when clean)."""
-    registry = registry or default_registry()
-    problems: list[Problem] = []
-    inventory = inventory_document = None
-    try:
-        inventory, inventory_document = load_inventory(inventory_path)
-    except LoadError as exc:
-        problems.extend(exc.problems)
-    try:
-        runbook, document = load_runbook(runbook_path)
-    except LoadError as exc:
-        return problems + exc.problems
-    if inventory is not None:
-        problems.extend(check_runbook(runbook, document, inventory, registry.params_model))
-    return problems
+    return validate(runbook_path, inventory_path, (registry or default_registry()).params_model)
 
 
 def build_plan(

@@ -79,7 +79,7 @@ def test_validate_reports_every_problem_with_lines(tmp_path: Path) -> None:
     assert len(problems) == 5, messages
     assert any("unknown action 'ssh.runn'" in p["message"] and p["line"] == 9 for p in problems), messages
     assert any("missing required parameter 'url'" in p["message"] and p["line"] == 14 for p in problems), messages
-    assert any("used twice" in p["message"] and p["line"] == 17 for p in problems), messages
+    assert any("used twice" in p["message"] and p["line"] == 15 for p in problems), messages
     assert any("cycle" in p["message"] for p in problems), messages
     assert any("params.target_site" in p["message"] and p["line"] == 23 for p in problems), messages
     assert found
