@@ -152,6 +152,9 @@ def test_failover_after_a_site_loss_then_failback_restores_replication_both_ways
             # The primary site is lost. Its database is unreachable, which fences it.
             lab.kill_site("primary")
             harness.run_info["incident_at"] = utcnow().isoformat()
+            # With the primary gone, how current the standby is counts at the incident, not now.
+            precheck = act(harness, ReplicationStatus, site="backup", max_staleness="1s")
+            assert precheck["staleness_reference"] == "incident time" and precheck["problems"] == []
             promoted = act(harness, Promote, site="backup")
             assert promoted["old_primary"]["role"] == "unreachable" and "forced" not in promoted
             assert promoted["timeline"] == 2 and promoted["before"]["role"] == "standby"

@@ -62,7 +62,7 @@ class ReplicationStatusParams(DatabaseParams):
     max_staleness: float | None = Field(
         default=None,
         description="Refuse when the standby's newest heartbeat (or replayed commit) is older than this "
-        "(seconds or a duration).",
+        "(seconds or a duration): older than now while a primary answers, else than the incident time.",
     )
     require_streaming: bool = Field(default=False, description="Refuse unless the standby's WAL receiver is streaming.")
 
@@ -138,10 +138,12 @@ class ReplicationStatus(Action[ReplicationStatusParams]):
         others = db.other_sites(params.site)
         with connect(db, params.site, ctx) as connection:
             heartbeat = latest_heartbeat(connection, others)
-            (replay_age,) = one(
-                connection, "SELECT EXTRACT(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float"
-            )
-        staleness = heartbeat["age_s"] if heartbeat else replay_age
+            replayed_at, now = one(connection, "SELECT pg_last_xact_replay_timestamp(), clock_timestamp()")
+        newest = datetime.fromisoformat(heartbeat["at"]) if heartbeat else replayed_at
+        # With the primary gone, the standby ages by the minute: what counts is how current it was at the incident.
+        incident = ctx.run_info.get("incident_at")
+        reference = now if primaries or not incident else min(now, datetime.fromisoformat(str(incident)))
+        staleness = None if newest is None else round((reference - newest).total_seconds(), 6)
         problems = []
         if params.require_streaming and standby["wal_receiver"] != "streaming":
             problems.append(f"its WAL receiver is {standby['wal_receiver']}, not streaming")
@@ -158,6 +160,7 @@ class ReplicationStatus(Action[ReplicationStatusParams]):
             else "standby's received WAL (no primary answers)",
             "staleness_s": staleness,
             "staleness_source": "heartbeat" if heartbeat else "pg_last_xact_replay_timestamp()",
+            "staleness_reference": "now" if reference is now else "incident time",
             "heartbeat": heartbeat,
             "problems": problems,
         }
@@ -265,6 +268,11 @@ class Promote(Action[PromoteParams]):
                 raise ActionError(f"{db.where(params.site)} is not a standby (pg_is_in_recovery() is false)")
             old_primary = probe_role(db, old_site, ctx)
             forced = forced_reasons(ctx)
+            if old_primary["role"] == "unknown" and not forced:
+                raise ActionError(
+                    f"refusing to promote {db.where(params.site)}: cannot tell whether the old primary takes "
+                    f"writes ({old_primary['error']}); fence it, or run with --force and a reason"
+                )
             if old_primary["writable"] and not forced:
                 raise ActionError(
                     f"refusing to promote {db.where(params.site)}: the old primary, {db.where(old_site)}, still "
@@ -280,7 +288,7 @@ class Promote(Action[PromoteParams]):
                 "before": before,
                 "heartbeat_before": heartbeat,
             }
-            if old_primary["writable"]:
+            if old_primary["writable"] or old_primary["role"] == "unknown":
                 output["forced"] = forced
             if ctx.check_mode:
                 return ActionResult(output={**output, "check_mode": True})
