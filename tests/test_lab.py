@@ -25,6 +25,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from dr_orchestrator.lab import haproxy
 from dr_orchestrator.lab.cli import lab_group
 from dr_orchestrator.lab.config import SERVICES, SITES, LabConfig, LabConfigError
 from dr_orchestrator.lab.inventory import render as render_inventory
@@ -124,6 +125,7 @@ def test_the_lab_comes_up_healthy_with_the_standby_streaming(lab: Lab) -> None:
     status = lab.status()
 
     assert status["healthy"], status["problems"]
+    assert status["active_site"] == "primary"
     assert all(entry["running"] for entry in status["processes"])
     assert status["databases"]["primary"]["role"] == "primary"
     assert status["databases"]["backup"]["role"] == "standby"
@@ -318,7 +320,7 @@ def test_faults_kill_service_break_replication_and_kill_the_primary_site(
         own.break_replication()
         status = own.status()
         assert status["replication"] == [] and status["databases"]["backup"]["wal_receiver"] == "stopped"
-        assert "the standby is not streaming from the primary" in status["problems"]
+        assert "no standby is streaming from the primary site" in status["problems"]
         order = {"client_order_id": f"after-break-{uuid.uuid4().hex}", "symbol": "ACME", "side": "buy", "qty": 1}
         assert http.post(config.frontend_url("trading") + "/orders", json=order).status_code == 201
 
@@ -332,6 +334,22 @@ def test_faults_kill_service_break_replication_and_kill_the_primary_site(
         wait_for(lambda: own.status()["front_door"]["trading"]["servers"]["primary"] == "DOWN", 5,
                  "HAProxy's checks to mark trading@primary DOWN")
         assert http.get(config.service_url("quotation", "backup") + "/health").status_code == 200
+
+        # what a failover runbook does: promote the standby, switch the front door; the warm services
+        # at the backup site take writes without a restart, and status follows the new roles
+        with psycopg.connect(config.dsn("backup"), autocommit=True) as standby:
+            standby.execute("SELECT pg_promote(wait => true)")
+        for service in SERVICES:
+            haproxy.command(config, f"set server {service}/backup state ready")
+            haproxy.command(config, f"set server {service}/primary state maint")
+        placed = wait_for(lambda: (r := http.post(config.frontend_url("trading") + "/orders", json={
+            **order, "client_order_id": f"after-failover-{uuid.uuid4().hex}"})).status_code == 201 and r,
+            5, "the promoted backup to take orders")
+        assert placed.headers["X-DR-Site"] == "backup"
+        status = own.status()
+        assert status["active_site"] == "backup"
+        assert [p for p in status["problems"] if "is not running" not in p] == [
+            "no standby is streaming from the backup site"]
 
         # power back: sshd only; the database and services stay down until a runbook rebuilds them
         own.start_site("primary")

@@ -182,8 +182,8 @@ def set_synchronous(config: LabConfig, synchronous: bool) -> None:
                 time.sleep(0.05)
 
 
-def replication_rows(config: LabConfig) -> list[dict[str, Any]]:
-    """The primary's view of its standbys: state, sync_state, lag in bytes and seconds."""
+def replication_rows(config: LabConfig, site: str = "primary") -> list[dict[str, Any]]:
+    """The view of the read-write cluster at `site` on its standbys: state, sync_state, lag in bytes and seconds."""
     query = """
         SELECT application_name, client_addr::text, state, sync_state,
                pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes,
@@ -191,7 +191,7 @@ def replication_rows(config: LabConfig) -> list[dict[str, Any]]:
                sent_lsn::text, replay_lsn::text
         FROM pg_stat_replication"""
     try:
-        with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
+        with psycopg.connect(config.dsn(site), autocommit=True) as connection:
             cursor = connection.execute(query)
             names = [column.name for column in cursor.description or []]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

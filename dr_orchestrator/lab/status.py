@@ -35,7 +35,9 @@ def collect_status(config: LabConfig, specs: list[ProcessSpec], state: dict[str,
     with ThreadPoolExecutor(max_workers=len(targets) + 2) as pool:
         health = dict(zip(targets, pool.map(lambda t: service_health(config.service_url(*t)), targets), strict=True))
         databases = dict(zip(SITES, pool.map(lambda site: postgres.database_state(config, site), SITES), strict=True))
-        replication = postgres.replication_rows(config) if databases["primary"].get("role") == "primary" else []
+        primaries = [site for site in SITES if databases[site].get("role") == "primary"]
+        active = primaries[0] if len(primaries) == 1 else None
+        replication = postgres.replication_rows(config, active) if active else []
     services = {
         service: {site: {"url": config.service_url(service, site), **health[(service, site)]} for site in SITES}
         for service in SERVICES
@@ -55,6 +57,7 @@ def collect_status(config: LabConfig, specs: list[ProcessSpec], state: dict[str,
         "started_at": state.get("started_at"),
         "processes": processes,
         "services": services,
+        "active_site": active,  # where the database is read-write (None: nowhere, or split brain)
         "databases": databases,
         "replication": replication,
         "front_door": front_door,
@@ -65,25 +68,36 @@ def collect_status(config: LabConfig, specs: list[ProcessSpec], state: dict[str,
 
 
 def problems(report: dict[str, Any]) -> list[str]:
-    """What differs from a freshly started lab, one sentence each."""
+    """What is wrong with the lab now, one sentence each; after a failover the backup site may lead."""
     found = [f"{p['name']}@{p['site']} is not running" if p["site"] else f"{p['name']} is not running"
              for p in report["processes"] if not p["running"]]
-    for service, sites in report["services"].items():
-        if sites["primary"].get("status") != 200:
-            found.append(f"{service}@primary is not ready ({_describe(sites['primary'])})")
-        if sites["backup"].get("status") is None:
-            found.append(f"{service}@backup does not answer ({_describe(sites['backup'])})")
-    if report["databases"]["primary"].get("role") != "primary":
-        found.append(f"the primary site's database is {report['databases']['primary'].get('role')}")
-    if report["databases"]["backup"].get("role") != "standby":
-        found.append(f"the backup site's database is {report['databases']['backup'].get('role')}, not a standby")
-    if not any(row.get("state") == "streaming" for row in report["replication"]):
-        found.append("the standby is not streaming from the primary")
+    active = report["active_site"]
+    primaries = [site for site, database in report["databases"].items() if database.get("role") == "primary"]
+    if not primaries:
+        found.append("no site's database is read-write")
+    elif len(primaries) > 1:
+        found.append("both sites' databases are read-write (split brain)")
+    elif not any(row.get("state") == "streaming" for row in report["replication"]):
+        found.append(f"no standby is streaming from the {active} site")
     elif report["sync"] and not any(row.get("sync_state") == "sync" for row in report["replication"]):
         found.append("the lab runs with --sync but the standby is not synchronous")
+    stopped = {(p["name"], p["site"]) for p in report["processes"] if not p["running"]}
+    for service, sites in report["services"].items():
+        for site, health in sites.items():
+            if (service, site) in stopped:
+                continue  # already said
+            if site == active and health.get("status") != 200:
+                found.append(f"{service}@{site} is not ready ({_describe(health)})")
+            elif health.get("status") is None:
+                found.append(f"{service}@{site} does not answer ({_describe(health)})")
     for service, door in report["front_door"].items():
-        if door["servers"].get("primary") != "UP":
-            found.append(f"the front door does not see {service}@primary UP ({door['servers'] or 'no answer'})")
+        # "UP 1/2": up, one failed check on its way down; still serving.
+        up = [server for server, state in door["servers"].items() if state.startswith("UP")]
+        if not up:
+            found.append(f"the front door has no server UP for {service} ({door['servers'] or 'no answer'})")
+        elif active and active not in up:
+            found.append(f"the front door sends {service} to {', '.join(up)}, not to {active} where the database "
+                         f"is read-write")
     return found
 
 
