@@ -127,7 +127,7 @@ def _print_status(report: dict[str, Any]) -> None:
                 cells.append(f"{site}: {health['status']} db {health.get('db_role')}"
                              f"{' ready' if health.get('ready') else ''}")
         click.echo(f"  {service:<18}" + "   ".join(cells))
-    click.echo("Databases:")
+    click.echo(f"Databases (read-write at: {report['active_site'] or 'no single site'}):")
     for site, database in report["databases"].items():
         details = ", ".join(f"{key} {value}" for key, value in database.items() if key != "role")
         click.echo(f"  {site:<18}{database['role']}{' (' + details + ')' if details else ''}")
