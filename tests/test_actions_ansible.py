@@ -11,10 +11,12 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from actionctx import Harness
 from sqlalchemy import select
@@ -22,6 +24,7 @@ from sqlalchemy import select
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams
 from dr_orchestrator.actions.base import ActionError
+from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, RebuildStandbyParams
 from dr_orchestrator.engine import Engine, RunOutcome
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
@@ -29,7 +32,7 @@ from dr_orchestrator.evidence.models import ActionEventRecord, StepRecord
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.lab import Lab
 from dr_orchestrator.loading import load_inventory
-from dr_orchestrator.model.events import ActionEvent, Event, StepFinished
+from dr_orchestrator.model.events import ActionEvent, Event, Observer, StepFinished
 from dr_orchestrator.model.run import RunState, StepState
 from dr_orchestrator.plans import build_plan
 
@@ -73,7 +76,7 @@ class Workspace:
     def playbook(self, name: str, text: str) -> None:
         (self.root / "playbooks" / name).write_text(textwrap.dedent(text))
 
-    def run(self, step_with: dict[str, Any], timeout: str = "60s", observers: Sequence[Callable[[Event], None]] = (),
+    def run(self, step_with: dict[str, Any], timeout: str = "60s", observers: Sequence[Observer] = (),
             inventory: Path | None = None) -> tuple[RunOutcome, list[Event]]:
         runbook = self.root / f"runbook-{uuid.uuid4().hex[:8]}.yml"
         runbook.write_text(json.dumps({
@@ -81,8 +84,12 @@ class Workspace:
             "steps": [{"id": "play", "action": "ansible.playbook", "with": step_with, "timeout": timeout}],
         }))
         events: list[Event] = []
+
+        def collect(event: Event) -> None:
+            events.append(event)
+
         plan = build_plan(str(runbook), str(inventory or self.inventory))
-        outcome = Engine(default_registry(), [events.append, *observers]).run(plan)
+        outcome = Engine(default_registry(), [collect, *observers]).run(plan)
         return outcome, events
 
 
@@ -149,6 +156,7 @@ def test_task_events_reach_the_evidence_store_while_the_playbook_runs(
     assert all(r.step_id == "play" and r.data["duration_s"] is not None for r in stored[:2])
     assert stored[0].data["changed"] is False
     output = step.output
+    assert output is not None
     assert (output["status"], output["rc"], output["playbook"]) == ("successful", 0, "steps.yml")
     assert output["stats"]["backup-local"]["ok"] == 2
     assert output["stats"]["backup-local"]["skipped"] == 1
@@ -195,11 +203,12 @@ def test_the_step_timeout_ends_a_long_playbook_promptly(workspace: Workspace, tm
     """)
 
     started = time.monotonic()
-    outcome, events = workspace.run({"playbook": "long.yml"}, timeout="6s")
+    # Long enough for Ansible to reach the task on a busy machine (its start-up alone takes seconds there).
+    outcome, events = workspace.run({"playbook": "long.yml"}, timeout="10s")
     elapsed = time.monotonic() - started
 
     assert outcome.steps["play"] is StepState.TIMED_OUT
-    assert elapsed < 6 + 2.5
+    assert elapsed < 10 + 2.5
     assert marker.exists(), "the task never started: the timeout came during Ansible's start-up"
     error = step_result(events).error or ""
     assert "playbook long.yml was stopped after" in error and "during task 'Sleep a long time'" in error
@@ -365,3 +374,65 @@ def test_a_host_whose_key_differs_from_the_pinned_one_is_refused(lab: Lab, lab_w
     assert "Host key verification failed" in error
     assert [t["status"] for t in task_events(events)] == ["unreachable"]
 
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(600)
+def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
+    lab_factory: Callable[..., AbstractContextManager[Lab]], tmp_path: Path
+) -> None:
+    with lab_factory() as lab:
+        workspace = Workspace(tmp_path / "runbooks", lab.config.inventory_path.read_text())
+        (workspace.root / "playbooks").rmdir()
+        (workspace.root / "playbooks").symlink_to(REPO / "runbooks" / "playbooks")
+        # The primary site is lost, the backup promoted; then power comes back at the primary site.
+        lab.kill_site("primary")
+        assert query(lab, "backup", "SELECT pg_promote(true, 30)") is True
+        lab.start_site("primary")
+        step = {"playbook": "rebuild-standby.yml", "extra_vars": {"site": "primary", "flush": False}}
+
+        outcome, events = workspace.run(step, timeout="300s")
+
+        assert outcome.state is RunState.SUCCEEDED, step_result(events).error
+        done = {t["task"]: t["status"] for t in task_events(events)}
+        assert done["Stop the server at primary if it runs"] == "changed"  # the crash's postmaster.pid
+        assert done["Rewind from the new primary"] == "changed"
+        assert done["Copy the new primary with pg_basebackup, pg_rewind having failed"] == "skipped"
+        assert query(lab, "primary", "SELECT pg_is_in_recovery()") is True
+        query(lab, "backup", "CREATE TABLE written_at_backup AS SELECT 42 AS answer")
+        wait_for(lambda: query(lab, "primary", "SELECT to_regclass('written_at_backup') IS NOT NULL") is True,
+                 20, "a write at the new primary to reach the rebuilt standby")
+        # The configuration postgres.rebuild_standby writes (a test there checks its behaviour).
+        auto_conf = (lab.config.pgdata("primary") / "postgresql.auto.conf").read_text().splitlines()
+        assert auto_conf[-3:] == [
+            f"primary_conninfo = 'host=127.0.20.1 port={lab.config.postgres_port} user=drlab "
+            "application_name=primary'",
+            "primary_slot_name = 'primary'",
+            "synchronous_standby_names = ''",
+        ]
+        # The action takes the playbook's standby for one of its own, and the playbook does nothing again.
+        harness = Harness(load_inventory(str(lab.config.inventory_path))[0])
+        try:
+            by_action = RebuildStandby().run(RebuildStandbyParams(site="primary"), harness.ctx(30)).output
+        finally:
+            harness.close()
+        assert by_action["already_streaming"] is True
+
+        again, events = workspace.run(step, timeout="120s")
+
+        assert again.state is RunState.SUCCEEDED, step_result(events).error
+        assert [t["status"] for t in task_events(events) if t["status"] != "skipped"] == ["ok"]
+
+
+def query(lab: Lab, site: str, sql: str) -> Any:
+    with psycopg.connect(lab.config.dsn(site), autocommit=True) as connection:
+        cursor = connection.execute(sql.encode())
+        row = cursor.fetchone() if cursor.description else None
+    return row[0] if row else None
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
