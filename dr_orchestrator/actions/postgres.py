@@ -398,6 +398,10 @@ class RpoParams(DatabaseParams):
         return value
 
 
+# A heartbeat row commits a moment after its `at`: this close to the newest commit, it was that commit.
+HEARTBEAT_IS_NEWEST_S = 0.01
+
+
 class Rpo(Action[RpoParams]):
     """Measures the RPO achieved, from the promoted database, after ``postgres.promote``.
 
@@ -405,7 +409,8 @@ class Rpo(Action[RpoParams]):
       primary's final WAL position (LSN equality);
     - synchronous replication: 0 when the newest replicated heartbeat of the old primary saw its
       standby in ``sync`` state, less than ``sync_staleness`` before the incident;
-    - otherwise: incident time minus the newest replicated heartbeat (at least 0).
+    - otherwise: incident time minus the newest commit the promoted database replayed, the newest
+      replicated heartbeat or, under load, a newer transaction (at least 0).
 
     The figure is recorded as ``rpo_s`` for each service, with the method and every raw input.
     """
@@ -466,8 +471,8 @@ class Rpo(Action[RpoParams]):
                     f"was {params.old_primary_final_lsn})"
                 )
             raw["switchover_short_by_bytes"] = lsn_value(params.old_primary_final_lsn) - lsn_value(replay_lsn)
-        if heartbeat is not None:
-            beat_at = datetime.fromisoformat(heartbeat["at"])
+        beat_at = datetime.fromisoformat(heartbeat["at"]) if heartbeat else None
+        if heartbeat is not None and beat_at is not None:
             before_incident_s = (incident_at - beat_at).total_seconds()
             raw["heartbeat_before_incident_s"] = before_incident_s
             if heartbeat["sync_state"] == "sync" and before_incident_s <= params.sync_staleness:
@@ -475,16 +480,24 @@ class Rpo(Action[RpoParams]):
                     f"synchronous replication in force at the last heartbeat, {before_incident_s * 1000:.0f} ms "
                     "before the incident: every acknowledged commit reached the standby"
                 )
-            prefix = "switchover incomplete; " if params.old_primary_final_lsn is not None else ""
-            return max(0.0, before_incident_s), f"{prefix}async: newest replicated heartbeat"
-        if replayed_at is None:
+        # Asynchronous: what was lost is what the primary committed after the newest commit the standby
+        # replayed. Under load that is a transaction newer than the last heartbeat; when idle, the
+        # heartbeat (itself a commit) keeps it no more than 100 ms old.
+        if replayed_at is None and beat_at is None:
             raise ActionError(
                 f"{db.where(params.site)} holds no heartbeat of site {raw['old_primary_site']} and replayed no "
                 "commit: RPO cannot be measured (is the heartbeat running at the primary?)"
             )
-        return max(0.0, (incident_at - replayed_at).total_seconds()), (
-            "async: newest replayed commit (pg_last_xact_replay_timestamp; no heartbeat)"
-        )
+        newest = max(moment for moment in (beat_at, replayed_at) if moment is not None)
+        if beat_at is not None and (newest - beat_at).total_seconds() <= HEARTBEAT_IS_NEWEST_S:
+            method = "async: newest replicated heartbeat"
+        elif beat_at is not None:
+            method = "async: newest replayed commit (pg_last_xact_replay_timestamp), newer than the last heartbeat"
+        else:
+            method = "async: newest replayed commit (pg_last_xact_replay_timestamp; no heartbeat)"
+        prefix = "switchover incomplete; " if params.old_primary_final_lsn is not None else ""
+        raw["newest_replicated_at"] = newest.isoformat()
+        return max(0.0, (incident_at - newest).total_seconds()), prefix + method
 
 
 def _incident_at(ctx: ActionContext) -> datetime:
