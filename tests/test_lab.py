@@ -167,8 +167,11 @@ def test_up_on_a_running_lab_says_so_and_changes_nothing(lab: Lab) -> None:
 
 
 @pytest.mark.lab
-def test_status_as_json_and_text(lab: Lab) -> None:
-    arguments = ["--root", str(lab.config.root), "--port-offset", str(lab.config.port_offset), "status"]
+def test_status_as_json_and_text_finds_the_labs_port_offset_from_its_root(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DR_LAB_PORT_OFFSET", raising=False)
+    arguments = ["--root", str(lab.config.root), "status"]
 
     text = CliRunner().invoke(lab_group, arguments)
     as_json = CliRunner().invoke(lab_group, [*arguments, "--output", "json"])

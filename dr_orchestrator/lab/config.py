@@ -7,6 +7,7 @@ offset, so nothing here is a fixed global path or port.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,16 @@ DEFAULT_ROOT = "/tmp/dr-lab"
 ROOT_ENV = "DR_LAB_DIR"
 PORT_OFFSET_ENV = "DR_LAB_PORT_OFFSET"
 MAX_PORT = 65535
+MARKER_NAME = ".dr-lab"
+
+
+def _recorded_offset(root: Path) -> int:
+    """The port offset in the marker of the lab at `root`; 0 when there is none."""
+    try:
+        recorded = json.loads((root / MARKER_NAME).read_text()).get("port_offset", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return recorded if isinstance(recorded, int) else 0
 
 
 class LabConfigError(ValueError):
@@ -58,15 +69,16 @@ class LabConfig:
 
     @classmethod
     def from_env(cls, root: str | Path | None = None, port_offset: int | None = None, sync: bool = False) -> LabConfig:
-        """Explicit values win; then DR_LAB_DIR / DR_LAB_PORT_OFFSET; then the defaults."""
-        chosen_root = root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+        """Explicit values win; then DR_LAB_DIR / DR_LAB_PORT_OFFSET; then the offset the lab at that
+        root was made with (so `dr lab status` finds a lab brought up with --port-offset); then the defaults."""
+        chosen_root = Path(root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
         if port_offset is None:
-            raw = os.environ.get(PORT_OFFSET_ENV, "0").strip() or "0"
+            raw = os.environ.get(PORT_OFFSET_ENV, "").strip()
             try:
-                port_offset = int(raw)
+                port_offset = int(raw) if raw else _recorded_offset(chosen_root)
             except ValueError:
                 raise LabConfigError(f"{PORT_OFFSET_ENV}={raw!r} is not a whole number") from None
-        return cls(root=Path(chosen_root), port_offset=port_offset, sync=sync)
+        return cls(root=chosen_root, port_offset=port_offset, sync=sync)
 
     # --- who runs what -----------------------------------------------------------------------------
     @property
@@ -121,7 +133,7 @@ class LabConfig:
     @property
     def marker(self) -> Path:
         """Present only in a directory the lab created: `down` removes nothing without it."""
-        return self.root / ".dr-lab"
+        return self.root / MARKER_NAME
 
     @property
     def state_file(self) -> Path:
