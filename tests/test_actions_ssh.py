@@ -182,8 +182,14 @@ def test_one_connection_per_host_is_reused_within_a_run(harness: Harness) -> Non
     assert warm < cold
     print(f"ssh exec: cold {cold * 1000:.1f} ms, warm {warm * 1000:.1f} ms")
 
+    # A connection that died since its last use (the host restarted) is replaced, once, quietly.
+    first.close()
+    assert execute(harness.ctx(), host, "echo again").stdout == "again\n"
+    second = transport_for(harness.ctx(), host, 5.0)
+    assert second is not first and second.is_active()
+
     harness.resources.close()  # the run's end
-    assert not first.is_active()
+    assert not second.is_active()
 
 
 def test_is_registered_and_declares_hosts_for_validation() -> None:
