@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from dr_orchestrator.lab import haproxy
+from dr_orchestrator.lab import haproxy, system
 from dr_orchestrator.lab.cli import lab_group
 from dr_orchestrator.lab.config import SERVICES, SITES, LabConfig, LabConfigError
 from dr_orchestrator.lab.inventory import render as render_inventory
@@ -115,6 +115,34 @@ def test_a_port_offset_that_leaves_the_port_range_is_refused_in_one_sentence() -
         LabConfig(port_offset=50000)
     result = CliRunner().invoke(lab_group, ["--port-offset", "60000", "status"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_missing_system_packages_are_named_in_one_sentence_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(system, "REQUIRED_PACKAGES", {"haproxy": "/usr/sbin/haproxy",
+                                                      "python3-psycopg2": "/nonexistent/psycopg2/__init__.py"})
+    monkeypatch.setattr(system.os, "geteuid", lambda: 1000)
+
+    with pytest.raises(LabSetupError) as raised:
+        system.ensure_packages()
+
+    assert str(raised.value) == ("the lab needs these Debian packages: install them with "
+                                 "`sudo apt-get install -y python3-psycopg2`")
+
+
+def test_the_process_scan_finds_processes_naming_the_root_and_not_a_sibling_root(tmp_path: Path) -> None:
+    lab_root, sibling = tmp_path / "lab", tmp_path / "lab2"
+    script = "import sys, time; time.sleep(60)"
+    ours = subprocess.Popen([sys.executable, "-c", script, f"--config={lab_root}/primary/site.json"])
+    theirs = subprocess.Popen([sys.executable, "-c", script, str(sibling / "primary" / "site.json")])
+    try:
+        wait_for(lambda: processes_under(lab_root) == {ours.pid}, 5, "the scan to find the lab's process")
+        assert processes_under(lab_root / "primary") == {ours.pid}
+        assert processes_under(lab_root / "backup") == set()
+        assert processes_under(sibling) == {theirs.pid}
+    finally:
+        for process in (ours, theirs):
+            process.kill()
+            process.wait()
 
 
 # --- the running lab ------------------------------------------------------------------------------------
