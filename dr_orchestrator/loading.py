@@ -227,6 +227,15 @@ def load_runbook(path: str, text: str | None = None) -> tuple[Runbook, YamlDocum
     return parsed.runbook, document
 
 
+def parse_runbook(document: YamlDocument) -> Runbook:
+    """A runbook from an already read document: one held inside another file (a drill's fault,
+    checks and cleanup), whose line map points into that file."""
+    parsed = _parse_runbook(document)
+    if parsed.problems or parsed.runbook is None:
+        raise LoadError(_by_line(parsed.problems))
+    return parsed.runbook
+
+
 def validate(
     runbook_path: str,
     inventory_path: str,
