@@ -12,6 +12,9 @@ from typing import Any, NoReturn
 import click
 
 USER_ERROR = 2
+TAMPERED = 1
+# Kept here, not imported from the evidence room: `dr --help` must stay fast.
+TEST_TYPES = ["planned switchover rehearsal", "unplanned failover rehearsal", "real failover", "failback"]
 
 
 class UserError(click.ClickException):
@@ -160,10 +163,17 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
               help="default: the runbook's kind")
 @click.option("--reason", default="", help="why this run (recorded)")
 @click.option("--trigger", type=click.Choice(["manual", "schedule", "change", "incident"]), default="manual")
+@click.option("--test-type", type=click.Choice(TEST_TYPES),
+              help="what the DR test record calls the run (default: from kind, trigger and scenario)")
+@click.option("--scenario", default="", help="the fault injected, in words (recorded)")
+@click.option("--failback-of", metavar="RUN", help="the run whose failover this run undoes")
+@click.option("--retention-years", type=click.IntRange(min=1), envvar="DR_RETENTION_YEARS",
+              help="keep the record this many years (default 6, or $DR_RETENTION_YEARS)")
 @click.option("--quiet", "-q", is_flag=True, help="no live progress, only the summary")
 @click.pass_context
 def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...], incident_at: str | None,
-        kind: str | None, reason: str, trigger: str, quiet: bool) -> None:
+        kind: str | None, reason: str, trigger: str, test_type: str | None, scenario: str, failback_of: str | None,
+        retention_years: int | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
     Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input.
@@ -176,7 +186,10 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     moment = parse_time(incident_at, "--incident-at")
     the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger=trigger)
     sessions = session_factory(ctx)
-    observers: list[Any] = [EvidenceStore(sessions)]
+    if failback_of is not None:
+        failback_of = _existing_run_id(sessions, failback_of)
+    the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of})
+    observers: list[Any] = [EvidenceStore(sessions, retention=retention_years)]
     if not quiet:
         observers.append(ProgressPrinter())
     engine = Engine(default_registry(), observers)
@@ -187,6 +200,19 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
         signal.signal(signal.SIGTERM, previous)
     print_run_summary(sessions, outcome.run_id)
     sys.exit(0 if outcome.state == "succeeded" else 1)
+
+
+def _existing_run_id(sessions: Any, run_id: str) -> str:
+    from dr_orchestrator.evidence import queries
+
+    with sessions() as session:
+        try:
+            found = queries.find_run(session, run_id)
+        except queries.AmbiguousRunId as exc:
+            raise UserError(str(exc)) from None
+    if found is None:
+        raise UserError(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
+    return str(found.id)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -276,6 +302,317 @@ def evidence_export(ctx: click.Context, fmt: str, service: str | None, since: st
             handle.write(text)
     else:
         click.echo(text, nl=False)
+
+
+def _write_output(content: str | bytes, out: str | None) -> None:
+    """To the file ``out``, else to stdout (binary content needs a file)."""
+    if out:
+        from pathlib import Path
+
+        try:
+            if isinstance(content, bytes):
+                Path(out).write_bytes(content)
+            else:
+                Path(out).write_text(content, encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    elif isinstance(content, bytes):
+        raise UserError("this output is binary: give --out FILE")
+    else:
+        click.echo(content, nl=False)
+
+
+def _binary_needs_out(fmt: str, out: str | None) -> None:
+    if fmt == "pdf" and not out:
+        raise UserError("PDF output is binary: give --out FILE")
+
+
+@evidence.command("verify")
+@output_option
+@click.pass_context
+def evidence_verify(ctx: click.Context, output: str) -> None:
+    """Walk the audit chain and check every evidence record against it.
+
+    Exit 0 when intact, 1 when something was changed, removed or inserted (the first is named).
+    """
+    from dr_orchestrator.evidence.chain import verify_session
+
+    with session_factory(ctx)() as session:
+        report = verify_session(session)
+    if output == "json":
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.ok:
+        click.echo(f"intact: {report.entries} chain entries, {report.records} records; "
+                   f"head {report.head_seq} {report.head_sha256}")
+    else:
+        first = report.first
+        assert first is not None
+        click.echo(f"TAMPERED: {first.describe()}")
+        for problem in report.problems[1:20]:
+            click.echo(f"  also {problem.describe()}")
+        if len(report.problems) > 20:
+            click.echo(f"  and {len(report.problems) - 20} more problem(s)")
+    sys.exit(0 if report.ok else TAMPERED)
+
+
+@evidence.command("keygen")
+@click.option("--out", "directory", required=True, type=click.Path(file_okay=False), help="directory for the pair")
+def evidence_keygen(directory: str) -> None:
+    """Create an Ed25519 key pair for signing packs (private key mode 600)."""
+    from dr_orchestrator.evidence.signing import SigningKeyError, generate_keypair
+
+    try:
+        private, public = generate_keypair(directory)
+    except SigningKeyError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot create the key pair in {directory}: {exc.strerror}") from None
+    click.echo(f"private key: {private} (keep it secret; use DR_PACK_SIGNING_KEY=file:{private})")
+    click.echo(f"public key:  {public} (give it to whoever verifies packs)")
+
+
+@evidence.command("pack")
+@click.option("--run", "run_id", metavar="ID", help="one run (and the runs failing it back)")
+@click.option("--quarter", help="every run started in a quarter, e.g. 2026Q3")
+@click.option("--service", help="only runs with this service in scope")
+@click.option("--out", type=click.Path(dir_okay=False), help="zip to write (default: dr-evidence-<scope>.zip)")
+@click.option("--signing-key", "key_ref", metavar="REF",
+              help="file:/path or env:NAME (default: $DR_PACK_SIGNING_KEY)")
+@click.option("--pdf", is_flag=True, help="add PDF after-action reports (needs Chromium)")
+@click.pass_context
+def evidence_pack(ctx: click.Context, run_id: str | None, quarter: str | None, service: str | None, out: str | None,
+                  key_ref: str | None, pdf: bool) -> None:
+    """Write a signed zip of the records, reports and sources, checkable offline with verify-pack."""
+    from dr_orchestrator.evidence.annotations import record_audit_event
+    from dr_orchestrator.evidence.packs import PackError, build_pack
+    from dr_orchestrator.evidence.pdf import PdfError
+    from dr_orchestrator.evidence.queries import AmbiguousRunId
+    from dr_orchestrator.evidence.reports import ReportError
+    from dr_orchestrator.evidence.signing import SigningKeyError, load_signing_key
+    from dr_orchestrator.plans import default_actor
+
+    if (run_id is None) == (quarter is None):
+        raise UserError("give either --run ID or --quarter YYYYQn")
+    try:
+        key = load_signing_key(key_ref)
+    except SigningKeyError as exc:
+        raise UserError(str(exc)) from None
+    sessions = session_factory(ctx)
+    actor = default_actor()
+    try:
+        with sessions() as session:
+            data, manifest = build_pack(session, key, run_id=run_id, quarter=quarter, service=service,
+                                        created_by=actor, with_pdf=pdf)
+    except (PackError, ReportError, AmbiguousRunId, PdfError) as exc:
+        raise UserError(str(exc)) from None
+    scope = run_id or quarter or ""
+    target = out or f"dr-evidence-{scope[:8] if run_id else scope}{'-' + service if service else ''}.zip"
+    _write_output(data, target)
+    with sessions() as session, session.begin():
+        summary = {key: manifest[key] for key in ("scope", "runs", "signing_key", "chain_head")}
+        record_audit_event(session, actor, "evidence.pack", target, summary)
+    click.echo(f"{target}: {len(manifest['files'])} files, {len(manifest['runs'])} run(s), "
+               f"signed by {manifest['signing_key']}")
+
+
+@evidence.command("verify-pack")
+@click.argument("pack", type=click.Path(dir_okay=False))
+@click.option("--public-key", type=click.Path(dir_okay=False), help="PEM of the key you trust to have signed it")
+@output_option
+def evidence_verify_pack(pack: str, public_key: str | None, output: str) -> None:
+    """Check a pack offline: signature, every file's digest, nothing missing or added.
+
+    Exit 0 when it verifies, 1 when it does not (the files at fault are named), 2 for bad input.
+    """
+    from dr_orchestrator.evidence.packs import PackError, verify_pack
+    from dr_orchestrator.evidence.signing import SigningKeyError
+
+    trusted = None
+    if public_key:
+        try:
+            with open(public_key, "rb") as handle:
+                trusted = handle.read()
+        except OSError as exc:
+            raise UserError(f"cannot read the public key {public_key}: {exc.strerror}") from None
+    try:
+        result = verify_pack(pack, trusted)
+    except (PackError, SigningKeyError) as exc:
+        raise UserError(str(exc)) from None
+    if output == "json":
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        click.echo(f"{pack}: verified, {len(result.manifest['files'])} files, signed by {result.key}")
+        if not result.key_trusted:
+            click.echo("note: checked with the key inside the pack; pass --public-key to check who signed it")
+    else:
+        click.echo(f"{pack}: NOT verified")
+        for problem in result.problems:
+            click.echo(f"  {problem}")
+    sys.exit(0 if result.ok else TAMPERED)
+
+
+# ---------------------------------------------------------------- findings
+
+
+@cli.group()
+def findings() -> None:
+    """Findings of runs: what must be fixed, by whom, by when; closed with evidence."""
+
+
+@findings.command("add")
+@click.argument("run_id", metavar="RUN")
+@click.argument("text")
+@click.option("--severity", required=True, type=click.Choice(["low", "medium", "high", "critical"]))
+@click.option("--owner", required=True)
+@click.option("--due", required=True, metavar="DATE", help="YYYY-MM-DD")
+@click.pass_context
+def findings_add(ctx: click.Context, run_id: str, text: str, severity: str, owner: str, due: str) -> None:
+    """Record a finding on RUN."""
+    from datetime import date
+
+    from dr_orchestrator.evidence.annotations import AnnotationError, add_finding
+    from dr_orchestrator.evidence.queries import AmbiguousRunId
+    from dr_orchestrator.plans import default_actor
+
+    try:
+        due_date = date.fromisoformat(due)
+    except ValueError:
+        raise UserError(f"--due {due!r} is not a date such as 2026-12-31") from None
+    with session_factory(ctx)() as session, session.begin():
+        try:
+            finding = add_finding(session, run_id, severity, owner, due_date, text, default_actor())
+        except (AnnotationError, AmbiguousRunId) as exc:
+            raise UserError(str(exc)) from None
+        finding_id = finding.id
+    click.echo(f"finding {finding_id} recorded")
+
+
+@findings.command("list")
+@click.option("--open", "open_only", is_flag=True, help="only findings not closed")
+@click.option("--run", "run_id", metavar="RUN", help="only findings of this run")
+@output_option
+@click.pass_context
+def findings_list(ctx: click.Context, open_only: bool, run_id: str | None, output: str) -> None:
+    """Findings, oldest first."""
+    from dr_orchestrator.evidence.annotations import list_findings
+
+    sessions = session_factory(ctx)
+    run_ids = [_existing_run_id(sessions, run_id)] if run_id else None
+    with sessions() as session:
+        rows = list_findings(session, open_only=open_only, run_ids=run_ids)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo("no findings")
+    for row in rows:
+        closed = row["closed"]
+        state = "open" if closed is None else (
+            f"closed {closed['closed_at'][:10]} by {closed['closed_by']}: "
+            f"{closed['evidence_run_id'] or closed['evidence_text']}")
+        click.echo(f"{row['id']:>4}  {row['severity']:<8} due {row['due']}  {row['owner']:<12} "
+                   f"run {row['run_id'][:8]}  {row['text']}  [{state}]")
+
+
+@findings.command("close")
+@click.argument("finding_id", type=int, metavar="ID")
+@click.option("--evidence", required=True, metavar="RUN_OR_TEXT", help="a run proving the fix, or a text")
+@click.pass_context
+def findings_close(ctx: click.Context, finding_id: int, evidence: str) -> None:
+    """Close a finding; the closing is a new record, the finding itself never changes."""
+    from dr_orchestrator.evidence.annotations import AnnotationError, close_finding
+    from dr_orchestrator.evidence.queries import AmbiguousRunId
+    from dr_orchestrator.plans import default_actor
+
+    with session_factory(ctx)() as session, session.begin():
+        try:
+            closure = close_finding(session, finding_id, evidence, default_actor())
+        except (AnnotationError, AmbiguousRunId) as exc:
+            raise UserError(str(exc)) from None
+        by = closure.evidence_run_id or closure.evidence_text
+    click.echo(f"finding {finding_id} closed: {by}")
+
+
+# ---------------------------------------------------------------- reports
+
+
+@cli.group()
+def report() -> None:
+    """After-action and quarterly compliance reports."""
+
+
+@report.command("run")
+@click.argument("run_id", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["html", "pdf"]), default="html", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="file to write (required for pdf)")
+@click.pass_context
+def report_run(ctx: click.Context, run_id: str, fmt: str, out: str | None) -> None:
+    """The after-action report of one run."""
+    from dr_orchestrator.evidence import reports
+    from dr_orchestrator.evidence.pdf import PdfError, html_to_pdf
+    from dr_orchestrator.evidence.queries import AmbiguousRunId
+
+    _binary_needs_out(fmt, out)
+    with session_factory(ctx)() as session:
+        try:
+            html = reports.after_action_html(session, run_id)
+        except (reports.ReportError, AmbiguousRunId) as exc:
+            raise UserError(str(exc)) from None
+    if fmt == "pdf":
+        try:
+            _write_output(html_to_pdf(html), out)
+        except PdfError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        _write_output(html, out)
+
+
+@report.command("quarter")
+@click.argument("quarter")
+@click.option("--format", "fmt", type=click.Choice(["html", "pdf", "csv", "json"]), default="html",
+              show_default=True)
+@click.option("--service", help="only this service")
+@click.option("--inventory", "-i", type=click.Path(dir_okay=False),
+              help="account for this inventory's services (default: those of the inventories the runs used)")
+@click.option("--levels", type=click.Path(dir_okay=False),
+              help="capability level table (default: GB/T 20988-2007 Annex A examples)")
+@click.option("--out", type=click.Path(dir_okay=False), help="file to write (required for pdf)")
+@click.pass_context
+def report_quarter(ctx: click.Context, quarter: str, fmt: str, service: str | None, inventory: str | None,
+                   levels: str | None, out: str | None) -> None:
+    """The quarterly compliance report, e.g. `dr report quarter 2026Q3`."""
+    from dr_orchestrator.evidence import reports
+    from dr_orchestrator.evidence.levels import LevelsError, load_levels
+    from dr_orchestrator.evidence.pdf import PdfError, html_to_pdf
+
+    _binary_needs_out(fmt, out)
+    services = None
+    if inventory:
+        from dr_orchestrator.evidence.store import target_snapshot_of
+        from dr_orchestrator.loading import load_inventory
+        from dr_orchestrator.yamlsource import LoadError
+
+        try:
+            services = target_snapshot_of(load_inventory(inventory)[0])
+        except LoadError as exc:
+            fail_with_problems(exc.problems, "text")
+    try:
+        table = load_levels(levels)
+        with session_factory(ctx)() as session:
+            data = reports.quarter_data(session, quarter, service=service, inventory_services=services, levels=table)
+    except (reports.ReportError, LevelsError) as exc:
+        raise UserError(str(exc)) from None
+    if fmt == "json":
+        _write_output(reports.quarter_json(data), out)
+    elif fmt == "csv":
+        _write_output(reports.quarter_csv(data), out)
+    elif fmt == "pdf":
+        try:
+            _write_output(html_to_pdf(reports.render_quarter(data)), out)
+        except PdfError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        _write_output(reports.render_quarter(data), out)
 
 
 # ---------------------------------------------------------------- database and actions

@@ -67,8 +67,13 @@ def _begin_sqlite(connection: Connection) -> None:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose writes of evidence rows are appended to the audit chain."""
+    from dr_orchestrator.evidence import chain  # imports the models, which import this module
+
     # Evidence rows are read back after commit (queries, results): keep loaded values.
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    chain.install(factory)
+    return factory
 
 
 def session_factory_for(url: str | None = None) -> sessionmaker[Session]:

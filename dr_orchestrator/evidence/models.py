@@ -8,10 +8,10 @@ The Alembic migrations in ``alembic/versions`` create this schema; keep the two 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Date, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dr_orchestrator.evidence.database import UTCDateTime
@@ -69,8 +69,12 @@ class Run(Recorded, Base):
     sites: Mapped[list[Any]] = mapped_column(comment="sites in scope")
     targets: Mapped[dict[str, Any]] = mapped_column(comment="every inventory service's targets as they stood")
     forced: Mapped[list[Any]] = mapped_column(comment="safety checks the engineer overrode")
+    test_type: Mapped[str | None] = mapped_column(String(50), comment="planned switchover rehearsal, ...")
+    scenario: Mapped[str | None] = mapped_column(Text, comment="the fault injected")
+    failback_of: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), comment="the run this one fails back")
+    retain_until: Mapped[datetime | None] = mapped_column(comment="keep the record at least until then")
 
-    __table_args__ = (Index(None, "started_at"),)
+    __table_args__ = (Index(None, "started_at"), Index(None, "failback_of"))
 
 
 class RunService(Recorded, Base):
@@ -217,3 +221,121 @@ class ServiceResult(Recorded, Base):
     raw: Mapped[dict[str, Any]] = mapped_column(comment="the timestamps and records the figures come from")
 
     __table_args__ = (UniqueConstraint("run_id", "service"), Index(None, "service", "run_id"))
+
+
+class Approval(Recorded, Base):
+    """A decision on a run or one of its steps (written by the approval action and the API)."""
+
+    __tablename__ = "approvals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    step_id: Mapped[str | None] = mapped_column(NAME, comment="None: the run as a whole")
+    decision: Mapped[str] = mapped_column(String(20), comment="approved | rejected")
+    actor: Mapped[str] = mapped_column(NAME)
+    at: Mapped[datetime]
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index(None, "run_id"),)
+
+
+class Reconciliation(Recorded, Base):
+    """Data integrity after recovery: writes an independent client saw acknowledged, against what
+    the recovered site holds."""
+
+    __tablename__ = "reconciliations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    service: Mapped[str | None] = mapped_column(NAME, comment="None: every service in the run's scope")
+    source: Mapped[str] = mapped_column(Text, comment="e.g. load-generator ledger")
+    acknowledged_writes: Mapped[int] = mapped_column(Integer)
+    missing_writes: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime | None] = mapped_column(comment="the period reconciled")
+    window_end: Mapped[datetime | None]
+    details: Mapped[dict[str, Any]]
+    at: Mapped[datetime]
+
+    __table_args__ = (Index(None, "run_id"),)
+
+
+class Finding(Recorded, Base):
+    """Something a run showed that must be fixed. Never changed: closing adds a FindingClosure."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    severity: Mapped[str] = mapped_column(String(10), comment="low | medium | high | critical")
+    owner: Mapped[str] = mapped_column(NAME)
+    due: Mapped[date] = mapped_column(Date)
+    text: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(NAME)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (Index(None, "run_id"),)
+
+
+class FindingClosure(Recorded, Base):
+    __tablename__ = "finding_closures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id"), unique=True)
+    closed_by: Mapped[str] = mapped_column(NAME)
+    closed_at: Mapped[datetime]
+    evidence_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), comment="a run proving the fix")
+    evidence_text: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEvent(Recorded, Base):
+    """Something a person or a process did to the evidence outside a run (an API request, a pack
+    exported, a finding closed), with who did it."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(NAME)
+    action: Mapped[str] = mapped_column(NAME)
+    target: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index(None, "at"),)
+
+
+class AuditEntry(Base):
+    """One link of the audit hash chain: a record's content hash as written, and the hash of the
+    entry before. ``seq`` is gapless from 1."""
+
+    __tablename__ = "audit_chain"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    table_name: Mapped[str] = mapped_column(String(64))
+    record_id: Mapped[str] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(10), comment="insert | update | adopt")
+    content_sha256: Mapped[str] = mapped_column(SHA256)
+    prev_sha256: Mapped[str] = mapped_column(SHA256)
+    entry_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index(None, "table_name", "record_id"),)
+
+
+# Every evidence table, in the order verification reads them; each row written is chained.
+CHAINED: tuple[type[Base], ...] = (
+    Run,
+    RunService,
+    StepRecord,
+    Attempt,
+    Probe,
+    Marker,
+    MeasurementRecord,
+    ActionEventRecord,
+    ServiceResult,
+    Approval,
+    Reconciliation,
+    Finding,
+    FindingClosure,
+    AuditEvent,
+)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -44,10 +45,42 @@ from dr_orchestrator.model.events import (
     StepFinished,
     StepStarted,
 )
-from dr_orchestrator.model.run import RunPlan, RunState, StepState
+from dr_orchestrator.model.inventory import Inventory
+from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
 
 FORWARD = "forward"
 ROLLBACK = "rollback"
+RETENTION_ENV = "DR_RETENTION_YEARS"
+DEFAULT_RETENTION_YEARS = 6
+TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "real failover", "failback")
+
+
+def derive_test_type(kind: str, trigger: str, scenario: str | None) -> str:
+    """What an auditor calls the run: failbacks are failbacks; a run triggered by a real incident,
+    or a failover run, is a real failover; a switchover is a planned rehearsal; a rehearsal with a
+    fault injected (a scenario) is an unplanned failover rehearsal, without one a planned one."""
+    if kind == RunKind.FAILBACK:
+        return "failback"
+    if trigger == "incident" or kind == RunKind.FAILOVER:
+        return "real failover"
+    if kind == RunKind.REHEARSAL and scenario:
+        return "unplanned failover rehearsal"
+    return "planned switchover rehearsal"
+
+
+def retention_years(explicit: int | None = None) -> int:
+    """``explicit``, else ``$DR_RETENTION_YEARS``, else six years."""
+    if explicit is not None:
+        return explicit
+    configured = os.environ.get(RETENTION_ENV, "").strip()
+    return int(configured) if configured else DEFAULT_RETENTION_YEARS
+
+
+def years_after(moment: datetime, years: int) -> datetime:
+    try:
+        return moment.replace(year=moment.year + years)
+    except ValueError:  # 29 February into a common year
+        return moment.replace(year=moment.year + years, day=28)
 
 
 def jsonable(value: Any) -> Any:
@@ -107,6 +140,11 @@ def step_service(plan: RunPlan, named: str | None) -> str | None:
 
 
 def target_snapshot(plan: RunPlan) -> dict[str, Any]:
+    return target_snapshot_of(plan.inventory)
+
+
+def target_snapshot_of(inventory: Inventory) -> dict[str, Any]:
+    """Every service's targets, tier, criticality and sites, as plain data."""
     return {
         name: {
             "rto_s": svc.rto,
@@ -115,7 +153,7 @@ def target_snapshot(plan: RunPlan) -> dict[str, Any]:
             "criticality": svc.criticality,
             "sites": list(svc.sites),
         }
-        for name, svc in plan.inventory.services.items()
+        for name, svc in inventory.services.items()
     }
 
 
@@ -135,8 +173,10 @@ def run_service_row(run_id: str, service: str, targets: dict[str, Any]) -> RunSe
 class EvidenceStore:
     """``store(event)`` (or call the store itself: it is an ``Observer``) for every engine event."""
 
-    def __init__(self, session_factory: Callable[[], Session]) -> None:
+    def __init__(self, session_factory: Callable[[], Session], retention: int | None = None) -> None:
+        """``retention``: years to keep each run's record (default: ``retention_years()``)."""
         self._sessions = session_factory
+        self._retention_years = retention_years(retention)
         # Done now, not on the first event: it takes ~80 ms, which would delay the run's start.
         configure_mappers()
         self._lock = threading.Lock()
@@ -194,6 +234,10 @@ class EvidenceStore:
                 sites=sites_in_scope(plan),
                 targets=targets,
                 forced=list(plan.forced),
+                test_type=plan.test_type or derive_test_type(plan.kind, plan.trigger, plan.scenario),
+                scenario=maybe_text(plan.scenario or None),
+                failback_of=plan.failback_of,
+                retain_until=years_after(event.at, self._retention_years),
             )
         )
         session.flush()  # the run row first: the rows below refer to it

@@ -77,3 +77,7 @@ class RunPlan(Frozen):
     inventory_source: SourceDocument
     parameters_sha256: str
     forced: tuple[str, ...] = ()
+    # For the DR test record: None derives the test type from kind, trigger and scenario.
+    test_type: str | None = None
+    scenario: str = ""  # the fault injected, in words (a drill sets it)
+    failback_of: str | None = None  # the run whose failover this run undoes

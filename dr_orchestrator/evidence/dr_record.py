@@ -1,0 +1,145 @@
+"""The DR test record of one run: what auditors ask for, assembled from the stored evidence.
+
+Plain JSON-ready data (timestamps as ISO-8601 UTC text) for reports, packs, the API and the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dr_orchestrator.evidence import queries
+from dr_orchestrator.evidence.annotations import list_findings
+from dr_orchestrator.evidence.models import Approval, Reconciliation, Run
+from dr_orchestrator.evidence.store import derive_test_type
+
+# Marks a runbook's steps may carry to pin the timeline (else the first and last step are used).
+DETECTED_MARKER = "fault_detected"
+SWITCH_STARTED_MARKER = "switch_started"
+SWITCH_FINISHED_MARKER = "switch_finished"
+FINAL_STATES = ("succeeded", "failed", "aborted")
+
+
+def _first(markers: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    named = [m for m in markers if m["marker"] == name]
+    return min(named, key=lambda m: m["at"]) if named else None
+
+
+def _last(markers: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    named = [m for m in markers if m["marker"] == name]
+    return max(named, key=lambda m: m["at"]) if named else None
+
+
+def timeline(detail: dict[str, Any], failbacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Incident, detection, declaration, switch start and end, service verified, failback: each
+    with its time (None when the run recorded nothing for it) and where the time comes from."""
+    run, markers = detail["run"], detail["markers"]
+    forward = [s for s in detail["steps"] if s["phase"] == "forward" and s["started_at"]]
+    events: list[dict[str, Any]] = []
+
+    def add(event: str, at: str | None, source: str, service: str | None = None) -> None:
+        events.append({"event": event, "at": at, "source": source, "service": service})
+
+    if run["incident_at"]:
+        add("incident", run["incident_at"], "declared incident time")
+    else:
+        add("incident", run["started_at"], "no incident time declared: the run's start")
+    detected = _first(markers, DETECTED_MARKER)
+    if detected:
+        add("detection", detected["at"], f"{DETECTED_MARKER} mark of step {detected['step_id']!r}")
+    else:
+        add("detection", None, f"no {DETECTED_MARKER} mark recorded")
+    add("declaration", run["started_at"], "the run's start")
+    started = _first(markers, SWITCH_STARTED_MARKER)
+    if started:
+        add("switch started", started["at"], f"{SWITCH_STARTED_MARKER} mark of step {started['step_id']!r}")
+    elif forward:
+        first = min(forward, key=lambda s: s["started_at"])
+        add("switch started", first["started_at"], f"start of the first step, {first['step_id']!r}")
+    else:
+        add("switch started", None, "no step started")
+    finished = _last(markers, SWITCH_FINISHED_MARKER)
+    ended = [s for s in forward if s["finished_at"]]
+    if finished:
+        add("switch finished", finished["at"], f"{SWITCH_FINISHED_MARKER} mark of step {finished['step_id']!r}")
+    elif ended:
+        last = max(ended, key=lambda s: s["finished_at"])
+        add("switch finished", last["finished_at"], f"end of the last step, {last['step_id']!r}")
+    else:
+        add("switch finished", None, "no step finished")
+    for result in detail["results"]:
+        if result["restored_at"]:
+            add("service verified", result["restored_at"], "service_restored mark", result["service"])
+        else:
+            add("service verified", None, "never verified restored", result["service"])
+    add("run finished", run["finished_at"], f"run {run['state']}")
+    for failback in failbacks:
+        add("failback", failback["started_at"], f"run {failback['id']} ({failback['state']})")
+    return events
+
+
+def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
+    """Everything recorded about a run (``queries.run_detail``) plus the DR test record: test type,
+    scope with criticality, scenario, sources, participants, approvals, timeline, figures against
+    targets, reconciliations, findings, rollbacks, failbacks, retention. None: no such run."""
+    detail = queries.run_detail(session, run_id)
+    if detail is None:
+        return None
+    run = detail["run"]
+    the_id = run["id"]
+    approvals = [queries.as_dict(a) for a in session.scalars(
+        select(Approval).where(Approval.run_id == the_id).order_by(Approval.at, Approval.id))]
+    reconciliations = [queries.as_dict(r) for r in session.scalars(
+        select(Reconciliation).where(Reconciliation.run_id == the_id).order_by(Reconciliation.id))]
+    failbacks = [queries.as_dict(r, exclude=("runbook_text", "inventory_text")) for r in session.scalars(
+        select(Run).where(Run.failback_of == the_id).order_by(Run.started_at))]
+    rollbacks = [s for s in detail["steps"] if s["phase"] == "rollback"]
+    failed = [s for s in detail["steps"] if s["state"] in ("failed", "timed_out", "rollback_failed")]
+    detail.update(
+        {
+            "test_type": run["test_type"] or derive_test_type(run["kind"], run["trigger"], run["scenario"]),
+            "scenario": run["scenario"],
+            "participants": {
+                "started_by": run["started_by"],
+                "approvers": sorted({a["actor"] for a in approvals}),
+                "orchestrator_host": run["orchestrator_host"],
+            },
+            "sources": {
+                "runbook": {"name": run["runbook_name"], "path": run["runbook_path"], "sha256": run["runbook_sha256"]},
+                "inventory": {
+                    "name": run["inventory_name"],
+                    "path": run["inventory_path"],
+                    "sha256": run["inventory_sha256"],
+                },
+                "parameters_sha256": run["parameters_sha256"],
+            },
+            "approvals": approvals,
+            "timeline": timeline(detail, failbacks),
+            "reconciliations": reconciliations,
+            "findings": list_findings(session, run_ids=[the_id]),
+            "failed_steps": failed,
+            "rollbacks": rollbacks,
+            "failbacks": failbacks,
+            "cleanup": _cleanup_state(detail, rollbacks, failbacks),
+            "retain_until": run["retain_until"],
+        }
+    )
+    return detail
+
+
+def _cleanup_state(detail: dict[str, Any], rollbacks: list[dict[str, Any]], failbacks: list[dict[str, Any]]) -> str:
+    run = detail["run"]
+    if run["state"] not in FINAL_STATES:
+        return f"run {run['state']}: not finished"
+    if any(s["state"] == "rollback_failed" for s in rollbacks):
+        return "rollback failed: the sites may be left half switched"
+    left = [s["step_id"] for s in detail["steps"] if not s["finished_at"]]
+    if left:
+        return f"steps never finished: {', '.join(left)}"
+    if rollbacks:
+        return f"rolled back ({len(rollbacks)} step(s))"
+    if failbacks:
+        return f"failed back by run {failbacks[-1]['id']} ({failbacks[-1]['state']})"
+    return "every step finished; no rollback needed"
