@@ -22,7 +22,7 @@ from actionctx import Harness
 from sqlalchemy import select
 
 from dr_orchestrator.actions import default_registry
-from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams
+from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams, bound_artifacts
 from dr_orchestrator.actions.base import ActionError
 from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, RebuildStandbyParams
 from dr_orchestrator.engine import Engine, RunOutcome
@@ -231,12 +231,13 @@ def test_each_run_has_a_fresh_private_data_dir(workspace: Workspace, monkeypatch
     action = AnsiblePlaybook()
 
     first = action.run(AnsiblePlaybookParams(playbook="show.yml", extra_vars={"word": "secret"}), harness.ctx(60))
-    second = action.run(AnsiblePlaybookParams(playbook="show.yml"), harness.ctx(60))
-
-    assert [t["msg"] for t in task_events(harness.events)] == ["word=secret", "word=unset"]
-    assert first.output["artifacts"] != second.output["artifacts"]
     # Extra vars went through a file of the run's private dir (removed), not the command line.
     command = json.loads((Path(first.output["artifacts"]) / "command").read_text())
+    second = action.run(AnsiblePlaybookParams(playbook="show.yml", keep_artifacts=1), harness.ctx(60))
+
+    assert [t["msg"] for t in task_events(harness.events)] == ["word=secret", "word=unset"]
+    # Each run's artifacts in a folder of its own, the older ones rotated away (keep_artifacts).
+    assert list(Path(second.output["artifacts"]).parent.iterdir()) == [Path(second.output["artifacts"])]
     assert "secret" not in json.dumps(command["command"])
     # ansible-runner records the whole environment there; only the variables set for Ansible stay.
     assert "AWS_SECRET_ACCESS_KEY" not in command["env"] and "ANSIBLE_HOST_KEY_CHECKING" in command["env"]
@@ -290,6 +291,25 @@ def test_playbooks_outside_the_playbooks_folder_are_refused(workspace: Workspace
             AnsiblePlaybook().run(AnsiblePlaybookParams(playbook=playbook), harness.ctx())
     with pytest.raises(ActionError, match="playbook 'missing.yml' not found in"):
         AnsiblePlaybook().run(AnsiblePlaybookParams(playbook="missing.yml"), harness.ctx())
+
+
+def test_artifacts_are_cut_to_size_and_keep_no_environment(tmp_path: Path) -> None:
+    attempt = tmp_path / "attempt-1"
+    (attempt / "job_events").mkdir(parents=True)
+    (attempt / "stdout").write_text("PLAY [start]\n" + "x" * 20_000 + "\nPLAY RECAP end\n")
+    for number, size in enumerate([100, 200, 9_000, 300]):
+        (attempt / "job_events" / f"{number}-event.json").write_text("e" * size)
+    (attempt / "command").write_text(json.dumps(
+        {"command": ["ansible-playbook"], "env": {"PGPASSWORD": "hunter2", "ANSIBLE_NOCOLOR": "1"}}))
+
+    bound_artifacts(attempt, 4096, {"ANSIBLE_NOCOLOR"})
+
+    stdout = (attempt / "stdout").read_text()
+    assert stdout.startswith("PLAY [start]") and stdout.endswith("PLAY RECAP end\n") and len(stdout) < 4200
+    kept = sorted(p.name for p in (attempt / "job_events").iterdir())
+    assert kept == ["0-event.json", "1-event.json", "3-event.json"]
+    assert "1 largest job events removed" in (attempt / "job_events.truncated").read_text()
+    assert json.loads((attempt / "command").read_text())["env"] == {"ANSIBLE_NOCOLOR": "1"}
 
 
 @pytest.mark.parametrize("inventory", ["inventories/lab.yml", "inventories/local.yml"])

@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,8 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
 
         artifacts = artifacts_dir(ctx)
         artifacts.mkdir(mode=0o700, parents=True, exist_ok=True)
-        ident = f"attempt-{ctx.attempt}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        # Unique: a rollback's attempts share the step's folder with the forward ones.
+        ident = f"attempt-{ctx.attempt}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         watch = _Watch(ctx)
         stop: list[str] = []
 
