@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -148,6 +149,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 LAB_PORT_OFFSETS = range(1000, 14001, 1000)
 LAB_OFFSET_LOCKS = Path(tempfile.gettempdir()) / "dr-lab-port-offsets"
+LAB_KINDS = ("shared", "own")  # directory name prefixes: /tmp/dr-lab-<kind>-XXXX
 
 
 @contextlib.contextmanager
@@ -162,6 +164,7 @@ def _claimed_lab_offset() -> Iterator[int]:
         except BlockingIOError:
             lock.close()
             continue
+        _take_down_abandoned_labs(offset)
         config = LabConfig(root=LAB_OFFSET_LOCKS, port_offset=offset)
         if all(_port_free(address, port) for address, port in config.listening_ports()):
             try:
@@ -171,6 +174,24 @@ def _claimed_lab_offset() -> Iterator[int]:
             return
         lock.close()
     raise RuntimeError(f"no free lab port offset among {list(LAB_PORT_OFFSETS)}")
+
+
+def _take_down_abandoned_labs(offset: int) -> None:
+    """Labs of a test session that was killed (no finalizer ran) with this offset: we hold its lock, so
+    no live session owns them."""
+    from dr_orchestrator.lab.config import MARKER_NAME, LabConfig
+    from dr_orchestrator.lab.lab import Lab
+
+    markers = [marker for kind in LAB_KINDS
+               for marker in Path(tempfile.gettempdir()).glob(f"dr-lab-{kind}-*/{MARKER_NAME}")]
+    for marker in markers:
+        try:
+            recorded = json.loads(marker.read_text()).get("port_offset")
+        except (OSError, ValueError):
+            continue
+        if recorded == offset:
+            Lab(LabConfig(root=marker.parent, port_offset=offset)).down()
+            shutil.rmtree(marker.parent, ignore_errors=True)
 
 
 def _port_free(address: str, port: int) -> bool:
