@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +78,7 @@ class Workspace:
         (self.root / "playbooks" / name).write_text(textwrap.dedent(text))
 
     def run(self, step_with: dict[str, Any], timeout: str = "60s", observers: Sequence[Observer] = (),
-            inventory: Path | None = None) -> tuple[RunOutcome, list[Event]]:
+            inventory: Path | None = None, stop: threading.Event | None = None) -> tuple[RunOutcome, list[Event]]:
         runbook = self.root / f"runbook-{uuid.uuid4().hex[:8]}.yml"
         runbook.write_text(json.dumps({
             "name": "ansible-test", "kind": "rehearsal", "scope": {"services": ["quotation"]},
@@ -89,7 +90,7 @@ class Workspace:
             events.append(event)
 
         plan = build_plan(str(runbook), str(inventory or self.inventory))
-        outcome = Engine(default_registry(), [collect, *observers]).run(plan)
+        outcome = Engine(default_registry(), [collect, *observers]).run(plan, stop=stop)
         return outcome, events
 
 
@@ -214,6 +215,42 @@ def test_the_step_timeout_ends_a_long_playbook_promptly(workspace: Workspace, tm
     assert "playbook long.yml was stopped after" in error and "during task 'Sleep a long time'" in error
     left = subprocess.run(["pgrep", "-f", f"sleep {sleep}"], capture_output=True, text=True)
     assert left.stdout == "", "the task's process outlived the cancelled playbook"
+
+
+@pytest.mark.timeout(120)
+def test_stopping_the_run_ends_the_playbook_and_its_task(workspace: Workspace, tmp_path: Path) -> None:
+    marker = tmp_path / "sleeping"
+    sleep = f"{38 + uuid.uuid4().int % 1000 / 1000:.3f}"
+    workspace.playbook("long.yml", f"""\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Sleep a long time
+              ansible.builtin.shell: touch {marker} && exec sleep {sleep}
+    """)
+    stop = threading.Event()
+    stopped_at: list[float] = []
+
+    def stop_once_sleeping() -> None:
+        end = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < end:
+            time.sleep(0.02)
+        stopped_at.append(time.monotonic())
+        stop.set()  # what Ctrl-C or `dr stop` does
+
+    stopper = threading.Thread(target=stop_once_sleeping)
+    stopper.start()
+    try:
+        outcome, events = workspace.run({"playbook": "long.yml"}, timeout="120s", stop=stop)
+    finally:
+        stop.set()
+        stopper.join()
+    ended = time.monotonic()
+
+    assert marker.exists()
+    assert outcome.state is RunState.ABORTED and outcome.steps["play"] is StepState.CANCELLED
+    assert ended - stopped_at[0] < 2.5
+    assert subprocess.run(["pgrep", "-f", f"sleep {sleep}"], capture_output=True).stdout == b""
 
 
 @pytest.mark.timeout(120)
