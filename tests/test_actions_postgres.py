@@ -27,7 +27,7 @@ from dr_orchestrator.actions.postgres import (
     SetSync,
     WaitCaughtUp,
 )
-from dr_orchestrator.actions.postgres_rebuild import RebuildStandby
+from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, _Remote
 from dr_orchestrator.lab import Lab
 from dr_orchestrator.model.events import utcnow
 
@@ -174,6 +174,15 @@ def test_all_postgres_actions_are_registered_with_site_references() -> None:
     assert registry.get("postgres.rebuild_standby").Params.model_fields["host"].json_schema_extra == {
         "refers_to": "host"
     }
+
+
+def test_rebuild_commands_run_as_the_database_os_user(harness: Harness) -> None:
+    host = harness.inventory.hosts["primary-app"]
+    same = _Remote(harness.ctx(), host, "/usr/lib/postgresql/15/bin", host.user)
+    assert same.as_os_user("pg_ctl status") == "pg_ctl status"
+    admin = host.model_copy(update={"user": "admin"})
+    other = _Remote(harness.ctx(), admin, "/usr/lib/postgresql/15/bin", "postgres")
+    assert other.as_os_user("cd /data && pg_ctl status") == "sudo -n -u postgres -- sh -c 'cd /data && pg_ctl status'"
 
 
 # ---------------------------------------------------------------- labs of their own

@@ -117,7 +117,7 @@ class RebuildStandby(Action[RebuildStandbyParams]):
             # pg_rewind reads the new primary's timeline from its control file, which a promotion
             # updates only at its next checkpoint: until then it would find "no rewind required".
             primary.execute(b"CHECKPOINT")
-        remote = _Remote(ctx, host, db.pg_bin)
+        remote = _Remote(ctx, host, db.pg_bin, db.os_user)
         started = time.monotonic()
         output["server_found"] = remote.stop_if_running(data_dir)
         # Outside the data directory, which the rewind or the base backup rewrites.
@@ -229,17 +229,24 @@ def _restore_script(db: Database, source: str, site: str, slot: str, data_dir: s
 
 
 class _Remote:
-    """Commands on the host, each recorded (name, exit status, duration, last stderr line)."""
+    """Commands on the host as the database's OS user, each recorded (name, exit status, duration,
+    stderr's end). When the SSH login is another user, through ``sudo -n -u OS_USER``."""
 
-    def __init__(self, ctx: ActionContext, host: Host, pg_bin: str) -> None:
+    def __init__(self, ctx: ActionContext, host: Host, pg_bin: str, os_user: str | None) -> None:
         self.ctx, self.host, self.pg_bin = ctx, host, pg_bin
+        self.sudo_to = os_user if os_user and os_user != host.user else None
         self.steps: list[dict[str, Any]] = []
 
     def pg(self, program: str) -> str:
         return posixpath.join(self.pg_bin, program)
 
+    def as_os_user(self, command: str) -> str:
+        if self.sudo_to is None:
+            return command
+        return shlex.join(["sudo", "-n", "-u", self.sudo_to, "--", "sh", "-c", command])
+
     def run(self, name: str, command: str) -> ExecResult:
-        result = execute(self.ctx, self.host, command)
+        result = execute(self.ctx, self.host, self.as_os_user(command))
         self.steps.append(
             {
                 "step": name,
