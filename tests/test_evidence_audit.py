@@ -270,3 +270,32 @@ def test_migration_chains_evidence_written_before_the_chain(database_url: str) -
         assert migrate.schema_is_current(database_url)
     finally:
         engine.dispose()
+
+
+def test_dr_run_records_test_type_scenario_failback_and_retention(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    runbook = tmp_path / "tiny.yml"
+    runbook.write_text("name: tiny\nscope: {services: [quotation]}\nsteps:\n  - id: switch\n    action: noop\n")
+    inventory = str(Path(__file__).resolve().parents[1] / "inventories" / "local.yml")
+    first = dr("run", str(runbook), "-i", inventory, "--kind", "rehearsal", "--scenario", "stop the primary",
+               "--retention-years", "10", "-q", db=url, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (listed,) = json.loads(dr("runs", "list", "-o", "json", db=url, cwd=tmp_path).stdout)
+    back = dr("run", str(runbook), "-i", inventory, "--kind", "failback", "--failback-of", listed["id"][:8], "-q",
+              db=url, cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    wrong = dr("run", str(runbook), "-i", inventory, "--failback-of", "no-such-run", db=url, cwd=tmp_path)
+    assert wrong.returncode == 2 and "no run 'no-such-run'" in wrong.stderr
+
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            runs = {run.kind: run for run in session.scalars(select(Run))}
+    finally:
+        engine.dispose()
+    rehearsal, failback = runs["rehearsal"], runs["failback"]
+    assert (rehearsal.test_type, rehearsal.scenario) == ("unplanned failover rehearsal", "stop the primary")
+    assert rehearsal.retain_until == rehearsal.started_at.replace(year=rehearsal.started_at.year + 10)
+    assert (failback.test_type, failback.failback_of) == ("failback", rehearsal.id)
+    assert failback.retain_until == failback.started_at.replace(year=failback.started_at.year + 6)

@@ -73,7 +73,11 @@ def retention_years(explicit: int | None = None) -> int:
     if explicit is not None:
         return explicit
     configured = os.environ.get(RETENTION_ENV, "").strip()
-    return int(configured) if configured else DEFAULT_RETENTION_YEARS
+    if not configured:
+        return DEFAULT_RETENTION_YEARS
+    if not configured.isdigit() or int(configured) < 1:
+        raise ValueError(f"{RETENTION_ENV}={configured!r} is not a whole number of years (1 or more)")
+    return int(configured)
 
 
 def years_after(moment: datetime, years: int) -> datetime:
