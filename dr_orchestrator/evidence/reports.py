@@ -90,16 +90,28 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["seconds"] = _seconds
-    env.filters["verdict"] = _verdict
+    env.filters["short_time"] = _short_time
+    env.filters["duration"] = _duration
     return env
+
+
+def _duration(value: float | None) -> str:
+    """A bound for people: ``none``, ``0 s``, ``30 min``, ``7 days``."""
+    if value is None:
+        return "none"
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if value >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} s"
+
+
+def _short_time(iso: str) -> str:
+    """``2026-11-28 03:51:44`` from an ISO-8601 UTC timestamp (tables with many columns)."""
+    return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f} s"
-
-
-def _verdict(met: bool | None) -> str:
-    return "not judged" if met is None else "met" if met else "MISSED"
 
 
 # -- after-action report ----------------------------------------------------------------------------
