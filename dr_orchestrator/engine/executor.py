@@ -6,6 +6,7 @@ observers hear about it: a run is never left running.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dr_orchestrator import templating
+from dr_orchestrator import secrets, templating
 from dr_orchestrator.actions.base import (
     Action,
     ActionCancelled,
@@ -26,6 +27,7 @@ from dr_orchestrator.actions.base import (
     ActionError,
     ActionRegistry,
     ActionResult,
+    ApprovalSource,
     RunResources,
 )
 from dr_orchestrator.engine.context import step_service, template_context
@@ -36,11 +38,13 @@ from dr_orchestrator.model.events import (
     MarkerReached,
     Observer,
     RunFinished,
+    RunResumed,
     RunStarted,
     StepFinished,
     StepStarted,
     utcnow,
 )
+from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import OnFailure, Retries, Step
 
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 # How long a cancelled action gets to stop before the engine moves on without it.
 CANCEL_GRACE_S = 2.0
 _POLL_S = 0.05  # how often waiting threads look for Ctrl-C, a stop request or a cancellation
+CONDITION_SKIP = "when "  # how the error of a step skipped by its `when` begins (resume tells them apart)
 
 
 @dataclass
@@ -75,24 +80,42 @@ class Engine:
         max_parallel: int = 16,
         host: str | None = None,
         cancel_grace: float = CANCEL_GRACE_S,
+        approvals: ApprovalSource | None = None,
     ) -> None:
         self.registry = registry
         self.observers = list(observers or [])
         self.max_parallel = max_parallel
         self.host = host or socket.gethostname()
         self.cancel_grace = cancel_grace
+        self.approvals = approvals  # where approval gates read decisions; None: gates cannot be decided
+        secrets.install_log_redaction()
 
-    def run(self, plan: RunPlan, run_id: str | None = None, stop: threading.Event | None = None) -> RunOutcome:
-        """Execute ``plan``; ``stop`` (set from another thread) ends the run as Ctrl-C would."""
-        return _Run(self, plan, run_id or str(uuid.uuid4()), stop or threading.Event()).execute()
+    def run(self, plan: RunPlan, run_id: str | None = None, stop: threading.Event | None = None,
+            resume: ResumePoint | None = None) -> RunOutcome:
+        """Execute ``plan``; ``stop`` (set from another thread) ends the run as Ctrl-C would.
+
+        With ``resume`` (and the interrupted run's id), go on where that run stood: steps that ended
+        are not run again and their outputs feed templates; the rest run as usual."""
+        self.load_actions(plan)
+        return _Run(self, plan, run_id or str(uuid.uuid4()), stop or threading.Event(), resume).execute()
+
+    def load_actions(self, plan: RunPlan) -> None:
+        """Import every action the plan uses before the run starts: an import in the middle of a
+        failover (httpx, paramiko, psycopg: up to a second on a busy host) would count towards RTO."""
+        for step in plan.runbook.steps:
+            for name in (step.action, step.rollback.action if step.rollback else None):
+                if name is not None and name in self.registry:
+                    self.registry.get(name)
 
 
 class _Run:
-    def __init__(self, engine: Engine, plan: RunPlan, run_id: str, stop: threading.Event) -> None:
+    def __init__(self, engine: Engine, plan: RunPlan, run_id: str, stop: threading.Event,
+                 resume: ResumePoint | None = None) -> None:
         self.engine = engine
         self.plan = plan
         self.run_id = run_id
         self.stop = stop
+        self.resume = resume
         self.steps = {s.id: s for s in plan.runbook.steps}
         self.states: dict[str, StepState] = {s.id: StepState.PENDING for s in plan.runbook.steps}
         self.results: dict[str, dict[str, Any]] = {}
@@ -109,12 +132,16 @@ class _Run:
         self.closed = False  # RunFinished was sent: news from abandoned actions is dropped
         self.rollback_wanted = False
         self.failed = False
-        self.started_at: datetime = utcnow()
+        self.started_at: datetime = resume.started_at if resume else utcnow()
         self.run_info: dict[str, Any] = {}
+        self.rolled_back: set[str] = set(resume.rolled_back) if resume else set()
+        # Secrets this run resolves; masked in every event before observers see it (and in logs).
+        self.redactor = secrets.Redactor(parent=secrets.PROCESS)
 
     # ------------------------------------------------------------------ events
 
     def emit(self, event: Event) -> None:
+        event = self.redact_event(event)
         with self.emit_lock:
             if self.closed:
                 return
@@ -124,6 +151,15 @@ class _Run:
                     observer(event)
                 except Exception:  # noqa: BLE001 - one observer's failure must not stop a failover
                     log.exception("observer %r failed on %s", observer, type(event).__name__)
+
+    def redact_event(self, event: Event) -> Event:
+        """``event`` with every secret the process knows masked (the plan holds only references)."""
+        if not self.redactor.active:
+            return event
+        changes = {f.name: self.redactor.redact_data(getattr(event, f.name)) for f in dataclasses.fields(event)
+                   if f.name != "plan"}
+        changed = {name: value for name, value in changes.items() if value is not getattr(event, name)}
+        return dataclasses.replace(event, **changed) if changed else event
 
     def finish_step(self, step_id: str, state: StepState, output: dict[str, Any] | None = None,
                     error: str | None = None, phase: str = "forward", markers: list[MarkerReached] | None = None
@@ -135,7 +171,9 @@ class _Run:
             if phase == "forward" and previous.finished:
                 return  # an abandoned action reporting after the run already ended its step
             self.states[step_id] = state
-            self.results[step_id] = {"state": str(state), "output": output or {}, "error": error}
+            # Templates of later steps read this: never a secret an action let slip into its output.
+            shown = self.redactor.redact_data(output or {})
+            self.results[step_id] = {"state": str(state), "output": shown, "error": error}
             if phase == "forward":
                 self.apply_policy(self.steps[step_id], state, previous)
             self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
@@ -156,7 +194,8 @@ class _Run:
     # ------------------------------------------------------------------ the run
 
     def execute(self) -> RunOutcome:
-        self.started_at = utcnow()
+        if self.resume is None:
+            self.started_at = utcnow()
         plan = self.plan
         self.run_info = {
             "id": self.run_id,
@@ -168,10 +207,19 @@ class _Run:
             # Files of the plan, for actions that hand them to other tools (ansible.playbook).
             "runbook_path": plan.runbook_source.path,
             "inventory_path": plan.inventory_source.path,
+            "approvals": plan.runbook.approvals.model_dump(mode="json"),
+            "pre_approved_by": plan.pre_approved_by,
         }
-        self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
+        if self.resume is None:
+            self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
+        else:
+            resume = self.resume
+            self.emit(RunResumed(self.run_id, utcnow(), plan, self.engine.host, resume.actor, resume.reason,
+                                 resume.retried, tuple(resume.marked_done)))
         error: str | None = None
         try:
+            if self.resume is not None:
+                self.restore(self.resume)
             self.schedule()
             if self.rollback_wanted:
                 self.roll_back()
@@ -198,7 +246,26 @@ class _Run:
             if state is RunState.ABORTED and error is None:
                 error = "interrupted by the operator"
             self.emit(RunFinished(self.run_id, utcnow(), state, error))
-        return RunOutcome(self.run_id, state, dict(self.states), error)
+        shown_error = None if error is None else self.redactor.redact(error)
+        return RunOutcome(self.run_id, state, dict(self.states), shown_error)
+
+    def restore(self, resume: ResumePoint) -> None:
+        """Take up the states the interrupted run reached, and record the engineer's decisions."""
+        with self.lock:
+            for step_id, done in resume.finished.items():
+                previous = self.states[step_id]
+                self.states[step_id] = done.state
+                self.results[step_id] = {"state": str(done.state), "output": dict(done.output), "error": done.error}
+                if done.state is StepState.SKIPPED and (done.error or "").startswith(CONDITION_SKIP):
+                    self.skipped_by_condition.add(step_id)
+                self.apply_policy(self.steps[step_id], done.state, previous)
+        for step_id, (phase, reason) in resume.marked_done.items():
+            output = {"marked_done_by": resume.actor, "reason": reason}
+            if phase == "rollback":
+                self.rolled_back.add(step_id)
+                self.finish_step(step_id, StepState.ROLLED_BACK, output, phase="rollback")
+            else:
+                self.finish_step(step_id, StepState.SUCCEEDED, output)
 
     def final_state(self) -> RunState:
         if self.interrupted:
@@ -221,7 +288,7 @@ class _Run:
         return self.failed or self.halt.is_set()
 
     def schedule(self) -> None:
-        pending = [s.id for s in self.plan.runbook.steps]
+        pending = [s.id for s in self.plan.runbook.steps if not self.states[s.id].finished]
         running: dict[Future[StepState], str] = {}
         workers = max(1, min(self.plan.runbook.max_parallel, self.engine.max_parallel))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"run-{self.run_id[:8]}")
@@ -308,7 +375,7 @@ class _Run:
                 if not templating.evaluate_condition(step.when, self.context(service, site)):
                     with self.lock:
                         self.skipped_by_condition.add(step.id)
-                    self.finish_step(step.id, StepState.SKIPPED, error=f"when {step.when!r} was false")
+                    self.finish_step(step.id, StepState.SKIPPED, error=f"{CONDITION_SKIP}{step.when!r} was false")
                     return StepState.SKIPPED
         except templating.TemplateError as exc:
             self.emit(StepStarted(self.run_id, step.id, utcnow()))
@@ -376,8 +443,13 @@ class _Run:
         ctx = ActionContext(
             run_id=self.run_id, step_id=step_id, attempt=attempt, inventory=self.plan.inventory,
             emit=emit_while_open, cancelled=cancel, deadline=deadline, resources=self.resources,
-            service=service, site=site, run_info=self.run_info,
+            service=service, site=site, run_info=self.run_info, approvals=self.engine.approvals,
+            redact=self.redactor.redact, resolve_secret=self.redactor.resolve,
         )
+        try:  # at the last moment, and only for the action: the evidence keeps the references
+            params = secrets.with_secrets(params, self.redactor)
+        except secrets.SecretError as exc:
+            return _Attempt(StepState.FAILED, error=str(exc))
         box: dict[str, Any] = {}
 
         def call() -> None:
@@ -438,9 +510,11 @@ class _Run:
             if self.halt.is_set():
                 break
             step = self.steps[step_id]
-            if step.rollback is None:
+            if step.rollback is None or step_id in self.rolled_back:
                 continue
             service = step_service(self.plan, step.service)
+            if step_id not in self.sites and step.site:  # completed before a resume: render it again
+                self.sites[step_id] = templating.render_string(step.site, self.context(service, None))
             rollback = step.rollback
             timeout = rollback.timeout if rollback.timeout is not None else step.timeout
             try:

@@ -2,7 +2,8 @@
 
 RTO = restored - incident, where ``restored`` is the ``service_restored`` marker's time (already the
 first good probe of the verifying streak) and ``incident`` is the declared incident time, or the
-run's start. Its parts add up to it:
+run's start, or for a planned run the ``disruption_started`` marker (the step that began the clients'
+outage, e.g. stopping writes) when it has one. Its parts add up to it:
   detection = incident -> run start (0 when the incident was declared after the run started),
   decision  = time spent in approval steps between then and ``restored``,
   execution = the rest of the way to ``restored``.
@@ -17,6 +18,9 @@ from datetime import datetime
 from typing import Any
 
 RESTORED_MARKER = "service_restored"
+# For planned runs (switchover, failback) with no declared incident: the step that starts the
+# clients' outage (e.g. stopping writes) carries this mark, so preparation does not count as outage.
+DISRUPTION_MARKER = "disruption_started"
 RPO_METRIC = "rpo_s"
 APPROVAL_ACTION = "approval"
 
@@ -123,9 +127,14 @@ def figures_for(
     markers: Sequence[MarkerFact],
     approvals: Sequence[Interval],
     readings: Sequence[RpoReading],
+    disruption_at: datetime | None = None,
 ) -> ServiceFigures:
-    incident_at = declared_incident_at or run_started_at
-    incident_source = "declared" if declared_incident_at else "run start (no incident time declared)"
+    if declared_incident_at is not None:
+        incident_at, incident_source = declared_incident_at, "declared"
+    elif disruption_at is not None:
+        incident_at, incident_source = disruption_at, f"{DISRUPTION_MARKER} marker (planned run)"
+    else:
+        incident_at, incident_source = run_started_at, "run start (no incident time declared)"
     marker = restored_marker(service, markers)
     raw: dict[str, Any] = {
         "incident_at": incident_at.isoformat(),
@@ -199,9 +208,11 @@ def service_figures(
     markers: Sequence[MarkerFact],
     approvals: Sequence[Interval],
     readings: Sequence[RpoReading],
+    disruption_at: datetime | None = None,
 ) -> list[ServiceFigures]:
     """Figures for every service in ``targets`` (the run's scope), in its order."""
     return [
-        figures_for(service, target, run_started_at, declared_incident_at, markers, approvals, readings)
+        figures_for(service, target, run_started_at, declared_incident_at, markers, approvals, readings,
+                    disruption_at)
         for service, target in targets.items()
     ]
