@@ -396,6 +396,10 @@ def test_start_service_starts_a_stopped_backup_service_over_ssh(lab: Lab, lab_wo
         assert health(lab, "quotation", "backup") == 200
         assert [(t["host"], t["status"]) for t in task_events(events)] == [("backup-app", "changed")]
         assert step_result(events).output["stats"]["backup-app"]["changed"] == 1
+        # Its SSH connection master (ControlPersist) did not outlive the run.
+        command = json.loads((Path(step_result(events).output["artifacts"]) / "command").read_text())
+        control_dir = command["env"]["ANSIBLE_SSH_CONTROL_PATH_DIR"]
+        assert subprocess.run(["pgrep", "-f", control_dir], capture_output=True).stdout == b""
 
         again, events = lab_workspace.run(step)  # idempotent: already running, nothing changed
 

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -285,7 +286,8 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
         except AnsibleRunnerException as exc:
             raise ActionError(f"playbook {shown} could not be started: {exc}") from None
         finally:
-            kill_marked(marker)  # SSH connection masters kept for reuse, whatever a cancel left behind
+            close_ssh_masters(private_dir / "cp")
+            kill_marked(marker)  # whatever a cancel left behind
             shutil.rmtree(private_dir, ignore_errors=True)
             attempt_dir = artifacts / ident
             if attempt_dir.is_dir():
@@ -386,6 +388,20 @@ def kill_marked(marker: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.01)
+
+
+def close_ssh_masters(control_dir: Path) -> None:
+    """Stop the run's SSH connection masters (ControlPersist keeps them 60 s otherwise). They rewrite
+    their environment with their process title, so the run's marker does not find them."""
+    for control in control_dir.glob("*"):
+        if control.is_socket():
+            try:
+                subprocess.run(
+                    ["ssh", "-o", f"ControlPath={control}", "-O", "exit", "dr-orchestrator"],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=5, check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # best effort: an idle master exits on its own after ControlPersist
 
 
 def _write_private(path: Path, text: str) -> None:
