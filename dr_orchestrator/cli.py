@@ -71,7 +71,15 @@ def cli(ctx: click.Context, database: str | None) -> None:
 
 
 def database_of(ctx: click.Context) -> str | None:
-    return ctx.find_root().obj.get("database") if ctx.find_root().obj else None
+    database = ctx.find_root().obj.get("database") if ctx.find_root().obj else None
+    from dr_orchestrator import secrets
+
+    if secrets.is_reference(database):  # --db / $DR_DATABASE_URL as env:NAME or file:/path
+        try:
+            return secrets.resolve(database)
+        except secrets.SecretError as exc:
+            raise UserError(f"evidence database: {exc}") from None
+    return database
 
 
 def session_factory(ctx: click.Context) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from dr_orchestrator import secrets
 from dr_orchestrator.model.events import ActionEvent, Event, Measurement, ProbeResult, utcnow
 from dr_orchestrator.model.inventory import Host, Inventory
 
@@ -87,7 +88,9 @@ class ActionContext:
     site: str | None = None
     check_mode: bool = False
     run_info: dict[str, Any] = field(default_factory=dict)
-    redact: Callable[[str], str] = lambda text: text
+    redact: Callable[[str], str] = secrets.redact
+    # Resolves an env:/file: reference and registers the value for redaction (the run's redactor).
+    resolve_secret: Callable[[str], str] = secrets.resolve
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -109,6 +112,14 @@ class ActionContext:
 
     def report(self, kind: str, **data: Any) -> None:
         self.emit(ActionEvent(self.run_id, self.step_id, kind, utcnow(), data))
+
+    def secret(self, reference: str) -> str:
+        """The secret ``reference`` (``env:NAME``, ``file:PATH``) points at, masked from then on in
+        everything the run records; ActionError naming the reference when it cannot be read."""
+        try:
+            return self.resolve_secret(reference)
+        except secrets.SecretError as exc:
+            raise ActionError(str(exc)) from None
 
     def host(self, name: str) -> Host:
         try:

@@ -25,7 +25,11 @@ class HttpCheckParams(ProbingParams):
         description='Dotted paths into the JSON body and the values they must hold, e.g. {"db.role": "primary"}.',
     )
     expect_text: str | None = Field(default=None, description="Text the body must contain.")
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra request headers; env:NAME / file:PATH values are secrets (e.g. a bearer token).",
+        json_schema_extra={"secret": True},
+    )
     verify_tls: bool = Field(default=True, description="Verify the server's TLS certificate (https).")
 
     @field_validator("method", mode="before")

@@ -6,13 +6,13 @@ The inventory describes databases under ``dr.vars.databases``, either one databa
                 data_dirs: {...}, pg_bin: /usr/lib/postgresql/15/bin, os_user: postgres}
 
 or several, each under its name (``databases: {main: {...}, ledger: {...}}``). Passwords are never
-in the inventory: ``password_env`` names an environment variable of the orchestrator, otherwise
-libpq's own ways apply (``~/.pgpass``, ``PGPASSFILE``).
+in the inventory: ``password`` is a reference (``env:NAME`` or ``file:/path``; ``password_env: NAME``
+is the older spelling of ``password: env:NAME``), resolved when connecting and masked in evidence
+and logs; without one, libpq's own ways apply (``~/.pgpass``, ``PGPASSFILE``).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
+from dr_orchestrator import secrets
 from dr_orchestrator.actions.base import ActionContext, ActionError
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.inventory import Inventory
@@ -46,6 +47,7 @@ class Database:
     hosts: dict[str, str]  # site -> address
     ports: dict[str, int] = field(default_factory=dict)  # site -> port, where it differs
     password_env: str | None = None
+    password: str | None = None  # a reference: env:NAME or file:/path
     data_dirs: dict[str, str] = field(default_factory=dict)
     log_files: dict[str, str] = field(default_factory=dict)
     pg_bin: str = "/usr/lib/postgresql/15/bin"
@@ -81,11 +83,12 @@ class Database:
     def conninfo(self, site: str, connect_timeout: int = 2, dbname: str | None = None) -> str:
         self.check_site(site)
         extra: dict[str, Any] = {}
-        if self.password_env:
-            password = os.environ.get(self.password_env)
-            if password is None:
-                raise ActionError(f"database {self.name!r}: environment variable {self.password_env} is not set")
-            extra["password"] = password
+        reference = self.password or (f"env:{self.password_env}" if self.password_env else None)
+        if reference:
+            try:
+                extra["password"] = secrets.resolve(reference)
+            except secrets.SecretError as exc:
+                raise ActionError(f"database {self.name!r}: {exc}") from None
         return pg_conninfo.make_conninfo(
             host=self.hosts[site],
             port=self.port_of(site),
@@ -135,6 +138,7 @@ def _database(name: str, spec: dict[str, Any]) -> Database:
             hosts={str(k): str(v) for k, v in dict(spec["hosts"]).items()},
             ports={str(k): int(v) for k, v in dict(spec.get("ports") or {}).items()},
             password_env=spec.get("password_env"),
+            password=_password_reference(name, spec.get("password")),
             data_dirs={str(k): str(v) for k, v in dict(spec.get("data_dirs") or {}).items()},
             log_files={str(k): str(v) for k, v in dict(spec.get("log_files") or {}).items()},
             pg_bin=str(spec.get("pg_bin") or Database.pg_bin),
@@ -142,6 +146,12 @@ def _database(name: str, spec: dict[str, Any]) -> Database:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ActionError(f"database {name!r} in dr.vars.databases is incomplete or malformed: {exc}") from None
+
+
+def _password_reference(name: str, value: Any) -> str | None:
+    if value is not None and not secrets.is_reference(value):
+        raise ActionError(f"database {name!r}: password must be a reference (env:NAME or file:/path), not the password")
+    return value
 
 
 @contextmanager

@@ -37,7 +37,12 @@ class ShellRunParams(Params):
     )
     shell: bool = Field(default=False, description="Run `command` through /bin/sh (pipes, redirections, globs).")
     cwd: str | None = Field(default=None, description="Working directory (default: the orchestrator's).")
-    env: dict[str, str] = Field(default_factory=dict, description="Variables added to the orchestrator's environment.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Variables added to the orchestrator's environment; env:NAME / file:PATH values are secrets, "
+        "resolved just before the program starts and masked in everything recorded.",
+        json_schema_extra={"secret": True},
+    )
     expect_exit: list[int] = Field(default=[0], min_length=1, description="Exit codes that count as success.")
     max_output: int = Field(
         default=64 * 1024,

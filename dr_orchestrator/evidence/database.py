@@ -11,6 +11,8 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from dr_orchestrator import secrets
+
 DEFAULT_URL = "sqlite:///dr-evidence.db"
 URL_ENV = "DR_DATABASE_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -24,8 +26,11 @@ WRITE_TRANSACTION: dict[str, Any] = {"dr_write": True}
 def database_url(explicit: str | None = None) -> str:
     """The URL to use: ``explicit``, else ``$DR_DATABASE_URL``, else a SQLite file in the working directory.
 
-    Plain ``postgresql://`` URLs are sent to psycopg 3, the driver we ship."""
+    Plain ``postgresql://`` URLs are sent to psycopg 3, the driver we ship. A URL holding a password
+    is best given by reference, ``env:NAME`` or ``file:/path`` (SecretError when it cannot be read)."""
     url = explicit or os.environ.get(URL_ENV) or DEFAULT_URL
+    if secrets.is_reference(url):
+        url = secrets.resolve(url)
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
