@@ -5,6 +5,7 @@ ending the playbook, a fresh private data dir per run; and over the lab's sshd w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -312,6 +313,23 @@ def test_a_play_that_matches_no_host_fails_the_step(workspace: Workspace) -> Non
 
     assert outcome.steps["play"] is StepState.FAILED
     assert "playbook typo.yml ran on no host" in (step_result(events).error or "")
+
+
+@pytest.mark.timeout(120)
+def test_a_mistake_in_the_playbook_is_reported_with_where_it_is(workspace: Workspace) -> None:
+    workspace.playbook("undefined.yml", """\
+        - name: Start {{ service }}
+          hosts: backup
+          gather_facts: false
+          tasks: []
+    """)
+
+    outcome, events = workspace.run({"playbook": "undefined.yml"})
+
+    assert outcome.steps["play"] is StepState.FAILED
+    error = step_result(events).error or ""
+    assert re.match(r"playbook undefined\.yml ended failed \(ansible-playbook exit \d+\): ", error)
+    assert "'service' is undefined" in error and "undefined.yml:1:" in error
 
 
 def test_playbooks_outside_the_playbooks_folder_are_refused(workspace: Workspace, tmp_path: Path) -> None:

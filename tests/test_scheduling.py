@@ -5,13 +5,25 @@ a crash is closed as interrupted, and SQLite allows one scheduler only."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import select
 
+from dr_orchestrator.evidence import migrate
+from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.evidence.models import DrillRun, Run
 from dr_orchestrator.model.drill import Schedule
 from dr_orchestrator.scheduling.triggers import WallClockCronTrigger, fire_times_between, next_fire_times
 
@@ -96,3 +108,208 @@ def test_the_trigger_survives_the_job_store() -> None:
     assert copy == trigger
     now = datetime(2026, 11, 28, 3, 0, 1, tzinfo=UTC)
     assert copy.get_next_fire_time(None, now) == datetime(2026, 11, 28, 3, 0, 2, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- the real scheduler
+
+
+def quick_drill(directory: Path, name: str = "quick-drill", cron: str = "*/3 * * * * *", hold: str = "0s") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.yml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        scenario: planned_maintenance
+        inventory: {LOCAL_INVENTORY}
+        runbook:
+          path: {DRILL_DATA / 'quick-failover.yml'}
+          parameters: {{hold: {hold}}}
+        expectations:
+          quotation: {{rto: 30s}}
+        failback: {DRILL_DATA / 'quick-failback.yml'}
+        cleanup:
+          - {{id: tidy, action: noop}}
+        schedule: {{cron: "{cron}", timezone: UTC}}
+        """))
+    return path
+
+
+class Scheduler:
+    """`dr scheduler run` as a process of its own, its output in a file."""
+
+    def __init__(self, db: str, drills: Path, log: Path, grace: str = "30s") -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dr_orchestrator.cli", "scheduler", "run", "--drills", str(drills),
+             "--misfire-grace", grace, "--retry", "0.3s"],
+            env={**os.environ, "DR_DATABASE_URL": db}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def schedulers() -> Iterator[list[Scheduler]]:
+    started: list[Scheduler] = []
+    try:
+        yield started
+    finally:
+        for scheduler in started:
+            scheduler.kill()
+
+
+def drill_runs(db: str) -> list[DrillRun]:
+    with session_factory_for(db)() as session:
+        return list(session.scalars(select(DrillRun).order_by(DrillRun.scheduled_for)))
+
+
+def finished_runs(db: str, at_least: int) -> list[DrillRun] | None:
+    rows = drill_runs(db)
+    done = [r for r in rows if r.state != "running"]
+    return rows if len(done) >= at_least and len(done) == len(rows) else None
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    from notify_servers import wait_until as wait
+
+    return wait(condition, timeout, what, interval=0.2)
+
+
+def assert_each_fire_time_once(rows: list[DrillRun], cron: str) -> None:
+    """Every fire time from the first to the last has exactly one record: run, or missed with a reason."""
+    times = [r.scheduled_for for r in rows]
+    assert all(t is not None for t in times)
+    assert len(times) == len(set(times)), "a fire time ran twice"
+    expected = fire_times_between(Schedule(cron=cron, timezone="UTC"), min(times), max(times))  # type: ignore[type-var]
+    assert sorted(times) == expected, "a fire time was lost"  # type: ignore[type-var]
+    for row in rows:
+        assert row.state in ("finished", "missed", "interrupted"), row.state
+        if row.state == "missed":
+            assert row.error
+
+
+def migrated(url: str) -> str:
+    migrate.upgrade(url)
+    return url
+
+
+def test_the_scheduler_runs_a_drill_seconds_away_and_writes_its_evidence(
+        tmp_path: Path, schedulers: list[Scheduler]) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    quick_drill(tmp_path / "drills")
+    listing = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "scheduler", "list", "--drills",
+                              str(tmp_path / "drills"), "-o", "json"], capture_output=True, text=True, timeout=60)
+    (entry,) = json.loads(listing.stdout)["drills"]
+    assert entry["name"] == "quick-drill" and len(entry["next"]) == 3
+    scheduler = Scheduler(db, tmp_path / "drills", tmp_path / "scheduler.log")
+    schedulers.append(scheduler)
+    rows = wait_until(lambda: finished_runs(db, 2), 60, "two scheduled drill runs")
+    assert scheduler.stop() == 0
+    assert "leader on" in scheduler.output() and "scheduler stopped" in scheduler.output()
+    rows = drill_runs(db)
+    ran = [r for r in rows if r.state == "finished"]
+    assert ran and all(r.verdict == "passed" and r.trigger == "schedule" for r in ran)
+    with session_factory_for(db)() as session:
+        for row in ran:
+            failover = session.get_one(Run, row.failover_run_id)
+            assert failover.trigger == "schedule" and failover.state == "succeeded"
+            assert row.scheduled_for is not None and row.started_at >= row.scheduled_for
+    assert_each_fire_time_once(rows, "*/3 * * * * *")
+
+
+def test_a_restart_between_fire_times_loses_and_doubles_nothing(tmp_path: Path, schedulers: list[Scheduler]) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    quick_drill(tmp_path / "drills")
+    first = Scheduler(db, tmp_path / "drills", tmp_path / "first.log")
+    schedulers.append(first)
+    before = wait_until(lambda: finished_runs(db, 2), 60, "two scheduled drill runs")
+    assert first.stop() == 0
+    last_before = max(r.scheduled_for for r in before if r.scheduled_for)
+    # down across at least one fire time
+    wait_until(lambda: datetime.now(UTC) > last_before + timedelta(seconds=4), 30, "a fire time to pass")
+    second = Scheduler(db, tmp_path / "drills", tmp_path / "second.log")
+    schedulers.append(second)
+    wait_until(lambda: finished_runs(db, len(before) + 3), 60, "three more drill runs after the restart")
+    assert second.stop() == 0
+    rows = drill_runs(db)
+    assert_each_fire_time_once(rows, "*/3 * * * * *")
+    # the fire time(s) passed while down were run late (within the grace) or recorded missed: present
+    assert any(r.scheduled_for and last_before < r.scheduled_for < last_before + timedelta(seconds=4)
+               for r in rows)
+    assert "scheduled quick-drill" not in second.output()  # the stored job was kept, not replaced
+
+
+def test_a_second_scheduler_on_one_sqlite_file_refuses(tmp_path: Path, schedulers: list[Scheduler]) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    quick_drill(tmp_path / "drills", cron="0 0 1 1 *")
+    first = Scheduler(db, tmp_path / "drills", tmp_path / "first.log")
+    schedulers.append(first)
+    wait_until(lambda: "leader on" in first.output(), 60, "the first scheduler to lead")
+    second = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "scheduler", "run", "--drills",
+                             str(tmp_path / "drills")], env={**os.environ, "DR_DATABASE_URL": db},
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert "one scheduler node only" in second.stderr and "Traceback" not in second.stderr
+    assert first.stop() == 0
+
+
+@pytest.mark.postgres
+def test_two_schedulers_on_one_postgresql_database_run_each_fire_time_once_and_take_over(
+        tmp_path: Path, postgres_database_url: str, schedulers: list[Scheduler]) -> None:
+    db = migrated(postgres_database_url)
+    quick_drill(tmp_path / "drills")
+    one = Scheduler(db, tmp_path / "drills", tmp_path / "one.log")
+    two = Scheduler(db, tmp_path / "drills", tmp_path / "two.log")
+    schedulers.extend([one, two])
+    rows = wait_until(lambda: finished_runs(db, 3), 90, "three scheduled drill runs")
+    leaders = [s for s in (one, two) if "leader on" in s.output()]
+    (leader,) = leaders
+    follower = two if leader is one else one
+    assert "follower on" in follower.output()
+    leader.kill()  # the leader dies (SIGKILL): its session ends, the follower takes the lock
+    wait_until(lambda: "leader on" in follower.output(), 60, "the follower to take over")
+    wait_until(lambda: finished_runs(db, len(rows) + 3), 90, "three more drill runs under the new leader")
+    assert follower.stop() == 0
+    assert_each_fire_time_once(drill_runs(db), "*/3 * * * * *")
+
+
+def test_a_drill_interrupted_by_a_crash_is_marked_interrupted_on_restart(
+        tmp_path: Path, schedulers: list[Scheduler]) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    soon = datetime.now(UTC) + timedelta(seconds=12)  # the scheduler must be up before it
+    cron = f"{soon.second} {soon.minute} {soon.hour} * * *"
+    quick_drill(tmp_path / "drills", cron=cron, hold="120s")
+    first = Scheduler(db, tmp_path / "drills", tmp_path / "first.log")
+    schedulers.append(first)
+
+    def failover_running() -> bool:
+        rows = drill_runs(db)
+        if not rows or rows[0].failover_run_id is None:
+            return False
+        with session_factory_for(db)() as session:
+            run = session.get(Run, rows[0].failover_run_id)
+            return run is not None and run.state == "running"
+
+    wait_until(failover_running, 60, "the scheduled drill's failover to be running")
+    first.kill()  # a crash: nothing gets to clean up
+    (row,) = drill_runs(db)
+    assert row.state == "running"
+    second = Scheduler(db, tmp_path / "drills", tmp_path / "second.log")
+    schedulers.append(second)
+    wait_until(lambda: drill_runs(db)[0].state == "interrupted", 60, "the crashed drill run to be closed")
+    assert second.stop() == 0
+    (row,) = drill_runs(db)
+    assert row.verdict == "failed" and "died" in (row.error or "")
+    with session_factory_for(db)() as session:
+        failover = session.get_one(Run, row.failover_run_id)
+        assert failover.state == "interrupted" and failover.finished_at is not None
+    assert "marked interrupted" in second.output()

@@ -16,6 +16,8 @@ BUILTIN_ACTIONS = {
     "aws.elbv2.shift": "dr_orchestrator.actions.aws.elbv2:Elbv2Shift",
     "aws.s3.archive": "dr_orchestrator.actions.aws.s3:S3Archive",
     "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
+    "notify.webhook": "dr_orchestrator.actions.notify:NotifyWebhook",
+    "notify.email": "dr_orchestrator.actions.notify:NotifyEmail",
     "postgres.replication_status": "dr_orchestrator.actions.postgres:ReplicationStatus",
     "postgres.set_read_only": "dr_orchestrator.actions.postgres:SetReadOnly",
     "postgres.promote": "dr_orchestrator.actions.postgres:Promote",

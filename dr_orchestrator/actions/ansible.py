@@ -321,8 +321,8 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
         if watch.unreachable:
             raise ActionError(f"{where}: {_failure(watch.unreachable[0], 'could not reach')}{_more(watch.unreachable)}")
         if runner.status != "successful":
-            tail = last_line(output["stdout"]) or "no output"
-            raise ActionError(f"{where} ended {runner.status} (ansible-playbook exit {runner.rc}): {tail}")
+            why = ansible_error(output["stdout"]) or last_line(output["stdout"]) or "no output"
+            raise ActionError(f"{where} ended {runner.status} (ansible-playbook exit {runner.rc}): {why}")
         if not output["stats"] and not params.allow_no_hosts:
             limit = f" and limit {params.limit!r}" if params.limit else ""
             raise ActionError(
@@ -335,6 +335,18 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
         if params.limit:
             return [part for part in re.split(r"[,:]", params.limit) if part]
         return [f"hosts of {params.playbook}"]
+
+
+def ansible_error(stdout: str) -> str | None:
+    """Ansible's own error (a YAML or template mistake, before any task), with where it points."""
+    lines = stdout.splitlines()
+    for number, line in enumerate(lines):
+        for prefix in ("[ERROR]:", "ERROR!"):  # ansible-core 2.19, and earlier
+            if line.startswith(prefix):
+                error = line[len(prefix):].strip()
+                origin = next((o for o in lines[number + 1 : number + 3] if o.startswith("Origin:")), None)
+                return f"{error} ({origin.removeprefix('Origin:').strip()})" if origin else error
+    return None
 
 
 def _failure(record: dict[str, Any], verb: str) -> str:

@@ -339,3 +339,90 @@ CHAINED: tuple[type[Base], ...] = (
     AuditEvent,
 )
 
+
+# -- drills (failover_tests/*.yml) and the notifications sent about them --------------------------
+
+
+class DrillRun(Recorded, Base):
+    """One execution of a drill (or a scheduled one the scheduler could not run: state ``missed``).
+
+    The run ids are written before each run starts, so a crash in the middle still names the run it
+    interrupted; that is why they are plain columns, not foreign keys. ``pid``, ``orchestrator_host``
+    and ``heartbeat_at`` tell a live drill from one whose process died."""
+
+    __tablename__ = "drill_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    drill_name: Mapped[str] = mapped_column(NAME)
+    scenario: Mapped[str] = mapped_column(String(50), comment="site_loss | service_failure | cyber_attack | ...")
+    trigger: Mapped[str] = mapped_column(String(50), comment="manual | schedule")
+    scheduled_for: Mapped[datetime | None] = mapped_column(comment="the fire time a scheduled drill ran for")
+    state: Mapped[str] = mapped_column(STATE, comment="running | finished | aborted | interrupted | missed")
+    verdict: Mapped[str | None] = mapped_column(STATE, comment="passed | failed; None until finished")
+    started_by: Mapped[str] = mapped_column(NAME)
+    orchestrator_host: Mapped[str] = mapped_column(NAME)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    heartbeat_at: Mapped[datetime | None]
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    incident_at: Mapped[datetime | None] = mapped_column(comment="when the fault was injected")
+    drill_path: Mapped[str] = mapped_column(Text)
+    drill_sha256: Mapped[str] = mapped_column(SHA256)
+    drill_text: Mapped[str] = mapped_column(Text)
+    inventory_path: Mapped[str] = mapped_column(Text)
+    fault_run_id: Mapped[str | None] = mapped_column(String(36))
+    failover_run_id: Mapped[str | None] = mapped_column(String(36))
+    checks_run_id: Mapped[str | None] = mapped_column(String(36))
+    failback_run_id: Mapped[str | None] = mapped_column(String(36))
+    cleanup_run_id: Mapped[str | None] = mapped_column(String(36))
+    cleanup_state: Mapped[str | None] = mapped_column(String(20), comment="done | incomplete | none")
+    cleanup_left: Mapped[list[Any]] = mapped_column(comment="cleanup steps that did not succeed")
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        UniqueConstraint("drill_name", "scheduled_for"),  # a fire time runs once, whatever the nodes
+        Index(None, "started_at"),
+        Index(None, "state"),
+    )
+
+
+class DrillExpectation(Recorded, Base):
+    """One expectation of a drill run: met or missed, with the value measured."""
+
+    __tablename__ = "drill_expectations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    drill_run_id: Mapped[str] = mapped_column(ForeignKey("drill_runs.id"))
+    service: Mapped[str] = mapped_column(NAME)
+    kind: Mapped[str] = mapped_column(String(20), comment="rto | rpo | health | data")
+    check_id: Mapped[str | None] = mapped_column(NAME, comment="the check step, for health and data")
+    target: Mapped[float | None] = mapped_column(Float, comment="seconds, for rto and rpo")
+    measured: Mapped[float | None] = mapped_column(Float, comment="seconds; None: not measured")
+    met: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str] = mapped_column(Text)
+    run_id: Mapped[str | None] = mapped_column(String(36), comment="the run the value comes from")
+    at: Mapped[datetime]
+
+    __table_args__ = (Index(None, "drill_run_id"),)
+
+
+class Notification(Recorded, Base):
+    """A notification the orchestrator sent, or failed to send, and when."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    drill_run_id: Mapped[str | None] = mapped_column(ForeignKey("drill_runs.id"))
+    event: Mapped[str] = mapped_column(String(30), comment="started | expectation_missed | failed | completed | missed")
+    channel: Mapped[str] = mapped_column(String(20), comment="webhook | email")
+    target: Mapped[str] = mapped_column(Text, comment="where to, secrets left out")
+    delivered: Mapped[bool] = mapped_column(Boolean)
+    attempts: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(comment="delivered, or given up")
+    detail: Mapped[str] = mapped_column(Text)
+    tries: Mapped[list[Any]]
+
+    __table_args__ = (Index(None, "drill_run_id"), Index(None, "at"))
+
+
+CHAINED += (DrillRun, DrillExpectation, Notification)

@@ -1,0 +1,71 @@
+"""The drill's own notifications (started, expectation missed, failed, completed, missed): sent in
+the background so the drill never waits on a slow mail server, each delivery or failure to deliver
+recorded as evidence with its time, and never fatal to the drill."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+from dr_orchestrator.actions.notify import Delivery, EmailParams, WebhookParams, deliver_email, deliver_webhook
+from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.model.drill import NotifyEvent, NotifyTarget
+from dr_orchestrator.model.events import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class DrillNotifier:
+    def __init__(self, targets: tuple[NotifyTarget, ...], sessions: records.Sessions) -> None:
+        self.targets = targets
+        self.sessions = sessions
+        self._queue: queue.Queue[tuple[str | None, NotifyEvent, str, str] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    def send(self, drill_run_id: str | None, event: NotifyEvent, subject: str, text: str) -> None:
+        if not any(event in target.events for target in self.targets):
+            return
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._deliver_all, name="drill-notifier", daemon=True)
+            self._worker.start()
+        self._queue.put((drill_run_id, event, subject, text))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait (bounded) for what is queued to be delivered or given up."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout)
+
+    def _deliver_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            drill_run_id, event, subject, text = item
+            for target in self.targets:
+                if event in target.events:
+                    self._deliver(target, drill_run_id, event, subject, text)
+
+    def _deliver(self, target: NotifyTarget, drill_run_id: str | None, event: NotifyEvent, subject: str,
+                 text: str) -> None:
+        try:
+            delivery = deliver(target, subject, text, event)
+        except Exception as exc:  # noqa: BLE001 - a notification must never take the drill down
+            delivery = Delivery(target.channel, str(target.settings.get("url") or target.settings.get("to")),
+                                False, 0, utcnow(), f"{type(exc).__name__}: {exc}")
+        try:
+            records.record_notification(self.sessions, drill_run_id, event.value, delivery.as_dict())
+        except Exception:  # noqa: BLE001 - logged; the drill's own evidence matters more
+            log.exception("could not record the %s notification of drill run %s", event, drill_run_id)
+
+
+def deliver(target: NotifyTarget, subject: str, text: str, event: NotifyEvent) -> Delivery:
+    settings: dict[str, Any] = dict(target.settings)
+    try:
+        if target.channel == "webhook":
+            payload = {"event": event.value, **settings.pop("payload", {})}
+            return deliver_webhook(WebhookParams.model_validate({**settings, "text": text, "payload": payload}))
+        return deliver_email(EmailParams.model_validate({**settings, "subject": subject, "body": text}))
+    except ValidationError as exc:  # checked when the drill was loaded; here only if that was skipped
+        return Delivery(target.channel, "?", False, 0, utcnow(), f"bad settings: {exc.errors()[0]['msg']}")

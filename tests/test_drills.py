@@ -1,0 +1,425 @@
+"""Drills: loading with line-numbered problems, `dr drill run` end to end (fault, failover, checks,
+failback, cleanup that always runs), the evidence it leaves, and notifications to a real local
+webhook receiver and SMTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from notify_servers import (
+    SmtpServer,
+    WebhookReceiver,
+    free_port,
+    start_smtp_server,
+    start_webhook_receiver,
+    wait_until,
+)
+from sqlalchemy import select
+
+from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.evidence import migrate
+from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.evidence.models import DrillRun, Notification, Run
+from dr_orchestrator.yamlsource import LoadError
+
+REPO = Path(__file__).resolve().parent.parent
+DRILL_DATA = REPO / "tests" / "data" / "drills"
+LOCAL_INVENTORY = REPO / "inventories" / "local.yml"
+
+
+@pytest.fixture
+def evidence_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def webhook() -> Iterator[WebhookReceiver]:
+    receiver, stop = start_webhook_receiver()
+    try:
+        yield receiver
+    finally:
+        stop()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    server, stop = start_smtp_server()
+    try:
+        yield server
+    finally:
+        stop()
+
+
+def local_drill(tmp_path: Path, *, fail: bool = False, notify: str = "", cleanup: str = "",
+                failover: str | None = None, name: str = "local-quotation-drill") -> Path:
+    """A drill of generic actions against inventories/local.yml: the "fault" writes a marker, the
+    failover starts a small HTTP service, checks probe it, the failback stops it. ``failover``,
+    ``cleanup`` (more cleanup steps) and ``notify`` are YAML blocks put in as written."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    port = free_port()
+    failover = failover or f"""
+        runbook:
+          path: {DRILL_DATA / 'local-failover.yml'}
+          parameters: {{port: {port}, workdir: "{work}", fail: {str(fail).lower()}}}
+        """
+    parts = [
+        f"""
+        name: {name}
+        description: the quotation service fails at the primary site
+        scenario: service_failure
+        inventory: {LOCAL_INVENTORY}
+        fault:
+          description: quotation stops at the primary site
+          steps:
+            - id: stop-primary
+              action: shell.run
+              with: {{argv: [touch, "{work}/primary-down"]}}
+        """,
+        failover,
+        f"""
+        expectations:
+          quotation:
+            rto: 30s
+            health:
+              - id: quotation-answers
+                action: http.check
+                with: {{url: "http://127.0.0.1:{port}/", consecutive: 2, interval: 50ms, deadline: 5s}}
+            data:
+              - action: shell.run
+                with: {{argv: [test, -f, "{work}/primary-down"]}}
+        failback:
+          path: {DRILL_DATA / 'local-failback.yml'}
+          parameters: {{workdir: "{work}"}}
+        schedule: {{cron: "0 2 1 1,4,7,10 *", timezone: Asia/Shanghai}}
+        pre_approved: true
+        cleanup:
+          - id: remove-marker
+            action: shell.run
+            with: {{argv: [rm, -f, "{work}/primary-down"]}}
+        """,
+    ]
+    text = "".join(textwrap.dedent(part).strip("\n") + "\n" for part in parts)
+    if cleanup:  # more items of the cleanup list
+        text += textwrap.indent(textwrap.dedent(cleanup).strip("\n"), "  ") + "\n"
+    if notify:
+        text += textwrap.dedent(notify).strip("\n") + "\n"
+    path = tmp_path / f"{name}.yml"
+    path.write_text(text)
+    return path
+
+
+def dr(*args: str, db: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+       ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "DR_DATABASE_URL": db, **(env or {})})
+
+
+def notify_block(webhook: WebhookReceiver, smtp: SmtpServer, events: str = "") -> str:
+    on = f"\n    events: [{events}]" if events else ""
+    return f"""
+        notify:
+          - webhook: {{url: "{webhook.url}", secret: env:DRILL_HOOK_SECRET, attempts: 3, backoff: 0.05}}{on}
+          - email: {{to: [dr-team@bank.example], from: dr@bank.example, host: 127.0.0.1, port: {smtp.port},
+                     username: drbot, password: env:DRILL_SMTP_PASSWORD, attempts: 3, backoff: 0.05}}{on}
+        """
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_a_drill_with_mistakes_lists_every_problem_with_its_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text(textwrap.dedent(f"""\
+        name: bad
+        scenario: earthquake
+        inventory: {LOCAL_INVENTORY}
+        fault:
+          steps:
+            - id: kill
+              action: lab.kill_site
+        runbook: {DRILL_DATA / 'quick-failover.yml'}
+        expectations:
+          trading:
+            rto: soon
+        schedule: {{cron: "0 2 31 2 * *  *", timezone: Mars/Olympus}}
+        notify:
+          - email: {{to: [a@b.example], from: c@d.example, password: hunter2}}
+        colour: blue
+        """))
+    with pytest.raises(LoadError) as caught:
+        from dr_orchestrator.drills.load import load_drill
+
+        load_drill(path)
+    found = {(p.line, p.field): p.message for p in caught.value.problems}
+    assert all(p.file == str(path) for p in caught.value.problems)
+    assert "is not a scenario category" in found[(2, "scenario")]
+    assert "unknown action 'lab.kill_site'" in found[(7, "fault.steps[0].action")]
+    assert "not in inventory" in found[(11, "expectations.trading")]
+    assert "is not a duration" in found[(11, "expectations.trading.rto")]
+    assert "is not a time zone" in found[(12, "schedule.timezone")]
+    assert "by reference only" in found[(14, "notify[0].email.password")]
+    assert found[(15, "colour")] == "is not a known field"
+
+
+def test_cron_fields_and_paths_are_checked(tmp_path: Path) -> None:
+    from dr_orchestrator.drills.load import load_drill
+
+    path = tmp_path / "bad-cron.yml"
+    path.write_text(textwrap.dedent(f"""\
+        name: bad-cron
+        scenario: planned_maintenance
+        inventory: ../nowhere/inventory.yml
+        runbook: {DRILL_DATA / 'quick-failover.yml'}
+        schedule: {{cron: "61 2 * * *", timezone: UTC}}
+        """))
+    with pytest.raises(LoadError) as caught:
+        load_drill(path)
+    fields = {p.field: p for p in caught.value.problems}
+    assert fields["inventory"].line == 3 and "does not exist" in fields["inventory"].message
+    assert fields["schedule.cron"].line == 5 and "is not a cron expression" in fields["schedule.cron"].message
+
+
+# ---------------------------------------------------------------- running
+
+
+def test_drill_run_end_to_end_passes_records_everything_and_notifies(
+        tmp_path: Path, evidence_url: str, webhook: WebhookReceiver, smtp: SmtpServer) -> None:
+    webhook.fail_first = 1  # the first delivery is retried
+    drill = local_drill(tmp_path, notify=notify_block(webhook, smtp))
+    secrets = {"DRILL_HOOK_SECRET": "s3cret", "DRILL_SMTP_PASSWORD": "pa55"}
+    result = dr("drill", "run", str(drill), "-o", "json", db=evidence_url, cwd=tmp_path, env=secrets)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["verdict"] == "passed" and outcome["cleanup_state"] == "done"
+    assert set(outcome["runs"]) == {"fault", "failover", "checks", "failback", "cleanup"}
+    kinds = {(e["kind"], e["check_id"]): e for e in outcome["expectations"]}
+    assert set(kinds) == {("rto", None), ("health", "quotation-answers"), ("data", "quotation-data-1")}
+    assert all(e["met"] for e in outcome["expectations"])
+    assert 0 < kinds[("rto", None)]["measured"] < 30
+
+    sessions = session_factory_for(evidence_url)
+    with sessions() as session:
+        record = session.get_one(DrillRun, outcome["drill_run_id"])
+        assert (record.state, record.verdict, record.scenario, record.trigger) == (
+            "finished", "passed", "service_failure", "manual")
+        assert record.drill_sha256 == hashlib.sha256(drill.read_bytes()).hexdigest()
+        runs = {stage: session.get_one(Run, outcome["runs"][stage]) for stage in outcome["runs"]}
+        assert all(run.state == "succeeded" for run in runs.values())
+        assert runs["failover"].kind == "rehearsal" and runs["failback"].kind == "failback"
+        assert runs["failback"].failback_of == runs["failover"].id
+        # the fault's end is the failover's incident time, and the drill's
+        fault_end = max(s.finished_at for s in records.forward_steps(session, runs["fault"].id).values())
+        assert runs["failover"].incident_at == fault_end == record.incident_at
+        assert runs["fault"].runbook_path == f"{drill}#fault" and runs["fault"].runbook_text == drill.read_text()
+
+    # started and completed, by webhook and by mail; each delivery is evidence with its time
+    calls = webhook.wait_for(2)
+    events = [json.loads(c.body)["event"] for c in calls]
+    assert events == ["started", "completed"]
+    for call in calls:  # the HMAC signature a receiver can check
+        expected = hmac.new(b"s3cret", call.headers["X-DR-Timestamp"].encode() + b"." + call.body,
+                            hashlib.sha256).hexdigest()
+        assert call.headers["X-DR-Signature"] == f"sha256={expected}"
+    mails = smtp.wait_for(2)
+    assert [m.message["Subject"] for m in mails] == [
+        "DR drill local-quotation-drill: started", "DR drill local-quotation-drill: passed"]
+    assert mails[0].auth == "\0drbot\0pa55" and mails[0].recipients == ["dr-team@bank.example"]
+    with sessions() as session:
+        notes = list(session.scalars(select(Notification).order_by(Notification.id)))
+    assert {(n.event, n.channel, n.delivered) for n in notes} == {
+        ("started", "webhook", True), ("started", "email", True),
+        ("completed", "webhook", True), ("completed", "email", True)}
+    first_hook = next(n for n in notes if n.channel == "webhook")
+    assert first_hook.attempts == 2 and first_hook.tries[0]["ok"] is False
+    assert "T0KEN" not in first_hook.target  # the webhook URL's token is not evidence
+    shown = dr("drill", "show", outcome["drill_run_id"][:8], db=evidence_url, cwd=tmp_path)
+    assert "PASSED" in shown.stdout and "notified completed by email" in shown.stdout
+
+
+def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_cleans_up(
+        tmp_path: Path, evidence_url: str, webhook: WebhookReceiver) -> None:
+    # The failover "succeeds" only in part: the health check of the drill is pointed elsewhere.
+    drill = local_drill(tmp_path, notify=f"""
+        notify:
+          - webhook: {{url: "{webhook.url}"}}
+            events: [expectation_missed, failed]
+        """)
+    text = drill.read_text().replace('url: "http://127.0.0.1:', 'url: "http://127.0.0.1:1', 1)
+    drill.write_text(text.replace("deadline: 5s", "deadline: 300ms"))
+    result = dr("drill", "run", str(drill), db=evidence_url, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "MISSED quotation health quotation-answers" in result.stdout
+    assert "cleanup done" in result.stdout
+    sessions = session_factory_for(evidence_url)
+    with sessions() as session:
+        (record,) = records.drill_run_rows(session)
+        assert record.verdict == "failed" and record.failback_run_id is not None and record.cleanup_state == "done"
+    events = [json.loads(c.body)["event"] for c in webhook.wait_for(2)]
+    assert events == ["expectation_missed", "failed"]
+    assert "health quotation-answers" in json.loads(webhook.delivered()[0].body)["text"]
+
+
+def test_a_failed_failover_skips_the_failback_but_the_cleanup_runs_and_reports_what_is_left(
+        tmp_path: Path, evidence_url: str) -> None:
+    drill = local_drill(tmp_path, fail=True, cleanup="""
+          - id: restore-primary
+            action: fail
+            with: {message: the primary would not start}
+          - id: after-restore
+            action: noop
+        """)
+    result = dr("drill", "run", str(drill), "-o", "json", db=evidence_url, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    outcome = json.loads(result.stdout)
+    assert "failback" not in outcome["runs"]
+    assert outcome["cleanup_state"] == "incomplete"
+    # every cleanup step is tried; what did not succeed is what is left
+    assert outcome["cleanup_left"] == ["restore-primary (failed)", "after-restore (skipped)"]
+    assert "the failover runbook did not succeed" in outcome["error"]
+    assert (tmp_path / "work" / "primary-down").exists() is False  # the first cleanup step ran
+    # the service the failed failover started is still running: stop it
+    pid = (tmp_path / "work" / "backup.pid").read_text().strip()
+    os.kill(int(pid), signal.SIGTERM)
+
+
+def test_ctrl_c_during_the_failover_stops_the_drill_and_the_cleanup_still_runs(
+        tmp_path: Path, evidence_url: str) -> None:
+    drill = local_drill(tmp_path, failover=f"""
+        runbook:
+          path: {DRILL_DATA / 'quick-failover.yml'}
+          parameters: {{hold: 60s}}""")
+    process = subprocess.Popen([sys.executable, "-m", "dr_orchestrator.cli", "drill", "run", str(drill)],
+                               cwd=tmp_path, env={**os.environ, "DR_DATABASE_URL": evidence_url},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sessions = session_factory_for(evidence_url)
+
+        def failover_running() -> bool:
+            with sessions() as session:
+                rows = records.drill_run_rows(session)
+                run = session.get(Run, rows[0].failover_run_id) if rows and rows[0].failover_run_id else None
+                return run is not None and run.state == "running"
+
+        wait_until(failover_running, 30, "the failover run to start")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, out + err
+    with sessions() as session:
+        (record,) = records.drill_run_rows(session)
+        assert (record.state, record.verdict, record.cleanup_state) == ("aborted", "failed", "done")
+        assert session.get_one(Run, record.failover_run_id).state == "aborted"
+        assert session.get_one(Run, record.cleanup_run_id).state == "succeeded"
+        assert record.failback_run_id is None
+    assert not (tmp_path / "work" / "primary-down").exists()
+
+
+def test_notifications_that_cannot_be_delivered_are_recorded_and_do_not_fail_the_drill(
+        tmp_path: Path, evidence_url: str) -> None:
+    dead = free_port()
+    drill = local_drill(tmp_path, notify=f"""
+        notify:
+          - webhook: {{url: "http://127.0.0.1:{dead}/hook", attempts: 2, backoff: 0.05, timeout: 1}}
+            events: [started]
+          - email: {{to: [x@bank.example], from: dr@bank.example, host: 127.0.0.1, port: {dead}, attempts: 2,
+                     backoff: 0.05, timeout: 1}}
+            events: [completed]
+        """)
+    result = dr("drill", "run", str(drill), db=evidence_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with session_factory_for(evidence_url)() as session:
+        notes = list(session.scalars(select(Notification).order_by(Notification.id)))
+    assert [(n.event, n.channel, n.delivered, n.attempts) for n in notes] == [
+        ("started", "webhook", False, 2), ("completed", "email", False, 2)]
+    assert all(n.at is not None and n.detail for n in notes)
+
+
+def test_a_drill_already_running_is_not_started_twice(tmp_path: Path, evidence_url: str) -> None:
+    drill = local_drill(tmp_path)
+    sessions = session_factory_for(evidence_url)
+    records.start_drill_run(sessions, records.DrillRunStart(
+        "d1", "local-quotation-drill", "service_failure", "manual", None, "me", "elsewhere", str(drill), "x", "", ""))
+    result = dr("drill", "run", str(drill), db=evidence_url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is already running (drill run d1" in result.stderr
+
+
+def test_drill_runs_left_running_by_a_dead_process_are_closed_as_interrupted(evidence_url: str) -> None:
+    sessions = session_factory_for(evidence_url)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    records.start_drill_run(sessions, records.DrillRunStart(
+        "crashed", "d", "site_loss", "schedule", None, "scheduler", "this-host", "d.yml", "x", "", ""))
+    records.start_drill_run(sessions, records.DrillRunStart(
+        "alive", "e", "site_loss", "schedule", None, "scheduler", "other-host", "e.yml", "x", "", ""))
+    with records.writing(sessions) as session:
+        session.get_one(DrillRun, "crashed").pid = dead.pid
+    closed = records.close_interrupted(sessions, "this-host", stale_after=120)
+    assert closed == ["crashed"]
+    with sessions() as session:
+        crashed = session.get_one(DrillRun, "crashed")
+        assert (crashed.state, crashed.verdict, crashed.cleanup_state) == ("interrupted", "failed", "incomplete")
+        assert f"process {dead.pid} on this-host died" in (crashed.error or "")
+        assert session.get_one(DrillRun, "alive").state == "running"  # its heartbeat is fresh
+    # a node that stopped beating (another host) is closed once the heartbeat is stale
+    assert records.close_interrupted(sessions, "this-host", stale_after=0) == ["alive"]
+
+
+# ---------------------------------------------------------------- notify.* as runbook steps
+
+
+def test_notify_actions_as_runbook_steps_deliver_and_leave_evidence(
+        tmp_path: Path, evidence_url: str, webhook: WebhookReceiver, smtp: SmtpServer) -> None:
+    runbook = tmp_path / "notice.yml"
+    runbook.write_text(textwrap.dedent(f"""\
+        name: customer-notice
+        kind: rehearsal
+        scope: {{services: [quotation]}}
+        steps:
+          - id: chat
+            action: notify.webhook
+            with: {{url: env:HOOK_URL, text: "quotation moves to the backup site", payload: {{channel: "#dr"}}}}
+            needs: []
+          - id: mail
+            action: notify.email
+            with:
+              to: [clients@bank.example]
+              from: dr@bank.example
+              subject: "Quotation service notice"
+              body: "Quotes come from the backup site for now."
+              host: 127.0.0.1
+              port: {smtp.port}
+            needs: []
+        """))
+    smtp.fail_first = 1
+    result = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "run", str(runbook), "-i",
+                             str(LOCAL_INVENTORY), "-q"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DR_DATABASE_URL": evidence_url, "HOOK_URL": webhook.url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = webhook.wait_for(1)
+    assert json.loads(call.body) == {"text": "quotation moves to the backup site", "channel": "#dr"}
+    (mail,) = smtp.wait_for(1)
+    assert mail.message["Subject"] == "Quotation service notice"
+    assert "backup site" in mail.message.get_payload()
+    with session_factory_for(evidence_url)() as session:
+        from dr_orchestrator.evidence.models import ActionEventRecord
+
+        reported = {e.step_id: e.data for e in session.scalars(select(ActionEventRecord))}
+    assert reported["chat"]["delivered"] is True and reported["chat"]["target"] == "env:HOOK_URL"
+    assert reported["mail"]["delivered"] is True and reported["mail"]["attempts"] == 2
