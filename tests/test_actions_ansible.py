@@ -282,6 +282,39 @@ def test_each_run_has_a_fresh_private_data_dir(workspace: Workspace, monkeypatch
 
 
 @pytest.mark.timeout(120)
+def test_secret_vars_reach_the_playbook_and_nothing_recorded(
+    workspace: Workspace, tmp_path: Path, evidence_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = f"tok-{uuid.uuid4().hex}"
+    monkeypatch.setenv("DR_TEST_ANSIBLE_TOKEN", secret)
+    delivered = tmp_path / "delivered"
+    workspace.playbook("secret.yml", f"""\
+        - hosts: backup
+          gather_facts: false
+          tasks:
+            - name: Use the token
+              ansible.builtin.copy: {{content: "{{{{ token }}}}", dest: {delivered}}}
+            - name: Show the token
+              ansible.builtin.debug: {{msg: "token={{{{ token }}}}"}}
+    """)
+
+    outcome, events = workspace.run({"playbook": "secret.yml", "verbosity": 2,
+                                     "secret_vars": {"token": "env:DR_TEST_ANSIBLE_TOKEN"}})
+
+    assert outcome.state is RunState.SUCCEEDED, step_result(events).error
+    assert delivered.read_text() == secret
+    shown = task_events(events)[1]["msg"]
+    assert shown.startswith("token=") and secret not in shown
+    assert secret not in json.dumps([getattr(e, "__dict__", str(e)) for e in events], default=str)
+    artifacts = Path(step_result(events).output["artifacts"])
+    for path in artifacts.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), path
+    with pytest.raises(ValueError, match="by reference only"):
+        AnsiblePlaybookParams(playbook="secret.yml", secret_vars={"token": secret})
+
+
+@pytest.mark.timeout(120)
 def test_check_mode_changes_nothing(workspace: Workspace, tmp_path: Path) -> None:
     target = tmp_path / "would-be-created"
     workspace.playbook("touch.yml", f"""\

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from pydantic import Field, field_validator
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.actions.shell import BoundedOutput, last_line
 from dr_orchestrator.model.durations import format_duration
+from dr_orchestrator.secrets import is_reference
 
 PLAYBOOKS_FOLDER = "playbooks"
 DEFAULT_PLAYBOOKS_DIR = os.path.join("runbooks", PLAYBOOKS_FOLDER)
@@ -70,6 +72,12 @@ class AnsiblePlaybookParams(Params):
     )
     limit: str | None = Field(default=None, min_length=1, description="Ansible host pattern limiting the hosts.")
     extra_vars: dict[str, Any] = Field(default_factory=dict, description="Variables for the playbook (-e).")
+    secret_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="More variables, each an env:NAME / file:PATH reference, resolved just before the playbook "
+        "runs and masked in everything recorded (Ansible's output and artifacts included).",
+        json_schema_extra={"secret": True},
+    )
     tags: list[str] = Field(default_factory=list, description="Run only tasks with these tags.")
     skip_tags: list[str] = Field(default_factory=list, description="Skip tasks with these tags.")
     forks: int = Field(default=5, ge=1, le=200, description="Hosts Ansible works on at the same time.")
@@ -89,6 +97,14 @@ class AnsiblePlaybookParams(Params):
     def _inside_playbooks(cls, value: str) -> str:
         if not os.path.isabs(value) and ".." in Path(value).parts:
             raise ValueError("the playbook must be inside the playbooks/ folder: '..' is not allowed")
+        return value
+
+    @field_validator("secret_vars")
+    @classmethod
+    def _references_only(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, reference in value.items():
+            if not is_reference(reference):
+                raise ValueError(f"secret_vars.{name}: secrets are given by reference only: env:NAME or file:/path")
         return value
 
     @field_validator("tags", "skip_tags")
@@ -261,8 +277,9 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
         try:
             # Settings given only as an argument are dropped when env/settings is absent (ansible-runner 2.4).
             _write_private(private_dir / "env" / "settings", json.dumps(RUNNER_SETTINGS))
-            if params.extra_vars:
-                _write_private(private_dir / "env" / "extravars", json.dumps(params.extra_vars))
+            variables = {**params.extra_vars, **params.secret_vars}  # by now the engine resolved the references
+            if variables:
+                _write_private(private_dir / "env" / "extravars", json.dumps(variables))
             runner = ansible_runner.run(
                 private_data_dir=str(private_dir),
                 artifact_dir=str(artifacts),
@@ -291,7 +308,7 @@ class AnsiblePlaybook(Action[AnsiblePlaybookParams]):
             shutil.rmtree(private_dir, ignore_errors=True)
             attempt_dir = artifacts / ident
             if attempt_dir.is_dir():
-                bound_artifacts(attempt_dir, params.max_artifact_bytes, set(environment))
+                bound_artifacts(attempt_dir, params.max_artifact_bytes, set(environment), ctx.redact)
 
         attempt_dir = artifacts / ident
         stdout = _stdout(attempt_dir, params.max_output)
@@ -434,12 +451,14 @@ def _stdout(attempt_dir: Path, limit: int) -> BoundedOutput:
     return kept
 
 
-def bound_artifacts(attempt_dir: Path, limit: int, own_variables: set[str]) -> None:
-    """Cut one attempt's artifacts to size and drop the orchestrator's environment from ``command``."""
+def bound_artifacts(
+    attempt_dir: Path, limit: int, own_variables: set[str], redact: Callable[[str], str] = lambda text: text
+) -> None:
+    """Cut one attempt's artifacts to size, mask the run's secrets in them, and drop the orchestrator's
+    environment from ``command``."""
     stdout = attempt_dir / "stdout"
-    if stdout.is_file() and stdout.stat().st_size > limit:
-        kept = _stdout(attempt_dir, limit)
-        stdout.write_text(kept.text(), encoding="utf-8")
+    if stdout.is_file():
+        stdout.write_text(redact(_stdout(attempt_dir, limit).text()), encoding="utf-8")
     events = sorted((attempt_dir / "job_events").glob("*.json"), key=lambda p: p.stat().st_size)
     total = sum(p.stat().st_size for p in events)
     dropped = 0
@@ -448,6 +467,10 @@ def bound_artifacts(attempt_dir: Path, limit: int, own_variables: set[str]) -> N
         total -= biggest.stat().st_size
         biggest.unlink()
         dropped += 1
+    for event in events:
+        text = event.read_text(encoding="utf-8", errors="replace")
+        if (masked := redact(text)) != text:
+            event.write_text(masked, encoding="utf-8")
     if dropped:
         (attempt_dir / "job_events.truncated").write_text(
             f"{dropped} largest job events removed to keep job_events under {limit} bytes; "
