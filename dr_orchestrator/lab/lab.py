@@ -54,6 +54,7 @@ class UpResult:
 class Lab:
     def __init__(self, config: LabConfig | None = None) -> None:
         self.config = config or LabConfig.from_env()
+        self.killed_at: datetime | None = None  # when kill_site last sent its SIGKILLs
 
     # --- what runs -----------------------------------------------------------------------------------
     def processes(self) -> list[ProcessSpec]:
@@ -252,6 +253,7 @@ class Lab:
         self._check_site(site)
         specs = {pid: spec for spec in self.processes() if spec.site == site and (pid := running_pid(spec))}
         targets = with_descendants(set(specs) | processes_under(self.config.site_dir(site)))
+        self.killed_at = datetime.now(UTC)  # the power loss: the incident time of a drill or demo
         survivors = kill_now(targets)
         if survivors:
             raise LabError(f"processes {sorted(survivors)} at the {site} site survived SIGKILL")
