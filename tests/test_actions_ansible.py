@@ -414,6 +414,19 @@ def test_the_inventories_are_ansible_inventories(inventory: str) -> None:
         assert set(found[site]["hosts"]) == {h.name for h in dr_inventory.site_hosts(site)}
 
 
+def test_the_repository_playbooks_pass_ansibles_syntax_check() -> None:
+    playbooks = sorted(str(p) for p in (REPO / "runbooks" / "playbooks").glob("*.yml"))
+    assert len(playbooks) >= 2
+
+    checked = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", "inventories/lab.yml",
+         "-e", "site=backup", "-e", "service=all", *playbooks],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # --- over the lab's sshd ------------------------------------------------------------------------------
 
 
