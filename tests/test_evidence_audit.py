@@ -142,7 +142,15 @@ def test_concurrent_writers_never_fork_the_chain(sessions: sessionmaker[Session]
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer) for _ in range(2)]
+    def auditor() -> None:
+        try:
+            for n in range(10):
+                with sessions() as session, session.begin():
+                    annotations.record_audit_event(session, "auditor", "test.write", str(n))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)] + [threading.Thread(target=auditor)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -151,6 +159,9 @@ def test_concurrent_writers_never_fork_the_chain(sessions: sessionmaker[Session]
     assert len(run_ids) == 2
     report = verify(sessions)
     assert report.ok, [p.describe() for p in report.problems]
+    with sessions() as session:
+        audited = session.scalars(select(AuditEntry).where(AuditEntry.table_name == "audit_events")).all()
+    assert len(audited) == 10
 
 
 def test_closing_a_finding_adds_a_record_and_keeps_the_finding(sessions: sessionmaker[Session]) -> None:

@@ -7,10 +7,12 @@ caller commits. Nothing here updates or deletes: closing a finding adds a closur
 
 from __future__ import annotations
 
+import warnings
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
@@ -35,9 +37,13 @@ class AnnotationError(ValueError):
 
 
 def begin_write(session: Session) -> None:
-    """Make the session's transaction a write transaction (BEGIN IMMEDIATE on SQLite) if it has
-    not begun yet, so the chain head is read under the writer lock."""
-    if not session.in_transaction():
+    """Make the session's transaction a write transaction (BEGIN IMMEDIATE on SQLite) unless it
+    has already talked to the database: reads and the chain head then happen under the writer lock,
+    and a concurrent writer cannot make this one fail half-way."""
+    with warnings.catch_warnings():
+        # When a connection is already established the options cannot apply; the transaction
+        # still works (SQLite upgrades it to a write transaction at its first write).
+        warnings.filterwarnings("ignore", "Connection is already established", SAWarning)
         session.connection(execution_options=WRITE_TRANSACTION)
 
 
