@@ -30,6 +30,7 @@ from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.models import DrillRun, Notification, Run
+from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.yamlsource import LoadError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -421,5 +422,37 @@ def test_notify_actions_as_runbook_steps_deliver_and_leave_evidence(
         from dr_orchestrator.evidence.models import ActionEventRecord
 
         reported = {e.step_id: e.data for e in session.scalars(select(ActionEventRecord))}
-    assert reported["chat"]["delivered"] is True and reported["chat"]["target"] == "env:HOOK_URL"
+    # the URL came by reference and its path (an incoming webhook's token) is not evidence
+    assert reported["chat"]["delivered"] is True and reported["chat"]["target"] == f"http://127.0.0.1:{webhook.port}/…"
     assert reported["mail"]["delivered"] is True and reported["mail"]["attempts"] == 2
+
+
+# ---------------------------------------------------------------- against the lab
+
+
+def lab_dr(lab: Lab, *args: str, db: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`dr` with the lab's own inventory and `dr` on PATH (the drills' faults are `dr lab ...`)."""
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "DR_DATABASE_URL": db, "PATH": path})
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_the_quotation_service_drill_runs_against_the_lab(lab: Lab, tmp_path: Path, evidence_url: str) -> None:
+    result = lab_dr(lab, "drill", "run", str(REPO / "failover_tests" / "quotation-service-failure.yml"),
+                    "--inventory", str(lab.config.inventory_path), "-o", "json", db=evidence_url, cwd=tmp_path)
+    outcome = json.loads(result.stdout) if result.stdout.startswith("{") else None
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert outcome is not None and outcome["verdict"] == "passed" and outcome["cleanup_state"] == "done"
+    rto = next(e for e in outcome["expectations"] if e["kind"] == "rto")
+    assert 0 < rto["measured"] <= 30
+    with session_factory_for(evidence_url)() as session:
+        record = session.get_one(DrillRun, outcome["drill_run_id"])
+        fault = session.get_one(Run, record.fault_run_id)
+        failover = session.get_one(Run, record.failover_run_id)
+        assert failover.incident_at == record.incident_at and record.incident_at is not None
+        assert fault.finished_at is not None and record.incident_at <= fault.finished_at
+        assert failover.scenario == "quotation killed (SIGKILL) at the primary site"
+    # left as found: quotation answers from the primary site through the front door
+    assert lab.status()["healthy"]

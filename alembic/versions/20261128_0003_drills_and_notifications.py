@@ -52,6 +52,7 @@ def upgrade() -> None:
         sa.Column("fault_run_id", sa.String(length=36), nullable=True),
         sa.Column("failover_run_id", sa.String(length=36), nullable=True),
         sa.Column("checks_run_id", sa.String(length=36), nullable=True),
+        sa.Column("restore_run_id", sa.String(length=36), nullable=True),
         sa.Column("failback_run_id", sa.String(length=36), nullable=True),
         sa.Column("cleanup_run_id", sa.String(length=36), nullable=True),
         sa.Column("cleanup_state", sa.String(length=20), nullable=True, comment="done | incomplete | none"),

@@ -35,9 +35,12 @@ from dr_orchestrator.model.runbook import Runbook
 from dr_orchestrator.plans import PlanError, build_plan
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, dotted, read_yaml
 
-FIELDS = ("name", "description", "scenario", "inventory", "fault", "runbook", "expectations", "failback",
-          "cleanup", "schedule", "pre_approved", "notify")
+FIELDS = ("name", "description", "scenario", "inventory", "fault", "runbook", "expectations", "restore",
+          "failback", "cleanup", "schedule", "pre_approved", "notify")
 SERVICE_FIELDS = ("rto", "rpo", "health", "data")
+# What steps held in a drill (fault, checks, restore, cleanup) can read: {{ params.drill_run_id }},
+# e.g. to write a canary record before the fault and look for it after the failover.
+DRILL_PARAMETERS = {"drill_run_id": {"default": "", "description": "the id of the drill run"}}
 # What a notification target's settings are checked against (the message is the drill's own).
 NOTIFY_PLACEHOLDERS = {"webhook": {"text": "placeholder"}, "email": {"subject": "placeholder", "body": "placeholder"}}
 
@@ -97,6 +100,7 @@ class _DrillReader:
         runbook = self.runbook_ref(data, "runbook", required=True)
         failback = self.runbook_ref(data, "failback", required=False)
         expectations, checks = self.expectations(data.get("expectations"), name, inventory)
+        restore = self.steps(data, "restore", f"{name}: restore", cleanup=False)
         cleanup = self.steps(data, "cleanup", f"{name}: cleanup", cleanup=True)
         schedule = self.schedule(data.get("schedule"))
         notify = self.notify(data.get("notify"))
@@ -104,7 +108,7 @@ class _DrillReader:
         if not isinstance(pre_approved, bool):
             self.problem(("pre_approved",), "must be true or false")
         if inventory is not None:
-            for steps in (fault, cleanup, checks):
+            for steps in (fault, restore, cleanup, checks):
                 if steps is not None:
                     found = check_runbook(steps.runbook, steps.document, inventory, self.registry.params_model)
                     self.problems.extend(steps.as_drill_fields(found))
@@ -117,7 +121,8 @@ class _DrillReader:
         return Drill(
             name=name, description=self.text(data, "description") or "", scenario=scenario,
             inventory=inventory_path, fault=fault.model if fault else None, runbook=runbook,
-            expectations=tuple(expectations), checks=checks.model if checks else None, failback=failback,
+            expectations=tuple(expectations), checks=checks.model if checks else None,
+            restore=restore.model if restore else None, failback=failback,
             cleanup=cleanup.model if cleanup else None, schedule=schedule, pre_approved=bool(pre_approved),
             notify=tuple(notify), path=self.document.path, sha256=self.document.sha256, text=self.document.text,
         )
@@ -371,6 +376,7 @@ def steps_document(document: YamlDocument, name: str, items: list[tuple[PathKey,
     """A runbook document made of steps found at ``items`` keys of ``document``: its line map points
     into the drill file, so problems with the steps name the drill's lines and fields."""
     sub = YamlDocument(document.path, document.text, {"name": name, "kind": "rehearsal",
+                                                      "parameters": DRILL_PARAMETERS,
                                                       "steps": [raw for _, raw in items]})
     first = items[0][0] if items else ()
     sub.lines[()] = document.line(first) or 1

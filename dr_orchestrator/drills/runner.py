@@ -1,4 +1,5 @@
-"""Run a drill end to end as a rehearsal: fault, failover, expectation checks, failback, cleanup.
+"""Run a drill end to end as a rehearsal: fault, failover, expectation checks, restore (undo the
+fault, e.g. power back at the lost site), failback, cleanup.
 
 Every part is a run of the normal engine, recorded by the normal evidence store and linked to the
 drill run. The fault's end is the incident time of the failover run. The cleanup always runs: after
@@ -10,6 +11,7 @@ Verdict: passed only when every stage succeeded, every expectation was met and t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import socket
 import threading
@@ -166,6 +168,9 @@ class _DrillRun:
             if drill.checks is not None else None
         self.judge(failover, checks)
         self.require(failover, "the failover runbook did not succeed")
+        if drill.restore is not None:
+            restore = self.run_stage("restore", self.steps_plan(drill.restore, "restore", self.incident_at))
+            self.require(restore, "the fault could not be undone before the failback")
         if drill.failback is not None:
             failback_plan = build_plan(drill.failback.path, drill.inventory, drill.failback.parameters,
                                        kind=RunKind.FAILBACK, started_by=self.started_by, trigger=self.trigger,
@@ -196,14 +201,15 @@ class _DrillRun:
         """A plan for steps held in the drill file; its source is the drill file itself."""
         drill = self.drill
         inventory, inventory_document = load_inventory(drill.inventory)
+        parameters = {"drill_run_id": self.id}
         return RunPlan(
-            runbook=steps.runbook, inventory=inventory, parameters={}, kind=RunKind.REHEARSAL,
+            runbook=steps.runbook, inventory=inventory, parameters=parameters, kind=RunKind.REHEARSAL,
             incident_at=incident_at, started_by=self.started_by, reason=f"drill {drill.name}: {part}",
             trigger=self.trigger,
             runbook_source=SourceDocument(path=f"{drill.path}#{part}", sha256=drill.sha256, text=drill.text),
             inventory_source=SourceDocument(path=str(Path(inventory_document.path)),
                                             sha256=inventory_document.sha256, text=inventory_document.text),
-            parameters_sha256=hashlib.sha256(b"{}").hexdigest(),
+            parameters_sha256=hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest(),
         )
 
     # -- expectations ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dr_orchestrator.evidence.models import (
 from dr_orchestrator.model.events import utcnow
 
 Sessions = Callable[[], Session]
-RUN_STAGES = ("fault", "failover", "checks", "failback", "cleanup")
+RUN_STAGES = ("fault", "failover", "checks", "restore", "failback", "cleanup")
 LIVE_RUN_STATES = ("pending", "running", "waiting_approval")
 
 

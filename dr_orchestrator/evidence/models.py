@@ -373,6 +373,7 @@ class DrillRun(Recorded, Base):
     fault_run_id: Mapped[str | None] = mapped_column(String(36))
     failover_run_id: Mapped[str | None] = mapped_column(String(36))
     checks_run_id: Mapped[str | None] = mapped_column(String(36))
+    restore_run_id: Mapped[str | None] = mapped_column(String(36))
     failback_run_id: Mapped[str | None] = mapped_column(String(36))
     cleanup_run_id: Mapped[str | None] = mapped_column(String(36))
     cleanup_state: Mapped[str | None] = mapped_column(String(20), comment="done | incomplete | none")

@@ -78,6 +78,7 @@ class Drill(Frozen):
     runbook: RunbookRef
     expectations: tuple[ServiceExpectation, ...] = ()
     checks: Steps | None = None  # health and data checks, run after the failover
+    restore: Steps | None = None  # undo the fault before the failback (power back at the lost site)
     failback: RunbookRef | None = None
     cleanup: Steps | None = None
     schedule: Schedule | None = None
