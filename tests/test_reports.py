@@ -19,7 +19,7 @@ from evidence_runs import run_small
 from markupsafe import escape
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence import annotations, migrate, reports
+from dr_orchestrator.evidence import annotations, drills, migrate, reports
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.levels import LevelsError, load_levels
 from dr_orchestrator.evidence.store import derive_test_type
@@ -73,6 +73,37 @@ def test_after_action_report_tells_what_happened(sessions: sessionmaker[Session]
         assert str(escape(expected)) in html, expected
     assert "<script>" not in html
     assert "Drill expectations" not in html  # no drill data yet: no section
+
+
+def test_after_action_report_of_a_drill_stage_shows_expectations_and_verdict(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        sessions = make_session_factory(engine)
+        run_id = run_small(sessions, scenario="site_loss")
+        drills.start_drill_run(sessions, drills.DrillRunStart(
+            drill_run_id="d-1", drill_name="quarterly-trading", scenario="site_loss", trigger="schedule",
+            scheduled_for=None, started_by="scheduler", host="test-host", drill_path="failover_tests/q.yml",
+            drill_sha256="0" * 64, drill_text="name: quarterly-trading\n", inventory_path="inventories/lab.yml"))
+        drills.link_run(sessions, "d-1", "failover", run_id)
+        drills.record_expectations(sessions, "d-1", [
+            drills.ExpectationResult("trading", "rto", True, "restored within target", 60.0, 0.4, run_id=run_id),
+            drills.ExpectationResult("trading", "data", False, "3 acknowledged writes missing", check_id="ledger")])
+        drills.finish_drill_run(sessions, "d-1", state="finished", verdict="failed", cleanup_state="done",
+                                cleanup_left=[], error=None)
+        other_run = run_small(sessions)
+        with sessions() as session:
+            record = reports.after_action_data(session, run_id)
+            plain = reports.after_action_data(session, other_run)
+    finally:
+        engine.dispose()
+    assert record["drill"]["stage"] == "failover" and record["drill"]["verdict"] == "failed"
+    assert plain["drill"] is None
+    html = reports.render_after_action(record)
+    for expected in ("Drill expectations and verdict", "quarterly-trading", "3 acknowledged writes missing",
+                     "restored within target", "MISSED", "0.400 s"):
+        assert expected in html, expected
 
 
 def test_quarter_report_per_service_with_levels_gaps_findings_and_chart(

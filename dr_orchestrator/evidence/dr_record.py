@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence import queries
+from dr_orchestrator.evidence import drills, queries
 from dr_orchestrator.evidence.annotations import list_findings
-from dr_orchestrator.evidence.models import Approval, Reconciliation, Run
+from dr_orchestrator.evidence.models import Approval, DrillRun, Reconciliation, Run
 from dr_orchestrator.evidence.store import derive_test_type
 
 # Marks a runbook's steps may carry to pin the timeline (else the first and last step are used).
@@ -124,9 +124,27 @@ def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
             "failbacks": failbacks,
             "cleanup": _cleanup_state(detail, rollbacks, failbacks),
             "retain_until": run["retain_until"],
+            "drill": drill_of_run(session, the_id),
         }
     )
     return detail
+
+
+def drill_of_run(session: Session, run_id: str) -> dict[str, Any] | None:
+    """The drill this run was a stage of (fault, failover, checks, failback, cleanup): its
+    expectations met or missed, its verdict and cleanup state. None: the run was not part of a drill."""
+    stages = {stage: getattr(DrillRun, f"{stage}_run_id") for stage in drills.RUN_STAGES}
+    record = session.scalars(
+        select(DrillRun).where(or_(*(column == run_id for column in stages.values()))).limit(1)
+    ).first()
+    if record is None:
+        return None
+    detail = drills.drill_run_detail(session, record.id)
+    if detail is None:
+        return None
+    summary = detail["drill_run"]
+    stage = next(name for name in stages if summary["runs"][name] == run_id)
+    return summary | {"stage": stage, "expectations": detail["expectations"]}
 
 
 def _cleanup_state(detail: dict[str, Any], rollbacks: list[dict[str, Any]], failbacks: list[dict[str, Any]]) -> str:
