@@ -177,11 +177,13 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 @click.option("--failback-of", metavar="RUN", help="the run whose failover this run undoes")
 @click.option("--retention-years", type=click.IntRange(min=1), envvar="DR_RETENTION_YEARS",
               help="keep the record this many years (default 6, or $DR_RETENTION_YEARS)")
+@click.option("--force", "force_reason", metavar="REASON",
+              help="override the inventory's safety rules that would refuse the run (recorded with rule and actor)")
 @click.option("--quiet", "-q", is_flag=True, help="no live progress, only the summary")
 @click.pass_context
 def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...], incident_at: str | None,
         kind: str | None, reason: str, trigger: str, test_type: str | None, scenario: str, failback_of: str | None,
-        retention_years: int | None, quiet: bool) -> None:
+        retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
     Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input.
@@ -192,7 +194,11 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     from dr_orchestrator.progress import ProgressPrinter
 
     moment = parse_time(incident_at, "--incident-at")
-    the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger=trigger)
+    if force_reason is not None and not force_reason.strip():
+        raise UserError('--force needs a reason, e.g. --force "primary site confirmed powered off by facilities"')
+    forced = (force_reason.strip(),) if force_reason else ()
+    the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger=trigger,
+                      forced=forced)
     sessions = session_factory(ctx)
     if failback_of is not None:
         failback_of = _existing_run_id(sessions, failback_of)
@@ -207,6 +213,8 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_run_summary(sessions, outcome.run_id)
+    if outcome.error and outcome.error.startswith("safety rule "):
+        click.echo(outcome.error, err=True)  # the pre-flight refused: say which rule and how to override
     sys.exit(0 if outcome.state == "succeeded" else 1)
 
 

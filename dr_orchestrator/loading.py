@@ -17,6 +17,7 @@ from dr_orchestrator import templating
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
 from dr_orchestrator.model.runbook import Runbook, Step
+from dr_orchestrator.model.safety import SafetyPolicy
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, read_yaml
 
 ParamsLookup = Callable[[str], type[BaseModel] | None]
@@ -131,6 +132,8 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
     for name in ("vars", "safety"):
         if dr.get(name) is not None and not isinstance(dr[name], dict):
             problems.append(document.problem(base + (name,), "must be a mapping of names to values"))
+    if isinstance(dr.get("safety"), dict):
+        problems.extend(_safety_problems(document, base + ("safety",), dr["safety"], declared_sites, services))
     if problems:
         raise LoadError(problems)
     inventory = Inventory(
@@ -142,6 +145,25 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         safety=dr.get("safety") or {},
     )
     return inventory, document
+
+
+def _safety_problems(document: YamlDocument, key: PathKey, safety: dict[str, Any], sites: dict[str, Any],
+                     services: dict[str, Service]) -> list[Problem]:
+    try:
+        policy = SafetyPolicy.model_validate(safety)
+    except ValidationError as exc:
+        return pydantic_problems(document, key, exc)
+    problems = []
+    for site, checks in policy.readiness.items():
+        if site not in sites:
+            problems.append(document.problem(key + ("readiness", site), f"site {site!r} is not in dr.sites",
+                                             f"use one of: {', '.join(sites)}"))
+        for index, check in enumerate(checks):
+            if check.service is not None and check.service not in services:
+                problems.append(document.problem(key + ("readiness", site, index, "service"),
+                                                 f"service {check.service!r} is not in dr.services",
+                                                 f"use one of: {', '.join(services)}"))
+    return problems
 
 
 def _inventory_hosts(

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from dr_orchestrator import secrets
 from dr_orchestrator.model.events import ActionEvent, Event, Measurement, ProbeResult, utcnow
 from dr_orchestrator.model.inventory import Host, Inventory
+from dr_orchestrator.model.safety import override_text, policy_of
 
 
 class ActionError(Exception):
@@ -120,6 +121,20 @@ class ActionContext:
             return self.resolve_secret(reference)
         except secrets.SecretError as exc:
             raise ActionError(str(exc)) from None
+
+    def enforce(self, rule: str, problem: str) -> list[str]:
+        """A safety rule of the inventory (``dr.safety``) is broken: raise ActionError naming the rule and
+        how to override it, unless the inventory turns the rule off or the run is forced. Returns the
+        reasons given with ``--force``; the override is recorded (rule, actor, reason, problem)."""
+        forced = [str(reason) for reason in self.run_info.get("forced") or []]
+        if not policy_of(self.inventory).enabled(rule):
+            self.report("safety.rule", rule=rule, enabled=False, problem=problem)
+            return forced
+        if not forced:
+            raise ActionError(f"{problem} (safety rule {rule}); {override_text(rule)}")
+        self.report("safety.override", rule=rule, problem=problem, actor=self.run_info.get("started_by"),
+                    reason="; ".join(forced))
+        return forced
 
     def host(self, name: str) -> Host:
         try:

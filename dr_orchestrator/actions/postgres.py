@@ -30,6 +30,7 @@ from dr_orchestrator.actions.pgdb import (
 )
 from dr_orchestrator.model.durations import format_duration, parse_duration
 from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.safety import PROMOTE_FENCED
 
 
 def _site_field(description: str) -> Any:
@@ -267,18 +268,14 @@ class Promote(Action[PromoteParams]):
             if before["role"] != "standby":
                 raise ActionError(f"{db.where(params.site)} is not a standby (pg_is_in_recovery() is false)")
             old_primary = probe_role(db, old_site, ctx)
-            forced = forced_reasons(ctx)
-            if old_primary["role"] == "unknown" and not forced:
-                raise ActionError(
-                    f"refusing to promote {db.where(params.site)}: cannot tell whether the old primary takes "
-                    f"writes ({old_primary['error']}); fence it, or run with --force and a reason"
-                )
-            if old_primary["writable"] and not forced:
-                raise ActionError(
-                    f"refusing to promote {db.where(params.site)}: the old primary, {db.where(old_site)}, still "
-                    "answers and takes writes; fence it first (stop it or make it read-only), or run with --force "
-                    "and a reason"
-                )
+            forced: list[str] = []
+            if old_primary["role"] == "unknown":
+                forced = ctx.enforce(PROMOTE_FENCED, f"refusing to promote {db.where(params.site)}: cannot tell "
+                                     f"whether the old primary takes writes ({old_primary['error']}); fence it")
+            elif old_primary["writable"]:
+                forced = ctx.enforce(PROMOTE_FENCED, f"refusing to promote {db.where(params.site)}: the old primary, "
+                                     f"{db.where(old_site)}, still answers and takes writes; fence it first (stop it "
+                                     "or make it read-only)")
             heartbeat = latest_heartbeat(connection, [old_site])
             output: dict[str, Any] = {
                 "database": db.name,

@@ -30,8 +30,10 @@ from dr_orchestrator.actions.base import (
     ApprovalSource,
     RunResources,
 )
+from dr_orchestrator.engine import preflight
 from dr_orchestrator.engine.context import step_service, template_context
 from dr_orchestrator.model.events import (
+    ActionEvent,
     AttemptFinished,
     AttemptStarted,
     Event,
@@ -47,6 +49,7 @@ from dr_orchestrator.model.events import (
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import OnFailure, Retries, Step
+from dr_orchestrator.model.safety import PREFLIGHT, ReadinessCheck
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,8 @@ class _Run:
         try:
             if self.resume is not None:
                 self.restore(self.resume)
+            else:
+                error = self.check_safety()  # a refusal fails the run before its first step
             self.schedule()
             if self.rollback_wanted:
                 self.roll_back()
@@ -356,6 +361,35 @@ class _Run:
             self.finish_step(step.id, StepState.FAILED, error=f"internal error: {exc}")
 
     # ------------------------------------------------------------------ one step
+
+    # ------------------------------------------------------------------ safety pre-flight
+
+    def check_safety(self) -> str | None:
+        def render(source: str) -> Any:
+            return templating.render_string(source, self.context(None, None))
+
+        def report(kind: str, data: dict[str, Any]) -> None:
+            self.emit(ActionEvent(self.run_id, PREFLIGHT, kind, utcnow(), data))
+
+        refusal = preflight.check(self.plan, render, self.run_readiness, report)
+        self.failed |= refusal is not None
+        return refusal
+
+    def run_readiness(self, site: str, check: ReadinessCheck) -> tuple[bool, str]:
+        """One readiness check, run as the matching health-check action, bounded by its timeout."""
+        probing = {"consecutive": 1, "deadline": check.timeout, "probe_timeout": min(1.0, check.timeout)}
+        if check.http is not None:
+            name, raw = "http.check", {"url": check.http, "expect_status": list(check.expect_status), **probing}
+        else:
+            host, _, port = (check.tcp or "").rpartition(":")
+            name, raw = "tcp.check", {"host": host, "port": int(port), **probing}
+        action_class = self.engine.registry.get(name)
+        params = action_class.Params.model_validate(raw)
+        timeout = check.timeout + 1.0  # the check's own deadline ends it first, with its reason
+        outcome = self.attempt(action_class(), params, PREFLIGHT, 1, time.monotonic() + timeout, timeout, None, site)
+        if outcome.state is StepState.SUCCEEDED:
+            return True, "ready"
+        return False, outcome.error or str(outcome.state)
 
     def context(self, service: str | None, site: str | None) -> dict[str, Any]:
         with self.lock:
