@@ -1,0 +1,142 @@
+"""The lab runbooks end to end, against real sites: what issue #4 promises an engineer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dr_orchestrator.demo import AGREEMENT_S, run_demo
+from dr_orchestrator.evidence import queries
+from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.lab import Lab, LabConfig
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+RUNBOOKS = REPO / "runbooks"
+
+
+def dr(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DR_DATABASE_URL": db}
+    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def run_runbook(name: str, lab: Lab, db: str, cwd: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    """`dr run` of a lab runbook as an engineer types it; returns its exit code and evidence."""
+    result = dr("run", "-q", str(RUNBOOKS / name), "-i", str(lab.config.inventory_path), *extra, db=db, cwd=cwd)
+    listing = dr("runs", "list", "-o", "json", "--limit", "1", db=db, cwd=cwd)
+    assert listing.returncode == 0, listing.stderr
+    run_id = json.loads(listing.stdout)[0]["id"]
+    shown = dr("runs", "show", run_id, "-o", "json", db=db, cwd=cwd)
+    assert shown.returncode == 0, shown.stderr
+    return result.returncode, json.loads(shown.stdout)
+
+
+@pytest.fixture
+def evidence_db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    assert dr("db", "upgrade", db=url, cwd=tmp_path).returncode == 0
+    return url
+
+
+def steps_by_id(detail: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(s["step_id"], s["phase"]): s for s in detail["steps"]}
+
+
+def front_door_site(config: LabConfig, service: str) -> str | None:
+    try:
+        return str(httpx.get(f"{config.frontend_url(service)}/health", timeout=2).json().get("site"))
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def test_demo_fails_over_within_targets_and_agrees_with_the_clients(lab_config: LabConfig, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    verdict = run_demo(lab_config, url)
+    assert verdict.ok, verdict.problems
+    with session_factory_for(url)() as session:
+        failover = queries.run_detail(session, verdict.failover_run)
+        failback = queries.run_detail(session, verdict.failback_run)
+    assert failover is not None and failback is not None
+    for row in failover["results"]:
+        assert row["rto_met"] and row["rpo_met"], row
+        assert 0 < row["rto_s"] < 5.0, row  # the lab's bar: seconds, not minutes
+        assert row["rpo_s"] == 0  # synchronous replication: no acknowledged write may be lost
+    assert failover["run"]["incident_at"] < failover["run"]["started_at"]  # the kill, declared
+    assert failback["run"]["state"] == "succeeded"
+    assert not Lab(lab_config).is_up()  # the demo takes its lab down
+    assert AGREEMENT_S == 0.5
+
+
+def test_switchover_loses_nothing_and_failback_restores_the_original_direction(
+    lab_factory: Any, evidence_db: str, tmp_path: Path
+) -> None:
+    with lab_factory() as lab:
+        code, detail = run_runbook("site-switchover.yml", lab, evidence_db, tmp_path)
+        assert code == 0, detail["run"]["error"]
+        for row in detail["results"]:
+            assert row["rpo_s"] == 0, row
+            assert "LSN equality" in row["rpo_method"]
+            assert row["rto_met"], row
+        assert {front_door_site(lab.config, s) for s in ("trading", "contract-signing", "quotation")} == {"backup"}
+
+        code, detail = run_runbook("site-failback.yml", lab, evidence_db, tmp_path)
+        assert code == 0, detail["run"]["error"]
+        assert all(row["rpo_s"] == 0 for row in detail["results"])
+        assert {front_door_site(lab.config, s) for s in ("trading", "contract-signing", "quotation")} == {"primary"}
+        status = lab.status()
+        replication = json.dumps(status["replication"])
+        assert "streaming" in replication, replication
+        restored = steps_by_id(detail)[("replication-restored", "forward")]
+        assert restored["state"] == "succeeded"
+        assert restored["output"]["sites"]["primary"]["role"] == "primary"
+        assert restored["output"]["sites"]["backup"]["role"] == "standby"
+
+
+def test_dead_primary_is_fenced_as_unreachable_and_a_lagging_standby_needs_force(
+    lab_factory: Any, evidence_db: str, tmp_path: Path
+) -> None:
+    with lab_factory() as lab:
+        lab.break_replication()
+        # The standby's newest heartbeat now ages; kill the site once it is older than the limit.
+        lab.kill_site("primary")
+        code, detail = run_runbook("site-failover.yml", lab, evidence_db, tmp_path, "-p", "max_staleness=1ms")
+        assert code == 1
+        steps = steps_by_id(detail)
+        assert steps[("precheck", "forward")]["state"] == "failed"
+        assert "--force" in steps[("precheck", "forward")]["error"]
+        assert steps[("promote", "forward")]["state"] in ("skipped", "cancelled")  # nothing was promoted
+
+        reason = "primary site confirmed powered off; accepting the standby's data loss"
+        code, detail = run_runbook("site-failover.yml", lab, evidence_db, tmp_path, "-p", "max_staleness=1ms",
+                                   "--force", reason)
+        assert code == 0, detail["run"]["error"]
+        steps = steps_by_id(detail)
+        assert steps[("fence-old-site", "forward")]["state"] == "succeeded"  # unreachable is fenced enough
+        assert reason in json.dumps(steps[("precheck", "forward")]["output"])
+        assert reason in json.dumps(detail["run"])  # the override is evidence of the run
+        assert {front_door_site(lab.config, s) for s in ("trading", "contract-signing", "quotation")} == {"backup"}
+
+
+def test_backup_that_never_becomes_healthy_fails_the_run_and_rolls_the_switch_back(
+    lab_factory: Any, evidence_db: str, tmp_path: Path
+) -> None:
+    with lab_factory() as lab:
+        # The backup's database goes away: quotation there runs but can never answer healthy.
+        subprocess.run(["pkill", "-KILL", "-f", f"postgres -D {lab.config.pgdata('backup')}"], check=False)
+        code, detail = run_runbook("failover-quotation.yml", lab, evidence_db, tmp_path)
+        assert code == 1
+        steps = steps_by_id(detail)
+        verify = steps[("verify", "forward")]
+        assert verify["state"] == "failed"
+        assert "ready" in verify["error"] or "503" in verify["error"], verify["error"]
+        assert steps[("switch", "rollback")]["state"] == "rolled_back"
+        assert front_door_site(lab.config, "quotation") == "primary"  # traffic went back where it was
