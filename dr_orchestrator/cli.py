@@ -702,7 +702,15 @@ def _mount_lab() -> None:
     cli.add_command(lab_group, "lab")
 
 
+def _mount_api() -> None:
+    from dr_orchestrator.cli_api import serve, tokens
+
+    cli.add_command(serve, "serve")
+    cli.add_command(tokens, "tokens")
+
+
 def main() -> None:
+    _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")
 

@@ -427,3 +427,24 @@ class Notification(Recorded, Base):
 
 
 CHAINED += (DrillRun, DrillExpectation, Notification)
+
+
+# -- API tokens (dr tokens, dr serve) ----------------------------------------------------------------
+
+
+class ApiToken(Base):
+    """A token for the HTTP API. Only the SHA-256 of the token is kept (tokens are 32 random bytes, so
+    a plain hash is enough). Not evidence, so not chained; who created or revoked it is, as an
+    audit event."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(NAME, comment="the actor named in the audit chain")
+    role: Mapped[str] = mapped_column(String(20), comment="compliance | engineer | admin")
+    token_sha256: Mapped[str] = mapped_column(SHA256, unique=True)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(NAME)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(NAME)
