@@ -1,0 +1,113 @@
+"""The dashboard page, rendered on the server (charts as inline SVG, no JavaScript, nothing from a
+CDN), and its sign-in: a login form, or a one-time ``/dashboard?token=`` link; either keeps the token
+in an HttpOnly, SameSite=Strict cookie. Requests are logged without query strings (see ``app``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+from urllib.parse import parse_qs
+
+import jinja2
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from dr_orchestrator.api import metrics, views
+from dr_orchestrator.api.auditing import audit
+from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, identify
+from dr_orchestrator.api.tokens import Rejection
+from dr_orchestrator.evidence import drills as drill_records
+from dr_orchestrator.evidence.approvals import waiting_gates
+from dr_orchestrator.evidence.charts import rto_chart
+
+router = APIRouter(tags=["dashboard"])
+MAX_FORM_BYTES = 4096
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("dr_orchestrator.api", "templates"),
+                              autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(_templates().get_template(name).render(**context), status_code=status)
+
+
+def _with_cookie(request: Request, response: Response, token: str) -> Response:
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+                        path="/")
+    return response
+
+
+def _header_token(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+@router.get("/", include_in_schema=False)
+def root() -> Response:
+    return RedirectResponse("/dashboard", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse, summary="Sign-in form of the dashboard")
+def login_form() -> HTMLResponse:
+    return _page("login.html.j2", error=None)
+
+
+@router.post("/login", response_class=HTMLResponse, summary="Sign in: keeps the token in an HttpOnly cookie")
+async def login(request: Request) -> Response:
+    body = await request.body()
+    token = (parse_qs(body[:MAX_FORM_BYTES].decode(errors="replace")).get("token") or [""])[0].strip()
+    sessions = request.app.state.sessions
+    found = identify(sessions, token)
+    if isinstance(found, Rejection):
+        audit(sessions, found.name or ANONYMOUS, "api.refused", "POST /login", {"status": 401, "error": found.reason})
+        return _page("login.html.j2", status=401, error=found.reason)
+    request.state.actor = found.name
+    return _with_cookie(request, RedirectResponse("/dashboard", status_code=303), token)
+
+
+@router.get("/logout", summary="Sign out: forgets the cookie")
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/dashboard", response_class=HTMLResponse, summary="Latest drills, RTO trend per service, approvals")
+def dashboard(request: Request, token: str | None = Query(
+        None, description="one-time sign-in link: sets the cookie and redirects here without the token")) -> Response:
+    sessions = request.app.state.sessions
+    if token is not None:
+        found = identify(sessions, token)
+        if isinstance(found, Rejection):
+            return _page("login.html.j2", status=401, error=found.reason)
+        return _with_cookie(request, RedirectResponse("/dashboard", status_code=303), token)
+    presented = _header_token(request) or request.cookies.get(COOKIE)
+    found = identify(sessions, presented)
+    if isinstance(found, Rejection):
+        return _page("login.html.j2", status=401, error=found.reason if presented else None)
+    request.state.actor = found.name
+    return _page("dashboard.html.j2", **_content(request, found))
+
+
+def _content(request: Request, principal: Principal) -> dict[str, Any]:
+    listing = metrics.drill_schedules(request.app.state.settings.drills_dir)
+    with request.app.state.sessions() as session:
+        trends = views.rto_trend(session)
+        approvals = waiting_gates(session)
+        drill_runs = [drill_records.summary(r) for r in views.latest_drill_runs(session, 10)]
+        runs = views.filtered_runs(session, limit=15)
+    return {"principal": principal, "trends": [_chart(trend) for trend in trends], "approvals": approvals,
+            "drill_runs": drill_runs, "runs": runs,
+            "schedules": [entry for entry in listing["drills"] if entry["schedule"]]}
+
+
+def _chart(trend: views.Trend) -> dict[str, object]:
+    moments = [point.at for point in trend.points]
+    margin = max((max(moments) - min(moments)) * 0.05, timedelta(seconds=1))
+    end = max(max(moments) + margin, min(datetime.now(UTC), max(moments) + timedelta(days=1)))
+    svg = rto_chart(trend.service, trend.points, trend.target_s, min(moments) - margin, end)
+    return {"service": trend.service, "count": len(trend.points), "target_s": trend.target_s, "svg": svg}

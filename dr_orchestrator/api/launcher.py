@@ -1,0 +1,110 @@
+"""Runs and drills started over HTTP: files confined to their directories, executed in background
+threads (the response carries the run id as soon as the run holds its locks and has started),
+stopped when the server stops."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dr_orchestrator.api.auth import ApiError
+from dr_orchestrator.model.events import Event, RunStarted
+from dr_orchestrator.plans import PlanError, build_plan
+from dr_orchestrator.runner import execute
+from dr_orchestrator.supervision import LockHeld
+from dr_orchestrator.yamlsource import LoadError
+
+log = logging.getLogger(__name__)
+JOIN_S = 30.0  # how long a stopping server waits for its runs' rollbacks and cleanups
+START_S = 30.0  # how long a request waits for its run to take its locks and start
+
+
+class _Start:
+    """Observer: set once the run has started, or once it was refused its locks (``refused``)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.refused: LockHeld | None = None
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.done.set()
+
+
+def confined(root: str | Path, relative: str, what: str) -> Path:
+    """``relative`` inside ``root``, an existing file; ApiError 400 for anything else (``..``, an
+    absolute path, a symlink leading out)."""
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        raise ApiError(400, f"the {what} must be a path inside {root}/, not {relative!r}")
+    if not target.is_file():
+        raise ApiError(400, f"no {what} {relative!r} in {root}/")
+    return target
+
+
+class Launcher:
+    def __init__(self, sessions: sessionmaker[Session], runbooks_dir: str, inventories_dir: str) -> None:
+        self.sessions = sessions
+        self.runbooks_dir = runbooks_dir
+        self.inventories_dir = inventories_dir
+        self.lock = threading.Lock()
+        self.running: dict[str, tuple[threading.Thread, threading.Event]] = {}
+
+    def start_run(self, runbook: str, inventory: str, params: dict[str, Any], actor: str, *,
+                  kind: str | None = None, reason: str = "", incident_at: Any = None) -> str:
+        """Check the plan here (mistakes come back as 422), then run it in a thread; returns its id
+        once it started, ApiError 409 when another run holds a service or site it needs."""
+        runbook_path = confined(self.runbooks_dir, runbook, "runbook")
+        inventory_path = confined(self.inventories_dir, inventory, "inventory")
+        try:
+            plan = build_plan(str(runbook_path), str(inventory_path), params, kind=kind, incident_at=incident_at,
+                              started_by=actor, reason=reason, trigger="manual")
+        except LoadError as exc:
+            raise ApiError(422, f"{len(exc.problems)} problem(s) in the runbook or inventory",
+                           problems=[p.as_dict() for p in exc.problems]) from None
+        except PlanError as exc:
+            raise ApiError(422, str(exc)) from None
+        run_id = str(uuid.uuid4())
+        stop = threading.Event()
+        start = _Start()
+        thread = threading.Thread(target=self._execute, args=(plan, run_id, stop, start), name=f"run-{run_id[:8]}",
+                                  daemon=True)
+        self.track(run_id, thread, stop)
+        thread.start()
+        start.done.wait(START_S)
+        if start.refused is not None:
+            raise ApiError(409, str(start.refused))
+        return run_id
+
+    def _execute(self, plan: Any, run_id: str, stop: threading.Event, start: _Start) -> None:
+        try:
+            execute(self.sessions, plan, observers=[start], run_id=run_id, stop=stop)
+        except LockHeld as exc:  # nothing ran; the refusal is in the audit chain already
+            start.refused = exc
+        except Exception:  # noqa: BLE001 - the engine records the run's end; this is the server's log
+            log.exception("run %s ended with an error outside the engine", run_id)
+        finally:
+            start.done.set()
+            with self.lock:
+                self.running.pop(run_id, None)
+
+    def track(self, key: str, thread: threading.Thread, stop: threading.Event) -> None:
+        with self.lock:
+            for ended in [k for k, (t, _) in self.running.items() if not t.is_alive() and k != key]:
+                del self.running[ended]
+            self.running[key] = (thread, stop)
+
+    def stop_all(self, timeout_s: float = JOIN_S) -> None:
+        """Ask every run and drill started here to stop (rollbacks and cleanups still run) and wait."""
+        with self.lock:
+            started = list(self.running.values())
+        for _thread, stop in started:
+            stop.set()
+        for thread, _stop in started:
+            thread.join(timeout_s)

@@ -1,0 +1,166 @@
+"""Requests that change something: start a run or a drill, approve or reject a waiting step
+(engineer), manage tokens (admin). Each success is an audit event naming the token's holder; each
+refusal is audited by the app's error handlers."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from dr_orchestrator.api.auditing import audit
+from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
+from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
+from dr_orchestrator.model.approval import Decision
+
+router = APIRouter()
+
+
+class RunRequest(BaseModel):
+    runbook: str = Field(description="path inside the server's runbooks/ directory, e.g. example-local.yml")
+    inventory: str = Field(description="path inside the server's inventories/ directory, e.g. local.yml")
+    params: dict[str, Any] = Field(default_factory=dict, description="runbook parameters")
+    kind: Literal["failover", "switchover", "failback", "rehearsal"] | None = None
+    reason: str = ""
+    incident_at: datetime | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
+
+
+class Started(BaseModel):
+    run_id: str
+    url: str
+
+
+class DrillStarted(BaseModel):
+    drill_run_id: str
+    url: str
+
+
+class DecisionRequest(BaseModel):
+    reason: str = Field("", description="why; required to reject")
+
+
+class TokenRequest(BaseModel):
+    name: str
+    role: Literal["compliance", "engineer", "admin"]
+    expires: str | None = Field(None, description="lifetime such as 90d or 12h; default: until revoked")
+
+
+@router.post("/api/runs", status_code=202, tags=["runs"], summary="Start a runbook (engineer)",
+             response_model=Started)
+def start_run(body: RunRequest, request: Request, principal: Principal = Depends(engineer)) -> Started:
+    """Checks the runbook against the inventory, then runs it in the background: the answer carries the
+    run id at once; follow it at ``url``. The run's ``started_by`` is the token's name."""
+    if body.incident_at is not None and body.incident_at.tzinfo is None:
+        raise ApiError(422, "incident_at has no time zone; add Z or +08:00")
+    launcher = request.app.state.launcher
+    run_id = launcher.start_run(body.runbook, body.inventory, body.params, principal.name, kind=body.kind,
+                                reason=body.reason, incident_at=body.incident_at)
+    audit(request.app.state.sessions, principal.name, "run.start", run_id,
+          {"runbook": body.runbook, "inventory": body.inventory, "params": body.params, "kind": body.kind,
+           "reason": body.reason})
+    return Started(run_id=run_id, url=f"/api/runs/{run_id}")
+
+
+@router.post("/api/drills/{name}/runs", status_code=202, tags=["drills"], summary="Run a drill now (engineer)",
+             response_model=DrillStarted)
+def start_drill(name: str, request: Request, principal: Principal = Depends(engineer)) -> DrillStarted:
+    """Runs the drill named ``name`` (from the server's drills directory) in the background; one at a time."""
+    from dr_orchestrator.scheduling.service import DrillBusy, find_drill
+    from dr_orchestrator.scheduling.service import start_drill as start
+    from dr_orchestrator.yamlsource import LoadError
+
+    settings, sessions = request.app.state.settings, request.app.state.sessions
+    if "/" in name or "\\" in name or name.startswith("."):  # find_drill also takes paths: names only here
+        raise ApiError(400, f"{name!r} is not a drill name")
+    try:
+        drill = find_drill(name, settings.drills_dir)
+        started = start(sessions, drill, started_by=principal.name)
+    except LookupError as exc:
+        raise ApiError(404, str(exc.args[0])) from None
+    except LoadError as exc:
+        raise ApiError(422, f"the drill {name!r} does not load", problems=[p.as_dict() for p in exc.problems]) from None
+    except DrillBusy as exc:
+        raise ApiError(409, str(exc)) from None
+    request.app.state.launcher.track(started.drill_run_id, started.thread, started.stop)
+    audit(sessions, principal.name, "drill.start", started.drill_run_id, {"drill": name})
+    return DrillStarted(drill_run_id=started.drill_run_id, url=f"/api/drill-runs/{started.drill_run_id}")
+
+
+def _decide(request: Request, principal: Principal, run_id: str, step_id: str, decision: Decision,
+            reason: str) -> dict[str, Any]:
+    from dr_orchestrator.evidence.approvals import ApprovalRefused, decide
+
+    with request.app.state.sessions() as session:
+        begin_write(session)
+        try:
+            row = decide(session, run_id, step_id, decision, principal.name, reason)
+        except ApprovalRefused as exc:
+            session.rollback()
+            raise ApiError(409, str(exc)) from None
+        record_audit_event(session, principal.name, f"approval.{decision.value}", f"{row.run_id} {step_id}",
+                           {"reason": reason})
+        answer = {"run_id": row.run_id, "step_id": step_id, "decision": row.decision, "actor": row.actor,
+                  "at": row.at.isoformat(), "reason": row.reason}
+        session.commit()
+    return answer
+
+
+@router.post("/api/runs/{run_id}/steps/{step_id}/approve", tags=["approvals"], summary="Approve a waiting step")
+def approve(run_id: str, step_id: str, request: Request, body: DecisionRequest | None = None,
+            principal: Principal = Depends(engineer)) -> dict[str, Any]:
+    """Same rules as `dr approve`: the step must be waiting; under the two-person rule, not by the run's starter."""
+    return _decide(request, principal, run_id, step_id, Decision.APPROVED, body.reason if body else "")
+
+
+@router.post("/api/runs/{run_id}/steps/{step_id}/reject", tags=["approvals"], summary="Reject a waiting step")
+def reject(run_id: str, step_id: str, body: DecisionRequest, request: Request,
+           principal: Principal = Depends(engineer)) -> dict[str, Any]:
+    return _decide(request, principal, run_id, step_id, Decision.REJECTED, body.reason)
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+@router.get("/api/tokens", tags=["tokens"], summary="Tokens (admin); never the token itself")
+def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[str, Any]]:
+    from dr_orchestrator.api.tokens import list_tokens as listing
+
+    with request.app.state.sessions() as session:
+        return listing(session)
+
+
+@router.post("/api/tokens", status_code=201, tags=["tokens"], summary="Create a token (admin); shown once")
+def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
+    from dr_orchestrator.api.tokens import TokenError, create_token, describe
+    from dr_orchestrator.model.durations import parse_duration
+
+    lifetime = None
+    if body.expires is not None:
+        try:
+            lifetime = timedelta(seconds=parse_duration(body.expires))
+        except ValueError as exc:
+            raise ApiError(422, f"expires: {exc}") from None
+    with request.app.state.sessions() as session:
+        try:
+            row, token = create_token(session, body.name, body.role, principal.name, lifetime)
+        except TokenError as exc:
+            raise ApiError(422, str(exc)) from None
+        answer = describe(row) | {"token": token}
+        session.commit()
+    return answer
+
+
+@router.delete("/api/tokens/{token_id}", tags=["tokens"], summary="Revoke a token (admin)")
+def revoke_token(token_id: int, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
+    from dr_orchestrator.api.tokens import TokenError, UnknownToken, describe, revoke_token
+
+    with request.app.state.sessions() as session:
+        try:
+            row = revoke_token(session, token_id, principal.name)
+        except TokenError as exc:
+            raise ApiError(404 if isinstance(exc, UnknownToken) else 409, str(exc)) from None
+        answer = describe(row)
+        session.commit()
+    return answer

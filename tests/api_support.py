@@ -1,0 +1,59 @@
+"""Helpers of the API and dashboard tests: a migrated database, tokens, and real runs recorded
+through the engine and the evidence store (the same composition `dr run` uses)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from dr_orchestrator.api.tokens import create_token
+from dr_orchestrator.evidence import migrate
+from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.plans import build_plan
+from dr_orchestrator.runner import execute
+
+REPO = Path(__file__).resolve().parents[1]
+API_DATA = REPO / "tests" / "data" / "api"
+RUNBOOKS = API_DATA / "runbooks"
+INVENTORIES = API_DATA / "inventories"
+INVENTORY = INVENTORIES / "two-services.yml"
+
+T = TypeVar("T")
+
+
+def prepared(url: str) -> str:
+    migrate.upgrade(url)
+    return url
+
+
+def token(url: str, name: str, role: str, expires_in: timedelta | None = None) -> str:
+    sessions = session_factory_for(url)
+    with sessions() as session:
+        _row, secret = create_token(session, name, role, "test", expires_in)
+        session.commit()
+    return secret
+
+
+def record_run(url: str, runbook: str, incident_ago_s: float, actor: str = "alice") -> str:
+    """Run ``runbooks/<runbook>`` for real with the incident declared ``incident_ago_s`` ago: the
+    restored service's RTO is about that long."""
+    plan = build_plan(str(RUNBOOKS / runbook), str(INVENTORY), incident_at=utcnow() - timedelta(seconds=incident_ago_s),
+                      started_by=actor)
+    outcome = execute(session_factory_for(url), plan)
+    assert outcome.state == "succeeded", outcome.error
+    return outcome.run_id
+
+
+def wait_for(check: Callable[[], T | None], what: str, deadline_s: float = 30.0) -> T:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {deadline_s}s")
+        time.sleep(0.05)

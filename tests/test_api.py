@@ -1,0 +1,401 @@
+"""The HTTP API through FastAPI's TestClient on SQLite and PostgreSQL: roles and tokens, refusals
+audited in the chain, runs and drills started over HTTP, approvals, reports, packs and /metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from api_support import INVENTORIES, INVENTORY, REPO, RUNBOOKS, prepared, record_run, token, wait_for
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from dr_orchestrator.api.app import ApiSettings, create_app
+from dr_orchestrator.api.tokens import revoke_token
+from dr_orchestrator.evidence.chain import verify_session
+from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.evidence.models import Approval, AuditEvent
+
+DRILL_RUNBOOK = REPO / "tests" / "data" / "drills" / "quick-failover.yml"
+
+
+@dataclass
+class Api:
+    url: str
+    client: TestClient
+    drills_dir: Path
+
+    def get(self, path: str, who: str | None = None, **kwargs: Any) -> Any:
+        return self.client.get(path, headers=bearer(who), **kwargs)
+
+    def post(self, path: str, who: str | None = None, **kwargs: Any) -> Any:
+        return self.client.post(path, headers=bearer(who), **kwargs)
+
+    def audit_events(self, action: str | None = None) -> list[AuditEvent]:
+        with session_factory_for(self.url)() as session:
+            query = select(AuditEvent).order_by(AuditEvent.id)
+            if action:
+                query = query.where(AuditEvent.action == action)
+            return list(session.scalars(query))
+
+    def chain_ok(self) -> bool:
+        with session_factory_for(self.url)() as session:
+            return verify_session(session).ok
+
+
+def bearer(who: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {who}"} if who else {}
+
+
+def make_api(url: str, drills_dir: Path, runbooks: Path = RUNBOOKS, inventories: Path = INVENTORIES) -> TestClient:
+    settings = ApiSettings(database_url=url, runbooks_dir=str(runbooks), inventories_dir=str(inventories),
+                           drills_dir=str(drills_dir))
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def api(database_url: str, tmp_path: Path) -> Iterator[Api]:
+    url = prepared(database_url)
+    drills_dir = tmp_path / "drills"
+    drills_dir.mkdir()
+    with make_api(url, drills_dir) as client:  # the with block runs the app's shutdown: runs started stop
+        yield Api(url, client, drills_dir)
+
+
+def run_state(api: Api, who: str, run_id: str) -> str | None:
+    answer = api.get(f"/api/runs/{run_id}", who)
+    return answer.json()["run"]["state"] if answer.status_code == 200 else None
+
+
+def finished(api: Api, who: str, run_id: str) -> str:
+    def ended() -> str | None:
+        state = run_state(api, who, run_id)
+        return None if state in (None, "pending", "running", "waiting_approval") else state
+
+    return wait_for(ended, f"run {run_id} ends")
+
+
+# ---------------------------------------------------------------- roles
+
+
+def test_compliance_reads_evidence_but_starting_a_run_is_refused_and_audited(api: Api) -> None:
+    run_id = record_run(api.url, "restore-trading.yml", incident_ago_s=4)
+    carol = token(api.url, "carol-compliance", "compliance")
+
+    runs = api.get("/api/runs", carol).json()
+    assert [(r["id"], r["verdict"], r["services"]) for r in runs] == [(run_id, "passed", ["trading"])]
+    detail = api.get(f"/api/runs/{run_id[:8]}", carol).json()
+    assert detail["run"]["id"] == run_id and [s["step_id"] for s in detail["steps"]] == ["switch", "verify"]
+    (result,) = api.get(f"/api/runs/{run_id}/measurements", carol).json()["results"]
+    assert result["service"] == "trading" and 4 <= result["rto_s"] < 30 and result["rto_target_s"] == 10
+    report = api.get(f"/api/runs/{run_id}/report", carol)
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert run_id in report.text
+    export = api.get("/api/evidence/export", carol, params={"format": "csv"})
+    assert export.text.splitlines()[1].startswith(f"{run_id},restore-trading,failover,succeeded,trading,")
+    assert api.get("/api/evidence/verify", carol).json()["ok"] is True
+    assert api.get("/api/approvals", carol).json() == []
+    assert api.get("/api/runs/nope-nope", carol).status_code == 404
+
+    refused = api.post("/api/runs", carol, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml"})
+    assert refused.status_code == 403
+    assert refused.json()["error"] == ("the token 'carol-compliance' has the role compliance; this needs engineer "
+                                       "or above")
+    assert len(api.get("/api/runs", carol).json()) == 1  # nothing started
+    (event,) = api.audit_events("api.refused")
+    assert (event.actor, event.target, event.data["status"]) == ("carol-compliance", "POST /api/runs", 403)
+    assert api.chain_ok()
+
+
+def test_missing_unknown_revoked_and_expired_tokens_get_401(api: Api) -> None:
+    missing = api.get("/api/runs")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert missing.json()["error"].startswith("no API token")
+    assert api.get("/api/runs", "drt_made-up").json() == {"error": "the token is not known", "status": 401}
+
+    dave = token(api.url, "dave", "engineer")
+    assert api.get("/api/runs", dave).status_code == 200
+    with session_factory_for(api.url)() as session:
+        revoke_token(session, 1, "admin-person")
+        session.commit()
+    revoked = api.get("/api/runs", dave)
+    assert revoked.status_code == 401 and revoked.json()["error"] == "the token 'dave' was revoked"
+    started = api.post("/api/runs", dave, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml"})
+    assert started.status_code == 401
+
+    brief = token(api.url, "brief", "admin", expires_in=timedelta(milliseconds=200))
+    expired = wait_for(lambda: (r := api.get("/api/runs", brief)).status_code == 401 and r, "the token expires", 10)
+    assert expired.json()["error"].startswith("the token 'brief' expired at ")
+    assert api.post("/api/runs", json={}).status_code == 401
+
+    refusals = [(e.actor, e.target, e.data["status"]) for e in api.audit_events("api.refused")]
+    assert refusals == [("dave", "POST /api/runs", 401), ("anonymous", "POST /api/runs", 401)]
+
+
+def test_the_cookie_is_accepted_for_reads_only(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    api.client.cookies.set("dr_token", erin)
+    try:
+        assert api.get("/api/runs").status_code == 200
+        refused = api.post("/api/runs", json={"runbook": "restore-trading.yml", "inventory": "two-services.yml"})
+        assert refused.status_code == 401  # a change needs the token in the request itself
+    finally:
+        api.client.cookies.clear()
+
+
+# ---------------------------------------------------------------- starting runs
+
+
+def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    answer = api.post("/api/runs", erin, json={"runbook": "restore-quotation.yml", "inventory": "two-services.yml",
+                                               "reason": "quarterly check", "kind": "rehearsal"})
+    assert answer.status_code == 202, answer.text
+    run_id = answer.json()["run_id"]
+    assert answer.json()["url"] == f"/api/runs/{run_id}"
+    assert finished(api, erin, run_id) == "succeeded"
+    (listed,) = api.get("/api/runs", erin, params={"service": "quotation"}).json()
+    assert (listed["id"], listed["started_by"], listed["kind"], listed["reason"]) == (
+        run_id, "erin", "rehearsal", "quarterly check")
+    (event,) = api.audit_events("run.start")
+    assert (event.actor, event.target, event.data["runbook"]) == ("erin", run_id, "restore-quotation.yml")
+    assert api.chain_ok()
+
+
+def test_runbook_and_inventory_must_be_inside_their_directories(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    outside = [
+        ({"runbook": "../inventories/two-services.yml", "inventory": "two-services.yml"}, "must be a path inside"),
+        ({"runbook": "/etc/passwd", "inventory": "two-services.yml"}, "must be a path inside"),
+        ({"runbook": "restore-trading.yml", "inventory": "../runbooks/restore-trading.yml"}, "must be a path inside"),
+        ({"runbook": "missing.yml", "inventory": "two-services.yml"}, "no runbook 'missing.yml'"),
+    ]
+    for body, error in outside:
+        answer = api.post("/api/runs", erin, json=body)
+        assert answer.status_code == 400 and error in answer.json()["error"], (body, answer.text)
+    wrong_param = api.post("/api/runs", erin, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml",
+                                                    "params": {"nonsense": 1}})
+    assert wrong_param.status_code == 422, wrong_param.text
+    assert api.get("/api/runs", erin).json() == []
+    assert len(api.audit_events("api.refused")) == len(outside) + 1
+
+
+def test_the_shipped_example_runbook_runs_with_parameters(database_url: str, tmp_path: Path) -> None:
+    url = prepared(database_url)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with make_api(url, tmp_path, REPO / "runbooks", REPO / "inventories") as client:
+        api = Api(url, client, tmp_path)
+        erin = token(url, "erin", "engineer")
+        answer = api.post("/api/runs", erin, json={"runbook": "example-local.yml", "inventory": "local.yml",
+                                                   "params": {"port": port}})
+        assert answer.status_code == 202, answer.text
+        run_id = answer.json()["run_id"]
+        assert finished(api, erin, run_id) == "succeeded"
+        detail = api.get(f"/api/runs/{run_id}", erin).json()
+        assert detail["run"]["parameters"] == {"port": port}
+        assert detail["results"][0]["service"] == "quotation" and detail["results"][0]["rto_met"] is True
+
+
+def test_runs_filter_by_service_kind_dates_state_and_verdict(api: Api) -> None:
+    fast = record_run(api.url, "restore-trading.yml", incident_ago_s=2)
+    slow = record_run(api.url, "restore-trading.yml", incident_ago_s=25)  # over trading's 10 s target
+    quote = record_run(api.url, "restore-quotation.yml", incident_ago_s=1)
+    carol = token(api.url, "carol", "compliance")
+
+    def ids(**params: Any) -> set[str]:
+        answer = api.get("/api/runs", carol, params=params)
+        assert answer.status_code == 200, answer.text
+        return {row["id"] for row in answer.json()}
+
+    assert ids() == {fast, slow, quote}
+    assert ids(service="quotation") == {quote}
+    assert ids(verdict="failed") == {slow}
+    assert ids(verdict="passed", service="trading") == {fast}
+    assert ids(kind="failover", state="succeeded") == {fast, slow, quote}
+    assert ids(kind="switchover") == set()
+    assert ids(since="2999-01-01T00:00:00Z") == set()
+    assert ids(until="2000-01-01T00:00:00Z") == set()
+    assert ids(since="2000-01-01", until="2999-01-01") == {fast, slow, quote}
+    assert len(ids(limit=2)) == 2
+    assert api.get("/api/runs", carol, params={"verdict": "great"}).status_code == 422
+
+
+# ---------------------------------------------------------------- approvals
+
+
+def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
+    erin, frank = token(api.url, "erin", "engineer"), token(api.url, "frank", "engineer")
+    carol = token(api.url, "carol", "compliance")
+    run_id = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"}
+                      ).json()["run_id"]
+    (gate,) = wait_for(lambda: api.get("/api/approvals", carol).json(), "the gate waits")
+    assert (gate["run_id"], gate["step_id"]) == (run_id, "go-ahead")
+    assert gate["message"] == "Switch trading to the backup site?"
+    approve = f"/api/runs/{run_id}/steps/go-ahead/approve"
+
+    assert api.post(approve, carol).status_code == 403
+    own = api.post(approve, erin, json={"reason": "mine"})
+    assert own.status_code == 409 and "two-person rule" in own.json()["error"]
+    assert api.post(f"/api/runs/{run_id}/steps/verify/approve", frank).status_code == 409  # not waiting
+    assert api.post(f"/api/runs/{run_id}/steps/go-ahead/reject", frank).status_code == 422  # a reason is needed
+
+    answer = api.post(approve, frank, json={"reason": "change CHG-1 approved"})
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["decision"], answer.json()["actor"]) == ("approved", "frank")
+    assert finished(api, erin, run_id) == "succeeded"
+    assert api.get("/api/approvals", carol).json() == []
+    with session_factory_for(api.url)() as session:
+        (row,) = session.scalars(select(Approval).where(Approval.run_id == run_id))
+        assert (row.actor, row.decision, row.reason) == ("frank", "approved", "change CHG-1 approved")
+    assert [(e.actor, e.target) for e in api.audit_events("approval.approved")] == [("frank", f"{run_id} go-ahead")]
+    assert {(e.actor, e.data["status"]) for e in api.audit_events("api.refused")} == {
+        ("carol", 403), ("erin", 409), ("frank", 409), ("frank", 422)}
+    assert api.chain_ok()
+
+
+def test_a_run_is_refused_while_another_holds_its_service(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    holder = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"})
+    wait_for(lambda: api.get("/api/approvals", erin).json(), "the first run waits, holding trading")
+    refused = api.post("/api/runs", erin, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml"})
+    assert refused.status_code == 409, refused.text
+    assert holder.json()["run_id"] in refused.json()["error"] and "one failover at a time" in refused.json()["error"]
+    other = api.post("/api/runs", erin, json={"runbook": "restore-quotation.yml", "inventory": "two-services.yml"})
+    assert other.status_code == 202 and finished(api, erin, other.json()["run_id"]) == "succeeded"
+    assert [e.data["status"] for e in api.audit_events("api.refused")] == [409]
+
+
+# ---------------------------------------------------------------- tokens, drills, metrics
+
+
+def test_tokens_over_the_api_are_for_admins(api: Api) -> None:
+    ada, erin = token(api.url, "ada", "admin"), token(api.url, "erin", "engineer")
+    assert api.get("/api/tokens", erin).status_code == 403
+    created = api.post("/api/tokens", ada, json={"name": "prometheus", "role": "compliance", "expires": "90d"})
+    assert created.status_code == 201, created.text
+    scraper = created.json()["token"]
+    assert api.get("/metrics", scraper).status_code == 200
+    listed = api.get("/api/tokens", ada).json()
+    assert [(t["name"], t["role"], t["state"]) for t in listed] == [
+        ("ada", "admin", "active"), ("erin", "engineer", "active"), ("prometheus", "compliance", "active")]
+    assert scraper not in str(listed) and all("token" not in t and "token_sha256" not in t for t in listed)
+    assert api.client.delete(f"/api/tokens/{created.json()['id']}", headers=bearer(ada)).json()["state"] == "revoked"
+    assert api.get("/metrics", scraper).status_code == 401
+    assert api.client.delete("/api/tokens/99", headers=bearer(ada)).status_code == 404
+    assert [(e.action, e.actor) for e in api.audit_events() if e.action.startswith("token.")][-2:] == [
+        ("token.create", "ada"), ("token.revoke", "ada")]
+
+
+def write_drill(drills_dir: Path, name: str = "api-quick-drill") -> Path:
+    path = drills_dir / f"{name}.yml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        description: quotation moves to the backup site, planned
+        scenario: planned_maintenance
+        inventory: {INVENTORY}
+        runbook:
+          path: {DRILL_RUNBOOK}
+        expectations:
+          quotation:
+            rto: 30s
+        schedule: {{cron: "0 2 1 1,4,7,10 *", timezone: UTC}}
+        pre_approved: true
+        """))
+    return path
+
+
+def test_drills_are_listed_with_next_fire_times_and_started_by_engineers(api: Api) -> None:
+    write_drill(api.drills_dir)
+    erin, carol = token(api.url, "erin", "engineer"), token(api.url, "carol", "compliance")
+    (drill,) = api.get("/api/drills", carol).json()["drills"]
+    assert drill["name"] == "api-quick-drill" and drill["last_run"] is None
+    assert drill["next"][0]["utc"].endswith("T02:00:00+00:00") and drill["next"][0]["utc"][5:10] in (
+        "01-01", "04-01", "07-01", "10-01")
+
+    assert api.post("/api/drills/api-quick-drill/runs", carol).status_code == 403
+    assert api.post("/api/drills/no-such-drill/runs", erin).status_code == 404
+    assert api.post("/api/drills/..%2Fetc/runs", erin).status_code in (400, 404)
+    started = api.post("/api/drills/api-quick-drill/runs", erin)
+    assert started.status_code == 202, started.text
+    drill_run_id = started.json()["drill_run_id"]
+    done = wait_for(lambda: (d := api.get(f"/api/drill-runs/{drill_run_id}", carol).json())["drill_run"]["verdict"]
+                    and d, "the drill ends", 60)
+    assert done["drill_run"]["verdict"] == "passed" and done["expectations"][0]["met"] is True
+    assert api.get("/api/drills", carol).json()["drills"][0]["last_run"]["id"] == drill_run_id
+    assert [(e.actor, e.target) for e in api.audit_events("drill.start")] == [("erin", drill_run_id)]
+
+
+def test_metrics_need_a_token_and_expose_rto_rpo_drills_and_runs(api: Api) -> None:
+    record_run(api.url, "restore-trading.yml", incident_ago_s=3)
+    record_run(api.url, "restore-quotation.yml", incident_ago_s=40)  # over quotation's 30 s target
+    write_drill(api.drills_dir)
+    carol = token(api.url, "carol", "compliance")
+    assert api.get("/metrics").status_code == 401
+    answer = api.get("/metrics", carol)
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in answer.text.splitlines() if line and not line.startswith("#")}
+    assert 3 <= samples['dr_service_rto_seconds{service="trading"}'] < 10
+    assert 40 <= samples['dr_service_rto_seconds{service="quotation"}'] < 60
+    assert samples['dr_service_rto_target_seconds{service="trading"}'] == 10
+    assert samples['dr_service_rto_target_seconds{service="quotation"}'] == 30
+    assert samples['dr_runs{state="succeeded"}'] == 2
+    assert samples['dr_drill_next_fire_timestamp_seconds{drill="api-quick-drill"}'] > 1.7e9
+    assert samples["dr_pending_approvals"] == 0
+    assert "# TYPE dr_drill_last_verdict gauge" in answer.text
+
+
+def test_packs_need_the_servers_signing_key(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dr_orchestrator.evidence.packs import verify_pack
+    from dr_orchestrator.evidence.signing import generate_keypair
+
+    run_id = record_run(api.url, "restore-trading.yml", incident_ago_s=2)
+    carol = token(api.url, "carol", "compliance")
+    monkeypatch.delenv("DR_PACK_SIGNING_KEY", raising=False)
+    assert api.get(f"/api/runs/{run_id}/pack", carol).status_code == 503
+    private, _public = generate_keypair(tmp_path / "keys")
+    monkeypatch.setenv("DR_PACK_SIGNING_KEY", f"file:{private}")
+    pack = api.get(f"/api/runs/{run_id}/pack", carol)
+    assert pack.status_code == 200 and pack.headers["content-type"] == "application/zip"
+    assert verify_pack(pack.content).ok
+    assert [(e.actor, e.data["runs"]) for e in api.audit_events("evidence.pack")] == [("carol", [run_id])]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def dr(*args: str, db: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "DR_DATABASE_URL": db})
+
+
+def test_dr_tokens_create_list_revoke(tmp_path: Path) -> None:
+    db = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
+    created = dr("tokens", "create", "--name", "grafana", "--role", "compliance", "--expires", "90d", db=db)
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.splitlines()[-1]
+    assert secret.startswith("drt_") and len(secret) > 40
+    assert "shown only now" in created.stderr
+    listed = dr("tokens", "list", db=db)
+    assert "grafana" in listed.stdout and "compliance" in listed.stdout and secret not in listed.stdout
+    assert dr("tokens", "revoke", "1", db=db).stdout == "token 1 (grafana) revoked\n"
+    again = dr("tokens", "revoke", "1", db=db)
+    assert again.returncode == 2 and again.stderr.startswith("Error: token 1 (grafana) was already revoked at")
+    bad = dr("tokens", "create", "--name", "x", "--role", "engineer", "--expires", "soon", db=db)
+    assert bad.returncode == 2 and "is not a duration" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_cli_does_not_import_fastapi() -> None:
+    code = "import sys, dr_orchestrator.cli, dr_orchestrator.cli_api; print('fastapi' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
