@@ -24,6 +24,7 @@ from dr_orchestrator.api.tokens import revoke_token
 from dr_orchestrator.evidence.chain import verify_session
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.models import Approval, AuditEvent
+from dr_orchestrator.evidence.queries import find_run
 
 DRILL_RUNBOOK = REPO / "tests" / "data" / "drills" / "quick-failover.yml"
 
@@ -274,6 +275,20 @@ def test_a_run_is_refused_while_another_holds_its_service(api: Api) -> None:
     other = api.post("/api/runs", erin, json={"runbook": "restore-quotation.yml", "inventory": "two-services.yml"})
     assert other.status_code == 202 and finished(api, erin, other.json()["run_id"]) == "succeeded"
     assert [e.data["status"] for e in api.audit_events("api.refused")] == [409]
+
+
+def test_runs_started_by_a_server_stop_with_it(database_url: str, tmp_path: Path) -> None:
+    url = prepared(database_url)
+    with make_api(url, tmp_path) as client:
+        api = Api(url, client, tmp_path)
+        erin = token(url, "erin", "engineer")
+        run_id = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"}
+                          ).json()["run_id"]
+        wait_for(lambda: api.get("/api/approvals", erin).json(), "the run waits for approval")
+    # The server stopped (the with block ran its shutdown): its run was stopped, not left waiting.
+    with session_factory_for(url)() as session:
+        run = find_run(session, run_id)
+        assert run is not None and run.state == "aborted" and run.finished_at is not None
 
 
 # ---------------------------------------------------------------- tokens, drills, metrics
