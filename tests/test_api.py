@@ -387,6 +387,22 @@ def test_packs_need_the_servers_signing_key(api: Api, tmp_path: Path, monkeypatc
     assert [(e.actor, e.data["runs"]) for e in api.audit_events("evidence.pack")] == [("carol", [run_id])]
 
 
+@pytest.mark.browser
+def test_reports_as_pdf_and_the_quarter_report(api: Api) -> None:
+    from dr_orchestrator.evidence.reports import quarter_of
+    from dr_orchestrator.model.events import utcnow
+
+    run_id = record_run(api.url, "restore-trading.yml", incident_ago_s=2)
+    carol = token(api.url, "carol", "compliance")
+    pdf = api.get(f"/api/runs/{run_id}/report", carol, params={"format": "pdf"})
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.content.startswith(b"%PDF")
+    label = quarter_of(utcnow()).label
+    data = api.get(f"/api/reports/quarter/{label}", carol, params={"format": "json"}).json()
+    assert run_id in str(data)
+    assert api.get("/api/reports/quarter/2026Q9", carol).status_code == 400
+
+
 # ---------------------------------------------------------------- the command line
 
 
