@@ -159,7 +159,8 @@ def test_the_cookie_is_accepted_for_reads_only(api: Api) -> None:
 def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     answer = api.post("/api/runs", erin, json={"runbook": "restore-quotation.yml", "inventory": "two-services.yml",
-                                               "reason": "quarterly check", "kind": "rehearsal"})
+                                               "reason": "quarterly check", "kind": "rehearsal", "trigger": "change",
+                                               "scenario": "quotation app stopped"})
     assert answer.status_code == 202, answer.text
     run_id = answer.json()["run_id"]
     assert answer.json()["url"] == f"/api/runs/{run_id}"
@@ -167,6 +168,7 @@ def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
     (listed,) = api.get("/api/runs", erin, params={"service": "quotation"}).json()
     assert (listed["id"], listed["started_by"], listed["kind"], listed["reason"]) == (
         run_id, "erin", "rehearsal", "quarterly check")
+    assert (listed["trigger"], listed["scenario"]) == ("change", "quotation app stopped")
     (event,) = api.audit_events("run.start")
     assert (event.actor, event.target, event.data["runbook"]) == ("erin", run_id, "restore-quotation.yml")
     assert api.chain_ok()
@@ -352,15 +354,24 @@ def test_drills_are_listed_with_next_fire_times_and_started_by_engineers(api: Ap
 
 
 def test_metrics_need_a_token_and_expose_rto_rpo_drills_and_runs(api: Api) -> None:
-    record_run(api.url, "restore-trading.yml", incident_ago_s=3)
-    record_run(api.url, "restore-quotation.yml", incident_ago_s=40)  # over quotation's 30 s target
-    write_drill(api.drills_dir)
     carol = token(api.url, "carol", "compliance")
     assert api.get("/metrics").status_code == 401
+
+    def scrape() -> dict[str, float]:
+        answer = api.get("/metrics", carol)
+        assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in answer.text.splitlines() if line and not line.startswith("#")}
+
+    record_run(api.url, "restore-trading.yml", incident_ago_s=3)
+    samples = scrape()  # quotation was never exercised: its targets show, no achieved figure
+    assert samples['dr_service_rto_target_seconds{service="quotation"}'] == 30
+    assert samples['dr_service_rpo_target_seconds{service="quotation"}'] == 60
+    assert 'dr_service_rto_seconds{service="quotation"}' not in samples
+    record_run(api.url, "restore-quotation.yml", incident_ago_s=40)  # over quotation's 30 s target
+    write_drill(api.drills_dir)
     answer = api.get("/metrics", carol)
-    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in answer.text.splitlines() if line and not line.startswith("#")}
+    samples = scrape()
     assert 3 <= samples['dr_service_rto_seconds{service="trading"}'] < 10
     assert 40 <= samples['dr_service_rto_seconds{service="quotation"}'] < 60
     assert samples['dr_service_rto_target_seconds{service="trading"}'] == 10

@@ -57,19 +57,21 @@ class Launcher:
         self.running: dict[str, tuple[threading.Thread, threading.Event]] = {}
 
     def start_run(self, runbook: str, inventory: str, params: dict[str, Any], actor: str, *,
-                  kind: str | None = None, reason: str = "", incident_at: Any = None) -> str:
+                  kind: str | None = None, reason: str = "", trigger: str = "manual", scenario: str = "",
+                  incident_at: Any = None) -> str:
         """Check the plan here (mistakes come back as 422), then run it in a thread; returns its id
         once it started, ApiError 409 when another run holds a service or site it needs."""
         runbook_path = confined(self.runbooks_dir, runbook, "runbook")
         inventory_path = confined(self.inventories_dir, inventory, "inventory")
         try:
             plan = build_plan(str(runbook_path), str(inventory_path), params, kind=kind, incident_at=incident_at,
-                              started_by=actor, reason=reason, trigger="manual")
+                              started_by=actor, reason=reason, trigger=trigger)
         except LoadError as exc:
             raise ApiError(422, f"{len(exc.problems)} problem(s) in the runbook or inventory",
                            problems=[p.as_dict() for p in exc.problems]) from None
         except PlanError as exc:
             raise ApiError(422, str(exc)) from None
+        plan = plan.model_copy(update={"scenario": scenario})
         run_id = str(uuid.uuid4())
         stop = threading.Event()
         start = _Start()

@@ -50,13 +50,16 @@ def _timestamp(moment: datetime) -> float:
 def render(session: Session, drills: dict[str, Any]) -> str:
     """The exposition; ``drills`` is what ``scheduling.service.schedules`` returns."""
     out = Exposition()
+    targets = views.current_targets(session)
     for kind in ("rto", "rpo"):
         last = views.last_figures(session, kind)
         upper = kind.upper()
         out.gauge(f"dr_service_{kind}_seconds", f"Last achieved {upper} per service, seconds.",
                   (({"service": s}, f.value) for s, f in sorted(last.items())))
-        out.gauge(f"dr_service_{kind}_target_seconds", f"{upper} target per service as it stood at that run, seconds.",
-                  (({"service": s}, f.target) for s, f in sorted(last.items()) if f.target is not None))
+        out.gauge(f"dr_service_{kind}_target_seconds",
+                  f"{upper} target per service in the inventory of its newest run, seconds.",
+                  (({"service": s}, t[f"{kind}_s"]) for s, t in sorted(targets.items())
+                   if t.get(f"{kind}_s") is not None))
         out.gauge(f"dr_service_{kind}_measured_timestamp_seconds",
                   f"Incident time of the run the last {upper} comes from, Unix seconds.",
                   (({"service": s}, _timestamp(f.at)) for s, f in sorted(last.items())))

@@ -24,6 +24,8 @@ class RunRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="runbook parameters")
     kind: Literal["failover", "switchover", "failback", "rehearsal"] | None = None
     reason: str = ""
+    trigger: Literal["manual", "change", "incident"] = "manual"
+    scenario: str = Field("", description="the fault injected, in words (the DR test record)")
     incident_at: datetime | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
 
 
@@ -56,10 +58,11 @@ def start_run(body: RunRequest, request: Request, principal: Principal = Depends
         raise ApiError(422, "incident_at has no time zone; add Z or +08:00")
     launcher = request.app.state.launcher
     run_id = launcher.start_run(body.runbook, body.inventory, body.params, principal.name, kind=body.kind,
-                                reason=body.reason, incident_at=body.incident_at)
+                                reason=body.reason, trigger=body.trigger, scenario=body.scenario,
+                                incident_at=body.incident_at)
     audit(request.app.state.sessions, principal.name, "run.start", run_id,
           {"runbook": body.runbook, "inventory": body.inventory, "params": body.params, "kind": body.kind,
-           "reason": body.reason})
+           "reason": body.reason, "trigger": body.trigger})
     return Started(run_id=run_id, url=f"/api/runs/{run_id}")
 
 

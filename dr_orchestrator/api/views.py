@@ -107,6 +107,20 @@ def last_figures(session: Session, kind: str) -> dict[str, Latest]:
     return newest
 
 
+def current_targets(session: Session) -> dict[str, dict[str, Any]]:
+    """Every service's targets as the inventories stood at their newest runs (a service never
+    exercised has targets too); when inventories disagree, the newest run wins."""
+    newest = (select(Run.inventory_name, func.max(Run.started_at).label("latest"))
+              .group_by(Run.inventory_name).subquery())
+    query = (select(Run.targets)
+             .join(newest, (Run.inventory_name == newest.c.inventory_name) & (Run.started_at == newest.c.latest))
+             .order_by(Run.started_at))
+    targets: dict[str, dict[str, Any]] = {}
+    for (snapshot,) in session.execute(query):
+        targets.update(snapshot or {})
+    return targets
+
+
 def runs_by_state(session: Session) -> Counter[str]:
     return Counter({state: count for state, count in session.execute(
         select(Run.state, func.count()).group_by(Run.state))})
