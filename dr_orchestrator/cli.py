@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -90,7 +89,11 @@ def session_factory(ctx: click.Context) -> Any:
     problem = migrate.schema_problem(url)
     if problem:
         raise UserError(problem)
-    return session_factory_for(url)
+    factory = session_factory_for(url)
+    from dr_orchestrator.cli_safety import sweep
+
+    sweep(factory)  # runs whose process died are marked interrupted, never left running
+    return factory
 
 
 # ---------------------------------------------------------------- validate, plan, run
@@ -186,11 +189,10 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
         retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
-    Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input.
+    Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input, 3 when another
+    run holds a service or site of this runbook (nothing ran; the holder is named).
     """
-    from dr_orchestrator.actions import default_registry
-    from dr_orchestrator.engine import Engine
-    from dr_orchestrator.evidence.store import EvidenceStore
+    from dr_orchestrator.cli_safety import run_guarded
     from dr_orchestrator.progress import ProgressPrinter
 
     moment = parse_time(incident_at, "--incident-at")
@@ -203,15 +205,8 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     if failback_of is not None:
         failback_of = _existing_run_id(sessions, failback_of)
     the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of})
-    observers: list[Any] = [EvidenceStore(sessions, retention=retention_years)]
-    if not quiet:
-        observers.append(ProgressPrinter())
-    engine = Engine(default_registry(), observers)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        outcome = engine.run(the_plan)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    observers: list[Any] = [] if quiet else [ProgressPrinter()]
+    outcome = run_guarded(sessions, the_plan, observers, retention_years=retention_years)
     print_run_summary(sessions, outcome.run_id)
     if outcome.error and outcome.error.startswith("safety rule "):
         click.echo(outcome.error, err=True)  # the pre-flight refused: say which rule and how to override
@@ -229,10 +224,6 @@ def _existing_run_id(sessions: Any, run_id: str) -> str:
     if found is None:
         raise UserError(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
     return str(found.id)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def print_run_summary(sessions: Any, run_id: str) -> None:
@@ -710,6 +701,9 @@ def _mount_api() -> None:
 
 
 def main() -> None:
+    from dr_orchestrator.cli_safety import mount
+
+    mount(cli)
     _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")

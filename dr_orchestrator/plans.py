@@ -159,7 +159,8 @@ def describe_plan(plan: RunPlan, registry: ActionRegistry | None = None) -> dict
     runbook = plan.runbook
     run_info = {"id": "<run id>", "kind": str(plan.kind), "started_by": plan.started_by,
                 "incident_at": plan.incident_at.isoformat() if plan.incident_at else "<run start>",
-                "started_at": "<run start>", "forced": list(plan.forced)}
+                "started_at": "<run start>", "forced": list(plan.forced),
+                "approvals": plan.runbook.approvals.model_dump(mode="json"), "pre_approved_by": plan.pre_approved_by}
     steps_placeholder = _StepOutputPlaceholder("steps")
     groups = []
     for number, group in enumerate(runbook.execution_groups(), start=1):

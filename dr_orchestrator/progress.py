@@ -11,11 +11,14 @@ from rich.table import Table
 
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import (
+    ApprovalDecided,
+    ApprovalRequested,
     AttemptFinished,
     Event,
     MarkerReached,
     Measurement,
     RunFinished,
+    RunResumed,
     RunStarted,
     StepFinished,
     StepStarted,
@@ -54,6 +57,19 @@ class ProgressPrinter:
             plan = event.plan
             self.console.print(f"run [bold]{event.run_id}[/] {plan.runbook.name} ({plan.kind}) "
                                f"by {plan.started_by} on {event.host}")
+        elif isinstance(event, RunResumed):
+            self.run_started = now
+            self.console.print(f"run [bold]{event.run_id}[/] {event.plan.runbook.name} resumed by {event.actor} "
+                               f"on {event.host}")
+        elif isinstance(event, ApprovalRequested):
+            rule = " (two-person rule: not by " + event.started_by + ")" if event.two_person else ""
+            self.console.print(f"{elapsed}  {event.step_id:<28} {_state('waiting_approval')}{rule}: "
+                               f"{event.message}\n{'':12}dr approve {event.run_id} {event.step_id}   or   "
+                               f"dr reject {event.run_id} {event.step_id} --reason ...   "
+                               f"(on timeout in {format_duration(event.timeout_s)}: {event.on_timeout})")
+        elif isinstance(event, ApprovalDecided):
+            self.console.print(f"{elapsed}  {event.step_id:<28} {event.decision} by {event.actor}"
+                               + (f": {event.reason}" if event.reason else ""))
         elif isinstance(event, StepStarted):
             self.step_started[(event.step_id, event.phase)] = now
             label = "rolling back" if event.phase == "rollback" else "started"
@@ -132,6 +148,11 @@ def print_run_detail(detail: dict[str, Any], out: Console | None = None) -> None
     probes = detail.get("probes") or []
     if probes:
         out.print(f"  {len(probes)} probes; first {probes[0]['at']}, last {probes[-1]['at']}")
+    for approval in detail.get("approvals") or []:
+        out.print(f"  {approval['decision']} {approval.get('step_id') or ''} by {approval['actor']} at "
+                  f"{approval['at']}" + (f": {approval['reason']}" if approval.get("reason") else ""))
+    for event in detail.get("run_events") or []:
+        out.print(f"  {event['action']} by {event['actor']} at {event['at']} {_short(event.get('data'), 120)}")
     for marker in detail.get("markers") or []:
         out.print(f"  marker {marker['marker']} {marker.get('service') or ''} at {marker['at']}")
     for measurement in detail.get("measurements") or []:

@@ -9,6 +9,7 @@ BUILTIN_ACTIONS = {
     "wait": "dr_orchestrator.actions.wait:Wait",
     "noop": "dr_orchestrator.actions.wait:Noop",
     "fail": "dr_orchestrator.actions.wait:Fail",
+    "approval": "dr_orchestrator.actions.approval:ApprovalGate",
     "aws.route53.switch": "dr_orchestrator.actions.aws.route53:Route53Switch",
     "aws.route53.health": "dr_orchestrator.actions.aws.route53:Route53Health",
     "aws.rds.promote": "dr_orchestrator.actions.aws.rds:RdsPromote",

@@ -11,11 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from dr_orchestrator import secrets
+from dr_orchestrator.model.approval import ApprovalDecision
 from dr_orchestrator.model.events import ActionEvent, Event, Measurement, ProbeResult, utcnow
 from dr_orchestrator.model.inventory import Host, Inventory
 from dr_orchestrator.model.safety import override_text, policy_of
@@ -75,6 +76,15 @@ class RunResources:
                 pass
 
 
+class ApprovalSource(Protocol):
+    """Where approval gates read decisions taken elsewhere (another process, the API). Implemented
+    over the evidence database and handed to the engine by whoever builds it."""
+
+    def decision(self, run_id: str, step_id: str, exclude_actor: str | None = None) -> ApprovalDecision | None:
+        """The first decision on the step, ignoring those by ``exclude_actor``; None while undecided."""
+        ...
+
+
 @dataclass
 class ActionContext:
     run_id: str
@@ -89,6 +99,7 @@ class ActionContext:
     site: str | None = None
     check_mode: bool = False
     run_info: dict[str, Any] = field(default_factory=dict)
+    approvals: ApprovalSource | None = None  # None: nothing can decide (an engine without a database)
     redact: Callable[[str], str] = secrets.redact
     # Resolves an env:/file: reference and registers the value for redaction (the run's redactor).
     resolve_secret: Callable[[str], str] = secrets.resolve

@@ -179,9 +179,11 @@ class _Run:
             self.results[step_id] = {"state": str(state), "output": shown, "error": error}
             if phase == "forward":
                 self.apply_policy(self.steps[step_id], state, previous)
-            self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
+            # Markers first: a crash between the two leaves the mark recorded and the step in flight
+            # (repeated or decided on resume), never a finished step whose mark was lost.
             for marker in markers or ():
                 self.emit(marker)
+            self.emit(StepFinished(self.run_id, step_id, utcnow(), state, output or {}, error, phase))
 
     def apply_policy(self, step: Step, state: StepState, previous: StepState) -> None:
         """The step's `on_failure`, decided with its state (under the lock), so that no step is

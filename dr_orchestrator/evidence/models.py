@@ -73,6 +73,7 @@ class Run(Recorded, Base):
     scenario: Mapped[str | None] = mapped_column(Text, comment="the fault injected")
     failback_of: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), comment="the run this one fails back")
     retain_until: Mapped[datetime | None] = mapped_column(comment="keep the record at least until then")
+    pre_approved_by: Mapped[str | None] = mapped_column(NAME, comment="who pre-approved every gate (a drill)")
 
     __table_args__ = (Index(None, "started_at"), Index(None, "failback_of"))
 
@@ -427,6 +428,38 @@ class Notification(Recorded, Base):
 
 
 CHAINED += (DrillRun, DrillExpectation, Notification)
+
+
+# -- who runs a run now, and what it holds (operational state: not evidence, not chained) ----------
+
+
+class RunProcess(Base):
+    """The process running (or last running) a run, with its heartbeat. A run whose process is gone
+    is marked interrupted by the next ``dr`` start (see ``evidence/liveness.py``)."""
+
+    __tablename__ = "run_processes"
+
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    host: Mapped[str] = mapped_column(NAME)
+    pid: Mapped[int] = mapped_column(Integer)
+    process_start: Mapped[str | None] = mapped_column(String(40), comment="tells a reused pid apart (Linux)")
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+
+
+class RunLock(Base):
+    """A service or site a live run holds (``service:trading``, ``site:backup``). The lock itself is
+    the database's (PostgreSQL advisory lock) or the operating system's (a file lock beside a SQLite
+    database); this row only names its holder."""
+
+    __tablename__ = "run_locks"
+
+    resource: Mapped[str] = mapped_column(String(250), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    mode: Mapped[str] = mapped_column(String(10), comment="exclusive | shared")
+    host: Mapped[str] = mapped_column(NAME)
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired_at: Mapped[datetime]
 
 
 # -- API tokens (dr tokens, dr serve) ----------------------------------------------------------------

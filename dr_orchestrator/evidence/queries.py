@@ -18,7 +18,9 @@ from sqlalchemy.orm import DeclarativeBase, Session
 
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
+    Approval,
     Attempt,
+    AuditEvent,
     Marker,
     MeasurementRecord,
     Probe,
@@ -117,7 +119,9 @@ def run_detail(session: Session, run_id: str) -> dict[str, Any] | None:
     """Everything recorded about one run, or None when there is no such run.
 
     Keys: run (every column), services (scope and targets), steps (time order, each with its
-    attempts), probes, markers, measurements, events, results (per-service RTO/RPO)."""
+    attempts), probes, markers, measurements, events, approvals (decisions on its gates),
+    run_events (interrupted, resumed, refused: audit events naming the run), results (per-service
+    RTO/RPO)."""
     run = find_run(session, run_id)
     if run is None:
         return None
@@ -148,6 +152,8 @@ def run_detail(session: Session, run_id: str) -> dict[str, Any] | None:
             .where(ActionEventRecord.run_id == by_run)
             .order_by(ActionEventRecord.at, ActionEventRecord.id),
         ),
+        "approvals": _rows(session, select(Approval).where(Approval.run_id == by_run).order_by(Approval.id)),
+        "run_events": _rows(session, select(AuditEvent).where(AuditEvent.target == by_run).order_by(AuditEvent.id)),
         "results": _rows(
             session, select(ServiceResult).where(ServiceResult.run_id == by_run).order_by(ServiceResult.id)
         ),

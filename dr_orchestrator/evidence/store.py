@@ -23,7 +23,9 @@ from dr_orchestrator.evidence import rto
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
+    Approval,
     Attempt,
+    AuditEvent,
     Marker,
     MeasurementRecord,
     Probe,
@@ -32,8 +34,11 @@ from dr_orchestrator.evidence.models import (
     ServiceResult,
     StepRecord,
 )
+from dr_orchestrator.model.approval import DecisionSource
 from dr_orchestrator.model.events import (
     ActionEvent,
+    ApprovalDecided,
+    ApprovalRequested,
     AttemptFinished,
     AttemptStarted,
     Event,
@@ -41,6 +46,7 @@ from dr_orchestrator.model.events import (
     Measurement,
     ProbeResult,
     RunFinished,
+    RunResumed,
     RunStarted,
     StepFinished,
     StepStarted,
@@ -196,6 +202,9 @@ class EvidenceStore:
             MarkerReached: self._marker,
             Measurement: self._measurement,
             ActionEvent: self._action_event,
+            ApprovalRequested: self._approval_requested,
+            ApprovalDecided: self._approval_decided,
+            RunResumed: self._run_resumed,
             RunFinished: self._run_finished,
         }
 
@@ -242,6 +251,7 @@ class EvidenceStore:
                 scenario=maybe_text(plan.scenario or None),
                 failback_of=plan.failback_of,
                 retain_until=years_after(event.at, self._retention_years),
+                pre_approved_by=plan.pre_approved_by,
             )
         )
         session.flush()  # the run row first: the rows below refer to it
@@ -258,9 +268,23 @@ class EvidenceStore:
             )
             for step in plan.runbook.steps
         )
-        self._rollback_actions[event.run_id] = {
+        self._remember_rollbacks(event.run_id, plan)
+
+    def _remember_rollbacks(self, run_id: str, plan: RunPlan) -> None:
+        self._rollback_actions[run_id] = {
             step.id: step.rollback.action for step in plan.runbook.steps if step.rollback is not None
         }
+
+    def _run_resumed(self, session: Session, event: RunResumed) -> None:
+        """Same run, same record: it goes on; who resumed it, and how, is an audit event."""
+        run = session.get_one(Run, event.run_id)
+        run.state, run.finished_at, run.error = RunState.RUNNING.value, None, None
+        session.add(AuditEvent(
+            at=event.at, actor=clean_text(event.actor), action="run.resumed", target=event.run_id,
+            data=jsonable({"host": event.host, "reason": event.reason, "retried": event.retried,
+                           "marked_done": event.marked_done}),
+        ))
+        self._remember_rollbacks(event.run_id, event.plan)
 
     def _run_finished(self, session: Session, event: RunFinished) -> None:
         run = session.get_one(Run, event.run_id)
@@ -368,7 +392,7 @@ class EvidenceStore:
 
     def _step_finished(self, session: Session, event: StepFinished) -> None:
         row = self._latest_step(session, event.run_id, event.step_id, event.phase)
-        if row is None:
+        if row is None or row.finished_at is not None:  # the latest ended before a resume
             row = self._new_step(session, event.run_id, event.step_id, event.phase)
         row.state = event.state.value
         row.finished_at = event.at
@@ -460,3 +484,35 @@ class EvidenceStore:
                 run_id=event.run_id, step_id=event.step_id, kind=event.kind, at=event.at, data=jsonable(event.data)
             )
         )
+
+    # -- approval gates -------------------------------------------------------------------------
+
+    def _approval_requested(self, session: Session, event: ApprovalRequested) -> None:
+        step = self._latest_step(session, event.run_id, event.step_id, FORWARD)
+        if step is not None and step.finished_at is None:
+            step.state = StepState.WAITING_APPROVAL.value
+        run = session.get_one(Run, event.run_id)
+        if run.state == RunState.RUNNING.value:
+            run.state = RunState.WAITING_APPROVAL.value
+        session.add(ActionEventRecord(
+            run_id=event.run_id, step_id=event.step_id, kind="approval.requested", at=event.at,
+            data=jsonable({"message": event.message, "started_by": event.started_by, "two_person": event.two_person,
+                           "timeout_s": event.timeout_s, "on_timeout": event.on_timeout}),
+        ))
+
+    def _approval_decided(self, session: Session, event: ApprovalDecided) -> None:
+        if str(event.source) != DecisionSource.ENGINEER.value:  # engineers' decisions are recorded already
+            session.add(Approval(run_id=event.run_id, step_id=event.step_id, decision=str(event.decision),
+                                 actor=clean_text(event.actor), at=event.at,
+                                 reason=clean_text(event.reason)))
+        step = self._latest_step(session, event.run_id, event.step_id, FORWARD)
+        if step is not None and step.state == StepState.WAITING_APPROVAL.value:
+            step.state = StepState.RUNNING.value
+        session.flush()
+        run = session.get_one(Run, event.run_id)
+        still_waiting = session.scalars(
+            select(StepRecord.id).where(StepRecord.run_id == event.run_id,
+                                        StepRecord.state == StepState.WAITING_APPROVAL.value).limit(1)
+        ).first()
+        if run.state == RunState.WAITING_APPROVAL.value and still_waiting is None:
+            run.state = RunState.RUNNING.value

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from dr_orchestrator.model.approval import Decision, DecisionSource
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
 
 
@@ -119,6 +120,49 @@ class ActionEvent:
 
 
 @dataclass(frozen=True)
+class ApprovalRequested:
+    """An approval gate opened: the step (and the run) wait for ``dr approve`` or ``dr reject``."""
+
+    run_id: str
+    step_id: str
+    at: datetime
+    message: str
+    started_by: str
+    two_person: bool
+    timeout_s: float
+    on_timeout: str
+
+
+@dataclass(frozen=True)
+class ApprovalDecided:
+    """A gate got its decision. Engineers' decisions are already recorded by whoever took them;
+    timeouts and pre-approvals are recorded from this event."""
+
+    run_id: str
+    step_id: str
+    at: datetime
+    decision: Decision
+    actor: str
+    reason: str
+    source: DecisionSource
+
+
+@dataclass(frozen=True)
+class RunResumed:
+    """An interrupted run goes on in a new process (same run id). ``finished`` steps are not run
+    again; ``retried`` in-flight steps run again; ``marked_done`` steps were done by the engineer."""
+
+    run_id: str
+    at: datetime
+    plan: RunPlan
+    host: str
+    actor: str
+    reason: str
+    retried: tuple[str, ...] = ()
+    marked_done: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunFinished:
     run_id: str
     at: datetime
@@ -136,6 +180,9 @@ Event = (
     | MarkerReached
     | Measurement
     | ActionEvent
+    | ApprovalRequested
+    | ApprovalDecided
+    | RunResumed
     | RunFinished
 )
 

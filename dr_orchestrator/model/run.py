@@ -44,6 +44,7 @@ class StepState(enum.StrEnum):
     CANCELLED = "cancelled"  # the run stopped before it could start or finish
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"
+    INTERRUPTED = "interrupted"  # in flight when the orchestrator died; `dr resume` decides what follows
 
     @property
     def finished(self) -> bool:
@@ -81,3 +82,5 @@ class RunPlan(Frozen):
     test_type: str | None = None
     scenario: str = ""  # the fault injected, in words (a drill sets it)
     failback_of: str | None = None  # the run whose failover this run undoes
+    # Who pre-approved every approval gate of the run (e.g. "drill quarterly-trading"); None: nobody.
+    pre_approved_by: str | None = None

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
+from dr_orchestrator.model.approval import ApprovalPolicy
 from dr_orchestrator.model.inventory import Frozen
 
 
@@ -74,7 +75,7 @@ class Runbook(Frozen):
     parameters: dict[str, Parameter] = Field(default_factory=dict)
     steps: tuple[Step, ...]
     max_parallel: int = Field(default=8, ge=1, le=256)
-    approvals: dict[str, Any] = Field(default_factory=dict)
+    approvals: ApprovalPolicy = ApprovalPolicy()
 
     def step(self, step_id: str) -> Step:
         for step in self.steps:

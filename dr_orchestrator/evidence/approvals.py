@@ -1,0 +1,108 @@
+"""Approval decisions through the evidence database: taking one (``dr approve``, ``dr reject``, the
+API), reading them (the gate waiting in the run's process), and listing gates that wait.
+
+A gate opens with an ``approval.requested`` action event (written by the store), which carries what
+the decision must respect: who started the run and whether the two-person rule applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dr_orchestrator.evidence.annotations import AnnotationError, record_approval
+from dr_orchestrator.evidence.models import ActionEventRecord, Approval, Run, StepRecord
+from dr_orchestrator.evidence.queries import AmbiguousRunId, as_dict, find_run
+from dr_orchestrator.model.approval import ApprovalDecision, Decision
+from dr_orchestrator.model.run import StepState
+
+Sessions = Callable[[], Session]
+REQUESTED = "approval.requested"
+
+
+class ApprovalRefused(ValueError):
+    """The decision cannot be taken (no such gate, not waiting, two-person rule); one sentence."""
+
+
+class DatabaseApprovals:
+    """The decision source approval gates poll (``actions.base.ApprovalSource``)."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.sessions = sessions
+
+    def decision(self, run_id: str, step_id: str, exclude_actor: str | None = None) -> ApprovalDecision | None:
+        with self.sessions() as session:
+            rows = session.scalars(
+                select(Approval).where(Approval.run_id == run_id, Approval.step_id == step_id).order_by(Approval.id)
+            )
+            for row in rows:
+                if exclude_actor is not None and row.actor == exclude_actor:
+                    continue  # the two-person rule: the run's starter cannot decide its gates
+                return ApprovalDecision(Decision(row.decision), row.actor, row.reason, row.at)
+        return None
+
+
+def _waiting_step(session: Session, run: Run, step_id: str) -> StepRecord:
+    row = session.scalars(
+        select(StepRecord)
+        .where(StepRecord.run_id == run.id, StepRecord.step_id == step_id, StepRecord.phase == "forward")
+        .order_by(StepRecord.id.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        raise ApprovalRefused(f"run {run.id} has no step {step_id!r}")
+    if row.state != StepState.WAITING_APPROVAL.value:
+        raise ApprovalRefused(f"step {step_id!r} of run {run.id} is not waiting for approval (it is {row.state})")
+    return row
+
+
+def request_of(session: Session, run_id: str, step_id: str) -> dict[str, Any]:
+    """What the newest opening of the gate asked for (message, started_by, two_person, ...) and when
+    (``requested_at``); empty when the gate never opened."""
+    event = session.scalars(
+        select(ActionEventRecord)
+        .where(ActionEventRecord.run_id == run_id, ActionEventRecord.step_id == step_id,
+               ActionEventRecord.kind == REQUESTED)
+        .order_by(ActionEventRecord.id.desc())
+        .limit(1)
+    ).first()
+    return {**event.data, "requested_at": as_dict(event)["at"]} if event is not None else {}
+
+
+def decide(session: Session, run_id: str, step_id: str, decision: Decision, actor: str, reason: str = "") -> Approval:
+    """Record ``actor``'s decision on a waiting gate; ApprovalRefused says why it cannot be taken."""
+    if decision is Decision.REJECTED and not reason.strip():
+        raise ApprovalRefused("a rejection needs a reason: give --reason")
+    try:
+        run = find_run(session, run_id)
+    except AmbiguousRunId as exc:
+        raise ApprovalRefused(str(exc)) from None
+    if run is None:
+        raise ApprovalRefused(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
+    _waiting_step(session, run, step_id)
+    request = request_of(session, run.id, step_id)
+    if request.get("two_person") and actor == request.get("started_by"):
+        raise ApprovalRefused(f"{actor} started run {run.id}; its runbook requires another person to decide "
+                              f"step {step_id!r} (two-person rule)")
+    try:
+        return record_approval(session, run.id, decision.value, actor, step_id=step_id, reason=reason)
+    except AnnotationError as exc:
+        raise ApprovalRefused(str(exc)) from None
+
+
+def waiting_gates(session: Session, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Gates waiting for a decision now, oldest first: run, step, since, and what the gate asked."""
+    query = (
+        select(StepRecord)
+        .where(StepRecord.state == StepState.WAITING_APPROVAL.value, StepRecord.phase == "forward")
+        .order_by(StepRecord.started_at, StepRecord.id)
+    )
+    if run_id is not None:
+        query = query.where(StepRecord.run_id == run_id)
+    gates = []
+    for step in session.scalars(query):
+        gates.append({"run_id": step.run_id, "step_id": step.step_id, **request_of(session, step.run_id, step.step_id)})
+    return gates

@@ -1,0 +1,330 @@
+"""Safety as users meet it, with real `dr` processes: approval gates decided from another process,
+two runs on one service at once (exactly one runs), and the orchestrator killed with SIGKILL at
+every step boundary and inside steps, then resumed: nothing lost, nothing run twice that must not."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_INVENTORY = str(REPO / "inventories" / "local.yml")
+WAIT_S = 60.0
+
+GATED = """\
+name: gated-local
+kind: switchover
+approvals: {two_person: true}
+scope: {services: [quotation]}
+steps:
+  - {id: prepare, action: noop}
+  - id: go-ahead
+    action: approval
+    with: {message: "switch quotation over?", timeout: 60}
+    timeout: 90s
+  - {id: switch, action: noop, marks: [service_restored]}
+"""
+
+CRASH = """\
+name: crash-local
+kind: failover
+scope: {services: [quotation]}
+parameters:
+  ledger: {required: true}
+  port: {required: true}
+  pause_inside: {default: ""}
+steps:
+  - id: fence
+    action: shell.run
+    with: {command: "echo fence >> {{ params.ledger | shquote }}", shell: true}
+  - id: promote
+    action: shell.run
+    with:
+      shell: true
+      command: >-
+        echo promote-start >> {{ params.ledger | shquote }} &&
+        if [ -n {{ params.pause_inside | shquote }} ]; then
+        touch {{ params.pause_inside | shquote }} && while :; do sleep 1; done; fi &&
+        echo promote-end >> {{ params.ledger | shquote }}
+  - id: check
+    action: tcp.check
+    with: {host: 127.0.0.1, port: "{{ params.port }}", consecutive: 2, interval: 50ms, deadline: 5s}
+    timeout: 10s
+  - id: switch
+    action: shell.run
+    with: {command: "echo switch >> {{ params.ledger | shquote }}", shell: true}
+    marks: [service_restored]
+"""
+LEDGER = ["fence", "promote-start", "promote-end", "switch"]
+
+
+def dr(*args: str, db: str, cwd: Path, actor: str = "tester", env: dict[str, str] | None = None,
+       check: bool = False) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd,
+                            env={**os.environ, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dr {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+class Processes:
+    """`dr` processes started in their own process group; whatever is left is killed at the end."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.started: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str, db: str, actor: str = "tester", env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=self.cwd, text=True,
+            env={**os.environ, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.started.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[str]) -> None:
+        """SIGKILL the process and everything it started, as a crash of its host would."""
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.communicate(timeout=WAIT_S)
+
+    def close(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                self.kill(process)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    made = Processes(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def wait_for(condition: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + WAIT_S
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def query(db: str, sql: str, **params: Any) -> list[Any]:
+    engine = create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params))
+    finally:
+        engine.dispose()
+
+
+def recorded(db: str, run_id: str) -> tuple[dict[str, Any], Any]:
+    """The run's record as `dr runs show -o json` gives it, and the audit chain's verdict."""
+    from dr_orchestrator.evidence import queries
+    from dr_orchestrator.evidence.chain import verify_session
+    from dr_orchestrator.evidence.database import make_engine, make_session_factory
+
+    engine = make_engine(db)
+    try:
+        with make_session_factory(engine)() as session:
+            detail = queries.run_detail(session, run_id)
+            assert detail is not None
+            return detail, verify_session(session)
+    finally:
+        engine.dispose()
+
+
+def waiting_gate(db: str) -> str | None:
+    rows = query(db, "SELECT run_id FROM steps WHERE state = 'waiting_approval'")
+    return str(rows[0][0]) if rows else None
+
+
+@pytest.fixture
+def migrated(database_url: str, tmp_path: Path) -> str:
+    dr("db", "upgrade", db=database_url, cwd=tmp_path, check=True)
+    return database_url
+
+
+# ---------------------------------------------------------------- approval gates
+
+
+def test_a_gate_waits_for_another_person_from_another_process(migrated: str, tmp_path: Path,
+                                                              processes: Processes) -> None:
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED)
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice")
+    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
+    assert shown["run"]["state"] == "waiting_approval"
+    listed = json.loads(dr("approvals", "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
+    assert [(g["run_id"], g["step_id"], g["two_person"]) for g in listed] == [(run_id, "go-ahead", True)]
+
+    own = dr("approve", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="alice")
+    assert own.returncode == 2
+    assert "two-person rule" in own.stderr and "Traceback" not in own.stderr
+    no_reason = dr("reject", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="bob")
+    assert no_reason.returncode == 2
+    approved = dr("approve", run_id[:8], "go-ahead", "--reason", "primary confirmed lost", db=migrated, cwd=tmp_path,
+                  actor="bob")
+    assert approved.returncode == 0, approved.stderr
+    out, err = run.communicate(timeout=WAIT_S)
+    assert run.returncode == 0, err
+    shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
+    assert shown["run"]["state"] == "succeeded"
+    assert [(a["decision"], a["actor"], a["reason"]) for a in shown["approvals"]] == [
+        ("approved", "bob", "primary confirmed lost")]
+    assert shown["results"][0]["decision_s"] > 0
+
+
+def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes: Processes) -> None:
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED)
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice")
+    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    dr("reject", run_id, "go-ahead", "--reason", "the primary is back", db=migrated, cwd=tmp_path, actor="bob",
+       check=True)
+    run.communicate(timeout=WAIT_S)
+    assert run.returncode == 1
+    shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
+    states = {s["step_id"]: (s["state"], s["error"]) for s in shown["steps"]}
+    assert states["go-ahead"] == ("failed", "rejected by bob: the primary is back")
+    assert states["switch"][0] == "skipped"
+
+
+# ---------------------------------------------------------------- one failover at a time
+
+
+def test_two_runs_on_one_service_at_once_exactly_one_runs(migrated: str, tmp_path: Path,
+                                                          processes: Processes) -> None:
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED.replace("approvals: {two_person: true}\n", ""))
+    both = [processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated) for _ in range(2)]
+    loser = wait_for(lambda: next((p for p in both if p.poll() is not None), None), "one of the runs to be refused")
+    winner = next(p for p in both if p is not loser)
+    _, refusal = loser.communicate(timeout=WAIT_S)
+    assert loser.returncode == 3, refusal
+    run_id = wait_for(lambda: waiting_gate(migrated), "the other run to reach its gate")
+    assert winner.poll() is None
+    assert f"refused: service quotation is held by run {run_id}" in refusal
+    assert "Traceback" not in refusal
+    assert [row[0] for row in query(migrated, "SELECT id FROM runs")] == [run_id]  # the refused run did nothing
+    refused = query(migrated, "SELECT action, data FROM audit_events WHERE action = 'run.refused'")
+    assert len(refused) == 1
+    dr("approve", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="bob", check=True)
+    winner.communicate(timeout=WAIT_S)
+    assert winner.returncode == 0
+    assert query(migrated, "SELECT * FROM run_locks") == []  # freed when the run ended
+
+
+# ---------------------------------------------------------------- crash and resume
+
+
+@pytest.fixture(scope="module")
+def crash_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    where = tmp_path_factory.mktemp("crash-db")
+    url = f"sqlite:///{where / 'evidence.db'}"
+    dr("db", "upgrade", db=url, cwd=where, check=True)
+    return url
+
+
+@pytest.fixture(scope="module")
+def listening_port() -> Iterator[int]:
+    """A port that accepts connections: the service the idempotent check verifies."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        yield int(server.getsockname()[1])
+
+
+KILL_POINTS = ["run:started", "run:finishing", "inside:promote", "switch:ending"] + [
+    f"{step}:{phase}" for step in ("fence", "promote", "check", "switch") for phase in ("before", "started", "finished")
+]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_killed_at_any_point_and_resumed_every_step_ran_once(kill_at: str, crash_db: str, listening_port: int,
+                                                             tmp_path: Path, processes: Processes) -> None:
+    runbook = tmp_path / "crash.yml"
+    runbook.write_text(CRASH)
+    ledger = tmp_path / "ledger"
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    params = ["-p", f"ledger={ledger}", "-p", f"port={listening_port}"]
+    env = {}
+    if kill_at == "inside:promote":
+        params += ["-p", f"pause_inside={pause_dir / 'paused'}"]
+    else:
+        env = {"DR_TEST_PAUSE_AT": kill_at, "DR_TEST_PAUSE_DIR": str(pause_dir)}
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", *params, db=crash_db, env=env)
+    wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, f"the run to reach {kill_at}")
+    assert run.poll() is None, run.communicate()
+    processes.kill(run)
+    run_id = str(query(crash_db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
+
+    resumed = dr("resume", run_id, "-q", db=crash_db, cwd=tmp_path, actor="bob")
+    step, _, phase = kill_at.partition(":")
+    in_flight_shell = (phase in ("started", "ending") and step not in ("check", "run")) or step == "inside"
+    if in_flight_shell:
+        # The engineer must decide: the step may or may not have taken effect.
+        assert resumed.returncode == 2, resumed.stdout + resumed.stderr
+        assert f"--step-done {'promote' if step == 'inside' else step}" in resumed.stderr
+        assert query(crash_db, "SELECT state FROM runs WHERE id = :id", id=run_id)[0][0] == "interrupted"
+        if phase == "ending":  # it ran: its effect is there
+            assert ledger.read_text().split() == LEDGER
+            decision = ["--step-done", step, "--reason", "the ledger shows it ran"]
+        elif kill_at == "inside:promote":
+            assert ledger.read_text().split() == ["fence", "promote-start"]
+            with ledger.open("a") as handle:  # the engineer finishes the promotion by hand
+                handle.write("promote-end\n")
+            decision = ["--step-done", "promote", "--reason", "finished the promotion by hand"]
+        else:
+            assert step not in (ledger.read_text().split() if ledger.exists() else [])  # it never began
+            decision = ["--retry", step]
+        resumed = dr("resume", run_id, "-q", *decision, db=crash_db, cwd=tmp_path, actor="bob")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    assert ledger.read_text().split() == LEDGER  # every step's effect exactly once
+    detail, chain = recorded(crash_db, run_id)
+    assert detail["run"]["state"] == "succeeded"
+    forward = [s for s in detail["steps"] if s["phase"] == "forward"]
+    assert sorted(s["step_id"] for s in forward if s["state"] == "succeeded") == ["check", "fence", "promote", "switch"]
+    interrupted = [s["step_id"] for s in forward if s["state"] == "interrupted"]
+    in_flight = [step] if phase in ("started", "ending") else []
+    expected_interrupted = {"inside": ["promote"], "run": []}.get(step, in_flight)
+    assert interrupted == expected_interrupted
+    assert not [s for s in forward if s["state"] not in ("succeeded", "interrupted")]
+    assert [e["action"] for e in detail["run_events"]] == ["run.interrupted", "run.resumed"]
+    assert detail["run_events"][1]["actor"] == "bob"
+    result = detail["results"][0]
+    assert result["service"] == "quotation" and result["rto_s"] is not None and result["rto_s"] > 0
+    assert chain.ok, chain.first  # the audit chain holds every write, before and after the crash
+
+
+def test_a_run_that_is_alive_cannot_be_resumed(crash_db: str, tmp_path: Path, processes: Processes) -> None:
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED)
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=crash_db, actor="alice")
+    run_id = wait_for(lambda: waiting_gate(crash_db), "the gate to wait")
+    refused = dr("resume", run_id, db=crash_db, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"run {run_id} is still waiting_approval (pid {run.pid}" in refused.stderr
+    processes.kill(run)
+
