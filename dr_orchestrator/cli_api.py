@@ -22,7 +22,7 @@ from dr_orchestrator.cli import UserError, database_of, output_option, session_f
               type=click.Path(file_okay=False), help="directory of drill files")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventories_dir: str, drills_dir: str) -> None:
-    """Serve the HTTP API (OpenAPI at /docs), /metrics and the dashboard until stopped.
+    """Serve the HTTP API (its OpenAPI spec at /openapi.json), /metrics and the dashboard until stopped.
 
     Every request needs an API token (`dr tokens create`): `Authorization: Bearer TOKEN`; the
     dashboard also takes it once from its login form and keeps it in an HttpOnly cookie.
@@ -37,7 +37,7 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     settings = ApiSettings(database_url=database_of(ctx), runbooks_dir=runbooks_dir,
                            inventories_dir=inventories_dir, drills_dir=drills_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /docs, metrics /metrics)")
+    click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
     # uvicorn's access log prints query strings, and a dashboard login link carries a token: the
     # app logs requests itself, without them.
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info")

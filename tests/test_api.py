@@ -142,6 +142,13 @@ def test_missing_unknown_revoked_and_expired_tokens_get_401(api: Api) -> None:
     assert refusals == [("dave", "POST /api/runs", 401), ("anonymous", "POST /api/runs", 401)]
 
 
+def test_the_openapi_spec_names_the_token_scheme_and_needs_no_cdn(api: Api) -> None:
+    spec = api.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert {"/api/runs", "/api/runs/{run_id}/steps/{step_id}/approve", "/metrics"} <= set(spec["paths"])
+    assert api.get("/docs").status_code == 404  # its page would load Swagger UI from a CDN
+
+
 def test_the_cookie_is_accepted_for_reads_only(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     api.client.cookies.set("dr_token", erin)

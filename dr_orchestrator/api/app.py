@@ -51,7 +51,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         yield
         launcher.stop_all()  # runs started here stop with the server (their rollbacks still run)
 
-    app = FastAPI(title="dr-orchestrator", version="1", description=DESCRIPTION, lifespan=lifespan)
+    # No /docs nor /redoc: their pages load scripts from a CDN. The spec stays at /openapi.json.
+    app = FastAPI(title="dr-orchestrator", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.launcher = launcher
