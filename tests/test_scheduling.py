@@ -313,3 +313,19 @@ def test_a_drill_interrupted_by_a_crash_is_marked_interrupted_on_restart(
         failover = session.get_one(Run, row.failover_run_id)
         assert failover.state == "interrupted" and failover.finished_at is not None
     assert "marked interrupted" in second.output()
+
+
+def test_trigger_runs_a_drill_now_by_name_and_refuses_an_unknown_one(tmp_path: Path) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    quick_drill(tmp_path / "drills", cron="0 0 1 1 *")
+    env = {**os.environ, "DR_DATABASE_URL": db}
+    command = [sys.executable, "-m", "dr_orchestrator.cli", "scheduler", "trigger"]
+    ran = subprocess.run([*command, "quick-drill", "--drills", str(tmp_path / "drills"), "-q"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    (row,) = drill_runs(db)
+    assert (row.trigger, row.verdict, row.scheduled_for) == ("manual", "passed", None)
+    unknown = subprocess.run([*command, "no-such-drill", "--drills", str(tmp_path / "drills")], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2
+    assert "no drill named 'no-such-drill'" in unknown.stderr and "quick-drill" in unknown.stderr

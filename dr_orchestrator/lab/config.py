@@ -209,3 +209,9 @@ class LabConfig:
     def wal_archive(self) -> Path:
         """WAL archived by the primary, kept at the backup site (for point-in-time recovery)."""
         return self.site_dir("backup") / "wal-archive"
+
+    @property
+    def base_backup(self) -> Path:
+        """A base backup of the primary taken at `lab up`, kept at the backup site: with the archived
+        WAL, the database can be restored to any moment since (the cyber-attack drill)."""
+        return self.site_dir("backup") / "base-backup"

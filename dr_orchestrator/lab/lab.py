@@ -151,6 +151,7 @@ class Lab:
     def _build_standby(self, synchronous: bool) -> None:
         postgres.create_standby(self.config)
         postgres.wait_streaming(self.config)
+        postgres.take_base_backup(self.config)
         if synchronous:
             postgres.set_synchronous(self.config, True)
 

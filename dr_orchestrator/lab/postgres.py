@@ -155,6 +155,17 @@ def create_standby(config: LabConfig) -> None:
     ctl_start(config, "backup")
 
 
+def take_base_backup(config: LabConfig) -> None:
+    """A base backup of the primary into the backup site, for point-in-time recovery with the WAL archive."""
+    target = config.base_backup
+    target.mkdir(mode=0o700)
+    chown(target, config.os_user)
+    run(as_user(config.os_user, [
+        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port), "-U", DATABASE_USER,
+        "-D", str(target), "-X", "stream", "-c", "fast", "--no-sync",
+    ]), timeout=120)
+
+
 def wait_streaming(config: LabConfig, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
