@@ -107,7 +107,7 @@ def figures(dom: str) -> dict[str, str]:
 def test_the_dashboard_renders_in_chromium_with_rto_charts_drills_and_pending_approvals(
         served: tuple[Server, str], tmp_path: Path) -> None:
     server, url = served
-    trading = [record_run(url, "restore-trading.yml", s) for s in (3, 6, 14)]  # 14 s misses the 10 s target
+    trading = [record_run(url, "restore-trading.yml", s) for s in (2, 4, 14)]  # 14 s misses the 10 s target
     quotation = [record_run(url, "restore-quotation.yml", s) for s in (5, 12)]
     erin, frank = token(url, "erin", "engineer"), token(url, "frank", "compliance")
     with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {erin}"}, timeout=30) as api:
@@ -142,7 +142,8 @@ def test_the_dashboard_renders_in_chromium_with_rto_charts_drills_and_pending_ap
         assert '<line class="target"' in charts[service]
     # Each point carries its measured RTO; the run over target is drawn red.
     rtos = sorted(float(v) for v in re.findall(r": ([0-9.]+) s</title></circle>", charts["trading"]))
-    assert len(rtos) == 3 and all(ago <= rto < ago + 3 for rto, ago in zip(rtos, (3, 6, 14), strict=True))
+    # (the RTO runs from the declared incident to the restore: a little more than the time ago declared)
+    assert len(rtos) == 3 and all(ago <= rto < ago + 5 for rto, ago in zip(rtos, (2, 4, 14), strict=True))
     assert len(re.findall(r'<circle class="run"[^>]*fill="#c0392b"', charts["trading"])) == 1
     approvals = dom[dom.index('id="pending-approvals"'):dom.index('id="drills"')]
     assert f'data-run="{waiting}"' in approvals and "Switch trading to the backup site?" in unescape(approvals)
