@@ -420,6 +420,9 @@ def evidence_pack(ctx: click.Context, run_id: str | None, quarter: str | None, s
         record_audit_event(session, actor, "evidence.pack", target, summary)
     click.echo(f"{target}: {len(manifest['files'])} files, {len(manifest['runs'])} run(s), "
                f"signed by {manifest['signing_key']}")
+    if not manifest["chain_verified"]:
+        click.echo("warning: the audit chain did not verify at export (see audit/chain.json and "
+                   "`dr evidence verify`)", err=True)
 
 
 @evidence.command("verify-pack")

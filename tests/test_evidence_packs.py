@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from evidence_runs import RUNBOOK_TEXT, run_small
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.evidence import annotations, migrate, packs, reports, signing
@@ -98,6 +98,7 @@ def test_run_pack_exported_and_verified_offline(
         runbook = archive.read(f"sources/{run_id}/runbook.yml")
         chain_section = json.loads(archive.read("audit/chain.json"))
     assert names == set(manifest["files"]) | {"manifest.json", "manifest.sig"}
+    assert manifest["chain_verified"] is True
     assert [run["id"] for run in runs] == [run_id, failback_id] == manifest["runs"]
     assert "runbook_text" not in runs[0]  # the text is under sources/, whole
     assert runbook.decode() == RUNBOOK_TEXT and hashlib.sha256(runbook).hexdigest() == runs[0]["runbook_sha256"]
@@ -167,6 +168,12 @@ def test_quarter_pack_for_one_service_holds_the_quarterly_report(sqlite_sessions
     assert {f"reports/quarter-{quarter}.{ext}" for ext in ("html", "csv", "json")} <= set(manifest["files"])
     assert manifest["scope"] == {"run": None, "quarter": quarter, "service": "trading"}
     assert packs.verify_pack(pack, signing.public_pem(key.public_key())).ok
+
+    with sqlite_sessions() as session:  # a pack of tampered evidence says so, signed
+        session.execute(text("UPDATE probes SET ok = 0"))
+        session.commit()
+        _, manifest = packs.build_pack(session, key, quarter=quarter)
+    assert manifest["chain_verified"] is False
 
 
 def test_signing_keys_by_reference_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -229,13 +229,15 @@ def build_pack(
     files = pack_files(session, run_id, quarter, service, with_pdf)
     files[PUBLIC_KEY] = public_pem(signing_key.public_key())
     runs = json.loads(files["records/runs.json"])
+    chain_section = json.loads(files["audit/chain.json"])
     manifest = {
         "format": FORMAT,
         "created_at": utcnow().isoformat(),
         "created_by": created_by,
         "scope": {"run": run_id, "quarter": quarter, "service": service},
         "runs": [run["id"] for run in runs],
-        "chain_head": json.loads(files["audit/chain.json"])["head"],
+        "chain_head": chain_section["head"],
+        "chain_verified": chain_section["verified_at_export"]["ok"],
         "signing_key": fingerprint(signing_key.public_key()),
         "files": {
             path: {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
