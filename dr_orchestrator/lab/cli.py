@@ -92,7 +92,7 @@ def down(context: click.Context) -> None:
 
 
 @lab_group.command()
-@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.pass_context
 @_friendly
 def status(context: click.Context, output: str) -> None:
