@@ -686,6 +686,30 @@ def actions(output: str) -> None:
             click.echo(f"    {field}: {how}")
 
 
+@cli.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """The lab demo: two sites, kill the primary, fail over, compare RTO/RPO with the clients' view,
+    keep the evidence, fail back. Exit 0 only when every service came back within its targets."""
+    from dr_orchestrator.demo import DemoError, run_demo
+    from dr_orchestrator.lab import LabConfig
+    from dr_orchestrator.lab.system import LabSetupError
+    from dr_orchestrator.yamlsource import LoadError
+
+    try:
+        verdict = run_demo(LabConfig.from_env(), database_of(ctx))
+    except LoadError as exc:
+        fail_with_problems(exc.problems, "text")
+    except (DemoError, LabSetupError) as exc:
+        raise UserError(str(exc)) from None
+    if verdict.ok:
+        click.echo("demo passed: every service came back within its RTO and RPO targets, as the clients saw it")
+        return
+    for problem in verdict.problems:
+        click.echo(f"demo failed: {problem}", err=True)
+    sys.exit(1)
+
+
 def _mount_lab() -> None:
     from importlib.util import find_spec
 
@@ -694,6 +718,13 @@ def _mount_lab() -> None:
     from dr_orchestrator.lab.cli import lab_group
 
     cli.add_command(lab_group, "lab")
+
+
+def _mount_drills() -> None:
+    from dr_orchestrator.cli_drills import drill, scheduler
+
+    cli.add_command(drill, "drill")
+    cli.add_command(scheduler, "scheduler")
 
 
 def _mount_api() -> None:
@@ -707,6 +738,7 @@ def main() -> None:
     from dr_orchestrator.cli_safety import mount
 
     mount(cli)
+    _mount_drills()
     _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")
