@@ -21,10 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dr_orchestrator import supervision
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.drills.notifier import DrillNotifier
-from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.loading import load_inventory
@@ -109,7 +110,7 @@ class _DrillRun:
         self.stop = stop
         self.outcome = DrillOutcome(drill_run_id, "finished", "failed")
         self.steps = _StepLog()
-        self.engine = Engine(runner.registry, [EvidenceStore(runner.sessions), self.steps, *runner.extra_observers])
+        self.observers: list[Observer] = [EvidenceStore(runner.sessions), self.steps, *runner.extra_observers]
         self.notifier = DrillNotifier(drill.notify, runner.sessions)
         self.failures: list[str] = []
         self.incident_at: datetime | None = None
@@ -162,7 +163,8 @@ class _DrillRun:
         plan = build_plan(drill.runbook.path, drill.inventory, drill.runbook.parameters, kind=RunKind.REHEARSAL,
                           incident_at=self.incident_at, started_by=self.started_by, trigger=self.trigger,
                           reason=f"drill {drill.name}", registry=self.runner.registry)
-        plan = plan.model_copy(update={"scenario": drill.fault_description or drill.scenario.value})
+        plan = plan.model_copy(update={"scenario": drill.fault_description or drill.scenario.value,
+                                       "pre_approved_by": self.pre_approved_by})
         failover = self.run_stage("failover", plan)
         checks = self.run_stage("checks", self.steps_plan(drill.checks, "checks", self.incident_at)) \
             if drill.checks is not None else None
@@ -175,8 +177,14 @@ class _DrillRun:
             failback_plan = build_plan(drill.failback.path, drill.inventory, drill.failback.parameters,
                                        kind=RunKind.FAILBACK, started_by=self.started_by, trigger=self.trigger,
                                        reason=f"drill {drill.name}: failback", registry=self.runner.registry)
-            failback_plan = failback_plan.model_copy(update={"failback_of": failover.run_id})
+            failback_plan = failback_plan.model_copy(update={"failback_of": failover.run_id,
+                                                             "pre_approved_by": self.pre_approved_by})
             self.require(self.run_stage("failback", failback_plan), "the failback runbook did not succeed")
+
+    @property
+    def pre_approved_by(self) -> str | None:
+        """Who passes the approval gates of the drill's runbooks: the drill, when it says so."""
+        return f"drill {self.drill.name}" if self.drill.pre_approved else None
 
     def require(self, outcome: RunOutcome, failure: str) -> None:
         if outcome.state is RunState.SUCCEEDED:
@@ -192,7 +200,12 @@ class _DrillRun:
         run_id = str(uuid.uuid4())
         records.link_run(self.runner.sessions, self.id, stage, run_id)
         self.outcome.runs[stage] = run_id
-        outcome = self.engine.run(plan, run_id=run_id, stop=stop or self.stop)
+        try:  # the services' locks, a heartbeat, approval gates answered from the evidence database
+            outcome = supervision.execute(self.runner.sessions, plan, self.observers, registry=self.runner.registry,
+                                          run_id=run_id, stop=stop or self.stop, host=self.runner.host)
+        except supervision.LockHeld as exc:
+            self.failures.append(f"the {stage} stage was refused: {exc}")
+            raise _Stop from None
         if outcome.state is RunState.ABORTED and self.outcome.state != "aborted" and stage != "cleanup":
             self.outcome.state = "aborted"
         return outcome
