@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODULES = ("engine", "failover", "detection", "fanout", "evidence_scale", "startup")
+# figure name (for --only) -> module under benchmarks/, in the order
+FIGURES = {"engine": "engine", "failover": "failover", "detection": "detection", "fanout": "fanout",
+           "evidence": "evidence_scale", "startup": "startup"}
 
 
 def machine() -> str:
@@ -34,22 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only this figure (repeatable): " + ", ".join(MODULES))
+                        help="run only this figure (repeatable): " + ", ".join(FIGURES))
     options = parser.parse_args(argv)
-    modules = [importlib.import_module(f"benchmarks.{name}") for name in MODULES]
-    chosen = [m for m in modules if not options.only or m.NAME in options.only or m.__name__.split(".")[-1]
-              in options.only]
-    if not chosen:
-        parser.error(f"--only takes one of {', '.join(m.NAME for m in modules)}")
+    unknown = [name for name in options.only if name not in FIGURES]
+    if unknown:
+        parser.error(f"--only takes one of {', '.join(FIGURES)}, not {', '.join(unknown)}")
+    chosen = [name for name in FIGURES if not options.only or name in options.only]
     print(f"machine: {machine()}" + ("  (quick sizes)" if options.quick else ""), flush=True)
     unmeasured = []
-    for module in chosen:
-        print(f"\n{module.TITLE}", flush=True)
+    for name in chosen:
         started = time.monotonic()
         try:
+            module = importlib.import_module(f"benchmarks.{FIGURES[name]}")
+            print(f"\n{module.TITLE}", flush=True)
             figures = module.measure(options.quick)
         except Exception as exc:  # noqa: BLE001 - one figure's failure must not hide the others
-            unmeasured.append(module.NAME)
+            unmeasured.append(name)
             print(f"  NOT MEASURED: {type(exc).__name__}: {exc}", flush=True)
             traceback.print_exc(file=sys.stderr)
             continue
