@@ -328,3 +328,60 @@ def test_a_run_that_is_alive_cannot_be_resumed(crash_db: str, tmp_path: Path, pr
     assert f"run {run_id} is still waiting_approval (pid {run.pid}" in refused.stderr
     processes.kill(run)
 
+
+
+# ---------------------------------------------------------------- the lab's site failover, killed mid-promotion
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_lab_site_failover_killed_inside_the_promotion_is_resumed_with_the_engineers_word(
+        lab_factory: Any, tmp_path: Path, processes: Processes) -> None:
+    import psycopg
+    from test_failover_runbooks import wait_for_replicated_heartbeat
+
+    from dr_orchestrator.model.events import utcnow
+
+    db = f"sqlite:///{tmp_path / 'evidence.db'}"
+    dr("db", "upgrade", db=db, cwd=tmp_path, check=True)
+    pause_dir = tmp_path / "pause"
+    with lab_factory() as lab:
+        wait_for_replicated_heartbeat(lab.config)  # the standby's data is known fresh: the precheck passes
+        incident = utcnow().isoformat()
+        lab.kill_site("primary")
+        # Paused once the standby is promoted and the step's marks are recorded, before its end is.
+        run = processes.start("run", "-q", str(REPO / "runbooks" / "site-failover.yml"), "-i",
+                              str(lab.config.inventory_path), "--incident-at", incident, db=db,
+                              env={"DR_TEST_PAUSE_AT": "promote:ending", "DR_TEST_PAUSE_DIR": str(pause_dir)})
+        wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, "the promotion to happen")
+        assert run.poll() is None, run.communicate()
+        processes.kill(run)
+        run_id = str(query(db, "SELECT id FROM runs")[0][0])
+
+        refused = dr("resume", run_id, "-q", db=db, cwd=tmp_path, actor="bob")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "'promote'" in refused.stderr and "--step-done" in refused.stderr
+        # The engineer looks: the backup database took over, so the promotion took effect.
+        with psycopg.connect(lab.config.dsn("backup"), connect_timeout=5) as connection:
+            assert connection.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        in_flight = [str(row[0]) for row in query(
+            db, "SELECT step_id FROM steps WHERE run_id = :id AND state = 'interrupted'", id=run_id)]
+        others = [f"--retry={s}" for s in in_flight if s != "promote" and f"'{s}'" in refused.stderr]
+        resumed = dr("resume", run_id, "-q", "--step-done", "promote", *others, "--reason",
+                     "backup database answers pg_is_in_recovery() = false", db=db, cwd=tmp_path, actor="bob")
+        detail, chain = recorded(db, run_id)
+        failed = [(s["step_id"], s["state"], s["error"]) for s in detail["steps"]
+                  if s["state"] not in ("succeeded", "interrupted", "skipped")]
+        assert resumed.returncode == 0, (resumed.stderr, failed)
+        promotions = [s for s in detail["steps"] if s["step_id"] == "promote"]
+        assert [s["state"] for s in promotions] == ["interrupted", "succeeded"]
+        assert promotions[1]["attempts"] == []  # recorded as done by bob, never promoted twice
+        assert promotions[1]["output"]["marked_done_by"] == "bob"
+        assert {r["service"] for r in detail["results"] if r["rto_s"] is not None} == {
+            "trading", "contract-signing", "quotation"}
+        assert chain.ok, chain.first
+        for service in ("trading", "contract-signing", "quotation"):
+            health = json.loads(subprocess.run(
+                ["curl", "-s", "--max-time", "5", f"{lab.config.frontend_url(service)}/health"],
+                capture_output=True, text=True).stdout or "{}")
+            assert health.get("site") == "backup", (service, health)
