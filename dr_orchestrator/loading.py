@@ -86,8 +86,12 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
                 document.problem(base + ("sites", name), "must be a mapping", "e.g. {description: ..., region: ...}")
             )
             continue
+        if spec and "name" in spec:
+            problems.append(document.problem(base + ("sites", name, "name"), "is not a known field",
+                                             "a site's name is its key; remove it"))
+            continue
         try:
-            sites[name] = Site(name=name, **(spec or {}))
+            sites[name] = Site.model_validate({**(spec or {}), "name": name})
         except ValidationError as exc:
             problems.extend(pydantic_problems(document, base + ("sites", name), exc))
     services: dict[str, Service] = {}
@@ -97,6 +101,10 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
             problems.append(document.problem(key, "must be a mapping with rto, rpo and sites"))
             continue
         fields = dict(spec)
+        if "name" in fields:
+            problems.append(document.problem(key + ("name",), "is not a known field",
+                                             "a service's name is its key; remove it"))
+            continue
         durations_ok = True
         for target in ("rto", "rpo"):
             if target in fields:
@@ -124,6 +132,14 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
             continue
         services[name] = service
     hosts = _inventory_hosts(document, all_group, all_vars, sites, problems)
+    named: list[tuple[PathKey, Any, int]] = [(base + ("name",), dr.get("name"), MAX_NAME)]
+    named += [(base + ("sites", name), name, MAX_NAME) for name in declared_sites]
+    for name, spec in (dr.get("services") or {}).items() if isinstance(dr.get("services"), dict) else ():
+        named.append((base + ("services", name), name, MAX_NAME))
+        if isinstance(spec, dict):
+            named += [(base + ("services", name, f), spec.get(f), MAX_LABEL) for f in ("tier", "criticality")]
+    named += [(("all", "children", host.site, "hosts", host.name), host.name, MAX_NAME) for host in hosts.values()]
+    problems.extend(_too_long(document, named))
     extra = set(dr) - {"name", "sites", "services", "vars", "safety"}
     for name in sorted(extra):
         problems.append(
@@ -145,6 +161,17 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         safety=dr.get("safety") or {},
     )
     return inventory, document
+
+
+# The evidence database keeps names (runbook, step, action, service, site, host, mark) in 200
+# characters and a service's tier and criticality in 50: longer ones would be lost mid-run.
+MAX_NAME = 200
+MAX_LABEL = 50
+
+
+def _too_long(document: YamlDocument, named: list[tuple[PathKey, Any, int]]) -> list[Problem]:
+    return [document.problem(key, f"is {len(value)} characters long; the limit is {limit}", "shorten it")
+            for key, value, limit in named if isinstance(value, str) and len(value) > limit]
 
 
 def _safety_problems(document: YamlDocument, key: PathKey, safety: dict[str, Any], sites: dict[str, Any],
@@ -231,6 +258,7 @@ def _mapping(document: YamlDocument, key: PathKey, value: Any, problems: list[Pr
 
 _STEP_DURATIONS = ("timeout",)
 _RETRY_DURATIONS = ("delay", "max_delay")
+_MAX_DURATION_S = 31 * 24 * 3600.0
 
 
 @dataclass
@@ -299,6 +327,14 @@ def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
     if not isinstance(raw_steps, list) or not raw_steps:
         problems.append(document.problem(("steps",), "must be a non-empty list of steps"))
         raw_steps = []
+    named: list[tuple[PathKey, Any, int]] = [(("name",), data.get("name"), MAX_NAME)]
+    for index, raw in enumerate(raw_steps):
+        if isinstance(raw, dict):
+            named += [(("steps", index, field), raw.get(field), MAX_NAME) for field in ("id", "action", "service")]
+            marks = raw.get("marks")
+            named += [(("steps", index, "marks", i), mark, MAX_NAME) for i, mark in enumerate(marks)
+                      ] if isinstance(marks, list) else [(("steps", index, "marks"), marks, MAX_NAME)]
+    problems.extend(_too_long(document, named))
     normalised: list[tuple[int, dict[str, Any]]] = []
     ids: dict[str, int] = {}
     previous: str | None = None
@@ -424,6 +460,9 @@ def _duration(document: YamlDocument, key: PathKey, value: Any, problems: list[P
         return 1.0
     if positive and seconds <= 0:
         problems.append(document.problem(key, "must be more than zero", "e.g. 30s"))
+        return 1.0
+    if seconds > _MAX_DURATION_S:  # also keeps waits within what the OS timers accept
+        problems.append(document.problem(key, "is longer than 31 days", "no step waits that long; e.g. 30m"))
         return 1.0
     return seconds
 

@@ -6,9 +6,10 @@ stays a list); anything else renders to text.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any
 
@@ -19,8 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # Names a template may use; loading checks templates against these.
 CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
 # What ``run`` holds while a run executes.
-RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced", "runbook_path", "inventory_path",
-            "approvals", "pre_approved_by")
+RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced", "runbook_path", "inventory_path")
 
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
@@ -42,10 +42,57 @@ def _shjoin(values: Iterable[Any]) -> str:
 # Bounds on what one expression may build, so a runbook typo cannot exhaust memory or CPU.
 _MAX_REPEAT = 1_000_000
 _MAX_POWER_BITS = 100_000
+# Numbers given to a call or filter (a width, a count) and widths in format strings stay below
+# this: `'x'.ljust(10**9)`, `'%09999999d' % 1` or `center(10**9)` would build gigabytes.
+_MAX_SIZE_ARGUMENT = 100_000
+_MAX_OUTPUT = 1_000_000  # characters one template may render to
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:[^{}]*\}")
+
+
+def _check_sizes(args: Iterable[Any], where: str) -> None:
+    for value in args:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_SIZE_ARGUMENT:
+            raise SecurityError(f"{where} was given {value}, more than {_MAX_SIZE_ARGUMENT}")
+
+
+def _check_format(text: str) -> None:
+    widths = [w for m in _PERCENT_SPEC.finditer(text) for w in m.groups() if w]
+    widths += re.findall(r"\d+", " ".join(_FORMAT_SPEC.findall(text)))
+    if "*" in widths or any(int(w) > _MAX_SIZE_ARGUMENT for w in widths if w.isdigit()):
+        raise SecurityError(f"a format width above {_MAX_SIZE_ARGUMENT} (or given by *)")
+
+
+def _bounded_filter(function: Callable[..., Any], name: str) -> Callable[..., Any]:
+    skip = 2 if getattr(function, "jinja_pass_arg", None) else 1  # the context or environment, then the value
+
+    @functools.wraps(function)  # keeps jinja_pass_arg
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes([*args[skip:], *kwargs.values()], f"filter {name}")
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+# Template constructs that make a small template do unbounded work (recursion, loops in loops),
+# refused when a template is read: runbook templates pick and format values, they do not compute.
+_REFUSED_NODES: dict[type[nodes.Node], str] = {
+    nodes.Macro: "{% macro %}", nodes.CallBlock: "{% call %}", nodes.Include: "{% include %}",
+    nodes.Import: "{% import %}", nodes.FromImport: "{% from ... import %}", nodes.Extends: "{% extends %}",
+}
+
+
+def _check_shape(tree: nodes.Template) -> None:
+    for node_type, shown in _REFUSED_NODES.items():
+        if tree.find(node_type) is not None:
+            raise TemplateError(f"templates may not use {shown}")
+    for loop in tree.find_all(nodes.For):
+        if any(True for _ in loop.find_all(nodes.For)):
+            raise TemplateError("templates may not nest one {% for %} loop in another")
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(left, int) and isinstance(right, int):
@@ -56,7 +103,17 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 if isinstance(sequence, (str, bytes, list, tuple)) and isinstance(count, int):
                     if len(sequence) * count > _MAX_REPEAT:
                         raise SecurityError(f"repeating a sequence to more than {_MAX_REPEAT} items")
+        if operator == "%" and isinstance(left, str):
+            _check_format(left)
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's
+        _check_sizes([*args, *kwargs.values()], f"{getattr(__obj, '__name__', 'a call')}()")
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        if isinstance(getattr(method, "__self__", None), str) and getattr(method, "__name__", "") in (
+                "format", "format_map"):
+            _check_format(method.__self__)
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 @lru_cache(maxsize=1)
@@ -65,6 +122,8 @@ def environment() -> ImmutableSandboxedEnvironment:
     env.filters["shquote"] = _shquote
     env.filters["shjoin"] = _shjoin
     env.globals.pop("lipsum", None)  # generates text of any size; nothing a runbook needs
+    env.globals.pop("namespace", None)  # a mutable object: loops could double a string in it each turn
+    env.filters = {name: _bounded_filter(function, name) for name, function in env.filters.items()}
     return env
 
 
@@ -75,9 +134,11 @@ def is_template(value: str) -> bool:
 def parse(source: str) -> nodes.Template:
     """Parse a template (or a single expression); raise TemplateError on bad syntax."""
     try:
-        return environment().parse(source)
+        tree = environment().parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from None
+    _check_shape(tree)
+    return tree
 
 
 def render_value(value: Any, context: dict[str, Any], path: str = "") -> Any:
@@ -107,7 +168,17 @@ def render_string(source: str, context: dict[str, Any]) -> Any:
             if isinstance(value, Undefined):
                 value._fail_with_undefined_error()
             return value
-        return env.from_string(source).render(**context)
+        tree = env.parse(source)
+        _check_shape(tree)
+        rendered, size = [], 0
+        for chunk in env.from_string(tree).generate(**context):
+            size += len(chunk)
+            if size > _MAX_OUTPUT:
+                raise SecurityError(f"it renders to more than {_MAX_OUTPUT} characters")
+            rendered.append(chunk)
+        return "".join(rendered)
+    except TemplateError as exc:
+        raise TemplateError(f"template {source!r}: {exc}") from None
     except UndefinedError as exc:
         raise TemplateError(f"undefined variable in template {source!r}: {exc.message}") from None
     except SecurityError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ def dotted(key: PathKey) -> str:
 
 
 _MAX_BYTES = 2 * 1024 * 1024  # a runbook or inventory this large is a mistake, not a plan
+# Deeper nesting is a mistake or an attack: PyYAML's scanner is quadratic in the depth of flow
+# collections (5000 levels of `[` take half a minute) and its composer recursive (a traceback).
+MAX_DEPTH = 64
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class _Loader(yaml.SafeLoader):
@@ -92,8 +97,15 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
         except UnicodeDecodeError:
             raise LoadError([Problem(shown, None, "", "the file is not UTF-8 text")]) from None
     document = YamlDocument(shown, text, None)
+    too_deep = _flow_too_deep(text)
+    if too_deep is not None:
+        raise LoadError([Problem(shown, too_deep, "", f"nested more than {MAX_DEPTH} levels deep",
+                                 "flatten it; no runbook, inventory or drill needs that")])
     try:
         node = yaml.compose(text, Loader=_Loader)
+    except RecursionError:
+        raise LoadError([Problem(shown, None, "", "nested too deeply to read",
+                                 "flatten it; no runbook, inventory or drill needs that")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -111,6 +123,17 @@ def read_yaml(path: str | Path, text: str | None = None) -> YamlDocument:
     return document
 
 
+def _flow_too_deep(text: str) -> int | None:
+    """The line where brackets open more than MAX_DEPTH levels, counted before parsing (quotes
+    and comments not told apart: only absurd files get near the limit)."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        depth = depth + 1 if match.group() in "[{" else max(0, depth - 1)
+        if depth > MAX_DEPTH:
+            return text.count("\n", 0, match.start()) + 1
+    return None
+
+
 class _Converter:
     def __init__(self, document: YamlDocument, constructor: _Loader) -> None:
         self.document = document
@@ -120,6 +143,10 @@ class _Converter:
 
     def convert(self, node: yaml.Node, key: PathKey) -> Any:
         document = self.document
+        if len(key) > MAX_DEPTH:
+            self.report(node.start_mark.line + 1, key[:MAX_DEPTH], f"nested more than {MAX_DEPTH} levels deep",
+                        "flatten it")
+            return None
         if id(node) in self.seen:  # aliases would let a small file expand without bound
             line = document.lines.get(key, node.start_mark.line + 1)  # an alias node is its anchor's node
             self.report(line, key, "YAML anchors and aliases are not supported; write it out")
