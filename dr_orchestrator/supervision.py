@@ -135,11 +135,11 @@ def prepare_resume(sessions: Sessions, request: ResumeRequest,
     ]
     if undecided:
         listed = ", ".join(repr(s) for s in undecided)
-        first = undecided[0]
+        verb = "is" if len(undecided) == 1 else "are"
         raise ResumeRefused(
             f"run {stored.id} was interrupted while {listed} ran, which may or may not have taken effect and "
-            f"{'is' if len(undecided) == 1 else 'are'} not idempotent: check the systems, then resume with "
-            f"--step-done {first} (it took effect) or --retry {first} (run it again)")
+            f"{verb} not idempotent: check the systems, then resume naming each of them with --step-done STEP "
+            f"(it took effect) or --retry STEP (run it again), e.g. --step-done {undecided[0]}")
     point = ResumePoint(
         started_at=stored.started_at, actor=request.actor, reason=request.reason, finished=stored.finished,
         rolled_back=frozenset(stored.rolled_back),

@@ -286,7 +286,7 @@ def test_a_run_whose_process_died_is_marked_interrupted_and_resumes_as_the_same_
 
     # `promote` is not idempotent (in this registry): it needs the engineer's word.
     request = supervision.ResumeRequest(run_id, "bob", "checked the standby")
-    with pytest.raises(supervision.ResumeRefused, match="'promote'.*--step-done promote.*--retry promote"):
+    with pytest.raises(supervision.ResumeRefused, match="'promote'.*--retry STEP.*e.g. --step-done promote"):
         supervision.prepare_resume(sessions, request, registry=_strict_registry())
     with pytest.raises(supervision.ResumeRefused, match="'fence' .* was not in flight"):
         supervision.prepare_resume(sessions, supervision.ResumeRequest(run_id, "bob", step_done=("fence",)))
