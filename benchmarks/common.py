@@ -18,6 +18,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dr_orchestrator.lab.lab import Lab
 
 REPO = Path(__file__).resolve().parent.parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -140,7 +144,7 @@ def _port_free(address: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_lab(sync: bool = False) -> Iterator[object]:
+def running_lab(sync: bool = False) -> Iterator[Lab]:
     """A lab of the benchmark's own (claimed port offset, fresh directory), always taken down after."""
     from dr_orchestrator.lab.config import LabConfig
     from dr_orchestrator.lab.lab import Lab

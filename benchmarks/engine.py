@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import REPO, Figure, Stopwatch, postgres_database, postgres_server, sqlite_database
+from dr_orchestrator.model.run import RunPlan
 
 NAME = "engine"
 TITLE = "1. engine overhead per step (noop steps, evidence written)"
@@ -21,7 +22,7 @@ def runbook_text(steps: int, chain: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_for(steps: int, chain: bool, work: Path):  # type: ignore[no-untyped-def]
+def plan_for(steps: int, chain: bool, work: Path) -> RunPlan:
     from dr_orchestrator.plans import build_plan
 
     runbook = work / f"noop-{'chain' if chain else 'parallel'}-{steps}.yml"
@@ -29,7 +30,7 @@ def plan_for(steps: int, chain: bool, work: Path):  # type: ignore[no-untyped-de
     return build_plan(str(runbook), str(REPO / "inventories" / "local.yml"), kind="rehearsal", trigger="manual")
 
 
-def timed_run(url: str, plan) -> float:  # type: ignore[no-untyped-def]
+def timed_run(url: str, plan: RunPlan) -> float:
     from dr_orchestrator import runner
     from dr_orchestrator.evidence.database import session_factory_for
     from dr_orchestrator.evidence.migrate import upgrade

@@ -10,6 +10,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import insert
+
 from benchmarks.common import Figure, Stopwatch, postgres_database, postgres_server, sqlite_database
 
 NAME = "evidence"
@@ -66,12 +68,13 @@ class Generator:
             self.flush(table)
 
     def flush(self, table: Any | None = None) -> None:
-        order = [self.models.Run.__table__, self.models.RunService.__table__, self.models.StepRecord.__table__,
-                 self.models.Probe.__table__, self.models.ServiceResult.__table__]
+        m = self.models
+        order: list[Any] = [m.Run.__table__, m.RunService.__table__, m.StepRecord.__table__, m.Probe.__table__,
+                            m.ServiceResult.__table__]
         for each in order if table is None else [self.models.Run.__table__, table]:
             batch = self.pending.get(each)
             if batch:
-                self.connection.execute(each.insert(), batch)
+                self.connection.execute(insert(each), batch)
                 batch.clear()
 
     def run(self, service: str, started: datetime, kind: str) -> None:

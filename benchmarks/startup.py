@@ -34,7 +34,8 @@ def timed(argv: list[str]) -> tuple[float, float]:
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.monotonic() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {process.stderr.read().decode()[-500:] if process.stderr else ''}")
+        said = process.stderr.read().decode()[-500:] if process.stderr else ""
+        raise RuntimeError(f"{' '.join(argv)} failed: {said}")
     return seconds, usage.ru_maxrss / 1024
 
 
