@@ -140,7 +140,7 @@ def test_interrupted_run_ends_aborted_and_nothing_is_left_running(migrated: str,
     runbook.write_text(
         "name: long\nscope: {services: [quotation]}\nsteps:\n"
         "  - id: first\n    action: noop\n"
-        "  - id: long-wait\n    action: shell.run\n    with: {argv: [sleep, '60']}\n    timeout: 120s\n"
+        "  - id: long-wait\n    action: shell.run\n    with: {argv: [sleep, '6061']}\n    timeout: 120s\n"
         "  - id: never\n    action: noop\n"
     )
     env = {**os.environ, "DR_DATABASE_URL": migrated}
@@ -171,7 +171,7 @@ def test_interrupted_run_ends_aborted_and_nothing_is_left_running(migrated: str,
     assert detail["run"]["state"] == "aborted"
     states = {s["step_id"]: s["state"] for s in detail["steps"]}
     assert states == {"first": "succeeded", "long-wait": "cancelled", "never": "cancelled"}
-    leftover = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", "sleep 6061"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "the step's child process outlived the run"
 
 
