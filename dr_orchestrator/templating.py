@@ -20,7 +20,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # Names a template may use; loading checks templates against these.
 CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
 # What ``run`` holds while a run executes.
-RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced", "runbook_path", "inventory_path")
+RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced", "runbook_path", "inventory_path",
+            "approvals", "pre_approved_by")
 
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
