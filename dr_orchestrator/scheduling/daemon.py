@@ -20,6 +20,7 @@ from typing import Any
 from dr_orchestrator.drills.load import load_drills
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence.database import database_url, make_engine, make_session_factory
+from dr_orchestrator.evidence.liveness import sweep_interrupted
 from dr_orchestrator.model.drill import Drill
 from dr_orchestrator.scheduling import jobs
 from dr_orchestrator.scheduling.leader import leader_lock
@@ -81,6 +82,7 @@ class SchedulerDaemon:
         closed = records.close_interrupted(self.sessions, self.host, self.stale_after)
         for drill_run_id in closed:
             self.say(f"drill run {drill_run_id} was left running by a process that died: marked interrupted")
+        self._sweep_runs()
         drill_stop = threading.Event()
         jobs.configure(jobs.JobContext(self.sessions, drill_stop, self.host, self.misfire_grace, self.inventory))
         scheduler = BackgroundScheduler(
@@ -100,12 +102,18 @@ class SchedulerDaemon:
                     self.say("lost the leader lock: stopping the scheduler")
                     break
                 if datetime.now(UTC) >= rescan_at:
+                    self._sweep_runs()
                     self._sync(scheduler)
                     rescan_at = datetime.now(UTC) + timedelta(seconds=self.rescan_s)
         finally:
             drill_stop.set()  # running drills stop; their cleanup still runs before shutdown returns
             scheduler.shutdown(wait=True)
             jobs.configure(None)
+
+    def _sweep_runs(self) -> None:
+        """Runs (of any `dr`, not only drills) whose process died are marked interrupted, for `dr resume`."""
+        for run_id in sweep_interrupted(self.sessions, self.host):
+            self.say(f"run {run_id} was left running by a process that died: marked interrupted (dr resume {run_id})")
 
     def _sync(self, scheduler: Any) -> None:
         """One job per scheduled drill; an unchanged job keeps its stored next fire time."""
