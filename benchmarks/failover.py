@@ -50,7 +50,8 @@ def time_alone(step_id: str, inventory: str, work: Path) -> float:
 
     outcome = Engine(default_registry(), [keep]).run(plan)
     if outcome.state.value != "succeeded":
-        raise RuntimeError(f"step {step_id} alone ended {outcome.state.value}: {outcome.error or ''}")
+        errors = [e.error for e in events if isinstance(e, AttemptFinished) and e.error]
+        raise RuntimeError(f"step {step_id} alone ended {outcome.state.value}: {outcome.error or ''} {errors}")
     if step_id.startswith("verify-"):
         good = [e.latency_ms / 1000 for e in events if isinstance(e, ProbeResult) and e.ok]
         return min(good)
