@@ -171,6 +171,8 @@ def test_a_target_site_failing_its_readiness_check_refuses_the_run_before_any_st
     assert 'to override, run again with --force "reason"' in outcome.error
     assert not marker.exists()  # nothing ran
     assert outcome.steps["switch"] == "cancelled"
+    finished = [e for e in seen if type(e).__name__ == "StepFinished"]
+    assert [e.error for e in finished] == ["a safety rule refused the run"]  # type: ignore[union-attr]
     checks = safety_events(seen, "safety.readiness")
     assert [(c["site"], c["check"], c["ok"]) for c in checks] == [("backup", f"127.0.0.1:{port}", False)]
     rules = {r["rule"] for r in safety_events(seen, "safety.rule")}

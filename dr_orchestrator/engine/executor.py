@@ -134,6 +134,7 @@ class _Run:
         self.halt = threading.Event()
         self.closed = False  # RunFinished was sent: news from abandoned actions is dropped
         self.rollback_wanted = False
+        self.refused = False  # the safety pre-flight refused the run: no step started
         self.failed = False
         self.started_at: datetime = resume.started_at if resume else utcnow()
         self.run_info: dict[str, Any] = {}
@@ -247,7 +248,9 @@ class _Run:
                     self.finish_step(step_id, StepState.SKIPPED,
                                      error=f"needs {blocker!r}, which ended {self.states[blocker]}")
                 else:
-                    self.finish_step(step_id, StepState.CANCELLED, error="the run stopped before this step finished")
+                    why = "a safety rule refused the run" if self.refused else \
+                        "the run stopped before this step finished"
+                    self.finish_step(step_id, StepState.CANCELLED, error=why)
             self.resources.close()
             state = self.final_state()
             if state is RunState.ABORTED and error is None:
@@ -374,7 +377,8 @@ class _Run:
             self.emit(ActionEvent(self.run_id, PREFLIGHT, kind, utcnow(), data))
 
         refusal = preflight.check(self.plan, render, self.run_readiness, report)
-        self.failed |= refusal is not None
+        self.refused = refusal is not None
+        self.failed |= self.refused
         return refusal
 
     def run_readiness(self, site: str, check: ReadinessCheck) -> tuple[bool, str]:
