@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ class RunLocks:
         try:
             for resource in resources:
                 if not self._backend.try_lock(resource):
-                    raise LockHeld(resource, self._holders(resource))
+                    raise LockHeld(resource, self._holders_soon(resource))
                 self.held.append(resource)
             self._record(resources)
         except BaseException:
@@ -140,6 +141,14 @@ class RunLocks:
 
     def _alive(self, row: RunLock) -> bool:
         return row.host != self.host or process_alive(row.pid)
+
+    def _holders_soon(self, resource: Resource, patience_s: float = 2.0) -> list[Holder]:
+        """The holders, waiting a moment for a winner that took the lock but has not named itself yet:
+        a refusal should say which run holds the service."""
+        deadline = time.monotonic() + patience_s
+        while not (holders := self._holders(resource)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return holders
 
     def _holders(self, resource: Resource) -> list[Holder]:
         with self.sessions() as session:
