@@ -7,6 +7,7 @@ own duration, without the engine or the evidence store)."""
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,29 @@ def time_alone(step_id: str, inventory: str, work: Path) -> float:
     return sum(e.duration_s for e in events if isinstance(e, AttemptFinished))
 
 
+def wait_until_fit(inventory: str, work: Path, deadline_s: float = 60.0) -> None:
+    """Until the standby's data is recent (the heartbeat replicated): a lab just up may not be yet."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            time_alone("precheck", inventory, work)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def critical_path(work: Path) -> tuple[float, dict[str, float]]:
     with running_lab(sync=True) as lab:
         inventory = str(lab.config.inventory_path)
+        wait_until_fit(inventory, work)
         lab.kill_site("primary")
         alone = {step: time_alone(step, inventory, work) for stage in STAGES for step in stage}
     return sum(max(alone[step] for step in stage) for stage in STAGES), alone
 
 
-def site_failover_rto() -> tuple[float, dict[str, Any]]:
+def site_failover_rto(work: Path) -> tuple[float, dict[str, Any]]:
     from sqlalchemy import select
 
     from dr_orchestrator import runner
@@ -79,6 +94,7 @@ def site_failover_rto() -> tuple[float, dict[str, Any]]:
         upgrade(url)
         sessions = session_factory_for(url)
         plan = build_plan(str(RUNBOOK), str(lab.config.inventory_path), kind="rehearsal")
+        wait_until_fit(str(lab.config.inventory_path), work)
         lab.kill_site("primary")
         plan = plan.model_copy(update={"incident_at": lab.killed_at})
         outcome = runner.execute(sessions, plan)
@@ -97,7 +113,7 @@ def measure(quick: bool) -> list[Figure]:
     del quick  # one failover is already the smallest size
     with tempfile.TemporaryDirectory(prefix="dr-bench-failover-") as tmp:
         path_s, alone = critical_path(Path(tmp))
-    rto_s, per_service = site_failover_rto()
+        rto_s, per_service = site_failover_rto(Path(tmp))
     parts = ", ".join(f"{step} {seconds * 1000:.0f}" for step, seconds in alone.items())
     services = ", ".join(f"{name} {seconds:.3f}" for name, seconds in sorted(per_service.items()))
     return [
