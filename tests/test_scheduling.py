@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from sqlalchemy import select
 
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
-from dr_orchestrator.evidence.models import DrillRun, Run
+from dr_orchestrator.evidence.models import DrillRun, Run, ServiceResult
+from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.model.drill import Schedule
 from dr_orchestrator.scheduling.triggers import WallClockCronTrigger, fire_times_between, next_fire_times
 
@@ -329,3 +331,54 @@ def test_trigger_runs_a_drill_now_by_name_and_refuses_an_unknown_one(tmp_path: P
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2
     assert "no drill named 'no-such-drill'" in unknown.stderr and "quick-drill" in unknown.stderr
+
+
+# ---------------------------------------------------------------- the real scheduler against the lab
+
+
+def lab_drill(directory: Path, inventory: Path, cron: str) -> Path:
+    """The shipped quotation-service-failure drill, on the given lab's inventory (its fault and cleanup
+    name the lab through the inventory's vars.lab_root) and on the given schedule."""
+    import yaml
+
+    shipped = REPO / "failover_tests" / "quotation-service-failure.yml"
+    drill = yaml.safe_load(shipped.read_text())
+    drill["inventory"] = str(inventory)
+    for part in ("runbook", "failback"):  # relative to the shipped file, which this copy is not next to
+        drill[part]["path"] = str((shipped.parent / drill[part]["path"]).resolve())
+    drill["schedule"] = {"cron": cron, "timezone": "UTC"}
+    drill.pop("notify")  # its webhook is an environment reference this test does not set
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / shipped.name
+    path.write_text(yaml.safe_dump(drill, sort_keys=False))
+    return path
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
+        tmp_path: Path, schedulers: list[Scheduler], monkeypatch: pytest.MonkeyPatch,
+        lab_factory: Callable[..., AbstractContextManager[Lab]]) -> None:
+    db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
+    # the drill's fault and cleanup are `dr lab ...` commands: the scheduler's children find `dr` on PATH
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    with lab_factory(sync=True) as lab:
+        soon = datetime.now(UTC) + timedelta(seconds=12)  # the scheduler must be up before it
+        cron = f"{soon.second} {soon.minute} {soon.hour} * * *"
+        lab_drill(tmp_path / "drills", lab.config.inventory_path, cron)
+        scheduler = Scheduler(db, tmp_path / "drills", tmp_path / "scheduler.log")
+        schedulers.append(scheduler)
+        try:
+            (row,) = wait_until(lambda: finished_runs(db, 1), 300, "the scheduled lab drill to finish")
+        finally:
+            stopped = scheduler.stop()  # before the lab goes down, whatever happened
+        assert stopped == 0, scheduler.output()
+        assert lab.status()["healthy"], "the drill did not leave the lab as it found it"
+    assert (row.state, row.verdict, row.trigger) == ("finished", "passed", "schedule"), scheduler.output()
+    assert row.scheduled_for is not None and row.started_at >= row.scheduled_for
+    with session_factory_for(db)() as session:
+        failover = session.get_one(Run, row.failover_run_id)
+        assert (failover.trigger, failover.state) == ("schedule", "succeeded")
+        (quotation,) = session.scalars(select(ServiceResult).where(
+            ServiceResult.run_id == failover.id, ServiceResult.service == "quotation"))
+        assert quotation.rto_s is not None and 0 < quotation.rto_s <= 30 and quotation.rto_met
