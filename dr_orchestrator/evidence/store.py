@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, configure_mappers
 
 from dr_orchestrator.evidence import rto
@@ -326,7 +326,11 @@ class EvidenceStore:
         ]
         session.add_all(added)
         targets = {row.service: rto.Targets(row.rto_target_s, row.rpo_target_s) for row in scope + added}
-        for fig in rto.service_figures(targets, run.started_at, run.incident_at, markers, approvals, readings):
+        disruption_at = session.scalar(
+            select(func.min(Marker.at)).where(Marker.run_id == run.id, Marker.marker == rto.DISRUPTION_MARKER)
+        )
+        for fig in rto.service_figures(targets, run.started_at, run.incident_at, markers, approvals, readings,
+                                       disruption_at):
             session.add(
                 ServiceResult(
                     run_id=run.id,
