@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
-from dr_orchestrator.evidence.models import DrillRun, Run, ServiceResult
+from dr_orchestrator.evidence.models import ActionEventRecord, DrillRun, Run, ServiceResult
 from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.model.drill import Schedule
 from dr_orchestrator.scheduling.triggers import WallClockCronTrigger, fire_times_between, next_fire_times
@@ -382,3 +382,7 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
         (quotation,) = session.scalars(select(ServiceResult).where(
             ServiceResult.run_id == failover.id, ServiceResult.service == "quotation"))
         assert quotation.rto_s is not None and 0 < quotation.rto_s <= 30 and quotation.rto_met
+        # The service was started at the backup site through Ansible, task by task in the evidence.
+        tasks = session.scalars(select(ActionEventRecord).where(
+            ActionEventRecord.run_id == failover.id, ActionEventRecord.kind == "ansible.task")).all()
+        assert any(t.step_id == "start-at-backup" and t.data["host"] == "backup-app" for t in tasks), tasks
