@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 from dr_orchestrator.lab.config import SITES, LabConfig
@@ -69,8 +71,10 @@ def marker(config: LabConfig, site: str) -> str:
     return f"-f {config.sshd_config(site)}"
 
 
-def start(config: LabConfig, site: str) -> None:
-    """Start the site's sshd (it daemonizes and writes its pidfile); check the configuration first."""
+def start(config: LabConfig, site: str, timeout: float = 10.0) -> None:
+    """Start the site's sshd and return once it accepts connections; check the configuration first.
+
+    sshd forks into the background before it binds its socket, so its exit says nothing about readiness."""
     if config.as_root:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
     command = [SSHD, "-f", str(config.sshd_config(site)), "-E", str(config.log_dir(site) / "sshd.log")]
@@ -80,3 +84,14 @@ def start(config: LabConfig, site: str) -> None:
     if result.returncode != 0:
         raise LabSetupError(f"sshd at the {site} site did not start: {result.stderr.strip()[-400:]}; "
                             f"see {config.log_dir(site) / 'sshd.log'}")
+    address = (config.address(site), config.sshd_port)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=1.0).close()
+            return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise LabSetupError(f"sshd at the {site} site does not accept connections on {address[0]}:{address[1]} "
+                                    f"after {timeout:.0f} s ({error}); see {config.log_dir(site) / 'sshd.log'}") from None
+        time.sleep(0.02)
