@@ -50,6 +50,9 @@ class PauseHook:
         return isinstance(event, StepFinished) if ends else isinstance(event, StepStarted)
 
     def _pause(self, event: Event) -> None:
+        flush = getattr(self.store, "flush", None)
+        if flush is not None:  # "recorded" means committed: the store commits most events a moment later
+            flush()
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "paused").write_text(f"{self.step}:{self.phase} {type(event).__name__} pid {os.getpid()}\n")
         deadline = time.monotonic() + WAIT_S

@@ -394,6 +394,7 @@ def test_timestamps_keep_microseconds_and_come_back_aware_utc(sessions: sessionm
     ]
     for moment in sent:
         store(ProbeResult(RUN, "verify-trading", 1, moment, "http://t", True, 1.0))
+    store.flush()  # probes are committed behind the engine's back; flush waits for them
     with sessions() as s:
         stored = s.scalars(select(Probe.at).order_by(Probe.at)).all()
     assert stored == sorted(sent)  # sorted in time order by the database, not as text of mixed zones
@@ -404,8 +405,8 @@ def test_timestamps_keep_microseconds_and_come_back_aware_utc(sessions: sessionm
 def test_naive_timestamps_are_refused(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
     store(RunStarted(RUN, at(0), make_plan(), "h"))
-    with pytest.raises(StatementError, match="naive datetime"):
-        store(ProbeResult(RUN, "verify-trading", 1, datetime(2026, 11, 28, 10, 0), "http://t", True, 1.0))
+    with pytest.raises(StatementError, match="naive datetime"):  # store() waits for the commit, and raises
+        store.store(ProbeResult(RUN, "verify-trading", 1, datetime(2026, 11, 28, 10, 0), "http://t", True, 1.0))
 
 
 def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmaker[Session]) -> None:
@@ -430,6 +431,8 @@ def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmak
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
+        first.flush()
+        second.flush()
     finally:
         other_engine.dispose()
     assert not errors
@@ -449,6 +452,7 @@ def test_awkward_outputs_are_kept_as_text_on_every_backend(sessions: sessionmake
     store(StepStarted(RUN, "promote", at(1), rendered={"argv": ["x\x00"]}))
     store(StepFinished(RUN, "promote", at(2), StepState.FAILED, output, error="exit 1: a\x00b"))
     store(ProbeResult(RUN, "promote", 1, at(1.5), "tcp://h:1", False, 0.5, "got \x00"))
+    store.flush()
     with sessions() as s:
         row = s.scalars(select(StepRecord).where(StepRecord.step_id == "promote")).one()
         probe = s.scalars(select(Probe)).one()

@@ -120,7 +120,15 @@ class _Run:
         self.stop = stop
         self.resume = resume
         self.steps = {s.id: s for s in plan.runbook.steps}
+        self.order = {step_id: index for index, step_id in enumerate(self.steps)}
+        self.dependents: dict[str, list[str]] = {step_id: [] for step_id in self.steps}
+        for step in plan.runbook.steps:
+            for need in step.needs:
+                self.dependents[need].append(step.id)
         self.states: dict[str, StepState] = {s.id: StepState.PENDING for s in plan.runbook.steps}
+        # Steps that ended since the scheduler last looked: only their dependents can have become ready
+        # (a full scan per step would make a long chain quadratic).
+        self.newly_finished: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
         self.sites: dict[str, str | None] = {}  # each step's rendered site, reused by its rollback
         self.completed: list[str] = []  # succeeded steps, in the order they finished
@@ -175,6 +183,8 @@ class _Run:
             if phase == "forward" and previous.finished:
                 return  # an abandoned action reporting after the run already ended its step
             self.states[step_id] = state
+            if state.finished and not previous.finished:
+                self.newly_finished.append(step_id)
             # Templates of later steps read this: never a secret an action let slip into its output.
             shown = self.redactor.redact_data(output or {})
             self.results[step_id] = {"state": str(state), "output": shown, "error": error}
@@ -298,7 +308,8 @@ class _Run:
         return self.failed or self.halt.is_set()
 
     def schedule(self) -> None:
-        pending = [s.id for s in self.plan.runbook.steps if not self.states[s.id].finished]
+        pending = {s.id for s in self.plan.runbook.steps if not self.states[s.id].finished}
+        candidates = sorted(pending, key=self.order.__getitem__)  # the first look covers every step
         running: dict[Future[StepState], str] = {}
         workers = max(1, min(self.plan.runbook.max_parallel, self.engine.max_parallel))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"run-{self.run_id[:8]}")
@@ -307,7 +318,7 @@ class _Run:
                 try:
                     if self.stop.is_set() and not self.interrupted:
                         self.interrupt()
-                    self.start_ready(pending, running, pool, workers)
+                    candidates = self.start_ready(candidates, pending, running, pool, workers)
                     if not running:
                         return
                     done, _ = wait(running, timeout=_POLL_S, return_when=FIRST_COMPLETED)
@@ -321,33 +332,44 @@ class _Run:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def start_ready(self, pending: list[str], running: dict[Future[StepState], str], pool: ThreadPoolExecutor,
-                    workers: int) -> None:
+    def start_ready(self, candidates: list[str], pending: set[str], running: dict[Future[StepState], str],
+                    pool: ThreadPoolExecutor, workers: int) -> list[str]:
+        """Start the ``candidates`` (and the dependents of steps ended since) whose needs are met, as
+        workers allow; skip those a failed need blocks. Returns the ready steps still waiting for a worker."""
+        waiting: list[str] = []
         skipped_any = True
         while skipped_any:  # a skip may decide the steps that need the skipped one: look again
             skipped_any = False
             ready: list[str] = []
             with self.lock:  # decided against states that finishing steps cannot change meanwhile
                 if self.stopping():
-                    return
-                for step_id in list(pending):
+                    return []
+                touched = {d for f in self.newly_finished for d in self.dependents[f] if d in pending}
+                self.newly_finished.clear()
+                waiting = []
+                for step_id in sorted(touched.union(candidates), key=self.order.__getitem__):
                     step = self.steps[step_id]
-                    if not all(self.states[n].finished for n in step.needs):
+                    if step_id not in pending or not all(self.states[n].finished for n in step.needs):
                         continue
                     blocker = self.blocking_need(step)
                     if blocker is not None:
-                        pending.remove(step_id)
+                        pending.discard(step_id)
                         error = f"needs {blocker!r}, which ended {self.states[blocker]}"
                         self.states[step_id] = StepState.SKIPPED
+                        self.newly_finished.append(step_id)
                         self.results[step_id] = {"state": str(StepState.SKIPPED), "output": {}, "error": error}
                         self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
                         skipped_any = True
                     elif len(running) + len(ready) < workers:  # a step is RUNNING only once a worker has it
-                        pending.remove(step_id)
+                        pending.discard(step_id)
                         self.states[step_id] = StepState.RUNNING
                         ready.append(step_id)
+                    else:
+                        waiting.append(step_id)
+                candidates = waiting
             for step_id in ready:
                 running[pool.submit(self.run_step, self.steps[step_id])] = step_id
+        return waiting
 
     def blocking_need(self, step: Step) -> str | None:
         """A need that ended without success, which keeps ``step`` from ever running."""
@@ -445,6 +467,8 @@ class _Run:
             return self.refuse(step_id, phase, f"bad parameters for {action_name}: {problems}")
         self.emit(StepStarted(self.run_id, step_id, utcnow(), phase, params.model_dump(mode="json")))
         action = action_class()
+        declared = self.steps[step_id].idempotent if step_id in self.steps else None
+        repeatable = action_class.idempotent if declared is None else declared
         deadline = time.monotonic() + timeout  # bounds all attempts together
         outcome = _Attempt(StepState.FAILED, error="no attempt was made")
         for attempt in range(1, retries.count + 2):
@@ -457,7 +481,7 @@ class _Run:
                 if self.halt.wait(pause):
                     outcome = _Attempt(StepState.CANCELLED, error="cancelled between attempts: the run was stopped")
                     break
-            self.emit(AttemptStarted(self.run_id, step_id, attempt, utcnow(), phase))
+            self.emit(AttemptStarted(self.run_id, step_id, attempt, utcnow(), phase, repeatable))
             started = time.monotonic()
             outcome = self.attempt(action, params, step_id, attempt, deadline, timeout, service, site)
             self.emit(AttemptFinished(self.run_id, step_id, attempt, utcnow(), outcome.state,

@@ -7,6 +7,12 @@ An entry holds the row's table and primary key, the SHA-256 of the row's canonic
 database returns it after the write, and the SHA-256 of the entry before it. A record's newest entry
 must match the row as it stands; older entries are the history of its states.
 
+Rows are hashed as the database returns them after the write, read back in the same transaction,
+except from sessions flagged ``HASH_FROM_INSTANCES`` (the evidence store's writer): those write only
+values already in that form (JSON-ready data, aware datetimes), so their rows are hashed from the
+values just written, which saves a read per table on the engine's path. ``verify`` would name any row
+where the two ever differed.
+
 Canonical content: JSON of the row's non-NULL columns, keys sorted, no spaces; timestamps as ISO-8601
 UTC with microseconds, dates as ISO dates, floats by ``repr``, JSON columns as their parsed value.
 NULL columns are left out so that adding a nullable column later leaves every older hash valid.
@@ -41,6 +47,7 @@ CHAINED_TABLES: dict[str, Table] = {
 # Key of the PostgreSQL advisory lock guarding the chain head ("dr-chain" in ASCII).
 ADVISORY_LOCK_KEY = int.from_bytes(b"dr-chain", "big")
 ENTRIES: Table = AuditEntry.__table__  # type: ignore[assignment]
+HASH_FROM_INSTANCES = "chain_hash_from_instances"  # a Session.info key; see the module's docstring
 
 
 class EvidenceImmutable(RuntimeError):
@@ -187,9 +194,21 @@ def _after_flush(session: Session, _context: Any) -> None:
     for obj, operation in _changes(session):
         mapper = inspect(type(obj))
         (key,) = mapper.primary_key_from_instance(obj)
-        records.append((order[type(obj)], str(key).zfill(20), mapper.local_table.name, key, operation))
-    records.sort()
-    append_records(session.connection(), [(name, key, operation) for _, _, name, key, operation in records])
+        records.append((order[type(obj)], str(key).zfill(20), mapper.local_table.name, key, operation, obj))
+    records.sort(key=lambda record: record[:2])
+    if session.info.get(HASH_FROM_INSTANCES):
+        append_rows(session.connection(), [(CHAINED_TABLES[name], operation, _instance_row(obj))
+                                           for _, _, name, _key, operation, obj in records])
+    else:
+        append_records(session.connection(), [(name, key, operation) for _, _, name, key, operation, _ in records])
+
+
+def _instance_row(instance: object) -> dict[str, Any]:
+    """The row ``instance`` was just flushed as: a column never set was written as NULL (no evidence
+    column has a server default)."""
+    state = inspect(instance)
+    values = state.dict
+    return {column.name: values.get(prop.key) for prop in state.mapper.column_attrs for column in prop.columns}
 
 
 def install(factory: sessionmaker[Session]) -> None:

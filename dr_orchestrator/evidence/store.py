@@ -1,25 +1,33 @@
 """The evidence store: an engine observer that writes each event as it happens.
 
-Each event is its own short transaction, so a crash loses nothing already written. Events arrive
-from several engine threads (and, later, several processes): writes are serialised in-process by a
-lock and across processes by the database (BEGIN IMMEDIATE on SQLite).
+One writer thread per store commits events in arrival order, as many in one transaction as have
+arrived meanwhile (group commit): a step's four events then cost one commit, not four. The engine
+waits for the commit where a crash must not lose the record (write-ahead): before an action that is
+not safe to repeat starts (so a resumed run knows it may have acted), when a run starts, resumes or
+finishes, and for approval gates. Other events (a step or attempt ending, probes, action events,
+marks, measurements) are committed a few milliseconds later, in order; a crash in between leaves the
+step in flight in the evidence, which resume treats as such: repeated when idempotent, else decided
+by an engineer. Across processes, writes are serialised by the database (BEGIN IMMEDIATE on SQLite).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
 
 from dr_orchestrator.evidence import rto
+from dr_orchestrator.evidence.chain import HASH_FROM_INSTANCES
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
@@ -54,8 +62,13 @@ from dr_orchestrator.model.events import (
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
 
+log = logging.getLogger(__name__)
+
 FORWARD = "forward"
 ROLLBACK = "rollback"
+# Events committed before the engine goes on (see the module's docstring); AttemptStarted when not repeatable.
+DURABLE_BEFORE_RETURN = (RunStarted, RunResumed, RunFinished, ApprovalRequested, ApprovalDecided)
+WRITER_IDLE_S = 5.0  # the writer thread ends after this long without events (a new one starts on the next)
 RETENTION_ENV = "DR_RETENTION_YEARS"
 DEFAULT_RETENTION_YEARS = 6
 TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "real failover", "failback")
@@ -189,9 +202,17 @@ class EvidenceStore:
         self._retention_years = retention_years(retention)
         # Done now, not on the first event: it takes ~80 ms, which would delay the run's start.
         configure_mappers()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one transaction at a time from this store
+        self._queued: list[tuple[Event, Future[None]]] = []
+        self._wakeup = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._newest: Future[None] | None = None  # the last event queued
         # Rollback actions by run and step, for naming the action on rollback step rows.
         self._rollback_actions: dict[str, dict[str, str]] = {}
+        # The newest step row per (run, step, phase) and attempt row per (step row, attempt) this store
+        # wrote: the hot path then reads nothing back. Cleared when a transaction fails.
+        self._step_rows: dict[tuple[str, str, str], StepRecord] = {}
+        self._attempt_rows: dict[tuple[int, int], Attempt] = {}
         self._handlers: dict[type[Any], Callable[[Session, Any], None]] = {
             RunStarted: self._run_started,
             StepStarted: self._step_started,
@@ -209,14 +230,87 @@ class EvidenceStore:
         }
 
     def __call__(self, event: Event) -> None:
-        self.store(event)
+        """The observer: queue ``event``; wait for its commit when a crash must not lose it."""
+        written = self._queue(event)
+        if isinstance(event, DURABLE_BEFORE_RETURN) or (isinstance(event, AttemptStarted) and not event.repeatable):
+            written.result()
 
     def store(self, event: Event) -> None:
-        """Write ``event`` in its own transaction; database errors propagate to the caller."""
-        handler = self._handlers[type(event)]
+        """Write ``event`` and return once it is committed; database errors propagate to the caller."""
+        self._queue(event).result()
+
+    def flush(self) -> None:
+        """Return once every event queued so far is committed (or failed, and was logged)."""
+        with self._wakeup:
+            newest = self._newest
+        if newest is not None:
+            newest.exception()  # events are written, or given up, in the order they were queued
+
+    def _queue(self, event: Event) -> Future[None]:
+        if type(event) not in self._handlers:
+            raise KeyError(f"the evidence store has no record for {type(event).__name__}")
+        written: Future[None] = Future()
+        with self._wakeup:
+            self._queued.append((event, written))
+            self._newest = written
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="evidence-writer", daemon=True)
+                self._writer.start()
+            self._wakeup.notify()
+        return written
+
+    def _write_queued(self) -> None:
+        while True:
+            with self._wakeup:
+                if not self._queued:
+                    self._wakeup.wait(WRITER_IDLE_S)
+                if not self._queued:
+                    self._writer = None
+                    return
+                batch, self._queued = self._queued, []
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[Event, Future[None]]]) -> None:
+        """All of ``batch`` in one transaction; if that fails, each event in its own, so that one bad
+        record loses nothing else (its error goes to whoever waits for it, or to the log)."""
+        try:
+            self._transaction(event for event, _written in batch)
+        except Exception:  # noqa: BLE001 - retried one by one below, where each error is reported
+            self._forget_rows()
+        else:
+            for _event, written in batch:
+                written.set_result(None)
+            return
+        for event, written in batch:
+            try:
+                self._transaction([event])
+            except Exception as exc:  # noqa: BLE001 - handed to the waiter, or logged
+                self._forget_rows()
+                log.error("evidence of %s for run %s not written: %s", type(event).__name__,
+                          getattr(event, "run_id", "?"), exc)
+                written.set_exception(exc)
+            else:
+                written.set_result(None)
+
+    def _transaction(self, events: Any) -> None:
         with self._lock, self._sessions() as session, session.begin():
+            session.info[HASH_FROM_INSTANCES] = True  # handlers write JSON-ready values and aware datetimes
             session.connection(execution_options=WRITE_TRANSACTION)
-            handler(session, event)
+            for event in events:
+                self._handlers[type(event)](session, event)
+
+    def _forget_rows(self) -> None:
+        self._step_rows.clear()
+        self._attempt_rows.clear()
+
+    @staticmethod
+    def _attach(session: Session, row: Any) -> Any:
+        """``row`` (kept from an earlier transaction) in ``session``: the session's own copy if it has one."""
+        key = inspect(row).identity_key
+        if key is not None and key in session.identity_map:
+            return session.identity_map[key]
+        session.add(row)
+        return row
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -256,8 +350,8 @@ class EvidenceStore:
         )
         session.flush()  # the run row first: the rows below refer to it
         session.add_all(run_service_row(event.run_id, name, targets) for name in services_in_scope(plan))
-        session.add_all(
-            StepRecord(
+        for step in plan.runbook.steps:
+            row = StepRecord(
                 run_id=event.run_id,
                 step_id=step.id,
                 phase=FORWARD,
@@ -266,8 +360,8 @@ class EvidenceStore:
                 site=step.site,
                 state=StepState.PENDING.value,
             )
-            for step in plan.runbook.steps
-        )
+            session.add(row)
+            self._step_rows[(event.run_id, step.id, FORWARD)] = row
         self._remember_rollbacks(event.run_id, plan)
 
     def _remember_rollbacks(self, run_id: str, plan: RunPlan) -> None:
@@ -292,6 +386,10 @@ class EvidenceStore:
         run.finished_at = event.at
         run.error = maybe_text(event.error)
         self._rollback_actions.pop(event.run_id, None)
+        for key in [key for key in self._step_rows if key[0] == event.run_id]:
+            del self._step_rows[key]
+        for key in [key for key in self._attempt_rows if key[0] == event.run_id]:
+            del self._attempt_rows[key]
         self._write_results(session, run)
 
     def _write_results(self, session: Session, run: Run) -> None:
@@ -356,12 +454,20 @@ class EvidenceStore:
     # -- steps and attempts -----------------------------------------------------------------
 
     def _latest_step(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord | None:
-        return session.scalars(
-            select(StepRecord)
-            .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.phase == phase)
-            .order_by(StepRecord.id.desc())
-            .limit(1)
-        ).first()
+        key = (run_id, step_id, phase)
+        row = self._step_rows.get(key)
+        if row is None:
+            row = session.scalars(
+                select(StepRecord)
+                .where(StepRecord.run_id == run_id, StepRecord.step_id == step_id, StepRecord.phase == phase)
+                .order_by(StepRecord.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+        row = self._attach(session, row)
+        self._step_rows[key] = row
+        return row
 
     def _new_step(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
         """A step row the run did not announce: a rollback, or a step run again (resume)."""
@@ -380,6 +486,7 @@ class EvidenceStore:
             state=StepState.PENDING.value,
         )
         session.add(row)
+        self._step_rows[(run_id, step_id, phase)] = row
         return row
 
     def _step_for_start(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
@@ -407,28 +514,34 @@ class EvidenceStore:
         row = self._latest_step(session, run_id, step_id, phase)
         if row is None:
             row = self._new_step(session, run_id, step_id, phase)
-        session.flush()  # its id is needed
+        if row.id is None:
+            session.flush()  # its id is needed
         return row
 
     def _attempt_started(self, session: Session, event: AttemptStarted) -> None:
         step = self._step_of_attempt(session, event.run_id, event.step_id, event.phase)
-        session.add(
-            Attempt(
-                run_id=event.run_id,
-                step_pk=step.id,
-                step_id=event.step_id,
-                phase=event.phase,
-                attempt=event.attempt,
-                state=StepState.RUNNING.value,
-                started_at=event.at,
-            )
+        row = Attempt(
+            run_id=event.run_id,
+            step_pk=step.id,
+            step_id=event.step_id,
+            phase=event.phase,
+            attempt=event.attempt,
+            state=StepState.RUNNING.value,
+            started_at=event.at,
         )
+        session.add(row)
+        self._attempt_rows[(event.run_id, step.id, event.attempt)] = row
 
     def _attempt_finished(self, session: Session, event: AttemptFinished) -> None:
         step = self._step_of_attempt(session, event.run_id, event.step_id, event.phase)
-        row = session.scalars(
-            select(Attempt).where(Attempt.step_pk == step.id, Attempt.attempt == event.attempt)
-        ).first()
+        key = (event.run_id, step.id, event.attempt)
+        row = self._attempt_rows.pop(key, None)
+        if row is not None:
+            row = self._attach(session, row)
+        else:
+            row = session.scalars(
+                select(Attempt).where(Attempt.step_pk == step.id, Attempt.attempt == event.attempt)
+            ).first()
         if row is None:
             row = Attempt(
                 run_id=event.run_id, step_pk=step.id, step_id=event.step_id, phase=event.phase, attempt=event.attempt

@@ -92,6 +92,7 @@ def start(config: LabConfig, site: str, timeout: float = 10.0) -> None:
             return
         except OSError as error:
             if time.monotonic() > deadline:
-                raise LabSetupError(f"sshd at the {site} site does not accept connections on {address[0]}:{address[1]} "
-                                    f"after {timeout:.0f} s ({error}); see {config.log_dir(site) / 'sshd.log'}") from None
+                raise LabSetupError(
+                    f"sshd at the {site} site does not accept connections on {address[0]}:{address[1]} after "
+                    f"{timeout:.0f} s ({error}); see {config.log_dir(site) / 'sshd.log'}") from None
         time.sleep(0.02)

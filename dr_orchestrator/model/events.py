@@ -41,6 +41,10 @@ class AttemptStarted:
     attempt: int
     at: datetime
     phase: str = "forward"
+    # Safe to repeat after a crash in the middle of it (the step or its action is idempotent). When
+    # False, observers that keep durable records must have this event on disk before they return:
+    # the action acts only after that, so a resumed run knows it may have acted.
+    repeatable: bool = False
 
 
 @dataclass(frozen=True)
