@@ -212,7 +212,7 @@ class EvidenceStore:
         # The newest step row per (run, step, phase) and attempt row per (step row, attempt) this store
         # wrote: the hot path then reads nothing back. Cleared when a transaction fails.
         self._step_rows: dict[tuple[str, str, str], StepRecord] = {}
-        self._attempt_rows: dict[tuple[int, int], Attempt] = {}
+        self._attempt_rows: dict[tuple[str, int, int], Attempt] = {}
         self._handlers: dict[type[Any], Callable[[Session, Any], None]] = {
             RunStarted: self._run_started,
             StepStarted: self._step_started,
@@ -386,10 +386,10 @@ class EvidenceStore:
         run.finished_at = event.at
         run.error = maybe_text(event.error)
         self._rollback_actions.pop(event.run_id, None)
-        for key in [key for key in self._step_rows if key[0] == event.run_id]:
-            del self._step_rows[key]
-        for key in [key for key in self._attempt_rows if key[0] == event.run_id]:
-            del self._attempt_rows[key]
+        for step_key in [key for key in self._step_rows if key[0] == event.run_id]:
+            del self._step_rows[step_key]
+        for attempt_key in [key for key in self._attempt_rows if key[0] == event.run_id]:
+            del self._attempt_rows[attempt_key]
         self._write_results(session, run)
 
     def _write_results(self, session: Session, run: Run) -> None:
