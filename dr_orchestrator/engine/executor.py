@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +59,43 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 2.0
 _POLL_S = 0.05  # how often waiting threads look for Ctrl-C, a stop request or a cancellation
 CONDITION_SKIP = "when "  # how the error of a step skipped by its `when` begins (resume tells them apart)
+
+
+class ActionThreads:
+    """Daemon threads that run actions, kept for reuse: starting a thread per attempt costs more than
+    a quick action does. An action that never returns keeps its thread; the next attempt gets another.
+    Daemon threads, so that an abandoned action never keeps the process from exiting."""
+
+    IDLE_S = 30.0  # an idle thread ends after this long
+
+    def __init__(self) -> None:
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name="dr-action", daemon=True).start()
+        inbox.put(work)
+
+    def _serve(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+        while True:
+            try:
+                work = inbox.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:
+                        self._idle.remove(inbox)
+                        return
+                continue  # handed out just now: the work is on its way
+            work()
+            with self._lock:
+                self._idle.append(inbox)
+
+
+ACTION_THREADS = ActionThreads()
 
 
 @dataclass
@@ -529,9 +568,8 @@ class _Run:
             self.active_cancels.add(cancel)
         if self.halt.is_set():
             cancel.set()
-        worker = threading.Thread(target=call, name=f"{step_id}#{attempt}", daemon=True)
         try:
-            worker.start()
+            ACTION_THREADS.run(call)
             try:
                 # The action runs in its own thread so that a timeout or Ctrl-C never waits on it.
                 while not finished.is_set() and not cancel.is_set() and (left := deadline - time.monotonic()) > 0:

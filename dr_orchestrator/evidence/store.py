@@ -209,7 +209,7 @@ class EvidenceStore:
         self._newest: Future[None] | None = None  # the last event queued
         # Rollback actions by run and step, for naming the action on rollback step rows.
         self._rollback_actions: dict[str, dict[str, str]] = {}
-        # The newest step row per (run, step, phase) and attempt row per (step row, attempt) this store
+        # The newest step row per (run, step, phase) and attempt row per (run, step row, attempt) this store
         # wrote: the hot path then reads nothing back. Cleared when a transaction fails.
         self._step_rows: dict[tuple[str, str, str], StepRecord] = {}
         self._attempt_rows: dict[tuple[str, int, int], Attempt] = {}
