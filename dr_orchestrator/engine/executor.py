@@ -7,6 +7,7 @@ observers hear about it: a run is never left running.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import queue
 import socket
@@ -348,7 +349,8 @@ class _Run:
 
     def schedule(self) -> None:
         pending = {s.id for s in self.plan.runbook.steps if not self.states[s.id].finished}
-        candidates = sorted(pending, key=self.order.__getitem__)  # the first look covers every step
+        first_look = set(pending)
+        ready: list[tuple[int, str]] = []  # (file position, step) whose needs are met, waiting for a worker
         running: dict[Future[StepState], str] = {}
         workers = max(1, min(self.plan.runbook.max_parallel, self.engine.max_parallel))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"run-{self.run_id[:8]}")
@@ -357,7 +359,8 @@ class _Run:
                 try:
                     if self.stop.is_set() and not self.interrupted:
                         self.interrupt()
-                    candidates = self.start_ready(candidates, pending, running, pool, workers)
+                    self.start_ready(pending, ready, running, pool, workers, first_look)
+                    first_look = set()
                     if not running:
                         return
                     done, _ = wait(running, timeout=_POLL_S, return_when=FIRST_COMPLETED)
@@ -371,44 +374,43 @@ class _Run:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def start_ready(self, candidates: list[str], pending: set[str], running: dict[Future[StepState], str],
-                    pool: ThreadPoolExecutor, workers: int) -> list[str]:
-        """Start the ``candidates`` (and the dependents of steps ended since) whose needs are met, as
-        workers allow; skip those a failed need blocks. Returns the ready steps still waiting for a worker."""
-        waiting: list[str] = []
+    def start_ready(self, pending: set[str], ready: list[tuple[int, str]], running: dict[Future[StepState], str],
+                    pool: ThreadPoolExecutor, workers: int, look_at: set[str]) -> None:
+        """Move ``look_at`` and the pending dependents of steps ended since the last look to ``ready``
+        (a heap in file order) when their needs are met, or skip them when a need failed; start ready
+        steps while workers are free."""
         skipped_any = True
         while skipped_any:  # a skip may decide the steps that need the skipped one: look again
             skipped_any = False
-            ready: list[str] = []
+            starting: list[str] = []
             with self.lock:  # decided against states that finishing steps cannot change meanwhile
                 if self.stopping():
-                    return []
+                    return
                 touched = {d for f in self.newly_finished for d in self.dependents[f] if d in pending}
+                touched.update(step_id for step_id in look_at if step_id in pending)
+                look_at = set()
                 self.newly_finished.clear()
-                waiting = []
-                for step_id in sorted(touched.union(candidates), key=self.order.__getitem__):
+                for step_id in sorted(touched, key=self.order.__getitem__):
                     step = self.steps[step_id]
-                    if step_id not in pending or not all(self.states[n].finished for n in step.needs):
+                    if not all(self.states[n].finished for n in step.needs):
                         continue
+                    pending.discard(step_id)
                     blocker = self.blocking_need(step)
-                    if blocker is not None:
-                        pending.discard(step_id)
-                        error = f"needs {blocker!r}, which ended {self.states[blocker]}"
-                        self.states[step_id] = StepState.SKIPPED
-                        self.newly_finished.append(step_id)
-                        self.results[step_id] = {"state": str(StepState.SKIPPED), "output": {}, "error": error}
-                        self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
-                        skipped_any = True
-                    elif len(running) + len(ready) < workers:  # a step is RUNNING only once a worker has it
-                        pending.discard(step_id)
-                        self.states[step_id] = StepState.RUNNING
-                        ready.append(step_id)
-                    else:
-                        waiting.append(step_id)
-                candidates = waiting
-            for step_id in ready:
+                    if blocker is None:
+                        heapq.heappush(ready, (self.order[step_id], step_id))
+                        continue
+                    error = f"needs {blocker!r}, which ended {self.states[blocker]}"
+                    self.states[step_id] = StepState.SKIPPED
+                    self.newly_finished.append(step_id)
+                    self.results[step_id] = {"state": str(StepState.SKIPPED), "output": {}, "error": error}
+                    self.emit(StepFinished(self.run_id, step_id, utcnow(), StepState.SKIPPED, {}, error))
+                    skipped_any = True
+                while ready and len(running) + len(starting) < workers:  # RUNNING only once a worker has it
+                    _, step_id = heapq.heappop(ready)
+                    self.states[step_id] = StepState.RUNNING
+                    starting.append(step_id)
+            for step_id in starting:
                 running[pool.submit(self.run_step, self.steps[step_id])] = step_id
-        return waiting
 
     def blocking_need(self, step: Step) -> str | None:
         """A need that ended without success, which keeps ``step`` from ever running."""

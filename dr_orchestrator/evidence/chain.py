@@ -182,7 +182,7 @@ def _changes(session: Session) -> list[tuple[object, str]]:
 def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
     if any(_is_chained(obj) for obj in session.deleted):
         raise EvidenceImmutable("evidence records are never deleted")
-    if _changes(session):
+    if session.get_bind().dialect.name == "postgresql" and _changes(session):
         # Before the flush writes anything: on PostgreSQL, a writer holding row locks while waiting
         # for the chain could deadlock with one holding the chain and wanting those rows.
         lock_chain(session.connection())

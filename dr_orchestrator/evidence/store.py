@@ -23,11 +23,11 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
 
 from dr_orchestrator.evidence import rto
-from dr_orchestrator.evidence.chain import HASH_FROM_INSTANCES
+from dr_orchestrator.evidence.chain import HASH_FROM_INSTANCES, append_records
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
@@ -306,7 +306,10 @@ class EvidenceStore:
     @staticmethod
     def _attach(session: Session, row: Any) -> Any:
         """``row`` (kept from an earlier transaction) in ``session``: the session's own copy if it has one."""
-        key = inspect(row).identity_key
+        state = inspect(row)
+        if state.session_id == session.hash_key:
+            return row
+        key = state.identity_key
         if key is not None and key in session.identity_map:
             return session.identity_map[key]
         session.add(row)
@@ -350,18 +353,20 @@ class EvidenceStore:
         )
         session.flush()  # the run row first: the rows below refer to it
         session.add_all(run_service_row(event.run_id, name, targets) for name in services_in_scope(plan))
-        for step in plan.runbook.steps:
-            row = StepRecord(
-                run_id=event.run_id,
-                step_id=step.id,
-                phase=FORWARD,
-                action=step.action,
-                service=step_service(plan, step.service),
-                site=step.site,
-                state=StepState.PENDING.value,
-            )
-            session.add(row)
-            self._step_rows[(event.run_id, step.id, FORWARD)] = row
+        # One multi-row INSERT (the ORM would send one per row, to learn each id), then read back
+        # once: the ids for the attempts, the rows for the audit chain.
+        if plan.runbook.steps:
+            session.execute(insert(StepRecord), [
+                {"run_id": event.run_id, "step_id": step.id, "phase": FORWARD, "action": step.action,
+                 "service": step_service(plan, step.service), "site": step.site, "state": StepState.PENDING.value}
+                for step in plan.runbook.steps
+            ])
+        rows = session.scalars(select(StepRecord).where(StepRecord.run_id == event.run_id).order_by(StepRecord.id))
+        chained = []
+        for row in rows:
+            self._step_rows[(event.run_id, row.step_id, FORWARD)] = row
+            chained.append((StepRecord.__tablename__, row.id, "insert"))
+        append_records(session.connection(), chained)
         self._remember_rollbacks(event.run_id, plan)
 
     def _remember_rollbacks(self, run_id: str, plan: RunPlan) -> None:
