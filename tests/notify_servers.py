@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import socket
 import socketserver
 import threading
 import time
@@ -14,6 +13,8 @@ from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from dr_orchestrator.lab.scratch import free_port  # noqa: F401 - tests import it from here
 
 
 @dataclass
@@ -174,7 +175,3 @@ def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

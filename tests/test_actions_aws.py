@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from dr_orchestrator.actions.aws.route53 import Route53SwitchParams
 from dr_orchestrator.actions.aws.s3 import S3ArchiveParams
 from dr_orchestrator.actions.base import ActionContext, ActionError, ActionResult, RunResources
 from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.lab.scratch import free_port
 from dr_orchestrator.loading import load_inventory
 from dr_orchestrator.model.events import ActionEvent, Event, MarkerReached, Measurement, StepFinished
 from dr_orchestrator.plans import build_plan
@@ -50,10 +50,6 @@ MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 REGION = "eu-west-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(url: str) -> bool:
@@ -78,7 +74,7 @@ def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process: subprocess.Popen[bytes] | None = None
     try:
         for _ in range(5):  # another process may take the port between choosing and binding it
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}"
             with log_path.open("ab") as log:
                 process = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
@@ -726,7 +722,7 @@ def test_endpoint_comes_from_the_parameter_then_the_site_then_the_environment(
     aws: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     seed_quotation(aws)
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
     db = {"db_instance": quotation_vars()["db_replica"], "max_attempts": 1}
 

@@ -33,11 +33,11 @@ from dr_orchestrator.engine import Engine
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.store import EvidenceStore
+from dr_orchestrator.lab.config import PG_BIN
 from dr_orchestrator.model.events import Event, Observer, utcnow
 from dr_orchestrator.plans import build_plan, describe_plan
 
 REPO = Path(__file__).resolve().parent.parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # Characters that change under URL, JSON and shell quoting, so each derived form differs.
 SECRET = 'Tr0ub4dor&3 "quoted"/slash+plus=<x>'  # ASCII: it travels in an HTTP header
 FILE_SECRET = "file-held-password-8f2c1e"
