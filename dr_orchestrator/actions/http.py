@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpcore  # noqa: F401 - httpx imports it with the first client (~50 ms): now, before the run's clock
 import httpx
 from pydantic import Field, field_validator
 
