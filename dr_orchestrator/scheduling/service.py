@@ -4,6 +4,7 @@ run now (one at a time per drill)."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,10 +13,12 @@ from typing import Any
 
 from dr_orchestrator.drills.load import load_drill, load_drills
 from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.evidence.models import DrillRun
 from dr_orchestrator.model.drill import Drill
 from dr_orchestrator.scheduling.triggers import next_fire_times
 
 DEFAULT_DRILLS_DIR = "failover_tests"
+RECORDED_WITHIN_S = 10.0  # how long start_drill waits for the background drill to record itself
 
 
 class DrillBusy(Exception):
@@ -70,8 +73,9 @@ class Started:
 
 
 def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigger: str = "manual") -> Started:
-    """Run ``drill`` now in a background thread (for the HTTP API); returns its drill run id at once.
-    ``stop.set()`` stops it (its cleanup still runs)."""
+    """Run ``drill`` now in a background thread (for the HTTP API); returns its drill run id as soon as
+    the drill run is recorded, so that whoever asks for it next finds it. ``stop.set()`` stops it (its
+    cleanup still runs)."""
     from dr_orchestrator.drills.runner import DrillRunner
 
     ensure_idle(sessions, drill)
@@ -82,4 +86,10 @@ def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigg
                                                  drill_run_id=drill_run_id),
         name=f"drill-{drill.name}", daemon=True)
     thread.start()
+    deadline = time.monotonic() + RECORDED_WITHIN_S
+    while thread.is_alive() and time.monotonic() < deadline:
+        with sessions() as session:
+            if session.get(DrillRun, drill_run_id) is not None:
+                break
+        time.sleep(0.01)
     return Started(drill_run_id, thread, stop)
