@@ -93,10 +93,11 @@ class DrillRunner:
 
     def run(self, drill: Drill, *, trigger: str = "manual", scheduled_for: datetime | None = None,
             started_by: str | None = None, stop: threading.Event | None = None,
-            drill_run_id: str | None = None) -> DrillOutcome:
-        """Run ``drill``; raises records.FireTimeTaken when ``scheduled_for`` already has a run."""
+            drill_run_id: str | None = None, recorded: threading.Event | None = None) -> DrillOutcome:
+        """Run ``drill``; raises records.FireTimeTaken when ``scheduled_for`` already has a run.
+        ``recorded`` is set once the drill run is in the evidence (for callers that run it in a thread)."""
         return _DrillRun(self, drill, trigger, scheduled_for, started_by or default_actor(),
-                         stop or threading.Event(), drill_run_id or str(uuid.uuid4())).execute()
+                         stop or threading.Event(), drill_run_id or str(uuid.uuid4())).execute(recorded)
 
 
 class _DrillRun:
@@ -121,12 +122,14 @@ class _DrillRun:
 
     # -- the whole drill ---------------------------------------------------------------------------
 
-    def execute(self) -> DrillOutcome:
+    def execute(self, recorded: threading.Event | None = None) -> DrillOutcome:
         drill = self.drill
         records.start_drill_run(self.runner.sessions, records.DrillRunStart(
             drill_run_id=self.id, drill_name=drill.name, scenario=drill.scenario.value, trigger=self.trigger,
             scheduled_for=self.scheduled_for, started_by=self.started_by, host=self.runner.host,
             drill_path=drill.path, drill_sha256=drill.sha256, drill_text=drill.text, inventory_path=drill.inventory))
+        if recorded is not None:
+            recorded.set()
         self.notify(NotifyEvent.STARTED, "started",
                     f"{drill.scenario.value} rehearsal, trigger {self.trigger}"
                     + (f" for {self.scheduled_for.isoformat()}" if self.scheduled_for else ""))

@@ -197,13 +197,13 @@ def _after_flush(session: Session, _context: Any) -> None:
         records.append((order[type(obj)], str(key).zfill(20), mapper.local_table.name, key, operation, obj))
     records.sort(key=lambda record: record[:2])
     if session.info.get(HASH_FROM_INSTANCES):
-        append_rows(session.connection(), [(CHAINED_TABLES[name], operation, _instance_row(obj))
+        append_rows(session.connection(), [(CHAINED_TABLES[name], operation, instance_row(obj))
                                            for _, _, name, _key, operation, obj in records])
     else:
         append_records(session.connection(), [(name, key, operation) for _, _, name, key, operation, _ in records])
 
 
-def _instance_row(instance: object) -> dict[str, Any]:
+def instance_row(instance: object) -> dict[str, Any]:
     """The row ``instance`` was just flushed as: a column never set was written as NULL (no evidence
     column has a server default)."""
     state = inspect(instance)

@@ -27,7 +27,7 @@ from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
 
 from dr_orchestrator.evidence import rto
-from dr_orchestrator.evidence.chain import HASH_FROM_INSTANCES, append_records
+from dr_orchestrator.evidence.chain import CHAINED_TABLES, HASH_FROM_INSTANCES, append_rows, instance_row
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
@@ -354,7 +354,7 @@ class EvidenceStore:
         session.flush()  # the run row first: the rows below refer to it
         session.add_all(run_service_row(event.run_id, name, targets) for name in services_in_scope(plan))
         # One multi-row INSERT (the ORM would send one per row, to learn each id), then read back
-        # once: the ids for the attempts, the rows for the audit chain.
+        # once: the ids for the attempts, and the rows as stored for the audit chain.
         if plan.runbook.steps:
             session.execute(insert(StepRecord), [
                 {"run_id": event.run_id, "step_id": step.id, "phase": FORWARD, "action": step.action,
@@ -365,8 +365,8 @@ class EvidenceStore:
         chained = []
         for row in rows:
             self._step_rows[(event.run_id, row.step_id, FORWARD)] = row
-            chained.append((StepRecord.__tablename__, row.id, "insert"))
-        append_records(session.connection(), chained)
+            chained.append((CHAINED_TABLES[StepRecord.__tablename__], "insert", instance_row(row)))
+        append_rows(session.connection(), chained)
         self._remember_rollbacks(event.run_id, plan)
 
     def _remember_rollbacks(self, run_id: str, plan: RunPlan) -> None:

@@ -4,7 +4,6 @@ run now (one at a time per drill)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +12,6 @@ from typing import Any
 
 from dr_orchestrator.drills.load import load_drill, load_drills
 from dr_orchestrator.evidence import drills as records
-from dr_orchestrator.evidence.models import DrillRun
 from dr_orchestrator.model.drill import Drill
 from dr_orchestrator.scheduling.triggers import next_fire_times
 
@@ -81,15 +79,16 @@ def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigg
     ensure_idle(sessions, drill)
     drill_run_id = str(uuid.uuid4())
     stop = threading.Event()
-    thread = threading.Thread(
-        target=lambda: DrillRunner(sessions).run(drill, trigger=trigger, started_by=started_by, stop=stop,
-                                                 drill_run_id=drill_run_id),
-        name=f"drill-{drill.name}", daemon=True)
+    recorded = threading.Event()
+
+    def run() -> None:
+        try:
+            DrillRunner(sessions).run(drill, trigger=trigger, started_by=started_by, stop=stop,
+                                      drill_run_id=drill_run_id, recorded=recorded)
+        finally:
+            recorded.set()  # also when it failed before recording: nobody waits in vain
+
+    thread = threading.Thread(target=run, name=f"drill-{drill.name}", daemon=True)
     thread.start()
-    deadline = time.monotonic() + RECORDED_WITHIN_S
-    while thread.is_alive() and time.monotonic() < deadline:
-        with sessions() as session:
-            if session.get(DrillRun, drill_run_id) is not None:
-                break
-        time.sleep(0.01)
+    recorded.wait(RECORDED_WITHIN_S)
     return Started(drill_run_id, thread, stop)
