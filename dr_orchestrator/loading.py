@@ -442,7 +442,14 @@ def _normalise_step(
             if name in retries:
                 step["retries"][name] = _duration(document, key + ("retries", name), retries[name], problems)
     rollback = step.get("rollback")
-    if isinstance(rollback, dict) and "timeout" in rollback:
+    if isinstance(rollback, dict) and set(rollback) == {"none"}:  # `rollback: {none: "reason"}`
+        reason = rollback["none"]
+        if not isinstance(reason, str) or not reason.strip():
+            problems.append(document.problem(key + ("rollback", "none"), "must say why the step has no rollback",
+                                             'e.g. rollback: {none: "a promotion cannot be undone"}'))
+        step.pop("rollback")
+        step["no_rollback"] = str(reason or "")
+    elif isinstance(rollback, dict) and "timeout" in rollback:
         step["rollback"] = {
             **rollback,
             "timeout": _duration(document, key + ("rollback", "timeout"), rollback["timeout"], problems, positive=True),

@@ -16,6 +16,7 @@ from pydantic import Field
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.approval import ApprovalDecision, ApprovalPolicy, Decision, DecisionSource, OnTimeout
 from dr_orchestrator.model.events import ApprovalDecided, ApprovalRequested, utcnow
+from dr_orchestrator.model.runbook import Effect
 
 POLL_S = 0.2  # how often the gate reads the decision source
 # The gate decides on timeout this much before the step's own deadline (at most), so that its
@@ -32,6 +33,7 @@ class ApprovalParams(Params):
 
 class ApprovalGate(Action[ApprovalParams]):
     name = "approval"
+    effect = Effect.READ_ONLY
     Params = ApprovalParams
     # Waiting again after a crash is harmless, and a decision already taken still stands.
     idempotent = True

@@ -19,6 +19,7 @@ from dr_orchestrator import secrets
 from dr_orchestrator.model.approval import ApprovalDecision
 from dr_orchestrator.model.events import ActionEvent, Event, Measurement, ProbeResult, utcnow
 from dr_orchestrator.model.inventory import Host, Inventory
+from dr_orchestrator.model.runbook import Effect
 from dr_orchestrator.model.safety import override_text, policy_of
 
 
@@ -161,6 +162,8 @@ class Action(Generic[P]):
     Params: ClassVar[type[Params]]
     # Safe to repeat after a crash in the middle of it (reads, checks, idempotent switches).
     idempotent: ClassVar[bool] = False
+    # What it does to the world; an action that does not say is taken to change it for good.
+    effect: ClassVar[Effect] = Effect.IRREVERSIBLE
 
     def run(self, params: P, ctx: ActionContext) -> ActionResult:
         raise NotImplementedError
@@ -191,6 +194,9 @@ class ActionRegistry:
 
     def params_model(self, name: str) -> type[Params] | None:
         return self.get(name).Params if name in self._paths else None
+
+    def effect(self, name: str) -> Effect | None:
+        return self.get(name).effect if name in self._paths else None
 
     def register(self, name: str, action: str | type[Action[Any]]) -> None:
         """Add an action by ``module:Class`` path, or by the class itself."""

@@ -23,6 +23,7 @@ from pydantic import Field
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.inventory import Inventory
+from dr_orchestrator.model.runbook import Effect
 
 SOCKET_TIMEOUT_S = 2.0
 # srv_admin_state bits (HAProxy's SRV_ADMF_MAINT and _DRAIN): forced, inherited and resolver
@@ -149,6 +150,7 @@ class SetActive(Action[SetActiveParams]):
     """
 
     name = "haproxy.set_active"
+    effect = Effect.REVERSIBLE
     Params = SetActiveParams
     idempotent = True
 
@@ -218,6 +220,7 @@ class State(Action[StateParams]):
     service); with ``expect_site``, a check that the traffic goes there and only there."""
 
     name = "haproxy.state"
+    effect = Effect.READ_ONLY
     Params = StateParams
     idempotent = True
 

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 
 from dr_orchestrator.actions.base import Action, ActionContext, ActionResult
 from dr_orchestrator.actions.probing import ProbingParams, Verdict, probe_until_streak
+from dr_orchestrator.model.runbook import Effect
 
 _MISSING = object()
 
@@ -98,6 +99,7 @@ def _new_client(verify: bool) -> httpx.Client:
 
 class HttpCheck(Action[HttpCheckParams]):
     name = "http.check"
+    effect = Effect.READ_ONLY
     Params = HttpCheckParams
     idempotent = True
 

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from dr_orchestrator.actions import secretref
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.runbook import Effect
 
 SIGNATURE_HEADER = "X-DR-Signature"
 TIMESTAMP_HEADER = "X-DR-Timestamp"
@@ -229,6 +230,7 @@ class NotifyWebhook(Action[WebhookParams]):
     when the failover must not wait on the notice."""
 
     name = "notify.webhook"
+    effect = Effect.READ_ONLY
     Params = WebhookParams
 
     def run(self, params: WebhookParams, ctx: ActionContext) -> ActionResult:
@@ -240,6 +242,7 @@ class NotifyWebhook(Action[WebhookParams]):
 
 class NotifyEmail(Action[EmailParams]):
     name = "notify.email"
+    effect = Effect.READ_ONLY
     Params = EmailParams
 
     def run(self, params: EmailParams, ctx: ActionContext) -> ActionResult:

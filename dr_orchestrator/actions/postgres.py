@@ -31,6 +31,7 @@ from dr_orchestrator.actions.pgdb import (
 from dr_orchestrator.model.durations import format_duration, parse_duration
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.safety import PROMOTE_FENCED
+from dr_orchestrator.model.runbook import Effect
 
 
 def _site_field(description: str) -> Any:
@@ -79,6 +80,7 @@ class ReplicationStatus(Action[ReplicationStatusParams]):
     reason), and the reason is recorded in the output."""
 
     name = "postgres.replication_status"
+    effect = Effect.READ_ONLY
     Params = ReplicationStatusParams
     idempotent = True
 
@@ -188,6 +190,7 @@ class SetReadOnly(Action[SetReadOnlyParams]):
     ``read_only: false``. ``postgres.promote`` accepts an old primary fenced this way."""
 
     name = "postgres.set_read_only"
+    effect = Effect.REVERSIBLE
     Params = SetReadOnlyParams
     idempotent = True
 
@@ -413,6 +416,7 @@ class Rpo(Action[RpoParams]):
     """
 
     name = "postgres.rpo"
+    effect = Effect.READ_ONLY
     Params = RpoParams
     idempotent = True
 
@@ -521,6 +525,7 @@ class WaitCaughtUp(Action[WaitCaughtUpParams]):
     ``primary_lsn`` output is what ``postgres.rpo`` compares against (``old_primary_final_lsn``)."""
 
     name = "postgres.wait_caught_up"
+    effect = Effect.READ_ONLY
     Params = WaitCaughtUpParams
     idempotent = True
 
@@ -571,6 +576,7 @@ class SetSync(Action[SetSyncParams]):
     streams (earlier, every commit would hang), then waits until it is reported ``sync``."""
 
     name = "postgres.set_sync"
+    effect = Effect.REVERSIBLE
     Params = SetSyncParams
     idempotent = True
 

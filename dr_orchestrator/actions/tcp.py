@@ -9,6 +9,7 @@ from pydantic import Field
 
 from dr_orchestrator.actions.base import Action, ActionContext, ActionResult
 from dr_orchestrator.actions.probing import ProbingParams, Verdict, probe_until_streak
+from dr_orchestrator.model.runbook import Effect
 
 
 class TcpCheckParams(ProbingParams):
@@ -34,6 +35,7 @@ def connect_once(host: str, port: int, timeout: float) -> tuple[bool, str]:
 
 class TcpCheck(Action[TcpCheckParams]):
     name = "tcp.check"
+    effect = Effect.READ_ONLY
     Params = TcpCheckParams
     idempotent = True
 

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, field_validator
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.runbook import Effect
 
 
 class WaitParams(Params):
@@ -27,6 +28,7 @@ class Wait(Action[WaitParams]):
     """Let something settle (replication catching up, caches expiring); stops at once when cancelled."""
 
     name = "wait"
+    effect = Effect.READ_ONLY
     Params = WaitParams
     idempotent = True
 
@@ -54,6 +56,7 @@ class Noop(Action[NoopParams]):
     """Does nothing and succeeds: placeholders, tests, benchmarks of the engine itself."""
 
     name = "noop"
+    effect = Effect.READ_ONLY
     Params = NoopParams
     idempotent = True
 
@@ -69,6 +72,7 @@ class Fail(Action[FailParams]):
     """Always fails with its message: a runbook's deliberate stop, and tests of failure handling."""
 
     name = "fail"
+    effect = Effect.READ_ONLY
     Params = FailParams
     idempotent = True  # changes nothing, so repeating it is safe
 

@@ -17,6 +17,19 @@ class OnFailure(enum.StrEnum):
     ROLLBACK = "rollback"  # stop, then roll back completed steps in reverse order
 
 
+class Effect(enum.StrEnum):
+    """What an action (or a step) does to the world: reading changes nothing; a reversible change has
+    an inverse the run can apply (switch traffic back); an irreversible one has none (a promotion)."""
+
+    READ_ONLY = "read-only"
+    REVERSIBLE = "reversible"
+    IRREVERSIBLE = "irreversible"
+
+    @property
+    def changes(self) -> bool:
+        return self is not Effect.READ_ONLY
+
+
 class Retries(Frozen):
     count: int = Field(default=0, ge=0, le=100)
     delay: float = Field(default=1.0, ge=0)
@@ -37,6 +50,10 @@ class RollbackSpec(Frozen):
 
 
 class Step(Frozen):
+    """``effect`` overrides the action's own (a command action that only reads says ``read-only``);
+    ``before_checks`` is the reason a changing step may start before the runbook's checks end;
+    ``no_rollback`` the reason a changing step has no rollback (``rollback: {none: "reason"}``)."""
+
     id: str
     action: str
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
@@ -50,6 +67,9 @@ class Step(Frozen):
     service: str | None = None
     site: str | None = None
     idempotent: bool | None = None
+    effect: Effect | None = None
+    before_checks: str | None = None
+    no_rollback: str | None = None
     description: str = ""
 
     model_config = Frozen.model_config | {"populate_by_name": True}

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams, paginate
 from dr_orchestrator.actions.base import ActionError, ActionResult
+from dr_orchestrator.model.runbook import Effect
 
 # States an instance passes through on its way up; anything else cannot be started.
 _STARTABLE = {"stopped", "stopping", "pending", "running"}
@@ -61,6 +62,7 @@ def status_checks_ok(client: Any, instance_ids: list[str]) -> tuple[bool, str]:
 
 class Ec2Start(AwsAction[Ec2StartParams]):
     name = "aws.ec2.start"
+    effect = Effect.REVERSIBLE
     Params = Ec2StartParams
     service = "ec2"
     idempotent = True  # starting a running instance changes nothing

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams, paginate
 from dr_orchestrator.actions.base import ActionError, ActionResult
+from dr_orchestrator.model.runbook import Effect
 
 
 class TargetSpec(BaseModel):
@@ -137,6 +138,7 @@ def reweighted(actions: list[dict[str, Any]], weights: dict[str, int]) -> tuple[
 
 class Elbv2Shift(AwsAction[Elbv2ShiftParams]):
     name = "aws.elbv2.shift"
+    effect = Effect.REVERSIBLE
     Params = Elbv2ShiftParams
     service = "elbv2"
     idempotent = True  # setting weights or registering targets again changes nothing

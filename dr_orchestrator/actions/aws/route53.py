@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams, paginate
 from dr_orchestrator.actions.base import ActionContext, ActionError, ActionResult
 from dr_orchestrator.actions.probing import ProbingParams, Verdict, probe_until_streak
+from dr_orchestrator.model.runbook import Effect
 
 # Route 53 counts an endpoint healthy when more than 18% of its checkers report it healthy.
 HEALTHY_SHARE = 0.18
@@ -189,6 +190,7 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
 
 class Route53Switch(AwsAction[Route53SwitchParams]):
     name = "aws.route53.switch"
+    effect = Effect.REVERSIBLE
     Params = Route53SwitchParams
     service = "route53"
     idempotent = True  # an UPSERT of the same values is a no-op
@@ -285,6 +287,7 @@ def health_of(observations: list[dict[str, Any]]) -> tuple[bool, str]:
 
 class Route53Health(AwsAction[Route53HealthParams]):
     name = "aws.route53.health"
+    effect = Effect.READ_ONLY
     Params = Route53HealthParams
     service = "route53"
     idempotent = True
