@@ -164,6 +164,9 @@ class Action(Generic[P]):
     idempotent: ClassVar[bool] = False
     # What it does to the world; an action that does not say is taken to change it for good.
     effect: ClassVar[Effect] = Effect.IRREVERSIBLE
+    # Once it ran (or may have, before it failed), undoing the steps before it would do harm: after a
+    # promotion, restarting the fenced old primary makes a split brain. Rollback stops there.
+    bars_rollback: ClassVar[bool] = False
 
     def run(self, params: P, ctx: ActionContext) -> ActionResult:
         raise NotImplementedError

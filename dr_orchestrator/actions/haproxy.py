@@ -117,6 +117,7 @@ class BackendsParams(Params):
     backends: list[str] = Field(
         default_factory=list,
         description="Front-door backends (names under dr.vars.front_door.backends); by default the step's service.",
+        json_schema_extra={"refers_to": "backend"},
     )
 
     def chosen(self, ctx: ActionContext, door: FrontDoor, every_by_default: bool = False) -> list[Backend]:
@@ -134,6 +135,42 @@ class SetActiveParams(BackendsParams):
         description="Site whose server takes all the traffic; the other sites' servers go to maintenance.",
         json_schema_extra={"refers_to": "site"},
     )
+    only_if_serving: str | None = Field(
+        default=None,
+        description="A URL of the site's own service (not through the front door) that must answer 2xx first, "
+        "else nothing is switched: a rollback then never sends traffic back to a site that cannot serve it.",
+    )
+
+
+SERVING_WINDOW_S = 3.0  # how long a site's service gets to answer well before a switch to it is refused
+SERVING_PROBE_TIMEOUT_S = 2.0
+
+
+def require_serving(url: str, site: str, ctx: ActionContext) -> None:
+    """ActionError unless ``url`` answers 2xx within the window (one slow answer is not a refusal)."""
+    import httpx  # only switches that ask for it pay for the import
+
+    deadline = time.monotonic() + min(SERVING_WINDOW_S, ctx.remaining())
+    seen = "no answer"
+    with httpx.Client(timeout=SERVING_PROBE_TIMEOUT_S) as client:
+        while True:
+            ctx.check_cancelled()
+            started = utcnow()
+            began = time.monotonic()
+            try:
+                status = client.get(url).status_code
+            except httpx.HTTPError as exc:
+                seen = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                ok = False
+            else:
+                seen, ok = f"HTTP {status}", 200 <= status < 300
+            ctx.probe(url, ok, started, (time.monotonic() - began) * 1000, seen)
+            if ok:
+                return
+            if time.monotonic() + 0.1 >= deadline:
+                raise ActionError(f"not switching to {site}: its service does not serve ({url}: {seen}); "
+                                  f"traffic stays where it is")
+            ctx.sleep(0.1)
 
 
 class SetActive(Action[SetActiveParams]):
@@ -157,6 +194,8 @@ class SetActive(Action[SetActiveParams]):
     def run(self, params: SetActiveParams, ctx: ActionContext) -> ActionResult:
         door = front_door(ctx.inventory)
         backends = params.chosen(ctx, door)
+        if params.only_if_serving is not None:
+            require_serving(params.only_if_serving, params.site, ctx)
         for backend in backends:
             if params.site not in backend.servers:
                 raise ActionError(
@@ -213,6 +252,12 @@ class StateParams(BackendsParams):
         description="Fail unless exactly this site's server takes each backend's traffic.",
         json_schema_extra={"refers_to": "site"},
     )
+    require_sites: list[str] = Field(
+        default_factory=list,
+        description="Fail unless each backend has a server for each of these sites, known to HAProxy: the "
+        "readiness check before a switch to (or back to) them.",
+        json_schema_extra={"refers_to": "site"},
+    )
 
 
 class State(Action[StateParams]):
@@ -228,13 +273,22 @@ class State(Action[StateParams]):
         door = front_door(ctx.inventory)
         timeout = max(0.001, min(SOCKET_TIMEOUT_S, ctx.remaining()))
         report: dict[str, Any] = {}
-        wrong = []
+        wrong, missing = [], []
         for backend in params.chosen(ctx, door, every_by_default=True):
             states = servers_state(door.admin_socket, backend, timeout)
+            for site in params.require_sites:
+                if site not in backend.servers:
+                    missing.append(f"backend {backend.name} has no server for site {site} in the inventory "
+                                   f"(it has: {', '.join(backend.servers)})")
+                elif backend.servers[site] not in states:
+                    missing.append(f"HAProxy's backend {backend.haproxy_name} has no server "
+                                   f"{backend.servers[site]!r} (site {site})")
             active = active_sites(backend, states)
             report[backend.name] = {"servers": states, "active_sites": active}
             if params.expect_site is not None and active != [params.expect_site]:
                 wrong.append(f"{backend.name} goes to {', '.join(active) or 'no site'}")
+        if missing:
+            raise ActionError(f"the front door cannot switch as required: {'; '.join(missing)}")
         if wrong:
             raise ActionError(f"the front door does not send traffic to {params.expect_site} only: {'; '.join(wrong)}")
         return ActionResult(output={"backends": report})

@@ -226,6 +226,7 @@ class _DrillRun:
             inventory_source=SourceDocument(path=str(Path(inventory_document.path)),
                                             sha256=inventory_document.sha256, text=inventory_document.text),
             parameters_sha256=hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest(),
+            guarded=False,  # a fault degrades on purpose; the failover and failback runs are guarded
         )
 
     # -- expectations ------------------------------------------------------------------------------

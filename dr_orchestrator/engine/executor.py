@@ -33,7 +33,7 @@ from dr_orchestrator.actions.base import (
     ApprovalSource,
     RunResources,
 )
-from dr_orchestrator.engine import preflight
+from dr_orchestrator.engine import blast_radius, preflight
 from dr_orchestrator.engine.context import step_service, template_context
 from dr_orchestrator.model.events import (
     ActionEvent,
@@ -49,9 +49,10 @@ from dr_orchestrator.model.events import (
     StepStarted,
     utcnow,
 )
+from dr_orchestrator.model.inventory import Service
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
-from dr_orchestrator.model.runbook import OnFailure, Retries, Step
+from dr_orchestrator.model.runbook import Effect, OnFailure, Retries, Step
 from dr_orchestrator.model.safety import PREFLIGHT, ReadinessCheck
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class Engine:
             for name in (step.action, step.rollback.action if step.rollback else None):
                 if name is not None and name in self.registry:
                     self.registry.get(name)
+        if blast_radius.guarded(plan) and blast_radius.observable(plan):
+            self.registry.get(blast_radius.PROBE_ACTION)
 
 
 class _Run:
@@ -172,6 +175,7 @@ class _Run:
         self.results: dict[str, dict[str, Any]] = {}
         self.sites: dict[str, str | None] = {}  # each step's rendered site, reused by its rollback
         self.completed: list[str] = []  # succeeded steps, in the order they finished
+        self.ended: list[str] = []  # steps that acted or may have (succeeded, failed, interrupted), in order
         self.skipped_by_condition: set[str] = set()
         self.lock = threading.Lock()
         self.emit_lock = threading.Lock()
@@ -187,6 +191,13 @@ class _Run:
         self.started_at: datetime = resume.started_at if resume else utcnow()
         self.run_info: dict[str, Any] = {}
         self.rolled_back: set[str] = set(resume.rolled_back) if resume else set()
+        self.guarded = blast_radius.guarded(plan)
+        self.watch_blast_radius = self.guarded and blast_radius.observable(plan)
+        # The services as the run found them: readings started with the run, fixed at its first change.
+        self.before_reading: dict[str, Future[blast_radius.Reading]] = {}
+        self.before_reading_started = 0.0
+        self.before_lock = threading.Lock()
+        self.before: list[blast_radius.Reading] | None = None
         # Secrets this run resolves; masked in every event before observers see it (and in logs).
         self.redactor = secrets.Redactor(parent=secrets.PROCESS)
 
@@ -239,6 +250,9 @@ class _Run:
     def apply_policy(self, step: Step, state: StepState, previous: StepState) -> None:
         """The step's `on_failure`, decided with its state (under the lock), so that no step is
         scheduled in between by a run that is about to stop."""
+        if state is StepState.SUCCEEDED or state in (StepState.FAILED, StepState.TIMED_OUT) or \
+                (state is StepState.CANCELLED and previous is StepState.RUNNING):
+            self.ended.append(step.id)  # it acted, or may have: rollback looks at it
         if state is StepState.SUCCEEDED:
             self.completed.append(step.id)
         elif state in (StepState.FAILED, StepState.TIMED_OUT) and step.on_failure is not OnFailure.CONTINUE:
@@ -274,13 +288,17 @@ class _Run:
                                  resume.retried, tuple(resume.marked_done)))
         error: str | None = None
         try:
+            if self.watch_blast_radius and self.resume is None:
+                self.read_services_before()
             if self.resume is not None:
                 self.restore(self.resume)
             else:
                 error = self.check_safety()  # a refusal fails the run before its first step
             self.schedule()
-            if self.rollback_wanted:
-                self.roll_back()
+            if self.rollback_wanted or (self.failed and self.guarded and not self.refused):
+                self.roll_back()  # compensation: a failed run restores the serving state it found
+            if self.watch_blast_radius and not self.refused:
+                self.judge_blast_radius()
         except KeyboardInterrupt:  # a Ctrl-C outside the places that expect one: stop where we are
             self.interrupt()
         except Exception as exc:  # noqa: BLE001 - a bug must still end the run, recorded
@@ -484,6 +502,8 @@ class _Run:
             self.emit(StepStarted(self.run_id, step.id, utcnow()))
             self.finish_step(step.id, StepState.FAILED, error=str(exc))
             return StepState.FAILED
+        if self.before_reading and self.effect(step).changes:
+            self.fix_services_before()
         outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
                                   service, site)
         markers = []
@@ -604,28 +624,143 @@ class _Run:
             return _Attempt(StepState.FAILED, error=str(error))
         return _Attempt(StepState.FAILED, error=f"{type(error).__name__}: {error}")
 
+    # ------------------------------------------------------------------ blast radius
+
+    def read_services_before(self) -> None:
+        """Start reading every service of the inventory; the run does not wait for it here."""
+        self.before_reading_started = time.monotonic()
+        for service in self.plan.inventory.services.values():
+            reading: Future[blast_radius.Reading] = Future()
+
+            def read(service: Service = service, reading: Future[blast_radius.Reading] = reading) -> None:
+                try:
+                    reading.set_result(blast_radius.read_one(self.plan.inventory, service, self.probe_health,
+                                                             blast_radius.BEFORE_WINDOW_S))
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the reading
+                    reading.set_exception(exc)
+
+            threading.Thread(target=read, name=f"blast-radius-{service.name}", daemon=True).start()
+            self.before_reading[service.name] = reading
+
+    def fix_services_before(self) -> None:
+        """The reading before the run, taken at its first change at the latest: what has answered by then,
+        waiting for the rest no longer than the window from the run's start (a service at a dead site
+        may take seconds to say so, which must not delay the recovery much)."""
+        with self.before_lock:  # not self.lock: the probes being waited for take that one
+            if self.before is not None or not self.before_reading:
+                return
+            wait(list(self.before_reading.values()),
+                 timeout=max(0.0, self.before_reading_started + blast_radius.BEFORE_WINDOW_S - time.monotonic()))
+            before = []
+            for name, reading in self.before_reading.items():
+                try:
+                    before.append(reading.result(timeout=0) if reading.done() else
+                                  blast_radius.Reading(name, None, "no answer before the run's first change"))
+                except Exception as exc:  # noqa: BLE001 - a reading that failed is unknown, never fatal
+                    before.append(blast_radius.Reading(name, None, f"the reading failed: {exc}"))
+            self.before = before
+
+    def read_services(self, window: float) -> list[blast_radius.Reading]:
+        services = list(self.plan.inventory.services.values())
+        if not services:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(services)),
+                                thread_name_prefix=f"blast-radius-{self.run_id[:8]}") as pool:
+            return list(pool.map(lambda service: blast_radius.read_one(self.plan.inventory, service,
+                                                                        self.probe_health, window), services))
+
+    def probe_health(self, service: str, url: str, window: float) -> tuple[bool, str]:
+        action_class = self.engine.registry.get(blast_radius.PROBE_ACTION)
+        params = action_class.Params.model_validate({
+            "url": url, "consecutive": 1, "interval": 0.1, "probe_timeout": blast_radius.PROBE_TIMEOUT_S,
+            "deadline": window})
+        timeout = window + blast_radius.PROBE_TIMEOUT_S + 1.0  # the check's own deadline ends it first
+        outcome = self.attempt(action_class(), params, blast_radius.BLAST_RADIUS, 1, time.monotonic() + timeout,
+                               timeout, service, None)
+        if outcome.state is StepState.SUCCEEDED:
+            return True, "serving"
+        return False, outcome.error or str(outcome.state)
+
+    def judge_blast_radius(self) -> None:
+        """Compare every service with how the run found it, and record the verdict (and each impact)."""
+        def report(kind: str, data: dict[str, Any]) -> None:
+            self.emit(ActionEvent(self.run_id, blast_radius.BLAST_RADIUS, kind, utcnow(), data))
+
+        self.fix_services_before()  # a run that changed nothing: its reading is fixed now
+        before = self.before
+        after = self.read_services(blast_radius.AFTER_WINDOW_S)
+        if before is not None:
+            report("blast_radius.before", {"services": [reading.as_dict() for reading in before]})
+        report("blast_radius.after", {"services": [reading.as_dict() for reading in after]})
+        if before is None:  # a resumed run: how the first process found the services is in its evidence
+            return
+        for was, now in blast_radius.impacts(before, after):
+            service = self.plan.inventory.services[now.service]
+            report("blast_radius.impact", {"service": now.service, "tier": service.tier, "before": was.detail,
+                                           "after": now.detail, "in_scope": now.service in self.scope()})
+        report("blast_radius.verdict", blast_radius.verdict(before, after))
+
+    def scope(self) -> set[str]:
+        return set(preflight.services_in_scope(self.plan))
+
     # ------------------------------------------------------------------ rollback
+
+    def effect(self, step: Step) -> Effect:
+        return step.effect or self.engine.registry.effect(step.action) or Effect.IRREVERSIBLE
+
+    def bars_rollback(self, step: Step) -> bool:
+        """The step ran one way (or may have) and says so: its action bars rollback (a promotion), or the
+        runbook declares it irreversible with no rollback (``rollback: {none: reason}``)."""
+        if step.rollback is not None:
+            return False
+        if step.action in self.engine.registry and self.engine.registry.get(step.action).bars_rollback:
+            return True
+        effect = step.effect or self.engine.registry.effect(step.action)
+        return step.no_rollback is not None and effect is Effect.IRREVERSIBLE
 
     def roll_back(self) -> None:
         """Undo completed steps that declare a rollback, newest first. Runs even after Ctrl-C;
-        another Ctrl-C stops it."""
+        another Ctrl-C stops it. It stops at a step that bars rollback (a promotion that ran, or may
+        have): undoing what came before it (the fencing of the old primary) would make things worse.
+        A rollback that failed is tried once more at the end: a switch back to a site is refused
+        until the service fenced there has been restarted by an older step's rollback."""
         self.halt.clear()
-        for step_id in reversed(list(self.completed)):
+        ended = list(self.ended)
+        failed: list[str] = []
+        for position in range(len(ended) - 1, -1, -1):
             if self.halt.is_set():
-                break
+                return
+            step_id = ended[position]
             step = self.steps[step_id]
-            if step.rollback is None or step_id in self.rolled_back:
+            if self.bars_rollback(step):
+                self.emit(ActionEvent(self.run_id, step_id, "rollback.stopped", utcnow(), {
+                    "reason": step.no_rollback or "it changes the world for good and has no rollback",
+                    "state": str(self.states[step_id]),
+                    "not_undone": [s for s in ended[:position] if s in self.completed
+                                   and self.steps[s].rollback is not None and s not in self.rolled_back]}))
+                break
+            if step_id not in self.completed or step.rollback is None or step_id in self.rolled_back:
                 continue
-            service = step_service(self.plan, step.service)
-            if step_id not in self.sites and step.site:  # completed before a resume: render it again
-                self.sites[step_id] = templating.render_string(step.site, self.context(service, None))
-            rollback = step.rollback
-            timeout = rollback.timeout if rollback.timeout is not None else step.timeout
-            try:
-                outcome = self.run_action(step_id, "rollback", rollback.action, rollback.with_, timeout,
-                                          step.retries, service, self.sites.get(step_id))
-            except KeyboardInterrupt:
-                self.interrupt()
-                outcome = _Attempt(StepState.CANCELLED, error="the rollback was interrupted by the operator")
-            state = StepState.ROLLED_BACK if outcome.state is StepState.SUCCEEDED else StepState.ROLLBACK_FAILED
-            self.finish_step(step_id, state, outcome.result.output, outcome.error, phase="rollback")
+            if self.roll_back_step(step) is StepState.ROLLBACK_FAILED:
+                failed.append(step_id)
+        for step_id in failed:
+            if self.halt.is_set():
+                return
+            self.roll_back_step(self.steps[step_id])
+
+    def roll_back_step(self, step: Step) -> StepState:
+        assert step.rollback is not None
+        service = step_service(self.plan, step.service)
+        if step.id not in self.sites and step.site:  # completed before a resume: render it again
+            self.sites[step.id] = templating.render_string(step.site, self.context(service, None))
+        rollback = step.rollback
+        timeout = rollback.timeout if rollback.timeout is not None else step.timeout
+        try:
+            outcome = self.run_action(step.id, "rollback", rollback.action, rollback.with_, timeout,
+                                      step.retries, service, self.sites.get(step.id))
+        except KeyboardInterrupt:
+            self.interrupt()
+            outcome = _Attempt(StepState.CANCELLED, error="the rollback was interrupted by the operator")
+        state = StepState.ROLLED_BACK if outcome.state is StepState.SUCCEEDED else StepState.ROLLBACK_FAILED
+        self.finish_step(step.id, state, outcome.result.output, outcome.error, phase="rollback")
+        return state

@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
@@ -34,6 +34,7 @@ from dr_orchestrator.evidence.models import (
     Approval,
     Attempt,
     AuditEvent,
+    Finding,
     Marker,
     MeasurementRecord,
     Probe,
@@ -606,6 +607,8 @@ class EvidenceStore:
                 run_id=event.run_id, step_id=event.step_id, kind=event.kind, at=event.at, data=jsonable(event.data)
             )
         )
+        if event.kind == IMPACT:
+            session.add(impact_finding(session.get_one(Run, event.run_id), event))
 
     # -- approval gates -------------------------------------------------------------------------
 
@@ -638,3 +641,18 @@ class EvidenceStore:
         ).first()
         if run.state == RunState.WAITING_APPROVAL.value and still_waiting is None:
             run.state = RunState.RUNNING.value
+
+
+IMPACT = "blast_radius.impact"  # a service the run found serving and left not serving
+# A finding's severity and how many days it may stay open, from the tier of the service that got worse.
+IMPACT_SEVERITY = {"critical": ("critical", 1), "important": ("high", 7), "standard": ("medium", 30)}
+
+
+def impact_finding(run: Run, event: ActionEvent) -> Finding:
+    """The finding an impact opens, owned by whoever started the run until someone takes it over."""
+    data = event.data
+    severity, days = IMPACT_SEVERITY.get(str(data.get("tier")), ("medium", 30))
+    return Finding(run_id=run.id, severity=severity, owner=run.started_by, due=(event.at + timedelta(days=days)).date(),
+                   text=clean_text(f"blast radius: {data.get('service')} served before the run and did not after it "
+                                   f"({data.get('after')})"),
+                   created_by="dr-orchestrator", created_at=event.at)

@@ -37,6 +37,8 @@ class Service(Frozen):
     tier: str = "standard"
     criticality: str = "high"
     sites: tuple[str, ...] = Field(description="sites that serve it, the normal active one first")
+    health: str | None = Field(default=None, description="its health URL as clients reach it (the front door); "
+                               "answers 2xx only while the service can do its job (a writing service: write)")
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -84,3 +84,5 @@ class RunPlan(Frozen):
     failback_of: str | None = None  # the run whose failover this run undoes
     # Who pre-approved every approval gate of the run (e.g. "drill quarterly-trading"); None: nobody.
     pre_approved_by: str | None = None
+    # Compensation and blast-radius checks apply (False for a drill's fault, checks, restore and cleanup).
+    guarded: bool = True
