@@ -6,6 +6,15 @@ servers need ``wal_log_hints = on`` or data checksums), or a fresh ``pg_baseback
 is impossible; keep the site's own configuration files (a rewind or a base backup copies the new
 primary's, whose addresses are the other site's); make it a standby with a replication slot on the
 new primary named after the site; start it; wait until the new primary sees it streaming.
+
+Resumable after a kill anywhere (``dr resume`` runs it again): its work lives in ``DATA_DIR.dr-rebuild``
+beside the data directory (whose parent the database's OS user must be able to write). The site's
+own configuration is saved there once, before anything in the data directory changes, and every
+later attempt uses that copy. A base backup goes to a fresh directory there, gets the site's
+configuration, and only then replaces the data directory (two renames, each step marked so that a
+re-run finishes the swap). A rewind changes the data directory in place, so one that was interrupted
+is never trusted: the next attempt takes a base backup. A re-run first kills what a killed attempt
+left running on the host (its pg_rewind or pg_basebackup goes on after the SSH connection drops).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import posixpath
 import re
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -35,6 +45,8 @@ from dr_orchestrator.actions.shell import last_line
 from dr_orchestrator.actions.ssh import ExecResult, execute
 from dr_orchestrator.model.inventory import Host
 
+# Beside the data directory: what one rebuild needs across attempts (its parent must be writable).
+WORK_SUFFIX = ".dr-rebuild"
 CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
 # Settings of the old life that a fresh standby must not keep (they are written anew or dropped).
 DROPPED_SETTINGS = (
@@ -72,27 +84,32 @@ class RebuildStandbyParams(DatabaseParams):
 
 class RebuildStandby(Action[RebuildStandbyParams]):
     """Refuses to rebuild a server that is a writable primary unless the run is forced; does nothing
-    (``already_streaming``) when the server already streams from the new primary."""
+    (``already_streaming``) when the server already streams from the new primary, beyond removing
+    what a killed attempt left beside its data directory."""
 
     name = "postgres.rebuild_standby"
     Params = RebuildStandbyParams
-    idempotent = True
+    idempotent = True  # resumable: see the module's docstring
 
     def run(self, params: RebuildStandbyParams, ctx: ActionContext) -> ActionResult:
         db = resolve(ctx.inventory, params.database)
         db.check_site(params.site)
         source = db.other_site(params.site, params.primary_site, "new primary")
         host = self._host(ctx, params)
-        data_dir = db.data_dirs.get(params.site) or host.vars.get("pg_data_dir")
+        data_dir = (db.data_dirs.get(params.site) or host.vars.get("pg_data_dir") or "").rstrip("/")
         if not data_dir:
             raise ActionError(f"database {db.name!r} has no data directory for site {params.site} (data_dirs)")
         slot = re.sub(r"[^a-z0-9_]", "_", params.site.lower())
         output: dict[str, Any] = {"site": params.site, "primary_site": source, "host": host.name, "slot": slot}
+        remote = _Remote(ctx, host, db.pg_bin, db.os_user)
+        attempt = _Attempt(remote, data_dir)
 
         with connect(db, source, ctx) as primary:
             if role_of(primary)["role"] != "primary":
                 raise ActionError(f"{db.where(source)} is not a primary: there is nothing to follow")
             if self._streaming(primary, params.site) is not None:
+                if not ctx.check_mode:
+                    output["leftovers"] = attempt.clean_up()
                 return ActionResult(output={**output, "already_streaming": True})
         target = probe_role(db, params.site, ctx)
         output["before"] = target
@@ -117,24 +134,38 @@ class RebuildStandby(Action[RebuildStandbyParams]):
             # pg_rewind reads the new primary's timeline from its control file, which a promotion
             # updates only at its next checkpoint: until then it would find "no rewind required".
             primary.execute(b"CHECKPOINT")
-        remote = _Remote(ctx, host, db.pg_bin, db.os_user)
         started = time.monotonic()
+        found = attempt.leftovers()
+        output["resumed"] = sorted(mark for mark, present in found.items() if present and mark != "data_dir") or None
         output["server_found"] = remote.stop_if_running(data_dir)
-        # Outside the data directory, which the rewind or the base backup rewrites.
-        saved = remote.check(
-            "save configuration",
-            f'saved=$(mktemp -d "${{TMPDIR:-/tmp}}/dr-saved-config.XXXXXX") && cd {q(data_dir)} && '
-            f'cp -p {_files()} "$saved"/ && echo "$saved"',
-        ).stdout.strip()
-        output["method"], output["rewind_error"] = self._copy(remote, db, source, data_dir, slot, params)
-        remote.check("restore configuration", _restore_script(db, source, params.site, slot, data_dir, saved))
+        if not found["config"]:
+            if not found["data_dir"]:
+                raise ActionError(
+                    f"{data_dir} on host {host.name} is missing and no saved configuration of the site is in "
+                    f"{attempt.work}: there is nothing to take the site's own settings from"
+                )
+            remote.check("save configuration", _save_config_script(data_dir, attempt.work))
+        if found["ready"]:
+            output["method"], output["rewind_error"] = "resumed: the rebuilt data directory is in place", None
+        elif found["copy_complete"]:
+            attempt.script("swap in the copy", _SWAP)
+            output["method"], output["rewind_error"] = "resumed: pg_basebackup", None
+        else:
+            output["method"], output["rewind_error"] = self._copy(
+                attempt, db, source, slot, params, ctx, _untrusted(found)
+            )
+        configuration = _configuration(db, source, params.site, slot)
         log_file = db.log_files.get(params.site) or posixpath.join(posixpath.dirname(data_dir), "log", "postgres.log")
         remote.check(
             "start",
-            f"mkdir -p {q(posixpath.dirname(log_file))} && "
-            + shlex.join([remote.pg("pg_ctl"), "-D", data_dir, "-l", log_file, "-w", "-t", "60", "start"]),
+            attempt.tracked(
+                f"mkdir -p {q(posixpath.dirname(log_file))} && "
+                + shlex.join([remote.pg("pg_ctl"), "-D", data_dir, "-l", log_file, "-w", "-t", "60", "start"])
+            ),
         )
         output["streaming"] = self._wait_streaming(db, source, params.site, ctx)
+        attempt.clean_up()
+        output["configuration"] = configuration
         output["rebuild_s"] = round(time.monotonic() - started, 6)
         output["remote_steps"] = remote.steps
         return ActionResult(output=output)
@@ -149,32 +180,70 @@ class RebuildStandby(Action[RebuildStandbyParams]):
             raise ActionError(f"say which host to rebuild on: site {params.site} has these db hosts: {found}")
         return candidates[0]
 
-    @staticmethod
     def _copy(
-        remote: _Remote, db: Database, source: str, data_dir: str, slot: str, params: RebuildStandbyParams
+        self,
+        attempt: _Attempt,
+        db: Database,
+        source: str,
+        slot: str,
+        params: RebuildStandbyParams,
+        ctx: ActionContext,
+        untrusted: str | None,
     ) -> tuple[str, str | None]:
-        """pg_rewind, else (if allowed) pg_basebackup; returns the method and why rewinding failed."""
-        source_server = db.remote_conninfo(source, application_name="pg_rewind", dbname="postgres")
+        """pg_rewind, else (if allowed) pg_basebackup; returns the method and why rewinding was not used.
+        ``untrusted``: why an earlier attempt left the data directory unfit for a rewind (None: it did not)."""
+        remote, work = attempt.remote, attempt.work
+        configure = _configure_script(db, source, params.site, slot, work)
         no_sync = [] if params.flush else ["--no-sync"]
-        rewind = remote.run(
-            "pg_rewind",
-            shlex.join([remote.pg("pg_rewind"), "-D", data_dir, f"--source-server={source_server}", *no_sync]),
-        )
-        if rewind.exit_status == 0:
-            return "pg_rewind", None
-        why = last_line(rewind.stderr) or f"exit {rewind.exit_status}"
+        if untrusted is not None:
+            why = untrusted
+        else:
+            source_server = db.remote_conninfo(source, application_name="pg_rewind", dbname="postgres")
+            rewind = remote.run(
+                "pg_rewind",
+                f"touch {q(work)}/rewinding && "
+                + attempt.tracked(
+                    shlex.join(
+                        [remote.pg("pg_rewind"), "-D", attempt.data_dir, f"--source-server={source_server}", *no_sync]
+                    )
+                ),
+            )
+            if rewind.exit_status == 0:
+                remote.check(
+                    "configure",
+                    f"{configure(attempt.data_dir)} && " + attempt.script_command(_MARK_READY + "rm -f rewinding"),
+                )
+                return "pg_rewind", None
+            why = last_line(rewind.stderr) or f"exit {rewind.exit_status}"
         if not params.allow_basebackup:
             raise ActionError(f"pg_rewind of {db.where(params.site)} failed: {why}")
+        self._free_slot(db, source, slot, ctx)
+        copy = f"{work}/copy"
         backup = shlex.join(
             [
                 remote.pg("pg_basebackup"), "-h", db.hosts[source], "-p", str(db.port_of(source)), "-U", db.user,
-                "-D", data_dir, "-X", "stream", "-c", "fast", "-S", slot, *no_sync,
+                "-D", copy, "-X", "stream", "-c", "fast", "-S", slot, *no_sync,
             ]
         )  # fmt: skip
-        # Emptied, not removed: the directory's parent need not be writable by the database's user.
-        emptied = f"find {q(data_dir)} -mindepth 1 -maxdepth 1 -exec rm -rf {{}} +"
-        remote.check("pg_basebackup", f"{emptied} && {backup}")
+        remote.check("pg_basebackup", f"rm -rf {q(copy)} && " + attempt.tracked(backup))
+        remote.check("configure the copy", f"{configure(copy)} && touch {q(work)}/copy_complete")
+        attempt.script("swap in the copy", _SWAP)
         return "pg_basebackup", why
+
+    @staticmethod
+    def _free_slot(db: Database, source: str, slot: str, ctx: ActionContext) -> None:
+        """The slot may still be held by the walsender of a killed attempt's pg_basebackup: end it."""
+        started = time.monotonic()
+        with connect(db, source, ctx) as primary:
+            while True:
+                row = primary.execute(
+                    b"SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                    b" WHERE slot_name = %s AND active_pid IS NOT NULL",
+                    (slot,),
+                ).fetchone()
+                if row is None:
+                    return
+                poll_until_deadline(ctx, f"replication slot {slot} on {db.where(source)} stays in use", started)
 
     @staticmethod
     def _streaming(primary: psycopg.Connection, site: str) -> dict[str, Any] | None:
@@ -197,35 +266,91 @@ class RebuildStandby(Action[RebuildStandbyParams]):
                 )
 
 
+def _untrusted(found: dict[str, bool]) -> str | None:
+    if found["rewinding"]:
+        return "an earlier attempt's pg_rewind was interrupted: the data directory may be half rewritten"
+    if found["stale_ready"]:
+        return "an earlier attempt's rebuilt data directory has run since it was marked ready"
+    return None
+
+
 def q(text: str) -> str:
     return shlex.quote(text)
 
 
-def _files() -> str:
-    return " ".join(q(name) for name in CONFIG_FILES)
+def _save_config_script(data_dir: str, work: str) -> str:
+    """The site's own configuration files, from its data directory (untouched until they are saved),
+    to ``WORK/config``; renamed into place whole, so a later attempt never reads half a copy."""
+    files = " ".join(q(f"{data_dir}/{name}") for name in CONFIG_FILES)
+    return (
+        f"cd {q(work)} && rm -rf config.partial && mkdir config.partial && cp -p {files} config.partial/ && "
+        "mv config.partial config"
+    )
 
 
-def _restore_script(db: Database, source: str, site: str, slot: str, data_dir: str, saved: str) -> str:
-    """Put the site's own configuration back, minus its old replication roles, and make it a standby."""
-    settings = {
+def _configuration(db: Database, source: str, site: str, slot: str) -> dict[str, str]:
+    return {
         "primary_conninfo": db.remote_conninfo(source, application_name=site),
         "primary_slot_name": slot,
         # A standby promoted later must not wait for a standby of its own until one is set up.
         "synchronous_standby_names": "",
     }
-    lines = [f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in settings.items()]
+
+
+def _configure_script(db: Database, source: str, site: str, slot: str, work: str) -> Callable[[str], str]:
+    """A command that puts the site's saved configuration into a data directory, minus its old
+    replication roles, and makes it a standby (rewrites files only: running it twice is harmless)."""
+    lines = [
+        f"{name} = '{value.replace(chr(39), chr(39) * 2)}'"
+        for name, value in _configuration(db, source, site, slot).items()
+    ]
     dropped = q(rf"^[[:space:]]*({'|'.join(DROPPED_SETTINGS)})[[:space:]]*=")
+    saved = f"{work}/config"
     own = " ".join(q(f"{saved}/{name}") for name in CONFIG_FILES[:3])
-    auto_conf, saved_auto_conf = q(f"{data_dir}/postgresql.auto.conf"), q(f"{saved}/postgresql.auto.conf")
-    return " && ".join(
-        [
-            f"cp -p {own} {q(data_dir)}/",
-            f"{{ grep -v -E {dropped} {saved_auto_conf} || true; }} > {auto_conf}",
-            f"printf '%s\\n' {' '.join(q(line) for line in lines)} >> {auto_conf}",
-            f"touch {q(data_dir + '/standby.signal')}",
-            f"rm -rf {q(saved)}",
-        ]
-    )
+
+    def script(directory: str) -> str:
+        auto_conf = q(f"{directory}/postgresql.auto.conf")
+        return " && ".join(
+            [
+                f"cp -p {own} {q(directory)}/",
+                f"{{ grep -v -E {dropped} {q(saved + '/postgresql.auto.conf')} || true; }} > {auto_conf}",
+                f"printf '%s\\n' {' '.join(q(line) for line in lines)} >> {auto_conf}",
+                f"touch {q(directory + '/standby.signal')}",
+            ]
+        )
+
+    return script
+
+
+# The scripts run in the work directory ($1: the data directory, $2: pg_bin). The data directory's
+# identity in its control file: a "ready" mark holds it, so that a mark whose data directory has run
+# (and checkpointed) since is not trusted.
+_IDENTITY = """data_dir=$1 pg_bin=$2
+identity() {
+    "$pg_bin/pg_controldata" "$data_dir" 2>/dev/null |
+        grep -E '^(Database system identifier|Latest checkpoint location):'
+}
+"""
+_MARK_READY = (
+    _IDENTITY
+    + """set -e
+identity > ready.partial
+mv ready.partial ready
+"""
+)
+# Each rename leaves a state the next attempt recognises: a complete copy and no copy directory left
+# means the swap is done but not yet marked.
+_SWAP = (
+    """set -e
+if [ -d copy ]; then
+    if [ -e "$1" ]; then rm -rf old && mv "$1" old; fi
+    mv copy "$1"
+fi
+"""
+    + _MARK_READY
+    + """rm -f copy_complete rewinding && rm -rf old
+"""
+)
 
 
 class _Remote:
@@ -265,7 +390,8 @@ class _Remote:
         return result
 
     def stop_if_running(self, data_dir: str) -> str:
-        """Stop the server of ``data_dir`` if one runs there; what was found: running, stale or stopped.
+        """Stop the server of ``data_dir`` if one runs there; what was found: running, stale, stopped,
+        or missing (a swap was interrupted between its two renames).
 
         Not ``pg_ctl status``: after a crash, the pid in postmaster.pid may belong to a zombie or to
         another process by now, and pg_ctl would wait for that one. A server runs there when the pid's
@@ -281,7 +407,77 @@ class _Remote:
         return found
 
 
+class _Attempt:
+    """One attempt of a rebuild on the host: its work directory beside the data directory (see the
+    module's docstring), what an earlier attempt left there, and the commands it runs there."""
+
+    def __init__(self, remote: _Remote, data_dir: str) -> None:
+        self.remote, self.data_dir, self.work = remote, data_dir, data_dir + WORK_SUFFIX
+
+    def script(self, name: str, script: str) -> ExecResult:
+        return self.remote.check(name, self.script_command(script))
+
+    def script_command(self, script: str) -> str:
+        """``script`` by ``sh`` in the work directory, with the data directory as ``$1`` and pg_bin as ``$2``."""
+        return f"cd {q(self.work)} && " + shlex.join(["sh", "-c", script, "sh", self.data_dir, self.remote.pg_bin])
+
+    def tracked(self, command: str) -> str:
+        """``command``, its process group first recorded in the work directory, so that the next
+        attempt can end it: killing the orchestrator does not stop what it started on the host."""
+        return f"{_RECORD_GROUP} > {q(self.work)}/attempt && {command}"
+
+    def leftovers(self) -> dict[str, bool]:
+        """End what a killed attempt left running; which of its marks are there (and the data directory)."""
+        work = q(self.work)
+        make = (
+            f'mkdir -p {work} 2>/dev/null || {{ echo "cannot create {work}: the rebuild works beside the data '
+            f'directory, so its parent must be writable by $(id -un)" >&2; exit 3; }}; '
+        )
+        found = self.remote.check("leftovers", make + self.script_command(_END_ATTEMPT + _LEFTOVERS)).stdout.split()
+        marks = ("killed", "config", "rewinding", "copy_complete", "ready", "stale_ready", "data_dir")
+        return {name: name in found for name in marks}
+
+    def clean_up(self) -> list[str]:
+        """End what an earlier attempt left running and remove its work directory; what was found."""
+        command = f"[ -d {q(self.work)} ] || exit 0; " + self.script_command(_END_ATTEMPT + _LEFTOVERS + _REMOVE)
+        return self.remote.check("clean up", command).stdout.split()
+
+
+# The process group of the shell running the command, and its leader's start time (field 22 of
+# /proc/PID/stat), which tells a reused id apart.
+_RECORD_GROUP = (
+    "pgid=$(sed 's/.*) //' /proc/$$/stat | cut -d ' ' -f 3) && "
+    "echo \"$pgid $(sed 's/.*) //' /proc/$pgid/stat | cut -d ' ' -f 20)\""
+)
+# In the work directory. A group whose leader is gone keeps its id while any member lives, so only
+# a leader that is there with another start time means the id now belongs to someone else.
+_END_ATTEMPT = """
+if [ -f attempt ]; then
+    read -r pgid leader_started < attempt
+    now=$(sed 's/.*) //' "/proc/$pgid/stat" 2>/dev/null | cut -d ' ' -f 20)
+    if [ -n "$pgid" ] && { [ -z "$now" ] || [ "$now" = "$leader_started" ]; } && kill -KILL "-$pgid" 2>/dev/null; then
+        echo killed
+        tries=0
+        while kill -0 "-$pgid" 2>/dev/null && [ $tries -lt 200 ]; do sleep 0.05; tries=$((tries + 1)); done
+    fi
+    rm -f attempt
+fi
+"""
+_LEFTOVERS = (
+    _IDENTITY
+    + """
+for mark in config rewinding copy_complete; do [ -e "$mark" ] && echo "$mark"; done
+if [ -e ready ]; then
+    if [ "$(identity)" = "$(cat ready)" ]; then echo ready; else echo stale_ready; fi
+fi
+[ -d "$1" ] && echo data_dir
+true
+"""
+)
+_REMOVE = f'\nrm -rf "$1{WORK_SUFFIX}"\n'
+
 _SERVER_STATE = """
+[ -d "$1" ] || { echo missing; exit 0; }
 cd "$1" || exit 4
 [ -f postmaster.pid ] || { echo stopped; exit 0; }
 pid=$(head -n 1 postmaster.pid)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dr_orchestrator.lab.config import PORT_OFFSET_ENV, ROOT_ENV, SERVICES, SITES, LabConfig, LabConfigError
+from dr_orchestrator.lab.config import KILLABLE, PORT_OFFSET_ENV, ROOT_ENV, SITES, LabConfig, LabConfigError
 from dr_orchestrator.lab.load.cli import load_group
 
 if TYPE_CHECKING:
@@ -164,10 +164,10 @@ def kill_site(context: click.Context, site: str) -> None:
 @click.pass_context
 @_friendly
 def kill(context: click.Context, target: str) -> None:
-    """SIGKILL one service at one site, e.g. trading@primary."""
+    """SIGKILL one service at one site, e.g. trading@primary, or a site's database: postgres@backup."""
     service, _, site = target.partition("@")
-    if service not in SERVICES or site not in SITES:
-        raise click.BadParameter(f"use SERVICE@SITE with SERVICE in {', '.join(SERVICES)} and SITE in "
+    if service not in KILLABLE or site not in SITES:
+        raise click.BadParameter(f"use SERVICE@SITE with SERVICE in {', '.join(KILLABLE)} and SITE in "
                                  f"{', '.join(SITES)}; got {target!r}", param_hint="SERVICE@SITE")
     pid = _lab(context).kill_service(service, site)
     click.echo(f"Killed {service}@{site} (pid {pid}).")

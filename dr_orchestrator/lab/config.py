@@ -16,6 +16,7 @@ SITES: tuple[str, ...] = ("primary", "backup")
 SITE_ADDRESSES: dict[str, str] = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
 SITE_REGIONS: dict[str, str] = {"primary": "lab-a", "backup": "lab-b"}
 SERVICES: tuple[str, ...] = ("trading", "contract-signing", "quotation")
+KILLABLE: tuple[str, ...] = (*SERVICES, "postgres")  # what `dr lab kill NAME@SITE` takes: a service or the database
 
 FRONT_DOOR_ADDRESS = "127.0.0.1"
 SSHD_PORT = 2222

@@ -21,6 +21,7 @@ from dr_orchestrator.lab.config import (
     DATABASE_NAME,
     DATABASE_USER,
     FRONT_DOOR_ADDRESS,
+    KILLABLE,
     SERVICE_PYTHON,
     SERVICES,
     SITES,
@@ -160,6 +161,8 @@ class Lab:
         files = resources.files("dr_orchestrator.lab") / "files"
         for site in SITES:
             config.site_dir(site).mkdir(mode=0o755)
+            # The database's user rebuilds a standby beside its data directory (postgres.rebuild_standby).
+            chown(config.site_dir(site), config.os_user)
             for directory in (config.run_dir(site), config.log_dir(site)):
                 directory.mkdir(mode=0o755)
                 chown(directory, config.os_user)
@@ -261,10 +264,11 @@ class Lab:
         return [spec.label for spec in specs.values()]
 
     def kill_service(self, service: str, site: str) -> int:
-        """SIGKILL one service at one site; returns its pid."""
+        """SIGKILL one service at one site, or its database (``postgres``: the postmaster and its
+        backends, as a crash of the server would); returns the pid."""
         self._check_site(site)
-        if service not in SERVICES:
-            raise LabError(f"unknown service {service!r}; the lab runs {', '.join(SERVICES)}")
+        if service not in KILLABLE:
+            raise LabError(f"unknown service {service!r}; the lab runs {', '.join(KILLABLE)}")
         spec = next(s for s in self.processes() if s.name == service and s.site == site)
         pid = running_pid(spec)
         if pid is None:
