@@ -11,6 +11,7 @@ from rich.table import Table
 
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import (
+    ActionEvent,
     ApprovalDecided,
     ApprovalRequested,
     AttemptFinished,
@@ -86,9 +87,24 @@ class ProgressPrinter:
             self.console.print(f"{elapsed}  [bold]{event.marker}[/] {event.service or ''} at {event.at.isoformat()}")
         elif isinstance(event, Measurement):
             self.console.print(f"{elapsed}  measured {event.metric} = {event.value:g} ({event.method})")
+        elif isinstance(event, ActionEvent) and event.kind in SHOWN_ACTION_EVENTS:
+            self.console.print(f"{elapsed}  {SHOWN_ACTION_EVENTS[event.kind](event.data)}")
         elif isinstance(event, RunFinished):
             error = f": {event.error}" if event.error else ""
             self.console.print(f"{elapsed}  run {_state(event.state)}{error}")
+
+
+def _clients(data: dict[str, Any]) -> str:
+    text = str(data.get("text", ""))
+    return f"[green]{text}[/]" if data.get("left_as_found") else f"[red bold]{text}[/]"
+
+
+# Action events worth a line of their own while a run goes, and in its summary.
+SHOWN_ACTION_EVENTS = {
+    "blast_radius.verdict": _clients,
+    "rollback.stopped": lambda data: (f"[yellow]rollback stopped[/]: {data.get('reason')}; not undone: "
+                                      f"{', '.join(data.get('not_undone') or []) or 'nothing'}"),
+}
 
 
 def _figure(value: Any, target: Any, met: Any) -> str:
@@ -106,6 +122,9 @@ def print_results(detail: dict[str, Any] | None, out: Console | None = None) -> 
         return
     run = detail["run"]
     out.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']})")
+    for event in detail.get("events") or []:
+        if event["kind"] in SHOWN_ACTION_EVENTS:
+            out.print(f"  {SHOWN_ACTION_EVENTS[event['kind']](event.get('data') or {})}")
     results = detail.get("results") or []
     if not results:
         return

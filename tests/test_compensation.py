@@ -21,6 +21,7 @@ from dr_orchestrator.engine import Engine
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import ActionEventRecord, Finding
+from dr_orchestrator.evidence.reports import after_action_html
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.events import ActionEvent, Event, StepFinished
@@ -299,7 +300,10 @@ def test_a_service_outside_the_scope_made_worse_is_an_impact_and_a_finding(
     with sessions() as session:
         findings = session.scalars(select(Finding).where(Finding.run_id == outcome.run_id)).all()
         kinds = set(session.scalars(select(ActionEventRecord.kind).where(ActionEventRecord.run_id == outcome.run_id)))
+        report = after_action_html(session, outcome.run_id)
     assert [(f.severity, f.owner) for f in findings] == [("critical", plan.started_by)]  # trading's tier: critical
+    assert "left degraded: trading served before the run and does not now" in report
+    assert "outside the run&#39;s scope" in report or "outside the run's scope" in report
     assert "trading" in findings[0].text
     assert {"blast_radius.before", "blast_radius.after", "blast_radius.impact", "blast_radius.verdict"} <= kinds
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,71 @@ def test_backup_that_never_becomes_healthy_fails_the_run_and_rolls_the_switch_ba
         assert steps[("switch", "rollback")]["state"] == "rolled_back"
         servers = lab.status()["front_door"]["quotation"]["servers"]
         assert servers["backup"] == "MAINT" and servers["primary"] != "MAINT", servers  # routed back where it was
+
+
+class FrontDoorProber:
+    """An outside client at the front door: every service's /health every 50 ms, as customers see it."""
+
+    SERVICES = ("trading", "contract-signing", "quotation")
+
+    def __init__(self, config: LabConfig) -> None:
+        self.config = config
+        self.seen: dict[str, list[tuple[float, bool, str | None]]] = {s: [] for s in self.SERVICES}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.probe, daemon=True)
+
+    def __enter__(self) -> FrontDoorProber:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def probe(self) -> None:
+        with httpx.Client(timeout=2.0) as client:
+            while not self.stop.is_set():
+                for service in self.SERVICES:
+                    at = time.monotonic()
+                    try:
+                        response = client.get(f"{self.config.frontend_url(service)}/health")
+                        ok, site = response.status_code == 200, response.json().get("site")
+                    except (httpx.HTTPError, ValueError):
+                        ok, site = False, None
+                    self.seen[service].append((at, ok, site))
+                self.stop.wait(0.05)
+
+    def outage_s(self, service: str) -> float:
+        """How long the service answered badly (or from another site than it started at) in total."""
+        readings = self.seen[service]
+        home = readings[0][2]
+        bad = 0.0
+        for (at, ok, site), (next_at, _, _) in zip(readings, readings[1:], strict=False):
+            if not ok or site != home:
+                bad += next_at - at
+        return bad
+
+
+def test_a_dead_standby_stops_the_site_failover_before_it_touches_the_healthy_primary(
+    lab_factory: Any, evidence_db: str, tmp_path: Path
+) -> None:
+    with lab_factory() as lab:
+        subprocess.run(["pkill", "-KILL", "-f", f"postgres -D {lab.config.pgdata('backup')}"], check=False)
+        with FrontDoorProber(lab.config) as prober:
+            code, detail = run_runbook("site-failover.yml", lab, evidence_db, tmp_path)
+            # the prober keeps watching a moment after the run: nothing is left to go wrong later
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and not prober.stop.wait(0.05):
+                pass
+        assert code == 1
+        steps = steps_by_id(detail)
+        assert steps[("precheck", "forward")]["state"] == "failed"
+        for changing in ("fence-old-site", "promote", "start-backup-services", "switch-trading"):
+            assert steps[(changing, "forward")]["state"] in ("skipped", "cancelled"), steps[(changing, "forward")]
+            assert steps[(changing, "forward")]["started_at"] is None  # never began: nothing was touched
+        for service in FrontDoorProber.SERVICES:
+            assert prober.seen[service] and all(site == "primary" for _, ok, site in prober.seen[service] if ok)
+            assert prober.seen[service][-1][1:] == (True, "primary"), service
+            assert prober.outage_s(service) < 2.0, (service, prober.outage_s(service))
+        verdict = [e for e in detail["events"] if e["kind"] == "blast_radius.verdict"]
+        assert verdict and verdict[0]["data"]["left_as_found"] is True, verdict

@@ -121,6 +121,10 @@ def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
             "findings": list_findings(session, run_ids=[the_id]),
             "failed_steps": failed,
             "rollbacks": rollbacks,
+            # What the run left clients with (blast radius) and where a rollback had to stop.
+            "clients": next((e["data"] for e in detail["events"] if e["kind"] == "blast_radius.verdict"), None),
+            "rollback_stops": [e for e in detail["events"] if e["kind"] == "rollback.stopped"],
+            "impacts": [e["data"] for e in detail["events"] if e["kind"] == "blast_radius.impact"],
             "failbacks": failbacks,
             "cleanup": _cleanup_state(detail, rollbacks, failbacks),
             "retain_until": run["retain_until"],
