@@ -30,7 +30,9 @@ from dr_orchestrator.lab.cli import lab_group
 from dr_orchestrator.lab.config import SERVICES, SITES, LabConfig, LabConfigError
 from dr_orchestrator.lab.inventory import render as render_inventory
 from dr_orchestrator.lab.lab import Lab, LabError
+from dr_orchestrator.lab.load.database import site_databases
 from dr_orchestrator.lab.processes import is_running, processes_under
+from dr_orchestrator.lab.status import problems as status_problems
 from dr_orchestrator.lab.system import LabSetupError
 from dr_orchestrator.loading import load_inventory
 
@@ -299,6 +301,65 @@ def test_the_services_api(lab: Lab, http: httpx.Client) -> None:
     assert http.get(f"{config.frontend_url('trading')}/orders/{contract_id}-missing").status_code == 404
 
 
+def set_read_only(config: LabConfig, site: str, read_only: bool) -> None:
+    """What a fence (postgres.set_read_only) does to a primary."""
+    with psycopg.connect(config.dsn(site), autocommit=True) as connection:
+        connection.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if read_only else 'off'}".encode())
+        connection.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.lab
+def test_a_read_only_primary_makes_the_writing_services_unhealthy_and_is_not_split_brain(
+    lab: Lab, http: httpx.Client
+) -> None:
+    config = lab.config
+    set_read_only(config, "primary", True)
+    try:
+        health = {service: wait_for(lambda s=service: (r := http.get(config.service_url(s, "primary") + "/health"))
+                                    .json()["db_role"] == "read-only" and r, 5, f"{service} to see the fence")
+                  for service in ("trading", "contract-signing")}
+        quotation = http.get(config.service_url("quotation", "primary") + "/health")
+        status = lab.status()
+        databases = site_databases(config)
+    finally:
+        set_read_only(config, "primary", False)
+        # The session's lab as found: HAProxy sees the primary's writing services UP again.
+        wait_for(lambda: all(lab.status()["front_door"][s]["servers"]["primary"] == "UP" for s in SERVICES), 10,
+                 "the front door to see the primary's services UP again")
+
+    for service, answer in health.items():
+        assert answer.status_code == 503
+        assert answer.json() == {
+            "service": service, "site": "primary", "db_role": "read-only", "writable": False, "ready": False,
+            "why": f"the database is a primary set read-only (default_transaction_read_only): {service} cannot write"}
+    assert quotation.status_code == 200 and quotation.json()["ready"] is True  # it only reads
+    assert quotation.json()["writable"] is False
+    assert status["databases"]["primary"] == {**status["databases"]["primary"], "role": "primary", "writable": False}
+    assert status["active_site"] is None
+    assert "no site's database takes writes (primary: a primary set read-only)" in status["problems"]
+    assert not [problem for problem in status["problems"] if "split brain" in problem]
+    assert [(db.site, db.read_write) for db in databases] == [("primary", False), ("backup", False)]
+    assert http.get(config.service_url("trading", "primary") + "/health").status_code == 200
+
+
+def _report(databases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A status report of a lab whose processes all run and whose services all answer 200."""
+    return {"processes": [], "databases": databases, "replication": [], "sync": False,
+            "active_site": next((site for site, db in databases.items() if db.get("writable")), None),
+            "services": {}, "front_door": {}}
+
+
+def test_split_brain_is_two_databases_taking_writes_not_a_read_only_primary_beside_a_promoted_one() -> None:
+    promoted = {"role": "primary", "writable": True}
+    fenced = {"role": "primary", "writable": False}
+
+    after_a_service_failover = status_problems(_report({"primary": fenced, "backup": promoted}))
+    both_writable = status_problems(_report({"primary": promoted, "backup": promoted}))
+
+    assert after_a_service_failover == ["no standby is streaming from the backup site"]
+    assert both_writable == ["the databases at primary and backup both take writes (split brain)"]
+
+
 # --- labs of the test's own ---------------------------------------------------------------------------
 
 
@@ -388,6 +449,18 @@ def test_faults_kill_service_break_replication_and_kill_the_primary_site(
         client.close()
         assert set(own.running()) - {f"{name}@backup" for name in ("sshd", "postgres", *SERVICES)} == {
             "haproxy", "sshd@primary"}
+
+        # the backup site's database crashes: `dr lab kill postgres@backup`, and status says so
+        lab_cli = ["--root", str(config.root), "--port-offset", str(config.port_offset)]
+        killed = CliRunner().invoke(lab_group, [*lab_cli, "kill", "postgres@backup"])
+        assert killed.exit_code == 0 and killed.output.startswith("Killed postgres@backup (pid "), killed.output
+        status = CliRunner().invoke(lab_group, [*lab_cli, "status"])
+        assert status.exit_code == 1 and "postgres@backup is not running" in status.output
+        assert own.status()["databases"]["backup"] == {"role": "unreachable", "writable": False}
+        again = CliRunner().invoke(lab_group, [*lab_cli, "kill", "postgres@backup"])
+        assert again.exit_code == 2 and "dr lab: postgres@backup is not running" in again.output
+        unknown = CliRunner().invoke(lab_group, [*lab_cli, "kill", "mysql@backup"])
+        assert unknown.exit_code == 2 and "trading, contract-signing, quotation, postgres" in unknown.output
 
         # down after a power loss: nothing left, not even the dead postmaster's shared memory
         shmid = (config.pgdata("primary") / "postmaster.pid").read_text().splitlines()[6].split()[1]

@@ -25,11 +25,20 @@ from dr_orchestrator.lab import haproxy
 from dr_orchestrator.lab.config import FRONTEND_PORTS, SERVICES, LabConfig
 from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.lab.load import LoadError, ledger_path, load_report, load_running, start_load, stop_load
+from dr_orchestrator.lab.load import report as report_module
 from dr_orchestrator.lab.load.analysis import missing_writes, outage_windows, summarise_service
 from dr_orchestrator.lab.load.cli import load_group
 from dr_orchestrator.lab.load.database import SiteDatabase
-from dr_orchestrator.lab.load.ledger import LedgerEntry, latest_run, open_ledger, run_entries
-from dr_orchestrator.lab.load.report import serving_database
+from dr_orchestrator.lab.load.ledger import (
+    LedgerEntry,
+    RunInfo,
+    insert_entries,
+    latest_run,
+    open_ledger,
+    record_run_start,
+    run_entries,
+)
+from dr_orchestrator.lab.load.report import checked_database, serving_database
 
 # --- synthetic ledgers ----------------------------------------------------------------------------
 
@@ -161,6 +170,45 @@ def test_the_serving_database_is_the_read_write_one_and_a_split_brain_is_reporte
     assert chosen == backup_rw and note is not None and "split brain" in note and "checked backup" in note
     nobody, why = serving_database([primary_gone, backup_ro], served_by_backup)
     assert nobody is None and why is not None and "primary: unreachable, backup: read-only" in why
+
+
+def test_each_services_writes_are_checked_where_it_wrote_last_and_elsewhere_only_when_that_site_is_down() -> None:
+    primary_rw = SiteDatabase("primary", "host=a", reachable=True, read_write=True)
+    backup_rw = SiteDatabase("backup", "host=b", reachable=True, read_write=True)
+    backup_gone = SiteDatabase("backup", "host=b", reachable=False, read_write=False, error="refused")
+    by_backup = [entry(1.0, site="primary"), entry(2.0, site="backup")]
+
+    assert checked_database([primary_rw, backup_rw], by_backup, primary_rw) == backup_rw
+    assert checked_database([primary_rw, backup_gone], by_backup, primary_rw) == primary_rw
+    assert checked_database([primary_rw, backup_gone], [], None) is None
+
+
+def test_a_trading_write_acknowledged_by_the_backup_is_looked_for_there_not_counted_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After failover-trading: the primary set read-only and contract-signing still served there, trading
+    served by the promoted backup. Both were primaries by pg_is_in_recovery(), which read as split brain,
+    and every write was checked at one site: the other service's writes were counted missing."""
+    config = LabConfig(root=tmp_path / "lab")
+    ledger_path(config.root).parent.mkdir(parents=True)
+    signed = entry(1.0, site="primary", key="contract-1", service="contract-signing")
+    placed = entry(2.0, site="backup", key="order-1", service="trading")
+    with open_ledger(ledger_path(config.root)) as connection:
+        record_run_start(connection, RunInfo("run1", 1, stamp(0.0), None, 1.0, 1.0))
+        insert_entries(connection, [signed, placed])
+    rows = {"primary": {"contract-1"}, "backup": {"order-1"}}  # the promoted backup never had contract-1
+    monkeypatch.setattr(report_module, "site_databases", lambda _: [
+        SiteDatabase("primary", "host=a", reachable=True, read_write=False),
+        SiteDatabase("backup", "host=b", reachable=True, read_write=True)])
+    monkeypatch.setattr(report_module, "present_keys",
+                        lambda database, table, column, keys: rows[database.site] & set(keys))
+
+    report = report_module.build_report(config)
+
+    assert report["serving_database"] == "backup" and report["note"] is None  # not split brain
+    trading, signing = (report["services"][s]["missing_writes"] for s in ("trading", "contract-signing"))
+    assert (trading["checked_site"], trading["acknowledged"], trading["count"]) == ("backup", 1, 0)
+    assert (signing["checked_site"], signing["acknowledged"], signing["count"]) == ("primary", 1, 0)
 
 
 # --- the generator against a fake front door ------------------------------------------------------

@@ -211,7 +211,8 @@ def replication_rows(config: LabConfig, site: str = "primary") -> list[dict[str,
 
 
 def database_state(config: LabConfig, site: str) -> dict[str, Any]:
-    """Role and WAL position of the cluster at `site` ({"role": "unreachable"} when it does not answer)."""
+    """Role, whether it takes writes, and WAL position of the cluster at `site` ({"role": "unreachable",
+    "writable": False} when it does not answer)."""
     query = """
         SELECT pg_is_in_recovery(),
                CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
@@ -220,15 +221,18 @@ def database_state(config: LabConfig, site: str) -> dict[str, Any]:
                pg_last_xact_replay_timestamp(),
                (SELECT status FROM pg_stat_wal_receiver),
                current_setting('synchronous_standby_names'),
-               pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint"""
+               pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint,
+               current_setting('default_transaction_read_only') = 'on'"""
     try:
         with psycopg.connect(config.dsn(site), autocommit=True) as connection:
             row = connection.execute(query).fetchone()
     except psycopg.Error:
-        return {"role": "unreachable"}
+        return {"role": "unreachable", "writable": False}
     assert row is not None
-    in_recovery, lsn, replay_lsn, replay_time, receiver, sync_names, unreplayed = row
-    state: dict[str, Any] = {"role": "standby" if in_recovery else "primary", "wal_lsn": lsn}
+    in_recovery, lsn, replay_lsn, replay_time, receiver, sync_names, unreplayed, read_only = row
+    # A primary set read-only (a fenced old primary) is not in recovery but takes no writes either.
+    state: dict[str, Any] = {"role": "standby" if in_recovery else "primary",
+                             "writable": not (in_recovery or read_only), "wal_lsn": lsn}
     if in_recovery:
         # Received but not yet replayed; the lag behind the primary is in pg_stat_replication.
         state.update(replay_lsn=replay_lsn, replay_backlog_bytes=unreplayed, wal_receiver=receiver or "stopped",

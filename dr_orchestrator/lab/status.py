@@ -35,9 +35,12 @@ def collect_status(config: LabConfig, specs: list[ProcessSpec], state: dict[str,
     with ThreadPoolExecutor(max_workers=len(targets) + 2) as pool:
         health = dict(zip(targets, pool.map(lambda t: service_health(config.service_url(*t)), targets), strict=True))
         databases = dict(zip(SITES, pool.map(lambda site: postgres.database_state(config, site), SITES), strict=True))
+        writable = [site for site in SITES if databases[site].get("writable")]
         primaries = [site for site in SITES if databases[site].get("role") == "primary"]
-        active = primaries[0] if len(primaries) == 1 else None
-        replication = postgres.replication_rows(config, active) if active else []
+        active = writable[0] if len(writable) == 1 else None
+        # With writes stopped everywhere (a switchover's fence), the one primary still feeds the standby.
+        feeding = active or (primaries[0] if len(primaries) == 1 else None)
+        replication = postgres.replication_rows(config, feeding) if feeding else []
     services = {
         service: {site: {"url": config.service_url(service, site), **health[(service, site)]} for site in SITES}
         for service in SERVICES
@@ -57,7 +60,7 @@ def collect_status(config: LabConfig, specs: list[ProcessSpec], state: dict[str,
         "started_at": state.get("started_at"),
         "processes": processes,
         "services": services,
-        "active_site": active,  # where the database is read-write (None: nowhere, or split brain)
+        "active_site": active,  # where the database takes writes (None: nowhere, or split brain)
         "databases": databases,
         "replication": replication,
         "front_door": front_door,
@@ -72,11 +75,15 @@ def problems(report: dict[str, Any]) -> list[str]:
     found = [f"{p['name']}@{p['site']} is not running" if p["site"] else f"{p['name']} is not running"
              for p in report["processes"] if not p["running"]]
     active = report["active_site"]
-    primaries = [site for site, database in report["databases"].items() if database.get("role") == "primary"]
-    if not primaries:
-        found.append("no site's database is read-write")
-    elif len(primaries) > 1:
-        found.append("both sites' databases are read-write (split brain)")
+    # Split brain is two databases taking writes; a primary set read-only (fenced) is not one of them.
+    writable = [site for site, database in report["databases"].items() if database.get("writable")]
+    read_only = [site for site, database in report["databases"].items()
+                 if database.get("role") == "primary" and not database.get("writable")]
+    if len(writable) > 1:
+        found.append(f"the databases at {' and '.join(writable)} both take writes (split brain)")
+    elif not writable:
+        found.append("no site's database takes writes" + "".join(
+            f" ({site}: a primary set read-only)" for site in read_only))
     elif not any(row.get("state") == "streaming" for row in report["replication"]):
         found.append(f"no standby is streaming from the {active} site")
     elif report["sync"] and not any(row.get("sync_state") == "sync" for row in report["replication"]):

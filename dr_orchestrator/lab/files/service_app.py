@@ -6,7 +6,11 @@ its directory so the postgres OS user can read it):
     python3 service_app.py --config SITE_DIR/site.json --service trading
 
 Every response is JSON and carries `X-DR-Site: <site>`. `GET /health` answers 200 when ready, else
-503: trading and contract-signing need a read-write database, quotation any database that answers.
+503: trading and contract-signing need a database that takes writes (not a standby, not a primary
+set read-only), quotation any database that answers. Its body says `db_role` (read-write, read-only,
+unreachable), `writable`, `ready`, and `why` when not ready, e.g.
+`{"db_role": "read-only", "writable": false, "ready": false, "why": "the database is a primary set
+read-only (default_transaction_read_only): trading cannot write"}`.
 """
 
 from __future__ import annotations
@@ -76,12 +80,18 @@ class Database:
                 self._pool.putconn(connection, close=broken or bool(connection.closed))
         raise Unavailable("unreachable")
 
-    def role(self) -> str:
+    def role(self) -> tuple[str, str | None]:
+        """``read-write``, ``read-only`` or ``unreachable``, and why it refuses writes (None when it takes them)."""
         try:
-            in_recovery = self.run(lambda cursor: _one(cursor, "SELECT pg_is_in_recovery()")[0])
+            in_recovery, read_only = self.run(lambda cursor: _one(
+                cursor, "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"))
         except Unavailable as exc:
-            return exc.db_role
-        return "read-only" if in_recovery else "read-write"
+            return exc.db_role, f"the database is {exc.db_role}"
+        if in_recovery:
+            return "read-only", "the database is a standby (in recovery)"
+        if read_only:
+            return "read-only", "the database is a primary set read-only (default_transaction_read_only)"
+        return "read-write", None
 
 
 def _one(cursor: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
@@ -96,9 +106,12 @@ class App:
         self.database = database
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        role = self.database.role()
-        ready = role == "read-write" if self.service in WRITERS else role != "unreachable"
-        body = {"service": self.service, "site": self.site, "db_role": role, "ready": ready}
+        role, refusal = self.database.role()
+        writable = refusal is None
+        ready = writable if self.service in WRITERS else role != "unreachable"
+        body = {"service": self.service, "site": self.site, "db_role": role, "writable": writable, "ready": ready}
+        if not ready:
+            body["why"] = f"{refusal}: {self.service} {'cannot write' if self.service in WRITERS else 'cannot read'}"
         return (200 if ready else 503), body
 
     def handle(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:

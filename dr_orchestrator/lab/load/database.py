@@ -1,4 +1,4 @@
-"""Ask the lab's databases which site is read-write and which acknowledged keys they hold."""
+"""Ask the lab's databases which site takes writes and which acknowledged keys they hold."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def site_databases(config: LabConfig) -> list[SiteDatabase]:
 def _probe(site: str, conninfo: str) -> SiteDatabase:
     try:
         with psycopg.connect(conninfo) as connection:
-            row = connection.execute("SELECT pg_is_in_recovery()").fetchone()
+            # A primary set read-only (fenced) takes no writes: it is not where writes go now.
+            row = connection.execute(
+                "SELECT NOT pg_is_in_recovery() AND current_setting('default_transaction_read_only') = 'off'"
+            ).fetchone()
     except psycopg.Error as error:
         return SiteDatabase(site, conninfo, reachable=False, read_write=False, error=str(error).strip())
-    return SiteDatabase(site, conninfo, reachable=True, read_write=row is not None and not row[0])
+    return SiteDatabase(site, conninfo, reachable=True, read_write=row is not None and bool(row[0]))
 
 
 def present_keys(database: SiteDatabase, table: str, column: str, keys: Sequence[str]) -> set[str]:

@@ -30,10 +30,11 @@ def build_report(config: LabConfig) -> dict[str, Any]:
         service_entries = [entry for entry in entries if entry.service == name]
         summary = summarise_service(name, service_entries, workload.is_write)
         lost: MissingWrites | None = None
-        if workload.is_write and serving is not None and workload.table and workload.key_column:
-            acknowledged = [entry for entry in service_entries if entry.ok]
-            present = present_keys(serving, workload.table, workload.key_column, [entry.key for entry in acknowledged])
-            lost = missing_writes(acknowledged, present, serving.site)
+        acknowledged = [entry for entry in service_entries if entry.ok]
+        checked = checked_database(databases, acknowledged, serving)
+        if workload.is_write and checked is not None and workload.table and workload.key_column:
+            present = present_keys(checked, workload.table, workload.key_column, [entry.key for entry in acknowledged])
+            lost = missing_writes(acknowledged, present, checked.site)
         services[name] = _service_json(summary, lost)
     return {
         "ledger": str(path),
@@ -63,6 +64,17 @@ def serving_database(
     chosen = next((db for db in read_write if db.site == last_site), read_write[0])
     sites = " and ".join(db.site for db in read_write)
     return chosen, f"Both sites' databases are read-write ({sites}: split brain); checked {chosen.site}, last served."
+
+
+def checked_database(
+    databases: list[SiteDatabase], acknowledged: list[LedgerEntry], serving: SiteDatabase | None
+) -> SiteDatabase | None:
+    """Where one service's acknowledged writes are looked for: the database of the site that acknowledged
+    its latest write (the ledger's X-DR-Site), where the service reads them back now, even while another
+    site's database takes writes (a service left on a read-only primary; either side of a split brain).
+    When that site's database does not answer, the serving database: what survives is what it holds."""
+    last_site = next((entry.site for entry in reversed(acknowledged) if entry.site), None)
+    return next((db for db in databases if db.site == last_site and db.reachable), serving)
 
 
 def _service_json(summary: ServiceSummary, lost: MissingWrites | None) -> dict[str, Any]:
