@@ -80,7 +80,9 @@ def _decide(ctx: click.Context, run_id: str, step_id: str, decision: str, reason
 @click.option("--reason", default="", help="why (recorded)")
 @click.pass_context
 def approve(ctx: click.Context, run_id: str, step_id: str, reason: str) -> None:
-    """Approve the gate STEP of RUN, which waits for a decision (actor: $DR_ACTOR or your user)."""
+    """Approve the gate STEP of RUN, which waits for a decision. You are your OS account (the sudo
+    user on root), recorded with the SSH client address and any $DR_ACTOR label; under the two-person
+    rule the account that started the run cannot approve, whatever $DR_ACTOR says."""
     _decide(ctx, run_id, step_id, "approved", reason)
 
 

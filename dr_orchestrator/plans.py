@@ -5,10 +5,10 @@ Shared by the CLI, the HTTP API and the scheduler, so all three check and build 
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
+import pwd
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.engine.context import step_service, template_context
 from dr_orchestrator.loading import load_inventory, load_runbook, validate
+from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
 from dr_orchestrator.model.runbook import Runbook
 from dr_orchestrator.yamlsource import LoadError, Problem, YamlDocument
@@ -118,8 +119,17 @@ def build_plan(
 
 
 def default_actor() -> str:
-    """Who starts a run: $DR_ACTOR when a wrapper knows better (API, scheduler), else the OS user."""
-    return os.environ.get("DR_ACTOR") or getpass.getuser()
+    """Who acts from this process, as the evidence records it (``model.approval.Identity``): the
+    account of the real uid (not $USER or $LOGNAME, which anyone sets), SUDO_USER and the SSH client
+    address when present, after the $DR_ACTOR label when one is given (a label proves nothing)."""
+    uid = os.getuid()
+    try:
+        account = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (containers): the number is who it is
+        account = str(uid)
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    return str(Identity.of_process(os.environ.get("DR_ACTOR"), account, os.environ.get("SUDO_USER"),
+                                   ssh[0] if ssh else None))
 
 
 def _source(document: YamlDocument) -> SourceDocument:

@@ -257,6 +257,8 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
     assert api.post(approve, carol).status_code == 403
     own = api.post(approve, erin, json={"reason": "mine"})
     assert own.status_code == 409 and "two-person rule" in own.json()["error"]
+    claimed = api.post(approve, erin, json={"reason": "mine", "actor": "frank"})  # the token is who decides
+    assert claimed.status_code == 422 and [p["where"] for p in claimed.json()["problems"]] == ["body.actor"]
     assert api.post(f"/api/runs/{run_id}/steps/verify/approve", frank).status_code == 409  # not waiting
     assert api.post(f"/api/runs/{run_id}/steps/go-ahead/reject", frank).status_code == 422  # a reason is needed
 
@@ -270,7 +272,7 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
         assert (row.actor, row.decision, row.reason) == ("frank", "approved", "change CHG-1 approved")
     assert [(e.actor, e.target) for e in api.audit_events("approval.approved")] == [("frank", f"{run_id} go-ahead")]
     assert {(e.actor, e.data["status"]) for e in api.audit_events("api.refused")} == {
-        ("carol", 403), ("erin", 409), ("frank", 409), ("frank", 422)}
+        ("carol", 403), ("erin", 409), ("erin", 422), ("frank", 409), ("frank", 422)}
     assert api.chain_ok()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -67,12 +68,15 @@ steps:
     marks: [service_restored]
 """
 LEDGER = ["fence", "promote-start", "promote-end", "switch"]
+# `dr` processes act as this test's OS account alone, however the tests were started (sudo, ssh).
+NOBODY_ELSE = {"SUDO_USER": "", "SSH_CONNECTION": ""}
+ACCOUNT = pwd.getpwuid(os.getuid()).pw_name
 
 
 def dr(*args: str, db: str, cwd: Path, actor: str = "tester", env: dict[str, str] | None = None,
        check: bool = False) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd,
-                            env={**os.environ, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
+                            env={**os.environ, **NOBODY_ELSE, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
                             capture_output=True, text=True, timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"dr {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -90,7 +94,7 @@ class Processes:
               ) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=self.cwd, text=True,
-            env={**os.environ, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
+            env={**os.environ, **NOBODY_ELSE, "DR_DATABASE_URL": db, "DR_ACTOR": actor, **(env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.started.append(process)
         return process
@@ -166,46 +170,86 @@ def migrated(database_url: str, tmp_path: Path) -> str:
 # ---------------------------------------------------------------- approval gates
 
 
+def person(name: str, **more: str) -> dict[str, str]:
+    """The environment of `name` on a shared root account: `sudo` from their own account sets
+    SUDO_USER, which the two-person rule reads on root (another OS account would need root too)."""
+    if os.geteuid() != 0:
+        pytest.skip("acting as two people on one machine needs root (SUDO_USER is read on root only)")
+    return {"SUDO_USER": name, **more}
+
+
 def test_a_gate_waits_for_another_person_from_another_process(migrated: str, tmp_path: Path,
                                                               processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)
-    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice")
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice",
+                          env=person("alice"))
     run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
     shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
-    assert shown["run"]["state"] == "waiting_approval"
+    assert (shown["run"]["state"], shown["run"]["started_by"]) == ("waiting_approval", "alice (os root, sudo alice)")
     listed = json.loads(dr("approvals", "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
     assert [(g["run_id"], g["step_id"], g["two_person"]) for g in listed] == [(run_id, "go-ahead", True)]
 
-    own = dr("approve", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="alice")
-    assert own.returncode == 2
-    assert "two-person rule" in own.stderr and "Traceback" not in own.stderr
-    no_reason = dr("reject", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="bob")
+    # The starter's own account is refused whatever $DR_ACTOR says, and so is root that names nobody.
+    starter = f"alice started run {run_id}; its runbook requires another person to decide step 'go-ahead'"
+    for actor, env, why in (("alice", person("alice"), starter), ("bob", person("alice"), starter),
+                            ("bob", person(""), "root without sudo does not say which person you are;")):
+        own = dr("approve", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor=actor, env=env)
+        assert own.returncode == 2, (actor, env, own.stdout)
+        assert why in own.stderr and "$DR_ACTOR is only a label" in own.stderr, own.stderr
+        assert "Traceback" not in own.stderr
+    no_reason = dr("reject", run_id, "go-ahead", db=migrated, cwd=tmp_path, actor="bob", env=person("bob"))
     assert no_reason.returncode == 2
     approved = dr("approve", run_id[:8], "go-ahead", "--reason", "primary confirmed lost", db=migrated, cwd=tmp_path,
-                  actor="bob")
+                  actor="bob", env=person("bob", SSH_CONNECTION="10.9.8.7 51234 127.0.0.1 22"))
     assert approved.returncode == 0, approved.stderr
     out, err = run.communicate(timeout=WAIT_S)
     assert run.returncode == 0, err
     shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
     assert shown["run"]["state"] == "succeeded"
     assert [(a["decision"], a["actor"], a["reason"]) for a in shown["approvals"]] == [
-        ("approved", "bob", "primary confirmed lost")]
+        ("approved", "bob (os root, sudo bob, ssh 10.9.8.7)", "primary confirmed lost")]
     assert shown["results"][0]["decision_s"] > 0
+
+
+def test_one_person_decides_a_gate_once_whatever_label_they_give(migrated: str, tmp_path: Path,
+                                                                 processes: Processes) -> None:
+    from dr_orchestrator.evidence.approvals import ApprovalRefused, decide
+    from dr_orchestrator.evidence.database import make_engine, make_session_factory
+    from dr_orchestrator.model.approval import Decision
+
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED)
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, env=person("alice"))
+    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    engine = make_engine(migrated)
+    try:
+        # Both decisions in one transaction: the gate cannot take the first before the second is tried.
+        with make_session_factory(engine)() as session, session.begin():
+            decide(session, run_id, "go-ahead", Decision.APPROVED, "bob (os root, sudo bob)", "checked")
+            with pytest.raises(ApprovalRefused, match=r"^bob \(os root, sudo bob\) already decided step 'go-ahead' "
+                                                      r"of run .* \(approved at .*\); one person decides a gate once$"):
+                decide(session, run_id, "go-ahead", Decision.APPROVED, "carol (os root, sudo bob)")
+    finally:
+        engine.dispose()
+    run.communicate(timeout=WAIT_S)
+    assert run.returncode == 0
+    assert [tuple(row) for row in query(migrated, "SELECT actor FROM approvals")] == [("bob (os root, sudo bob)",)]
 
 
 def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)
-    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice")
+    run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice",
+                          env=person("alice"))
     run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
     dr("reject", run_id, "go-ahead", "--reason", "the primary is back", db=migrated, cwd=tmp_path, actor="bob",
-       check=True)
+       env=person("bob"), check=True)
     run.communicate(timeout=WAIT_S)
     assert run.returncode == 1
     shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
     states = {s["step_id"]: (s["state"], s["error"]) for s in shown["steps"]}
-    assert states["go-ahead"] == ("failed", "rejected by bob: the primary is back")
+    assert states["go-ahead"] == ("failed", "rejected by bob (os root, sudo bob): the primary is back")
     assert states["switch"][0] == "skipped"
 
 
@@ -312,7 +356,7 @@ def test_killed_at_any_point_and_resumed_every_step_ran_once(kill_at: str, crash
     assert interrupted == expected_interrupted
     assert not [s for s in forward if s["state"] not in ("succeeded", "interrupted")]
     assert [e["action"] for e in detail["run_events"]] == ["run.interrupted", "run.resumed"]
-    assert detail["run_events"][1]["actor"] == "bob"
+    assert detail["run_events"][1]["actor"] == f"bob (os {ACCOUNT})"  # the label, then who resumed
     result = detail["results"][0]
     assert result["service"] == "quotation" and result["rto_s"] is not None and result["rto_s"] > 0
     assert chain.ok, chain.first  # the audit chain holds every write, before and after the crash
@@ -376,7 +420,7 @@ def test_lab_site_failover_killed_inside_the_promotion_is_resumed_with_the_engin
         promotions = [s for s in detail["steps"] if s["step_id"] == "promote"]
         assert [s["state"] for s in promotions] == ["interrupted", "succeeded"]
         assert promotions[1]["attempts"] == []  # recorded as done by bob, never promoted twice
-        assert promotions[1]["output"]["marked_done_by"] == "bob"
+        assert promotions[1]["output"]["marked_done_by"] == f"bob (os {ACCOUNT})"
         assert {r["service"] for r in detail["results"] if r["rto_s"] is not None} == {
             "trading", "contract-signing", "quotation"}
         assert chain.ok, chain.first

@@ -26,6 +26,7 @@ from dr_orchestrator.evidence import annotations, chain, migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import AuditEntry, FindingClosure, MeasurementRecord, Run, StepRecord
 from dr_orchestrator.evidence.store import TEST_TYPES, EvidenceStore
+from dr_orchestrator.model.approval import Identity
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -240,7 +241,7 @@ def test_cli_verify_exit_codes_and_findings(database_url: str, sessions: session
     again = dr("findings", "close", "1", "--evidence", "x", db=database_url, cwd=tmp_path)
     assert again.returncode == 2 and "already closed" in again.stderr
     listed = json.loads(dr("findings", "list", "-o", "json", db=database_url, cwd=tmp_path).stdout)
-    assert [(f["created_by"], f["open"], f["closed"]["evidence_text"]) for f in listed] == [
+    assert [(Identity.parse(f["created_by"]).label, f["open"], f["closed"]["evidence_text"]) for f in listed] == [
         ("auditor", False, "DNS automated in CHG-7")]
     assert dr("findings", "list", "--open", db=database_url, cwd=tmp_path).stdout.strip() == "no findings"
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dr_orchestrator.evidence import annotations, migrate, packs, reports, signing
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import AuditEvent
+from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunKind
 
@@ -108,7 +109,8 @@ def test_run_pack_exported_and_verified_offline(
     assert chain_section["verified_at_export"]["ok"] is True and chain_section["entries"]
     with sessions() as session:  # exporting is itself recorded, with who and the chain head
         (event,) = session.scalars(select(AuditEvent)).all()
-    assert (event.actor, event.action, event.data["chain_head"]) == ("auditor", "evidence.pack", manifest["chain_head"])
+    assert (Identity.parse(event.actor).label, event.action, event.data["chain_head"]) == (
+        "auditor", "evidence.pack", manifest["chain_head"])
 
 
 def test_changed_added_or_missing_files_and_wrong_signers_fail(

@@ -3,8 +3,9 @@
 The decision is taken elsewhere (``dr approve RUN STEP``, ``dr reject RUN STEP --reason``, the API)
 and read through ``ctx.approvals``. The gate announces itself (the step and the run show
 ``waiting_approval``), then polls until a decision, its timeout (decided by ``on_timeout``, reject
-unless said otherwise) or cancellation. A pre-approved run (a drill) passes at once. Every outcome
-is evidence: who, when, why.
+unless said otherwise) or cancellation. A pre-approved run (a drill) passes at once, except a gate
+under the two-person rule: whoever started the drill chose its pre-approval, so it is not a second
+person, and the gate waits for one. Every outcome is evidence: who, when, why.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class ApprovalGate(Action[ApprovalParams]):
         on_timeout = params.on_timeout or policy.on_timeout
         started_by = str(ctx.run_info.get("started_by") or "")
         pre_approved_by = ctx.run_info.get("pre_approved_by")
-        if pre_approved_by:
+        if pre_approved_by and not two_person:
             pre = ApprovalDecision(Decision.APPROVED, str(pre_approved_by), f"pre-approved by {pre_approved_by}",
                                    utcnow())
             return self.conclude(ctx, pre, DecisionSource.PRE_APPROVED)

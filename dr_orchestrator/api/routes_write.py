@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
@@ -40,6 +40,9 @@ class DrillStarted(BaseModel):
 
 
 class DecisionRequest(BaseModel):
+    # The decider is the token's holder: a body naming anyone else (actor, started_by, ...) is refused.
+    model_config = ConfigDict(extra="forbid")
+
     reason: str = Field("", description="why; required to reject")
 
 
@@ -113,7 +116,8 @@ def _decide(request: Request, principal: Principal, run_id: str, step_id: str, d
 @router.post("/api/runs/{run_id}/steps/{step_id}/approve", tags=["approvals"], summary="Approve a waiting step")
 def approve(run_id: str, step_id: str, request: Request, body: DecisionRequest | None = None,
             principal: Principal = Depends(engineer)) -> dict[str, Any]:
-    """Same rules as `dr approve`: the step must be waiting; under the two-person rule, not by the run's starter."""
+    """Same rules as `dr approve`: the step must be waiting; under the two-person rule, not by the run's
+    starter (the same name counts as the same person, token or OS account); one decision per person."""
     return _decide(request, principal, run_id, step_id, Decision.APPROVED, body.reason if body else "")
 
 

@@ -2,7 +2,9 @@
 API), reading them (the gate waiting in the run's process), and listing gates that wait.
 
 A gate opens with an ``approval.requested`` action event (written by the store), which carries what
-the decision must respect: who started the run and whether the two-person rule applies.
+the decision must respect: who started the run and whether the two-person rule applies. Who is who
+is ``model.approval.Identity``: the OS account (or sudo user on root) or the API token, never the
+``$DR_ACTOR`` label alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from dr_orchestrator.evidence.annotations import AnnotationError, record_approval
 from dr_orchestrator.evidence.models import ActionEventRecord, Approval, Run, StepRecord
 from dr_orchestrator.evidence.queries import AmbiguousRunId, as_dict, find_run
-from dr_orchestrator.model.approval import ApprovalDecision, Decision
+from dr_orchestrator.model.approval import ApprovalDecision, Decision, same_person, second_person_refusal
 from dr_orchestrator.model.run import StepState
 
 Sessions = Callable[[], Session]
@@ -39,7 +41,7 @@ class DatabaseApprovals:
                 select(Approval).where(Approval.run_id == run_id, Approval.step_id == step_id).order_by(Approval.id)
             )
             for row in rows:
-                if exclude_actor is not None and row.actor == exclude_actor:
+                if exclude_actor is not None and second_person_refusal(run_id, exclude_actor, row.actor) is not None:
                     continue  # the two-person rule: the run's starter cannot decide its gates
                 return ApprovalDecision(Decision(row.decision), row.actor, row.reason, row.at)
         return None
@@ -84,13 +86,24 @@ def decide(session: Session, run_id: str, step_id: str, decision: Decision, acto
         raise ApprovalRefused(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
     _waiting_step(session, run, step_id)
     request = request_of(session, run.id, step_id)
-    if request.get("two_person") and actor == request.get("started_by"):
-        raise ApprovalRefused(f"{actor} started run {run.id}; its runbook requires another person to decide "
-                              f"step {step_id!r} (two-person rule)")
+    refusal = second_person_refusal(run.id, str(request.get("started_by") or run.started_by), actor)
+    if request.get("two_person") and refusal is not None:
+        raise ApprovalRefused(f"{refusal}; its runbook requires another person to decide step {step_id!r} "
+                              f"(two-person rule: a person is the OS account, SUDO_USER on root, or the API "
+                              f"token; $DR_ACTOR is only a label)")
+    _refuse_a_second_decision(session, run.id, step_id, actor)
     try:
         return record_approval(session, run.id, decision.value, actor, step_id=step_id, reason=reason)
     except AnnotationError as exc:
         raise ApprovalRefused(str(exc)) from None
+
+
+def _refuse_a_second_decision(session: Session, run_id: str, step_id: str, actor: str) -> None:
+    """One person decides a gate once, whatever label they give."""
+    for row in session.scalars(select(Approval).where(Approval.run_id == run_id, Approval.step_id == step_id)):
+        if same_person(row.actor, actor):
+            raise ApprovalRefused(f"{row.actor} already decided step {step_id!r} of run {run_id} "
+                                  f"({row.decision} at {row.at.isoformat()}); one person decides a gate once")
 
 
 def waiting_gates(session: Session, run_id: str | None = None) -> list[dict[str, Any]]:
