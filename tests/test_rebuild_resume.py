@@ -29,6 +29,7 @@ from dr_orchestrator.lab.processes import processes_under
 from dr_orchestrator.lab.system import chown
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
 
 RUNBOOK = """
 name: rebuild-backup
@@ -46,6 +47,23 @@ steps:
 # $1: the program's name. A request file in $PAUSES says where to stop: before-POINT, during-POINT
 # (pg_basebackup only: once the copy has begun, the copy is frozen with SIGSTOP) or after-POINT,
 # POINT being the program's name, or pg_ctl-ACTION; fail-PROGRAM makes it fail at once.
+# The Ansible twin (runbooks/playbooks/rebuild-standby.yml), as site-failback.yml runs it.
+PLAYBOOK_RUNBOOK = """
+name: rebuild-backup-with-ansible
+description: Make the backup site's database a standby of the primary again, through Ansible.
+kind: rehearsal
+scope: {sites: [backup]}
+steps:
+  - id: rebuild
+    action: ansible.playbook
+    with:
+      playbook: rebuild-standby.yml
+      limit: backup
+      extra_vars: {site: backup, primary_site: primary, flush: false}
+    timeout: 300s
+    rollback: {none: the old standby is gone either way; only a rebuild brings it back}
+"""
+
 WRAPPER = """#!/bin/sh
 PAUSES={pauses}
 program={program}
@@ -101,6 +119,9 @@ class RebuildBench:
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
         self.runbook = tmp / "rebuild.yml"
         self.runbook.write_text(RUNBOOK)
+        self.playbook_runbook = tmp / "rebuild-with-ansible.yml"
+        self.playbook_runbook.write_text(PLAYBOOK_RUNBOOK)
+        (tmp / "playbooks").symlink_to(REPO / "runbooks" / "playbooks")
         self.db = f"sqlite:///{tmp / 'evidence.db'}"
         dr("db", "upgrade", db=self.db, cwd=tmp, check=True)
 
@@ -187,6 +208,33 @@ def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
         assert output["already_streaming"] is True and set(output["leftovers"]) >= found, output
     else:
         assert set(output["resumed"]) >= found and output["method"] == method, output
+
+
+@pytest.mark.parametrize("phase", ["during the base backup's copy", "swapped in, before the start"])
+def test_the_playbook_killed_in_a_phase_ends_streaming_when_retried(
+    phase: str, bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
+) -> None:
+    config = bench.lab.config
+    bench.lab.kill_service("postgres", "backup")
+    requests, _, _ = PHASES[phase]
+    bench.request(*requests)
+    point = next(name for name in requests if not name.startswith("fail-"))
+    run = processes.start("run", str(bench.playbook_runbook), "-i", str(bench.inventory), "-q", db=bench.db)
+    wait_for(lambda: point in bench.paused() or run.poll() is not None, f"the playbook to reach {point}")
+    assert run.poll() is None, run.communicate()
+    processes.kill(run)
+    run_id = str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
+    bench.request("fail-pg_rewind")
+
+    # A playbook is not idempotent for the engine: the engineer says to run it again.
+    resumed = dr("resume", run_id, "-q", "--retry", "rebuild", db=bench.db, cwd=bench.tmp, actor="bob")
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    state = streaming(bench)
+    assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
+    assert (state["listen_addresses"], state["port"]) == (config.address("backup"), str(config.postgres_port))
+    assert not Path(f"{config.pgdata('backup')}{WORK_SUFFIX}").exists()
+    assert not [pid for pid in processes_under(config.root) if str(bench.pg_bin) in _command(pid)]
 
 
 def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str | None = None) -> Path:
