@@ -40,7 +40,7 @@ def render_report(report: dict[str, Any]) -> Group:
             str(service["failed"]),
             str(len(service["outage_windows"])),
             "-" if service["acknowledged_writes"] is None else str(service["acknowledged_writes"]),
-            "-" if lost is None else str(lost["count"]),
+            "-" if lost is None else f"{lost['count']} (at {lost['checked_site']})",  # where it last wrote
             lost_window,
         )
         for window in service["outage_windows"]:
