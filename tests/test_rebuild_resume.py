@@ -102,6 +102,7 @@ class RebuildBench:
         self.lab, self.tmp = lab, tmp
         config = lab.config
         self.pg_bin = config.root / "test-pg-bin"
+        self.work = Path(f"{config.pgdata('backup')}{WORK_SUFFIX}")
         self.pauses = config.root / "test-pauses"
         for directory in (self.pg_bin, self.pauses):
             directory.mkdir()
@@ -174,33 +175,42 @@ PHASES: dict[str, tuple[list[str], set[str], str | None]] = {
 }
 
 
-@pytest.mark.parametrize("phase", PHASES)
-def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
-    phase: str, bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
-) -> None:
-    config = bench.lab.config
+def killed_inside(bench: RebuildBench, runbook: Path, requests: list[str], started: Processes) -> str:
+    """Kill the standby, run ``runbook`` until the wrapper stops where ``requests`` say, SIGKILL the
+    run there, and lift the stop (a failure asked for stays asked for); the run's id."""
     bench.lab.kill_service("postgres", "backup")  # a standby to rebuild: nothing streams to the primary
-    requests, found, method = PHASES[phase]
     bench.request(*requests)
     point = next(name for name in requests if not name.startswith("fail-"))
-    run = processes.start("run", str(bench.runbook), "-i", str(bench.inventory), "-q", db=bench.db)
+    run = started.start("run", str(runbook), "-i", str(bench.inventory), "-q", db=bench.db)
     wait_for(lambda: point in bench.paused() or run.poll() is not None, f"the rebuild to reach {point}")
     assert run.poll() is None, run.communicate()
-    processes.kill(run)
-    run_id = str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
-    work = Path(f"{config.pgdata('backup')}{WORK_SUFFIX}")
-    assert (work / "config" / "postgresql.conf").exists()  # the site's own settings, kept across attempts
-    bench.request(*[name for name in requests if name.startswith("fail-")])  # no pause this time
+    started.kill(run)
+    assert (bench.work / "config" / "postgresql.conf").exists()  # the site's own settings, kept across attempts
+    bench.request(*[name for name in requests if name.startswith("fail-")])
+    return str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
 
-    resumed = dr("resume", run_id, "-q", db=bench.db, cwd=bench.tmp, actor="bob")
 
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+def assert_a_streaming_standby_and_nothing_left(bench: RebuildBench) -> None:
+    config = bench.lab.config
     state = streaming(bench)
     assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
     assert state["in_recovery"] is True
     assert (state["listen_addresses"], state["port"]) == (config.address("backup"), str(config.postgres_port))
-    assert not work.exists()  # nothing of the attempts is left behind
+    assert not bench.work.exists()  # nothing of the attempts is left behind
     assert not [pid for pid in processes_under(config.root) if str(bench.pg_bin) in _command(pid)]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
+    phase: str, bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
+) -> None:
+    requests, found, method = PHASES[phase]
+    run_id = killed_inside(bench, bench.runbook, requests, processes)
+
+    resumed = dr("resume", run_id, "-q", db=bench.db, cwd=bench.tmp, actor="bob")
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_a_streaming_standby_and_nothing_left(bench)
     detail, _ = recorded(bench.db, run_id)
     [rebuild] = [s for s in detail["steps"] if s["step_id"] == "rebuild" and s["state"] == "succeeded"]
     output = rebuild["output"]
@@ -213,36 +223,22 @@ def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
 def test_the_playbook_killed_during_its_copy_ends_streaming_when_retried(
     bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
 ) -> None:
-    config = bench.lab.config
-    bench.lab.kill_service("postgres", "backup")
     requests, _, _ = PHASES["during the base backup's copy"]
-    bench.request(*requests)
-    point = next(name for name in requests if not name.startswith("fail-"))
-    run = processes.start("run", str(bench.playbook_runbook), "-i", str(bench.inventory), "-q", db=bench.db)
-    wait_for(lambda: point in bench.paused() or run.poll() is not None, f"the playbook to reach {point}")
-    assert run.poll() is None, run.communicate()
-    processes.kill(run)
-    run_id = str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
-    bench.request("fail-pg_rewind")
+    run_id = killed_inside(bench, bench.playbook_runbook, requests, processes)
 
     # A playbook is not idempotent for the engine: the engineer says to run it again.
     resumed = dr("resume", run_id, "-q", "--retry", "rebuild", db=bench.db, cwd=bench.tmp, actor="bob")
 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    state = streaming(bench)
-    assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
-    assert (state["listen_addresses"], state["port"]) == (config.address("backup"), str(config.postgres_port))
-    assert not Path(f"{config.pgdata('backup')}{WORK_SUFFIX}").exists()
-    assert not [pid for pid in processes_under(config.root) if str(bench.pg_bin) in _command(pid)]
+    assert_a_streaming_standby_and_nothing_left(bench)
 
 
-def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str | None = None) -> Path:
+def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str | None = None) -> None:
     """The work directory a killed attempt would have left: the site's saved configuration, the given
     marks, and the data directory moved to ``data_dir_to`` inside it (a swap cut between its renames)."""
     config = bench.lab.config
     bench.lab.kill_service("postgres", "backup")
-    data_dir = config.pgdata("backup")
-    work = Path(f"{data_dir}{WORK_SUFFIX}")
+    data_dir, work = config.pgdata("backup"), bench.work
     (work / "config").mkdir(parents=True)
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf"):
         (work / "config" / name).write_bytes((data_dir / name).read_bytes())
@@ -251,42 +247,43 @@ def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str |
     for path in (work, *work.iterdir(), *(work / "config").iterdir()):
         chown(path, config.os_user)
     if data_dir_to is not None:
+        # As the killed attempt found it: the old server stopped and gone (its socket's lock file
+        # names its pid); the copy, a base backup, without a postmaster.pid.
+        postmaster = (data_dir / "postmaster.pid").read_text().split()[0]
+        wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), "the killed postmaster to be reaped")
+        (data_dir / "postmaster.pid").unlink()
         data_dir.rename(work / data_dir_to)
-    return work
 
 
 def run_rebuild(bench: RebuildBench) -> dict[str, Any]:
     bench.request()
     ran = dr("run", str(bench.runbook), "-i", str(bench.inventory), "-q", db=bench.db, cwd=bench.tmp)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
     run_id = str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
     detail, _ = recorded(bench.db, run_id)
     [rebuild] = [s for s in detail["steps"] if s["step_id"] == "rebuild"]
+    log = bench.lab.config.log_dir("backup") / "postgres.log"
+    assert ran.returncode == 0, (rebuild["error"], log.read_text()[-1500:])
     output: dict[str, Any] = rebuild["output"]
     return output
 
 
 def test_a_swap_cut_between_its_two_renames_is_finished(bench: RebuildBench) -> None:
-    work = leave_attempt(bench, {"copy_complete": ""}, data_dir_to="copy")
+    leave_attempt(bench, {"copy_complete": ""}, data_dir_to="copy")
 
     output = run_rebuild(bench)
 
     assert output["server_found"] == "missing" and output["method"] == "resumed: pg_basebackup", output
-    state = streaming(bench)
-    assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
-    assert not work.exists()
+    assert_a_streaming_standby_and_nothing_left(bench)
 
 
 def test_a_ready_mark_whose_data_directory_ran_since_is_not_trusted(bench: RebuildBench) -> None:
-    work = leave_attempt(bench, {"ready": "Database system identifier: 1\nLatest checkpoint location: 0/1\n"})
+    leave_attempt(bench, {"ready": "Database system identifier: 1\nLatest checkpoint location: 0/1\n"})
 
     output = run_rebuild(bench)
 
     assert output["resumed"] == ["config", "stale_ready"] and output["method"] == "pg_basebackup", output
     assert output["rewind_error"] == "an earlier attempt's rebuilt data directory has run since it was marked ready"
-    state = streaming(bench)
-    assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
-    assert not work.exists()
+    assert_a_streaming_standby_and_nothing_left(bench)
 
 
 def test_a_rebuild_of_a_streaming_standby_changes_nothing(bench: RebuildBench) -> None:
