@@ -12,9 +12,11 @@ beside the data directory (whose parent the database's OS user must be able to w
 own configuration is saved there once, before anything in the data directory changes, and every
 later attempt uses that copy. A base backup goes to a fresh directory there, gets the site's
 configuration, and only then replaces the data directory (two renames, each step marked so that a
-re-run finishes the swap). A rewind changes the data directory in place, so one that was interrupted
-is never trusted: the next attempt takes a base backup. A re-run first kills what a killed attempt
-left running on the host (its pg_rewind or pg_basebackup goes on after the SSH connection drops).
+re-run finishes the swap). A rewind changes the data directory in place, so one that did not finish
+(killed or failed) is never trusted: the next attempt takes a base backup. A data directory marked
+ready holds its control file's identity, so one that has run since is not trusted either. A re-run
+first kills what a killed attempt left running on the host (its pg_rewind or pg_basebackup goes on
+after the SSH connection drops). The action and ``playbooks/rebuild-standby.yml`` share this layout.
 """
 
 from __future__ import annotations
@@ -268,7 +270,8 @@ class RebuildStandby(Action[RebuildStandbyParams]):
 
 def _untrusted(found: dict[str, bool]) -> str | None:
     if found["rewinding"]:
-        return "an earlier attempt's pg_rewind was interrupted: the data directory may be half rewritten"
+        # PostgreSQL's advice after a pg_rewind that did not finish: take a fresh base backup.
+        return "an earlier attempt's pg_rewind did not finish: the data directory may be half rewritten"
     if found["stale_ready"]:
         return "an earlier attempt's rebuilt data directory has run since it was marked ready"
     return None
