@@ -234,3 +234,24 @@ def test_a_dead_standby_stops_the_site_failover_before_it_touches_the_healthy_pr
             assert prober.outage_s(service) < 2.0, (service, prober.outage_s(service))
         verdict = [e for e in detail["events"] if e["kind"] == "blast_radius.verdict"]
         assert verdict and verdict[0]["data"]["left_as_found"] is True, verdict
+
+
+def test_failing_trading_over_records_what_it_did_to_contract_signing_on_the_shared_database(
+    lab_factory: Any, evidence_db: str, tmp_path: Path
+) -> None:
+    """In this lab the three services share one database: fencing it for trading stops contract-signing's
+    writes. The run cannot avoid that, so it must say it: an impact and a finding, not silence."""
+    with lab_factory() as lab:
+        wait_for_replicated_heartbeat(lab.config)
+        code, detail = run_runbook("failover-trading.yml", lab, evidence_db, tmp_path)
+        assert code == 0, failures(detail)
+        assert front_door_site(lab.config, "trading") == "backup"
+        impacts = [e["data"] for e in detail["events"] if e["kind"] == "blast_radius.impact"]
+        assert [(i["service"], i["in_scope"]) for i in impacts] == [("contract-signing", False)], impacts
+        verdict = next(e["data"] for e in detail["events"] if e["kind"] == "blast_radius.verdict")
+        assert verdict["left_as_found"] is False and verdict["worse"] == ["contract-signing"], verdict
+        findings = dr("findings", "list", "-o", "json", db=evidence_db, cwd=tmp_path)
+        assert findings.returncode == 0, findings.stderr
+        opened = [f for f in json.loads(findings.stdout) if f["run_id"] == detail["run"]["id"]]
+        assert [f["severity"] for f in opened] == ["high"], opened  # contract-signing's tier: important
+        assert "contract-signing" in opened[0]["text"]
