@@ -16,6 +16,7 @@ from pydantic import Field
 
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.approval import ApprovalDecision, ApprovalPolicy, Decision, DecisionSource, OnTimeout
+from dr_orchestrator.model.durations import Duration
 from dr_orchestrator.model.events import ApprovalDecided, ApprovalRequested, utcnow
 from dr_orchestrator.model.runbook import Effect
 
@@ -27,7 +28,9 @@ MARGIN_S = 1.0
 
 class ApprovalParams(Params):
     message: str = Field(default="", description="what the approver is asked to decide")
-    timeout: float | None = Field(default=None, gt=0, description="seconds to wait; default: the step's timeout")
+    timeout: Duration | None = Field(
+        default=None, gt=0, description="how long to wait (2m, 90s, or seconds); default: the step's timeout"
+    )
     on_timeout: OnTimeout | None = Field(default=None, description="reject or approve; default: the runbook's")
     two_person: bool | None = Field(default=None, description="default: the runbook's approvals.two_person")
 

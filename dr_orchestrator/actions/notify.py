@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from dr_orchestrator.actions import secretref
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
+from dr_orchestrator.model.durations import Duration
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.runbook import Effect
 
@@ -35,8 +36,8 @@ TIMESTAMP_HEADER = "X-DR-Timestamp"
 
 class RetryParams(Params):
     attempts: int = Field(default=4, ge=1, le=20, description="Tries in all, the first included.")
-    backoff: float = Field(default=0.5, ge=0, le=60, description="Seconds before the second try; doubles after.")
-    timeout: float = Field(default=10.0, gt=0, le=120, description="Seconds per try.")
+    backoff: Duration = Field(default=0.5, ge=0, le=60, description="Time before the second try; doubles after.")
+    timeout: Duration = Field(default=10.0, gt=0, le=120, description="Time per try (seconds or e.g. 10s).")
 
 
 class WebhookParams(RetryParams):

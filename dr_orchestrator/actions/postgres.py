@@ -28,10 +28,10 @@ from dr_orchestrator.actions.pgdb import (
     resolve,
     role_of,
 )
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.events import utcnow
-from dr_orchestrator.model.safety import PROMOTE_FENCED
 from dr_orchestrator.model.runbook import Effect
+from dr_orchestrator.model.safety import PROMOTE_FENCED
 
 
 def _site_field(description: str) -> Any:
@@ -44,7 +44,9 @@ def _optional_site_field(description: str) -> Any:
 
 class DatabaseParams(Params):
     database: str | None = Field(
-        default=None, description="Database in dr.vars.databases; may be left out when the inventory describes one."
+        default=None,
+        description="Database in dr.vars.databases; may be left out when the inventory describes one.",
+        json_schema_extra={"refers_to": "database"},
     )
 
 
@@ -61,17 +63,12 @@ class ReplicationStatusParams(DatabaseParams):
         description="Refuse when the standby's replay position is more than this many bytes behind "
         "(the primary's current position when it answers, else what the standby has received).",
     )
-    max_staleness: float | None = Field(
+    max_staleness: Duration | None = Field(
         default=None,
         description="Refuse when the standby's newest heartbeat (or replayed commit) is older than this "
         "(seconds or a duration): older than now while a primary answers, else than the incident time.",
     )
     require_streaming: bool = Field(default=False, description="Refuse unless the standby's WAL receiver is streaming.")
-
-    @field_validator("max_staleness", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
 
 
 class ReplicationStatus(Action[ReplicationStatusParams]):
@@ -371,7 +368,7 @@ class RpoParams(DatabaseParams):
         description="Planned switchover: the old primary's pg_current_wal_lsn() once writes stopped "
         "(e.g. '{{ steps.caught_up.output.primary_lsn }}'); RPO is 0 when the promoted database replayed up to it.",
     )
-    sync_staleness: float = Field(
+    sync_staleness: Duration = Field(
         default=1.0,
         description="Synchronous replication counts (RPO 0) only when the last heartbeat saw it this close "
         "before the incident (seconds or a duration).",
@@ -380,12 +377,8 @@ class RpoParams(DatabaseParams):
         default_factory=list,
         description="Services the figure applies to (they share the database); by default the step's service, "
         "or every service of the run.",
+        json_schema_extra={"refers_to": "service"},
     )
-
-    @field_validator("sync_staleness", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return parse_duration(value)
 
     @field_validator("old_primary_final_lsn")
     @classmethod

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from dr_orchestrator.actions.base import ActionCancelled, ActionContext, ActionError, Params
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.events import utcnow
 
 
@@ -26,21 +26,16 @@ class ProbingParams(Params):
     consecutive: int = Field(
         default=1, description="Good probes needed in a row; the first of them is when the target counts as healthy."
     )
-    interval: float = Field(
+    interval: Duration = Field(
         default=0.1, description="Time between probe starts, in seconds or as a duration such as 100ms."
     )
-    probe_timeout: float = Field(
+    probe_timeout: Duration = Field(
         default=1.0, description="How long one probe may take before it counts as failed (seconds or duration)."
     )
-    deadline: float | None = Field(
+    deadline: Duration | None = Field(
         default=None,
         description="Give up after this long (seconds or duration); by default, when the step's timeout passes.",
     )
-
-    @field_validator("interval", "probe_timeout", "deadline", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return None if value is None else parse_duration(value)
 
     @field_validator("consecutive")
     @classmethod

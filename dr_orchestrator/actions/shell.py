@@ -33,7 +33,10 @@ class ShellRunParams(Params):
         default=None, min_length=1, description="Program and arguments, run directly without a shell."
     )
     command: str | None = Field(
-        default=None, min_length=1, description="A command line for /bin/sh -c; needs `shell: true`."
+        default=None,
+        min_length=1,
+        description="A command line for /bin/sh -c; needs `shell: true`.",
+        json_schema_extra={"shell_command": True},
     )
     shell: bool = Field(default=False, description="Run `command` through /bin/sh (pipes, redirections, globs).")
     cwd: str | None = Field(default=None, description="Working directory (default: the orchestrator's).")

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import paramiko
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.actions.shell import BoundedOutput, last_line
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.inventory import Host
 
 KEEPALIVE_S = 15
@@ -48,7 +48,10 @@ class SshRunParams(Params):
         default=None, min_length=1, description="Program and arguments; quoted for the remote shell (shlex.join)."
     )
     command: str | None = Field(
-        default=None, min_length=1, description="A command line for the remote user's shell, used as written."
+        default=None,
+        min_length=1,
+        description="A command line for the remote user's shell, used as written.",
+        json_schema_extra={"shell_command": True},
     )
     max_parallel: int = Field(default=8, ge=1, le=256, description="Hosts worked on at the same time.")
     allow_unreachable: bool = Field(
@@ -59,14 +62,9 @@ class SshRunParams(Params):
     max_output: int = Field(
         default=64 * 1024, ge=64, description="Bytes kept of stdout and of stderr each, per host (start and end)."
     )
-    connect_timeout: float = Field(
+    connect_timeout: Duration = Field(
         default=5.0, description="Longest wait for a host's connection (seconds or a duration); capped by the step's."
     )
-
-    @field_validator("connect_timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return parse_duration(value)
 
     @model_validator(mode="after")
     def _one_command(self) -> SshRunParams:

@@ -5,23 +5,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.runbook import Effect
 
 
 class WaitParams(Params):
-    duration: float = Field(
+    duration: Duration = Field(
         validation_alias=AliasChoices("duration", "seconds"),
         description="How long to wait: seconds (also accepted as `seconds`) or a duration such as 30s, 5m, 100ms.",
     )
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> float:
-        return parse_duration(value)
 
 
 class Wait(Action[WaitParams]):

@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from pydantic import Field, field_validator
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 
 # Timeouts of one HTTP exchange with AWS; a step's own timeout bounds the whole action.
 CONNECT_TIMEOUT_S = 5.0
@@ -57,12 +57,7 @@ class AwsParams(Params):
 
 class PollingParams(Params):
     wait: bool = Field(default=True, description="Wait until the change is complete (bounded by the step timeout).")
-    poll_interval: float = Field(default=2.0, description="Time between status reads while waiting (seconds or 2s).")
-
-    @field_validator("poll_interval", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> float:
-        return parse_duration(value)
+    poll_interval: Duration = Field(default=2.0, description="Time between status reads while waiting (seconds or 2s).")
 
     @field_validator("poll_interval")
     @classmethod

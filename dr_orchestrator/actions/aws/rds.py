@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams
 from dr_orchestrator.actions.base import ActionResult
-from dr_orchestrator.model.durations import format_duration, parse_duration
+from dr_orchestrator.model.durations import Duration, format_duration
 
 LAG_PERIOD_S = 60  # RDS publishes ReplicaLag every minute
 
@@ -23,18 +23,15 @@ class RdsPromoteParams(AwsParams, PollingParams):
     backup_retention_days: int | None = Field(
         default=None, ge=0, le=35, description="Automated backup retention of the promoted database (default: AWS's)."
     )
-    poll_interval: float = Field(default=10.0, description="Time between status reads while waiting (seconds or 10s).")
+    poll_interval: Duration = Field(
+        default=10.0, description="Time between status reads while waiting (seconds or 10s)."
+    )
     measure_rpo: bool = Field(
         default=True, description="Record the replica's lag (CloudWatch ReplicaLag) before promotion as the RPO."
     )
-    rpo_window: float = Field(
+    rpo_window: Duration = Field(
         default=600.0, description="How far back to look for the newest ReplicaLag datapoint (seconds or 10m)."
     )
-
-    @field_validator("rpo_window", mode="before")
-    @classmethod
-    def _window(cls, value: Any) -> float:
-        return parse_duration(value)
 
 
 def describe(client: Any, db_instance: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dr_orchestrator.actions.aws.common import Aws, AwsAction, AwsParams, PollingParams, paginate
 from dr_orchestrator.actions.base import ActionContext, ActionError, ActionResult
 from dr_orchestrator.actions.probing import ProbingParams, Verdict, probe_until_streak
+from dr_orchestrator.model.durations import Duration
 from dr_orchestrator.model.runbook import Effect
 
 # Route 53 counts an endpoint healthy when more than 18% of its checkers report it healthy.
@@ -245,7 +246,7 @@ class Route53HealthParams(AwsParams, ProbingParams):
         default="healthy",
         description="Read until the check reports this (N times in a row, see consecutive); `any`: read once.",
     )
-    interval: float = Field(default=10.0, description="Time between reads (Route 53 checkers report every 10-30s).")
+    interval: Duration = Field(default=10.0, description="Time between reads (Route 53 checkers report every 10-30s).")
 
     @field_validator("health_check")
     @classmethod
