@@ -15,7 +15,14 @@ from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import (
+    UNSAFE_ASYNC_GENERATOR_ATTRIBUTES,
+    UNSAFE_COROUTINE_ATTRIBUTES,
+    UNSAFE_FUNCTION_ATTRIBUTES,
+    UNSAFE_GENERATOR_ATTRIBUTES,
+    UNSAFE_METHOD_ATTRIBUTES,
+    ImmutableSandboxedEnvironment,
+)
 
 # Names a template may use; loading checks templates against these.
 CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
@@ -28,6 +35,10 @@ _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
 class TemplateError(Exception):
     """A template could not be parsed or rendered; the message says why in one sentence."""
+
+
+class TemplateForbidden(TemplateError):
+    """A template reaches for something the sandbox refuses at run time (``''.__class__``)."""
 
 
 def _shquote(value: Any) -> str:
@@ -90,6 +101,31 @@ def _check_shape(tree: nodes.Template) -> None:
     for loop in tree.find_all(nodes.For):
         if any(True for _ in loop.find_all(nodes.For)):
             raise TemplateError("templates may not nest one {% for %} loop in another")
+    _check_sandbox(tree)
+
+
+# Attributes the sandbox refuses to read whatever the object (its rule: names starting with `__`,
+# plus these internals of functions, methods, classes and generators).
+_UNSAFE_ATTRIBUTES = (UNSAFE_FUNCTION_ATTRIBUTES | UNSAFE_METHOD_ATTRIBUTES | UNSAFE_GENERATOR_ATTRIBUTES
+                      | UNSAFE_COROUTINE_ATTRIBUTES | UNSAFE_ASYNC_GENERATOR_ATTRIBUTES | {"mro"})
+# Methods that change a list, dict, set or deque in place, which the immutable sandbox refuses to call.
+_MUTATING_METHODS = frozenset({
+    "append", "appendleft", "extend", "extendleft", "insert", "pop", "popleft", "popitem", "remove", "reverse",
+    "rotate", "sort", "clear", "update", "setdefault", "add", "discard", "difference_update",
+    "symmetric_difference_update",
+})
+
+
+def _check_sandbox(tree: nodes.Template) -> None:
+    """Refuse, when a template is read, what the sandbox would refuse when it renders."""
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        name = node.attr if isinstance(node, nodes.Getattr) else getattr(getattr(node, "arg", None), "value", None)
+        if isinstance(name, str) and (name.startswith("__") or name in _UNSAFE_ATTRIBUTES):
+            raise TemplateForbidden(f"templates may not read {name!r}: the sandbox forbids internal attributes")
+    for call in tree.find_all(nodes.Call):
+        if isinstance(call.node, nodes.Getattr) and call.node.attr in _MUTATING_METHODS:
+            raise TemplateForbidden(f"templates may not call {call.node.attr}(): the sandbox forbids changing "
+                                    "values in place")
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
@@ -229,3 +265,41 @@ def references(source: str) -> list[tuple[str, str | None]]:
         if name_node.ctx == "load" and name_node.name not in assigned and id(name_node) not in seen_names:
             found.append((name_node.name, None))
     return found
+
+
+# Filters whose output a shell reads as one word whatever the value.
+_SHELL_SAFE_FILTERS = frozenset({"shquote", "shjoin", "int", "float", "length", "count"})
+
+
+def unquoted_in_shell(source: str) -> list[str]:
+    """The expressions of a shell command line template that are put in without ``| shquote``
+    (``params.site`` for ``echo {{ params.site }}``): a value with a space or ``;`` would change the command.
+
+    Raises TemplateError on bad syntax."""
+    found = []
+    for output in parse(source).find_all(nodes.Output):
+        for expression in output.nodes:
+            if isinstance(expression, nodes.TemplateData):
+                continue
+            node: nodes.Expr | None = expression
+            while isinstance(node, nodes.Filter) and node.name not in _SHELL_SAFE_FILTERS:
+                node = node.node
+            if not isinstance(node, (nodes.Filter, nodes.Const)):  # a safe filter, or a constant
+                found.append(_shown(expression))
+    return list(dict.fromkeys(found))
+
+
+def _shown(node: nodes.Node) -> str:
+    """``params.site``, ``hosts[...].vars`` or ``f(...)``: the expression, briefly."""
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        return f"{_shown(node.node)}.{node.attr}"
+    if isinstance(node, nodes.Getitem):
+        key = repr(node.arg.value) if isinstance(node.arg, nodes.Const) else "..."
+        return f"{_shown(node.node)}[{key}]"
+    if isinstance(node, nodes.Call):
+        return f"{_shown(node.node)}(...)"
+    if isinstance(node, nodes.Filter) and node.node is not None:
+        return f"{_shown(node.node)} | {node.name}"
+    return "..."

@@ -22,14 +22,24 @@ class Problem:
     field: str
     message: str
     fix: str = ""
+    # "error": the run would certainly fail, so nothing runs; "warning": risky but runnable
+    # (`dr validate --strict` treats it as an error).
+    severity: str = "error"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
+        if self.severity != "error":
+            where = f"{where}: {self.severity}"
         text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
         return f"{text} ({self.fix})" if self.fix else text
 
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message, "fix": self.fix}
+        return {"file": self.file, "line": self.line, "field": self.field, "message": self.message, "fix": self.fix,
+                "severity": self.severity}
 
 
 class LoadError(Exception):
@@ -60,8 +70,8 @@ class YamlDocument:
                 return None
             key = key[:-1]
 
-    def problem(self, key: PathKey, message: str, fix: str = "") -> Problem:
-        return Problem(self.path, self.line(key), dotted(key), message, fix)
+    def problem(self, key: PathKey, message: str, fix: str = "", severity: str = "error") -> Problem:
+        return Problem(self.path, self.line(key), dotted(key), message, fix, severity)
 
 
 def dotted(key: PathKey) -> str:

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from dr_orchestrator.templating import TemplateError, evaluate_condition, references, render_string, render_value
+from dr_orchestrator.templating import (
+    TemplateError,
+    TemplateForbidden,
+    evaluate_condition,
+    references,
+    render_string,
+    render_value,
+    unquoted_in_shell,
+)
 
 CONTEXT: dict[str, Any] = {
     "params": {"site": "backup", "port": 5433, "drill": True, "hosts": ["a", "b"]},
@@ -202,3 +210,49 @@ def test_references_ignore_loop_and_set_variables() -> None:
 
 def test_bare_conditions_are_read_as_expressions() -> None:
     assert references("params.drill and not vars.dry") == [("params", "drill"), ("vars", "dry")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ params['__class__'] }}",
+        "before {{ ''.__class__ }} after",
+        "{% for c in ''.__class__.__mro__ %}{{ c }}{% endfor %}",
+        "{{ params.update({'site': 'primary'}) }}",
+        "{{ params.hosts.pop() }}",
+        "{{ params.__class__.mro() }}",
+        "params.hosts.append('c')",  # a bare condition
+    ],
+)
+def test_what_the_sandbox_refuses_is_found_when_a_template_is_read(source: str) -> None:
+    with pytest.raises(TemplateForbidden, match="the sandbox forbids"):
+        references(source)
+    with pytest.raises(TemplateError):  # and still refused when rendered
+        render_string(source if "{" in source else "{{ " + source + " }}", CONTEXT)
+
+
+@pytest.mark.parametrize(
+    "source", ["{{ params.get('site') }}", "{{ params.hosts | list }}", "{{ steps.find.output._lsn | default(1) }}",
+               "{{ params.site.upper() }}", "{{ params.hosts | select('ne', 'a') | list }}"],
+)
+def test_ordinary_templates_are_not_mistaken_for_escapes(source: str) -> None:
+    references(source)
+
+
+@pytest.mark.parametrize(
+    ("source", "unquoted"),
+    [
+        ("echo {{ params.site }}", ["params.site"]),
+        ("echo {{ params.site | shquote }} {{ params.hosts | shjoin }} {{ params.port | int }}", []),
+        ("echo {{ params.site | shquote | upper }}", []),
+        ("kill {{ steps.find.output.lsn | trim }}", ["steps.find.output.lsn | trim"]),
+        ("{{ hosts[params.site].vars.ctl }} start {{ 'x' }}", ["hosts[...].vars.ctl"]),
+        ("{% for h in params.hosts %}ping {{ h }}; {% endfor %}", ["h"]),
+        ("echo {{ params.site }} {{ params.site }}", ["params.site"]),
+        ("echo plain", []),
+    ],
+)
+def test_unquoted_expressions_in_a_shell_command_are_found(source: str, unquoted: list[str]) -> None:
+    assert unquoted_in_shell(source) == unquoted
