@@ -28,8 +28,14 @@ def fail_with_problems(problems: list[Any], output: str) -> NoReturn:
     else:
         for problem in problems:
             click.echo(str(problem), err=True)
-        click.echo(f"{len(problems)} problem(s) found.", err=True)
+        warnings = sum(1 for p in problems if not getattr(p, "is_error", True))
+        also = f" and {warnings} warning(s)" if warnings else ""
+        click.echo(f"{len(problems) - warnings} problem(s){also} found.", err=True)
     sys.exit(USER_ERROR)
+
+
+def print_warning(problem: Any) -> None:
+    click.echo(str(problem), err=True)
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
@@ -102,21 +108,19 @@ def session_factory(ctx: click.Context) -> Any:
 @cli.command()
 @with_runbook_arguments
 @output_option
-def validate(runbook: str, inventory: str, params: tuple[str, ...], output: str) -> None:
-    """Check a runbook against an inventory; exit 2 listing every problem."""
-    from dr_orchestrator.plans import PlanError, build_plan, parse_overrides
-    from dr_orchestrator.yamlsource import LoadError
+@click.option("--strict", is_flag=True, help="warnings (e.g. a template put into a shell command unquoted) fail too")
+def validate(runbook: str, inventory: str, params: tuple[str, ...], output: str, strict: bool) -> None:
+    """Check a runbook against an inventory; exit 2 listing every problem, in one pass.
 
-    try:
-        build_plan(runbook, inventory, parse_overrides(list(params)))
-    except LoadError as exc:
-        fail_with_problems(exc.problems, output)
-    except PlanError as exc:
-        raise UserError(str(exc)) from None
+    Warnings are printed and exit 0, unless --strict."""
+    warnings: list[Any] = []
+    _build(runbook, inventory, params, output, strict=strict, warn=warnings.append)
     if output == "json":
-        click.echo(json.dumps({"ok": True, "problems": []}))
-    else:
-        click.echo(f"{runbook}: valid against {inventory}")
+        click.echo(json.dumps({"ok": True, "problems": [w.as_dict() for w in warnings]}))
+        return
+    for warning in warnings:
+        print_warning(warning)
+    click.echo(f"{runbook}: valid against {inventory}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
 
 
 @cli.command()
@@ -126,7 +130,8 @@ def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str) -> 
     """Show the steps in execution order with templates rendered; runs nothing."""
     from dr_orchestrator.plans import describe_plan
 
-    described = describe_plan(_build(runbook, inventory, params, output))
+    described = describe_plan(_build(runbook, inventory, params, output,
+                                     warn=print_warning if output == "text" else None))
     if output == "json":
         click.echo(json.dumps(described, indent=2, default=str))
         return
@@ -200,7 +205,7 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
         raise UserError('--force needs a reason, e.g. --force "primary site confirmed powered off by facilities"')
     forced = (force_reason.strip(),) if force_reason else ()
     the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger=trigger,
-                      forced=forced)
+                      forced=forced, warn=print_warning)
     sessions = session_factory(ctx)
     if failback_of is not None:
         failback_of = _existing_run_id(sessions, failback_of)

@@ -6,6 +6,8 @@ fields (sites, services, targets, free variables) live under ``all.vars.dr``.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,9 +34,13 @@ _HOST_KEYS = {
 }
 
 
-def pydantic_problems(document: YamlDocument, base: PathKey, error: ValidationError) -> list[Problem]:
+def pydantic_problems(document: YamlDocument, base: PathKey, error: ValidationError,
+                      skip: Callable[[Any], bool] = lambda item: False) -> list[Problem]:
+    """One problem per error pydantic found, but those ``skip`` says are reported otherwise."""
     problems = []
     for item in error.errors():
+        if skip(item):
+            continue
         key = base + tuple(p for p in item["loc"] if isinstance(p, (str, int)))
         key = tuple("with" if p == "with_" else p for p in key)
         message = item["msg"]
@@ -286,6 +292,22 @@ def parse_runbook(document: YamlDocument) -> Runbook:
     return parsed.runbook
 
 
+@dataclass
+class Checked:
+    """A runbook checked against an inventory: every problem (errors and warnings), and what was read."""
+
+    problems: list[Problem]
+    runbook: Runbook | None = None
+    runbook_document: YamlDocument | None = None
+    inventory: Inventory | None = None
+    inventory_document: YamlDocument | None = None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's values, when `given` was
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [problem for problem in self.problems if problem.is_error]
+
+
 def validate(
     runbook_path: str,
     inventory_path: str,
@@ -296,21 +318,103 @@ def validate(
 ) -> list[Problem]:
     """Every problem of a runbook against an inventory, structural and semantic together (empty when
     clean): what `dr validate` reports. Inventory problems come first, then the runbook's by line."""
+    return check_files(runbook_path, inventory_path, params_model, runbook_text=runbook_text,
+                       inventory_text=inventory_text).problems
+
+
+def check_files(
+    runbook_path: str,
+    inventory_path: str,
+    params_model: ParamsLookup,
+    *,
+    given: dict[str, Any] | None = None,
+    runbook_text: str | None = None,
+    inventory_text: str | None = None,
+) -> Checked:
+    """Read and check both files in one pass. With ``given`` (the parameters a run is asked for),
+    also resolve the run's parameter values and render templates with them; without, templates
+    render with the parameters' defaults."""
     problems: list[Problem] = []
-    inventory: Inventory | None = None
+    checked = Checked(problems)
     try:
-        inventory, _ = load_inventory(inventory_path, inventory_text)
+        checked.inventory, checked.inventory_document = load_inventory(inventory_path, inventory_text)
     except LoadError as exc:
         problems.extend(exc.problems)
     try:
         document = read_yaml(runbook_path, runbook_text)
     except LoadError as exc:
-        return problems + exc.problems
+        problems.extend(exc.problems)
+        return checked
+    checked.runbook_document = document
     parsed = _parse_runbook(document)
     found = list(parsed.problems)
-    if inventory is not None and parsed.runbook is not None:
-        found.extend(_check_steps(parsed.runbook, parsed.steps, document, inventory, params_model))
-    return problems + _by_line(found)
+    runbook, inventory = parsed.runbook, checked.inventory
+    if inventory is not None and runbook is not None:
+        values = None
+        if given is not None:
+            values, wrong = parameter_values(runbook, document, inventory, given)
+            found.extend(wrong)
+            checked.parameters = values
+        found.extend(_check_steps(runbook, parsed.steps, document, inventory, params_model, values))
+    problems.extend(_by_line(found))
+    if not parsed.problems:
+        checked.runbook = runbook
+    return checked
+
+
+def parameter_values(
+    runbook: Runbook, document: YamlDocument, inventory: Inventory, given: dict[str, Any]
+) -> tuple[dict[str, Any], list[Problem]]:
+    """The run's parameter values (given, else defaults) and what is wrong with them: unknown names,
+    required ones missing, values outside ``choices`` or not a site (service) of the inventory for
+    ``type: site`` (``service``). A wrong value is left out, so templates reading it are not rendered."""
+    problems: list[Problem] = []
+    values: dict[str, Any] = {}
+    for name in given:
+        if name not in runbook.parameters:
+            close = difflib.get_close_matches(name, list(runbook.parameters), n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(Problem(document.path, None, "parameters",
+                                    f"runbook {runbook.name!r} has no parameter {name!r}{guess}",
+                                    f"its parameters: {', '.join(runbook.parameters) or 'none'}"))
+    for name, spec in runbook.parameters.items():
+        key: PathKey = ("parameters", name)
+        if name in given:
+            value, said = given[name], "given"
+        elif spec.required:
+            problems.append(document.problem(key, "is required and was not given",
+                                             f"pass -p {name}=VALUE (in the API: params)"))
+            continue
+        else:
+            value, said = spec.default, "its default"
+            key = key + ("default",)
+        if value is None and not spec.required:
+            values[name] = value
+            continue
+        wrong = _parameter_problem(document, key, name, value, said, spec, inventory)
+        if wrong is None:
+            values[name] = value
+        else:
+            problems.append(wrong)
+    return values, problems
+
+
+def _parameter_problem(document: YamlDocument, key: PathKey, name: str, value: Any, said: str, spec: Any,
+                       inventory: Inventory) -> Problem | None:
+    allowed: list[Any] | None = None
+    if spec.type is not None:
+        known = inventory.sites if spec.type == "site" else inventory.services
+        allowed = [choice for choice in spec.choices if choice in known] if spec.choices else list(known)
+        what = f"a {spec.type} of inventory {inventory.name!r}"
+    elif spec.choices is not None:
+        allowed, what = list(spec.choices), "one of its choices"
+    if allowed is None or value in allowed:
+        return None
+    names = [str(choice) for choice in allowed]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return document.problem(key, f"{name} = {value!r} ({said}) is not {what}{guess}",
+                            f"use one of: {', '.join(names) or 'none'}")
 
 
 def _by_line(problems: list[Problem]) -> list[Problem]:
@@ -384,8 +488,11 @@ def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
             steps.append((index, Step.model_validate(step)))
         except ValidationError as exc:
             problems.extend(pydantic_problems(document, ("steps", index), exc))
-        else:
-            problems.extend(_template_syntax(document, ("steps", index), steps[-1][1]))
+            partial = _lenient_step(step, exc)  # so that its action and templates are checked in this pass too
+            if partial is None:
+                continue
+            steps.append((index, partial))
+        problems.extend(_template_syntax(document, ("steps", index), steps[-1][1]))
     top = _normalise_top(data)
     try:
         runbook: Runbook | None = Runbook(**top, steps=tuple(s for _, s in steps))
@@ -400,6 +507,17 @@ def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
         except ValidationError:
             runbook = None
     return _ParsedRunbook(runbook, steps, problems)
+
+
+def _lenient_step(step: dict[str, Any], error: ValidationError) -> Step | None:
+    """The step without the fields that are wrong (reported), when its id and action are right."""
+    wrong = {item["loc"][0] for item in error.errors() if item["loc"]}
+    if wrong & {"id", "action"} or any(not item["loc"] for item in error.errors()):
+        return None
+    try:
+        return Step.model_validate({k: v for k, v in step.items() if k not in wrong})
+    except ValidationError:
+        return None
 
 
 def _normalise_top(data: dict[str, Any]) -> dict[str, Any]:
@@ -511,6 +629,8 @@ def _template_syntax(document: YamlDocument, key: PathKey, step: Step) -> list[P
     for tkey, source in _templates(key, step):
         try:
             templating.references(source)
+        except templating.TemplateForbidden as exc:
+            problems.append(document.problem(tkey, str(exc), "read parameters, inventory values and step outputs"))
         except templating.TemplateError as exc:
             problems.append(document.problem(tkey, str(exc), "see the Jinja2 syntax: {{ params.name }}"))
     return problems
@@ -520,13 +640,72 @@ def _template_syntax(document: YamlDocument, key: PathKey, step: Step) -> list[P
 
 
 def inventory_reference(model: type[BaseModel] | None, field: str) -> str | None:
-    """``"host"`` or ``"site"`` when an action's parameter names inventory hosts or sites.
+    """What an action's parameter names in the inventory: ``host``, ``site``, ``service``, ``backend``
+    (of the front door) or ``database``; None when it names nothing there.
 
-    Actions declare it on the field: ``Field(json_schema_extra={"refers_to": "host"})``."""
+    Actions declare it on the field: ``Field(json_schema_extra={"refers_to": "host"})``. A site named
+    by an action that also names backends (or a database) must be one each of them serves."""
+    return _field_extra(model, field).get("refers_to")
+
+
+def _field_extra(model: type[BaseModel] | None, field: str) -> dict[str, Any]:
     if model is None or field not in model.model_fields:
-        return None
+        return {}
     extra = model.model_fields[field].json_schema_extra
-    return extra.get("refers_to") if isinstance(extra, dict) else None  # type: ignore[return-value]
+    return extra if isinstance(extra, dict) else {}
+
+
+def _referents(inventory: Inventory, kind: str) -> dict[str, tuple[str, ...]]:
+    """The names of ``kind`` in the inventory, each with the sites it has (a backend: its servers'
+    sites; a database: its servers' sites), read the way the actions read them (actions/haproxy.py
+    ``front_door``, actions/pgdb.py ``resolve``)."""
+    if kind == "site":
+        return {name: (name,) for name in inventory.sites}
+    if kind == "host":
+        return {name: (host.site,) for name, host in inventory.hosts.items()}
+    if kind == "service":
+        return {name: service.sites for name, service in inventory.services.items()}
+    if kind == "backend":
+        door = inventory.vars.get("front_door")
+        backends = door.get("backends") if isinstance(door, dict) else None
+        return {str(name): _sites_of(entry, "servers") for name, entry in backends.items()
+                } if isinstance(backends, dict) else {}
+    if kind == "database":
+        described = inventory.vars.get("databases")
+        if not isinstance(described, dict):
+            return {}
+        if "hosts" in described:  # one database, described directly: known by its name or dbname
+            names = {str(described.get("name") or described.get("dbname") or "main"), str(described.get("dbname"))}
+            return {name: _sites_of(described, "hosts") for name in names}
+        return {str(name): _sites_of(spec, "hosts") for name, spec in described.items()}
+    return {}
+
+
+def _only_database(inventory: Inventory) -> str | None:
+    """The database an action uses when it names none: the inventory's only one."""
+    described = inventory.vars.get("databases")
+    if isinstance(described, dict) and "hosts" in described:
+        return str(described.get("name") or described.get("dbname") or "main")
+    return next(iter(described)) if isinstance(described, dict) and len(described) == 1 else None
+
+
+def _sites_of(entry: Any, field: str) -> tuple[str, ...]:
+    value = entry.get(field) if isinstance(entry, dict) else None
+    return tuple(str(site) for site in value) if isinstance(value, dict) else ()
+
+
+_WHERE = {"site": "dr.sites", "host": "the inventory", "service": "dr.services",
+          "backend": "the front door's backends (dr.vars.front_door.backends)", "database": "dr.vars.databases"}
+
+
+def _not_known(document: YamlDocument, key: PathKey, kind: str, name: str, known: Any,
+               where: str | None = None) -> Problem:
+    """``backend 'quotaton' is not in ... (did you mean 'quotation'?)``, naming what there is."""
+    names = [str(n) for n in known]
+    close = difflib.get_close_matches(name, names, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    return document.problem(key, f"{kind} {name!r} is not in {where or _WHERE.get(kind, 'the inventory')}{guess}",
+                            f"use one of: {', '.join(names) or 'none defined'}")
 
 
 def check_runbook(
@@ -542,69 +721,40 @@ def _check_steps(
     document: YamlDocument,
     inventory: Inventory,
     params_model: ParamsLookup,
+    values: dict[str, Any] | None = None,
 ) -> list[Problem]:
+    """``values``: the parameters' values templates are rendered with (by default their defaults)."""
     problems: list[Problem] = []
     ancestors = _ancestors(runbook)
     for field in ("services", "sites"):
         known = inventory.services if field == "services" else inventory.sites
         for i, name in enumerate(getattr(runbook.scope, field)):
             if name not in known:
-                problems.append(
-                    document.problem(
-                        ("scope", field, i),
-                        f"{name!r} is not in inventory {inventory.name!r}",
-                        f"use one of: {', '.join(known)}",
-                    )
-                )
+                problems.append(_not_known(document, ("scope", field, i), field[:-1], name, known,
+                                           f"inventory {inventory.name!r}"))
+    if values is None:
+        values = {name: spec.default for name, spec in runbook.parameters.items() if spec.default is not None}
+    scope_service = runbook.scope.services[0] if len(runbook.scope.services) == 1 else None
     for index, step in steps:
         key: PathKey = ("steps", index)
-        model = params_model(step.action)
-        if model is None:
-            problems.append(
-                document.problem(
-                    key + ("action",), f"unknown action {step.action!r}", "run `dr actions` to list the actions"
-                )
-            )
-        else:
-            problems.extend(_check_params(document, key + ("with",), step.with_, model))
-        if step.rollback is not None:
-            rollback_model = params_model(step.rollback.action)
-            if rollback_model is None:
-                problems.append(
-                    document.problem(
-                        key + ("rollback", "action"),
-                        f"unknown action {step.rollback.action!r}",
-                        "run `dr actions` to list the actions",
-                    )
-                )
-            else:
-                problems.extend(
-                    _check_params(document, key + ("rollback", "with"), step.rollback.with_, rollback_model)
-                )
+        service = step.service or scope_service
+        renderer = _Renderer(inventory, values, service)
         if step.service and step.service not in inventory.services:
-            problems.append(
-                document.problem(
-                    key + ("service",),
-                    f"service {step.service!r} is not in the inventory",
-                    f"use one of: {', '.join(inventory.services)}",
-                )
-            )
-        if step.site and not templating.is_template(step.site) and step.site not in inventory.sites:
-            problems.append(
-                document.problem(
-                    key + ("site",),
-                    f"site {step.site!r} is not in the inventory",
-                    f"use one of: {', '.join(inventory.sites)}",
-                )
-            )
-        problems.extend(_check_names(document, key + ("with",), step.with_, inventory, model))
+            problems.append(_not_known(document, key + ("service",), "service", step.service, inventory.services))
+        site = renderer.render(document, key + ("site",), step.site, problems)
+        if isinstance(site, str) and site not in inventory.sites:
+            problems.append(_not_known(document, key + ("site",), "site", site, inventory.sites))
+        renderer.site = site
+        calls = [(key, step.action, step.with_)]
         if step.rollback is not None:
-            problems.extend(
-                _check_names(
-                    document, key + ("rollback", "with"), step.rollback.with_, inventory,
-                    params_model(step.rollback.action),
-                )
-            )
+            calls.append((key + ("rollback",), step.rollback.action, step.rollback.with_))
+        for at, action, given in calls:
+            model = params_model(action)
+            if model is None:
+                problems.append(document.problem(at + ("action",), f"unknown action {action!r}",
+                                                 "run `dr actions` to list the actions"))
+            else:
+                problems.extend(_check_call(document, at + ("with",), given, model, inventory, renderer))
         for tkey, source in _templates(key, step):
             readable = ancestors.get(step.id, set())
             if tkey[2] == "rollback":
@@ -642,82 +792,170 @@ def _field_names(name: str, info: FieldInfo) -> set[str]:
     return names
 
 
-def _check_params(
-    document: YamlDocument, key: PathKey, values: dict[str, Any], model: type[BaseModel]
+_UNKNOWN = object()  # a value known only during the run (it reads a step's output, or the run)
+
+
+class _Renderer:
+    """Renders, at validation time, the templates that read only what is known then: the parameters'
+    values (given, or defaults), the inventory, the step's service and site. A template reading a
+    step's output or the run, or a name the template checks report as undefined, stays unknown."""
+
+    def __init__(self, inventory: Inventory, values: dict[str, Any], service: str | None) -> None:
+        self.inventory = inventory
+        self.values = values
+        self.service = service
+        self.site: Any = None
+
+    def knows(self, source: str) -> bool:
+        try:
+            refs = templating.references(source)
+        except templating.TemplateError:
+            return False
+        inventory = self.inventory
+        known: dict[str, Any] = {"params": self.values, "vars": inventory.vars, "services": inventory.services,
+                                 "sites": inventory.sites, "hosts": inventory.hosts, "inventory": None,
+                                 "service": None, "site": None}
+        for name, attr in refs:
+            if name == "site" and self.site is _UNKNOWN:
+                return False
+            if name not in known:
+                if name in templating.environment().globals:
+                    continue
+                return False
+            if (name == "params" and attr is None) or (attr is not None and known[name] is not None
+                                                         and attr not in known[name]):
+                return False
+        return True
+
+    def render(self, document: YamlDocument, key: PathKey, value: Any, problems: list[Problem]) -> Any:
+        """``value`` rendered, as is when it holds no template, or _UNKNOWN; a template that cannot render
+        with what is known is a problem (it would fail the same way in the run)."""
+        if not _has_template(value):
+            return value
+        sources = [source for _, source in _walk_templates(value, ())]
+        if not all(self.knows(source) for source in sources):
+            return _UNKNOWN
+        inventory = self.inventory
+        context = {"params": self.values, "inventory": inventory, "vars": inventory.vars,
+                   "services": inventory.services, "sites": inventory.sites, "hosts": inventory.hosts,
+                   "service": inventory.services.get(self.service) if self.service else None, "site": self.site}
+        try:
+            return templating.render_value(value, context)
+        except templating.TemplateError as exc:
+            problems.append(document.problem(key, f"cannot be rendered: {exc}",
+                                             "fix the template; it fails the same way when the run gets here"))
+            return _UNKNOWN
+
+
+def _check_call(
+    document: YamlDocument, key: PathKey, given: dict[str, Any], model: type[BaseModel], inventory: Inventory,
+    renderer: _Renderer,
 ) -> list[Problem]:
+    """An action's parameters: names, required ones, types and references into the inventory, with
+    templates rendered where validation can, and shell command lines that take a value unquoted."""
     problems = []
     names = {name: _field_names(name, info) for name, info in model.model_fields.items()}
     accepted = set().union(*names.values()) if names else set()
     if model.model_config.get("extra") == "forbid":
-        for name in values:
+        for name in given:
             if name not in accepted:
-                problems.append(
-                    document.problem(
-                        key + (name,),
-                        "is not a parameter of this action",
-                        f"parameters: {', '.join(sorted(accepted)) or 'none'}",
-                    )
-                )
+                problems.append(document.problem(key + (name,), "is not a parameter of this action",
+                                                 f"parameters: {', '.join(sorted(accepted)) or 'none'}"))
     for name, info in model.model_fields.items():
-        if info.is_required() and not names[name] & set(values):
+        if info.is_required() and not names[name] & set(given):
             shown = info.alias or name
             problems.append(
                 document.problem(key, f"missing required parameter {shown!r}", f"add `{shown}:` under with")
             )
-    if problems or _has_template(values):
-        return problems  # types are checked after rendering
+    rendered: dict[str, Any] = {}
+    for name, value in given.items():
+        rendered[name] = renderer.render(document, key + (name,), value, problems)
+    unknown = {name for name, value in rendered.items() if value is _UNKNOWN}
+    known = {name: value for name, value in rendered.items() if value is not _UNKNOWN}
     try:
-        model.model_validate(values)
-    except ValidationError as exc:
-        problems.extend(pydantic_problems(document, key, exc))
+        model.model_validate(known)
+    except ValidationError as exc:  # missing and unknown parameters are reported above
+        problems.extend(pydantic_problems(document, key, exc, skip=lambda item: (
+            item["type"] in ("missing", "extra_forbidden") or (bool(unknown) and not item["loc"])
+            or bool(item["loc"]) and item["loc"][0] in unknown)))
+    by_field = {field: value for field, aliases in names.items() for name, value in known.items() if name in aliases}
+    unknown_fields = {field for field, aliases in names.items() if aliases & unknown}
+    problems.extend(_check_references(document, key, by_field, unknown_fields, model, inventory, renderer.service))
+    for name, value in given.items():
+        if _field_extra(model, name).get("shell_command") and isinstance(value, str):
+            problems.extend(_unquoted_in_shell(document, key + (name,), value))
     return problems
 
 
-def _check_names(
-    document: YamlDocument, key: PathKey, values: dict[str, Any], inventory: Inventory, model: type[BaseModel] | None
+def _check_references(
+    document: YamlDocument, key: PathKey, values: dict[str, Any], unknown: set[str], model: type[BaseModel],
+    inventory: Inventory, service: str | None,
 ) -> list[Problem]:
+    """Each name a parameter gives must be in the inventory; a site must be served by the backends
+    (or the database) the same call names, or that are its default. ``unknown``: the fields whose
+    value is known only during the run."""
     problems = []
-    for name, value in values.items():
-        refers_to = inventory_reference(model, name)
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if not isinstance(item, str) or templating.is_template(item):
+    containers: list[tuple[str, str, tuple[str, ...]]] = []  # (kind, name, its sites)
+    sites: list[tuple[str, str]] = []  # (field, site)
+    for field in model.model_fields:
+        kind = inventory_reference(model, field)
+        if kind is None or field in unknown:
+            continue
+        known = _referents(inventory, kind)
+        value = values.get(field)
+        if kind == "backend" and not value:
+            value = [service] if service else []  # the step's service is the default backend
+        if kind == "database" and value is None:
+            value = _only_database(inventory)
+        for name in value if isinstance(value, list) else [value]:
+            if not isinstance(name, str):
                 continue
-            if refers_to == "host" and item not in inventory.hosts:
-                problems.append(
-                    document.problem(
-                        key + (name,),
-                        f"host {item!r} is not in the inventory",
-                        f"use one of: {', '.join(inventory.hosts)}",
-                    )
-                )
-            if refers_to == "site" and item not in inventory.sites:
-                problems.append(
-                    document.problem(
-                        key + (name,),
-                        f"site {item!r} is not in the inventory",
-                        f"use one of: {', '.join(inventory.sites)}",
-                    )
-                )
+            if name not in known:
+                problems.append(_not_known(document, key + (field,) if field in values else key, kind, name, known))
+            elif kind in ("backend", "database"):
+                containers.append((kind, name, known[name]))
+            elif kind == "site":
+                sites.append((field, name))
+    for field, site in sites:
+        for kind, name, served in containers:
+            if site not in served:
+                problems.append(document.problem(
+                    key + (field,), f"{kind} {name!r} has no server at site {site!r}",
+                    f"its sites: {', '.join(served) or 'none'}"))
     return problems
+
+
+def _unquoted_in_shell(document: YamlDocument, key: PathKey, command: str) -> list[Problem]:
+    if not templating.is_template(command):
+        return []
+    try:
+        unquoted = templating.unquoted_in_shell(command)
+    except templating.TemplateError:
+        return []  # reading the runbook reported it
+    if not unquoted:
+        return []
+    shown = ", ".join(f"{{{{ {expression} }}}}" for expression in unquoted[:3])
+    more = f" and {len(unquoted) - 3} more" if len(unquoted) > 3 else ""
+    return [document.problem(
+        key, f"{shown}{more} put into a shell command line unquoted: a value with a space, quote or ; would "
+        "change the command", f"write {{{{ {unquoted[0]} | shquote }}}}, or give argv as a list", severity="warning")]
+
+
+def _walk_templates(value: Any, at: PathKey) -> list[tuple[PathKey, str]]:
+    """Every template string inside ``value`` (dicts and lists walked), with where it is."""
+    if isinstance(value, str):
+        return [(at, value)] if templating.is_template(value) else []
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _walk_templates(v, at + (k,))]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _walk_templates(v, at + (i,))]
+    return []
 
 
 def _templates(key: PathKey, step: Any) -> list[tuple[PathKey, str]]:
-    found: list[tuple[PathKey, str]] = []
-
-    def walk(value: Any, at: PathKey) -> None:
-        if isinstance(value, str) and templating.is_template(value):
-            found.append((at, value))
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, at + (k,))
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(v, at + (i,))
-
-    walk(step.with_, key + ("with",))
+    found = _walk_templates(step.with_, key + ("with",))
     if step.rollback is not None:
-        walk(step.rollback.with_, key + ("rollback", "with"))
+        found += _walk_templates(step.rollback.with_, key + ("rollback", "with"))
     if step.when:
         found.append((key + ("when",), step.when))
     for name in ("site",):

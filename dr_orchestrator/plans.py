@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,9 @@ from dr_orchestrator import templating
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.engine.context import step_service, template_context
-from dr_orchestrator.loading import load_inventory, load_runbook, validate
+from dr_orchestrator.loading import check_files, validate
 from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
-from dr_orchestrator.model.runbook import Runbook
 from dr_orchestrator.yamlsource import LoadError, Problem, YamlDocument
 
 
@@ -45,32 +44,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def resolve_parameters(runbook: Runbook, document: YamlDocument, overrides: dict[str, Any]) -> dict[str, Any]:
-    problems: list[Problem] = []
-    values: dict[str, Any] = {}
-    for name in overrides:
-        if name not in runbook.parameters:
-            known = ", ".join(runbook.parameters) or "none"
-            problems.append(Problem(document.path, None, f"-p {name}", f"runbook {runbook.name!r} has no parameter "
-                                    f"{name!r}", f"its parameters: {known}"))
-    for name, spec in runbook.parameters.items():
-        if name in overrides:
-            value = overrides[name]
-        elif spec.required:
-            problems.append(document.problem(("parameters", name), "is required and was not given",
-                                             f"pass -p {name}=VALUE"))
-            continue
-        else:
-            value = spec.default
-        if spec.choices is not None and value not in spec.choices:
-            problems.append(document.problem(("parameters", name), f"{value!r} is not one of "
-                                             f"{', '.join(map(str, spec.choices))}"))
-        values[name] = value
-    if problems:
-        raise LoadError(problems)
-    return values
-
-
 def validate_files(runbook_path: str, inventory_path: str, registry: ActionRegistry | None = None) -> list[Problem]:
     """Every problem of a runbook against an inventory (empty when clean)."""
     return validate(runbook_path, inventory_path, (registry or default_registry()).params_model)
@@ -88,15 +61,21 @@ def build_plan(
     trigger: str = "manual",
     forced: tuple[str, ...] = (),
     registry: ActionRegistry | None = None,
+    strict: bool = False,
+    warn: Callable[[Problem], None] | None = None,
 ) -> RunPlan:
-    """Load, check and freeze a plan; raise LoadError with every problem found."""
+    """Load, check and freeze a plan; raise LoadError with every problem found, the parameters'
+    included, in one pass. Warnings go to ``warn`` and stop nothing, unless ``strict``."""
     registry = registry or default_registry()
-    problems = validate_files(runbook_path, inventory_path, registry)
-    if problems:
-        raise LoadError(problems)
-    inventory, inventory_document = load_inventory(inventory_path)
-    runbook, runbook_document = load_runbook(runbook_path)
-    parameters = resolve_parameters(runbook, runbook_document, overrides or {})
+    checked = check_files(runbook_path, inventory_path, registry.params_model, given=overrides or {})
+    if checked.errors or (strict and checked.problems):
+        raise LoadError(checked.problems)
+    if warn is not None:
+        for warning in checked.problems:
+            warn(warning)
+    runbook, inventory, parameters = checked.runbook, checked.inventory, checked.parameters
+    runbook_document, inventory_document = checked.runbook_document, checked.inventory_document
+    assert runbook is not None and inventory is not None and runbook_document and inventory_document  # no errors
     chosen_kind = kind or runbook.kind
     try:
         run_kind = RunKind(chosen_kind)

@@ -199,6 +199,42 @@ def test_runbook_and_inventory_must_be_inside_their_directories(api: Api) -> Non
     assert len(api.audit_events("api.refused")) == len(outside) + 1
 
 
+def test_a_run_that_would_certainly_fail_is_refused_with_422_before_anything_runs(database_url: str,
+                                                                                   tmp_path: Path) -> None:
+    url = prepared(database_url)
+    runbooks, inventories = tmp_path / "runbooks", tmp_path / "inventories"
+    runbooks.mkdir()
+    inventories.mkdir()
+    (inventories / "lab.yml").write_text((REPO / "inventories" / "lab.yml").read_text())
+    (runbooks / "failover-quotation.yml").write_text((REPO / "runbooks" / "failover-quotation.yml").read_text())
+    (runbooks / "switch.yml").write_text(textwrap.dedent("""\
+        name: switch-quotation
+        scope: {services: [quotation]}
+        parameters:
+          to_site: {type: site, default: backup}
+        steps:
+          - id: switch
+            action: haproxy.set_active
+            with: {backends: [quotaton], site: "{{ params.to_site }}"}
+        """))
+    with make_api(url, tmp_path, runbooks, inventories) as client:
+        api = Api(url, client, tmp_path)
+        erin = token(url, "erin", "engineer")
+        mars = api.post("/api/runs", erin, json={"runbook": "failover-quotation.yml", "inventory": "lab.yml",
+                                                 "params": {"to_site": "mars"}})
+        assert mars.status_code == 422, mars.text
+        assert [(p["field"], p["message"], p["fix"]) for p in mars.json()["problems"]] == [
+            ("parameters.to_site", "to_site = 'mars' (given) is not a site of inventory 'lab'",
+             "use one of: primary, backup")]
+        typo = api.post("/api/runs", erin, json={"runbook": "switch.yml", "inventory": "lab.yml"})
+        assert typo.status_code == 422, typo.text
+        [problem] = typo.json()["problems"]
+        assert problem["field"] == "steps[0].with.backends" and problem["line"] == 8
+        assert "backend 'quotaton' is not in the front door's backends" in problem["message"]
+        assert "did you mean 'quotation'?" in problem["message"]
+        assert api.get("/api/runs", erin).json() == []  # nothing ran
+
+
 def test_the_shipped_example_runbook_runs_with_parameters(database_url: str, tmp_path: Path) -> None:
     url = prepared(database_url)
     with socket.socket() as sock:

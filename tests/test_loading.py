@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
+from typing import Annotated, get_args
 
 import pytest
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, TypeAdapter
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionRegistry, Params
-from dr_orchestrator.loading import check_runbook, load_inventory, load_runbook, validate
+from dr_orchestrator.loading import check_files, check_runbook, load_inventory, load_runbook, validate
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.runbook import OnFailure
 from dr_orchestrator.yamlsource import LoadError, Problem
@@ -141,7 +145,7 @@ def test_validate_reports_every_kind_of_mistake_with_its_line(tmp_path: Path) ->
         (19, "steps[4].needs[0]", "a cycle in needs: switch -> verify -> switch"),
         (22, "steps[5].with.message", "template uses undefined parameter params.target_site"),
         (22, "steps[5].with.message", "template uses undefined variable 'operator'"),
-        (25, "steps[6].with.host", "host 'primary-ap' is not in the inventory"),
+        (25, "steps[6].with.host", "host 'primary-ap' is not in the inventory (did you mean 'primary-app'?)"),
     ]
     assert all(p.file.endswith("runbook.yml") for p in problems)
     assert "use one of: primary-app, backup-app" in problems[-1].fix
@@ -166,7 +170,7 @@ def test_load_runbook_refuses_structural_problems_and_check_runbook_finds_the_re
         "missing required parameter 'command'",
         "template uses undefined parameter params.target_site",
         "template uses undefined variable 'operator'",
-        "host 'primary-ap' is not in the inventory",
+        "host 'primary-ap' is not in the inventory (did you mean 'primary-app'?)",
     ]
 
 
@@ -236,7 +240,7 @@ def test_template_syntax_error_names_its_line(tmp_path: Path) -> None:
 def test_scope_naming_an_unknown_service_is_reported(tmp_path: Path) -> None:
     problems = check(tmp_path, "name: x\nscope: {services: tradng}\nsteps:\n  - {id: a, action: note}\n")
     assert [(p.line, p.field, p.message) for p in problems] == [
-        (2, "scope.services[0]", "'tradng' is not in inventory 'test'")
+        (2, "scope.services[0]", "service 'tradng' is not in inventory 'test' (did you mean 'trading'?)")
     ]
 
 
@@ -480,3 +484,240 @@ def test_durations_parse(text: object, seconds: float) -> None:
 def test_bad_durations_say_what_is_accepted(text: object) -> None:
     with pytest.raises(ValueError, match="duration|negative"):
         parse_duration(text)
+
+
+# ---------------------------------------------------------------- validation that matches the run
+
+LAB_INVENTORY = str(REPO / "inventories" / "lab.yml")
+
+SWITCH = """\
+name: switch-quotation
+scope: {services: [quotation]}
+parameters:
+  to_site: {type: site, default: backup, description: where quotation goes}
+steps:
+  - id: switch
+    action: haproxy.set_active
+    with: {backends: [quotaton], site: "{{ params.to_site }}"}
+"""
+
+
+def lab_check(tmp_path: Path, runbook: str, given: dict[str, object] | None = None) -> list[Problem]:
+    registry = default_registry()
+    return check_files(write(tmp_path, "runbook.yml", runbook), LAB_INVENTORY, registry.params_model,
+                       given=given).problems
+
+
+def dr(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "DR_DATABASE_URL": "sqlite:///unused.db"})
+
+
+def test_a_typo_in_a_backend_is_refused_with_the_near_name(tmp_path: Path) -> None:
+    [problem] = lab_check(tmp_path, SWITCH)
+    assert (problem.line, problem.field) == (8, "steps[0].with.backends")
+    assert "backend 'quotaton' is not in the front door's backends" in problem.message
+    assert "did you mean 'quotation'?" in problem.message
+    assert problem.fix == "use one of: trading, contract-signing, quotation"
+    assert lab_check(tmp_path, SWITCH.replace("quotaton", "quotation")) == []
+
+
+def test_a_site_must_be_served_by_the_backend_and_a_rendered_template_is_checked(tmp_path: Path) -> None:
+    fixed = SWITCH.replace("quotaton", "quotation")
+    [problem] = lab_check(tmp_path, fixed.replace("{type: site, default: backup", "{default: bakup"))
+    assert (problem.field, problem.message) == (
+        "steps[0].with.site", "site 'bakup' is not in dr.sites (did you mean 'backup'?)")
+    defaulted = fixed.replace("with: {backends: [quotation], ", "with: {")  # the step's service is the backend
+    assert lab_check(tmp_path, defaulted) == []
+    inventory = Path(LAB_INVENTORY).read_text().replace(
+        "            quotation:\n              port: 18103\n              backend: quotation\n              servers:\n"
+        "                primary: primary\n                backup: backup\n",
+        "            quotation:\n              port: 18103\n              backend: quotation\n              servers:\n"
+        "                primary: primary\n")
+    problems = validate(write(tmp_path, "runbook.yml", defaulted), write(tmp_path, "lab.yml", inventory),
+                        default_registry().params_model)
+    assert [(p.field, p.message) for p in problems] == [
+        ("steps[0].with.site", "backend 'quotation' has no server at site 'backup'")]
+
+
+def test_database_and_host_references_are_checked(tmp_path: Path) -> None:
+    runbook = """\
+    name: refs
+    parameters:
+      site: {type: site, default: backup}
+    steps:
+      - id: fence
+        action: postgres.set_read_only
+        with: {database: drlabb, site: "{{ params.site }}"}
+      - id: stop
+        action: ssh.run
+        with: {hosts: [backup-ap], argv: [stop]}
+    """
+    problems = lab_check(tmp_path, runbook)
+    assert [(p.field, p.message) for p in problems] == [
+        ("steps[0].with.database", "database 'drlabb' is not in dr.vars.databases (did you mean 'drlab'?)"),
+        ("steps[1].with.hosts", "host 'backup-ap' is not in the inventory (did you mean 'backup-app'?)"),
+    ]
+
+
+def test_a_site_parameter_refuses_a_value_that_is_not_a_site(tmp_path: Path) -> None:
+    problems = lab_check(tmp_path, SWITCH.replace("quotaton", "quotation"), {"to_site": "mars"})
+    [problem] = problems  # templates reading the wrong value are not rendered: one sentence, not five
+    assert (problem.line, problem.field) == (4, "parameters.to_site")
+    assert problem.message == "to_site = 'mars' (given) is not a site of inventory 'lab'"
+    assert problem.fix == "use one of: primary, backup"
+    [near] = lab_check(tmp_path, SWITCH.replace("quotaton", "quotation"), {"to_site": "bakup"})
+    assert near.message.endswith("; did you mean 'backup'?")
+
+
+def test_parameter_values_are_checked_against_choices_and_types(tmp_path: Path) -> None:
+    runbook = """\
+    name: params
+    parameters:
+      mode: {default: fast, choices: [fast, safe]}
+      service: {type: service, default: quotaton}
+      target: {required: true}
+    steps:
+      - {id: a, action: noop, with: {message: "{{ params.mode }} {{ params.service }} {{ params.target }}"}}
+    """
+    problems = lab_check(tmp_path, runbook, {"mode": "reckless", "targt": 1})
+    assert [(p.line, p.field, p.message) for p in problems] == [
+        (None, "parameters", "runbook 'params' has no parameter 'targt' (did you mean 'target'?)"),
+        (3, "parameters.mode", "mode = 'reckless' (given) is not one of its choices"),
+        (4, "parameters.service.default", "service = 'quotaton' (its default) is not a service of inventory 'lab'; "
+                                          "did you mean 'quotation'?"),
+        (5, "parameters.target", "is required and was not given"),
+    ]
+    assert problems[1].fix == "use one of: fast, safe"
+
+
+def test_every_duration_parameter_takes_a_duration(tmp_path: Path) -> None:
+    runbook = """\
+    name: durations
+    steps:
+      - {id: gate, action: approval, with: {timeout: 2m}}
+      - {id: pause, action: wait, with: {duration: 1m}}
+      - id: check
+        action: http.check
+        with: {url: "http://127.0.0.1:1/", interval: 50ms, probe_timeout: 1s, deadline: 2m}
+      - {id: note, action: notify.webhook, with: {url: "http://127.0.0.1:1/", timeout: 5s, backoff: 500ms}}
+      - {id: bad, action: approval, with: {timeout: soon}}
+    """
+    problems = lab_check(tmp_path, runbook)
+    assert [(p.field, "'soon' is not a duration" in p.message) for p in problems] == [
+        ("steps[4].with.timeout", True)]
+    registry = default_registry()
+    assert registry.get("approval").Params.model_validate({"timeout": "2m"}).timeout == 120.0  # type: ignore[attr-defined]
+    times = 0
+    for name, model in ((name, registry.params_model(name)) for name in registry.names()):
+        for field, info in (model.model_fields.items() if model else ()):
+            if float in (info.annotation, *get_args(info.annotation)):  # every float parameter is a time
+                one_field: TypeAdapter[float | None] = TypeAdapter(
+                    Annotated[info.annotation, *info.metadata])  # type: ignore[arg-type]
+                assert one_field.validate_python("1500ms") == 1.5, (name, field)
+                times += 1
+    assert times >= 15
+
+
+def test_templates_the_sandbox_forbids_are_reported(tmp_path: Path) -> None:
+    runbook = """\
+    name: hostile
+    steps:
+      - {id: a, action: noop, with: {message: "{{ ''.__class__ }}"}}
+      - {id: b, action: noop, with: {message: "{{ params.update({'x': 1}) }}"}}
+    """
+    problems = lab_check(tmp_path, runbook)
+    assert [(p.field, p.message) for p in problems] == [
+        ("steps[0].with.message", "templates may not read '__class__': the sandbox forbids internal attributes"),
+        ("steps[1].with.message", "templates may not call update(): the sandbox forbids changing values in place"),
+    ]
+
+
+SHELL = """\
+name: shell
+parameters:
+  to_site: {type: site, default: backup}
+steps:
+  - id: a
+    action: shell.run
+    with: {shell: true, command: "echo {{ params.to_site }} {{ params.to_site | shquote }}"}
+  - id: b
+    action: ssh.run
+    with: {hosts: [backup-app], command: "echo {{ params.to_site | shquote }}"}
+  - id: c
+    action: ssh.run
+    with: {hosts: [backup-app], argv: [echo, "{{ params.to_site }}"]}
+"""
+
+
+def test_an_unquoted_template_in_a_shell_command_is_a_warning(tmp_path: Path) -> None:
+    [problem] = lab_check(tmp_path, SHELL)
+    assert (problem.severity, problem.field) == ("warning", "steps[0].with.command")
+    assert problem.message.startswith("{{ params.to_site }} put into a shell command line unquoted")
+    assert problem.fix == "write {{ params.to_site | shquote }}, or give argv as a list"
+    assert str(problem).startswith(f"{tmp_path / 'runbook.yml'}:7: warning: steps[0].with.command")
+
+
+def test_dr_validate_prints_warnings_and_fails_on_them_only_with_strict(tmp_path: Path) -> None:
+    runbook = write(tmp_path, "shell.yml", SHELL)
+    relaxed = dr(tmp_path, "validate", runbook, "-i", LAB_INVENTORY)
+    assert relaxed.returncode == 0, relaxed.stderr
+    assert "warning: steps[0].with.command" in relaxed.stderr and "1 warning(s)" in relaxed.stdout
+    strict = dr(tmp_path, "validate", "--strict", runbook, "-i", LAB_INVENTORY)
+    assert strict.returncode == 2
+    assert "0 problem(s) and 1 warning(s) found." in strict.stderr
+
+
+@pytest.mark.parametrize("command", ["validate", "plan", "run"])
+def test_dr_refuses_the_typo_and_the_wrong_site_before_anything_runs(tmp_path: Path, command: str) -> None:
+    runbook = write(tmp_path, "switch.yml", SWITCH)
+    result = dr(tmp_path, command, runbook, "-i", LAB_INVENTORY, "-p", "to_site=mars")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "backend 'quotaton' is not in the front door's backends" in result.stderr
+    assert "did you mean 'quotation'?" in result.stderr
+    assert "parameters.to_site: to_site = 'mars' (given) is not a site of inventory 'lab' (use one of: primary, " \
+           "backup)" in result.stderr
+    assert "2 problem(s) found." in result.stderr
+    assert not (tmp_path / "unused.db").exists()  # nothing ran, nothing was recorded
+
+
+def test_validate_lists_every_problem_in_one_pass(tmp_path: Path) -> None:
+    runbook = """\
+    name: many
+    scope: {services: [quotation]}
+    parameters:
+      to_site: {type: site, default: backup}
+    steps:
+      - id: gate
+        action: approval
+        with: {timeout: 2m, two_person: maybe}
+        on_failure: panic
+      - id: switch
+        action: haproxy.set_active
+        with: {backends: [quotaton], site: "{{ params.to_site }}"}
+      - id: tell
+        action: noop
+        colour: red
+        with: {message: "{{ ''.__class__ }}"}
+      - id: fence
+        action: ssh.run
+        with: {hosts: [primary-ap], command: "stop {{ params.to_site }}", connect_timeout: soon}
+    """
+    problems = lab_check(tmp_path, runbook, {"to_site": "mars"})
+    assert [(p.line, p.field, p.severity) for p in problems] == [
+        (4, "parameters.to_site", "error"),
+        (8, "steps[0].with.two_person", "error"),
+        (9, "steps[0].on_failure", "error"),
+        (12, "steps[1].with.backends", "error"),
+        (15, "steps[2].colour", "error"),
+        (16, "steps[2].with.message", "error"),
+        (19, "steps[3].with.connect_timeout", "error"),
+        (19, "steps[3].with.hosts", "error"),
+        (19, "steps[3].with.command", "warning"),
+    ]
+    fixed = (runbook.replace("two_person: maybe", "two_person: true").replace("on_failure: panic", "")
+             .replace("quotaton", "quotation").replace("colour: red", "").replace("''.__class__", "params.to_site")
+             .replace("primary-ap", "primary-app").replace("soon", "1s"))
+    assert [(p.field, p.severity) for p in lab_check(tmp_path, fixed, {"to_site": "primary"})] == [
+        ("steps[3].with.command", "warning")]  # fixing those brings no new error to light

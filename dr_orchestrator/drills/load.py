@@ -115,7 +115,7 @@ class _DrillReader:
             for key, ref in (("runbook", runbook), ("failback", failback)):
                 if ref is not None:
                     self.check_runbook_file((key,), ref, inventory_path or "")
-        if self.problems:
+        if any(problem.is_error for problem in self.problems):  # warnings alone do not stop a drill
             raise LoadError(sorted(self.problems, key=lambda p: (p.file, p.line or 0)))
         assert name is not None and scenario is not None and inventory_path is not None and runbook is not None
         return Drill(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -76,10 +76,13 @@ class Step(Frozen):
 
 
 class Parameter(Frozen):
+    """``type: site`` or ``type: service``: the value must name one of the inventory's."""
+
     default: Any = None
     required: bool = False
     description: str = ""
     choices: tuple[Any, ...] | None = None
+    type: Literal["site", "service"] | None = None
 
 
 class Scope(Frozen):
