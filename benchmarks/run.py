@@ -1,6 +1,6 @@
-"""Run the benchmarks of issue 9 and print every figure beside its target.
+"""Run the benchmarks of issue 9 (and issue 12's validate-scale) and print every figure beside its target.
 
-    .venv/bin/python benchmarks/run.py            # all six figures, full sizes
+    .venv/bin/python benchmarks/run.py            # all seven figures, full sizes
     .venv/bin/python benchmarks/run.py --quick    # small sizes: proves the scripts work
     .venv/bin/python benchmarks/run.py --only engine --only startup
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # figure name (for --only) -> module under benchmarks/, in the issue's order
 FIGURES = {"engine": "engine", "failover": "failover", "detection": "detection", "fanout": "fanout",
-           "evidence": "evidence_scale", "startup": "startup"}
+           "evidence": "evidence_scale", "startup": "startup", "validate-scale": "validate_scale"}
 
 
 def machine() -> str:

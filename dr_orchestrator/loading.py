@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -462,12 +462,13 @@ def _parse_runbook(document: YamlDocument) -> _ParsedRunbook:
                 ids[step_id] = index
             previous = step_id
         normalised.append((index, step))
+    step_ids = _listed(list(ids))
     for index, step in normalised:
         written_as_list = isinstance(raw_steps[index].get("needs"), list)
         for n, need in enumerate(step.get("needs", ())):
             if need not in ids:
                 at: PathKey = ("steps", index, "needs", n) if written_as_list else ("steps", index, "needs")
-                problems.append(document.problem(at, f"needs unknown step {need!r}", f"use one of: {', '.join(ids)}"))
+                problems.append(document.problem(at, f"needs unknown step {need!r}", f"use one of: {step_ids}"))
     cycle = _find_cycle([step for _, step in normalised])
     if cycle:
         # Point at the `needs` entry that closes the loop.
@@ -598,29 +599,22 @@ def _find_cycle(steps: list[dict[str, Any]]) -> list[str] | None:
         if isinstance(step.get("id"), str):
             graph.setdefault(step["id"], []).extend(step.get("needs", ()))
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for need in graph.get(node, ()):
-            if need not in graph:
-                continue
-            if state.get(need) == 1:
+    for root in graph:  # depth first, iteratively: a chain of 20,000 steps must not hit the recursion limit
+        if root in state:
+            continue
+        state[root] = 1
+        path, branches = [root], [iter(graph[root])]
+        while branches:
+            need = next(branches[-1], None)
+            if need is None:
+                state[path.pop()] = 2
+                branches.pop()
+            elif need in graph and state.get(need) == 1:
                 return path[path.index(need) :] + [need]
-            if need not in state:
-                found = visit(need)
-                if found:
-                    return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in graph:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+            elif need in graph and need not in state:
+                state[need] = 1
+                path.append(need)
+                branches.append(iter(graph[need]))
     return None
 
 
@@ -725,7 +719,8 @@ def _check_steps(
 ) -> list[Problem]:
     """``values``: the parameters' values templates are rendered with (by default their defaults)."""
     problems: list[Problem] = []
-    ancestors = _ancestors(runbook)
+    ancestry = _Ancestry(runbook, _steps_read(steps))
+    template_names = _TemplateNames(runbook, inventory)
     for field in ("services", "sites"):
         known = inventory.services if field == "services" else inventory.sites
         for i, name in enumerate(getattr(runbook.scope, field)):
@@ -756,29 +751,58 @@ def _check_steps(
             else:
                 problems.extend(_check_call(document, at + ("with",), given, model, inventory, renderer))
         for tkey, source in _templates(key, step):
-            readable = ancestors.get(step.id, set())
-            if tkey[2] == "rollback":
-                readable = readable | {step.id}  # a rollback runs after its own step
-            problems.extend(_check_template(document, tkey, source, runbook, inventory, readable))
+            readable = _Readable(ancestry, step.id, tkey[2] == "rollback")
+            problems.extend(_check_template(document, tkey, source, template_names, readable))
     return problems
 
 
-def _ancestors(runbook: Runbook) -> dict[str, set[str]]:
-    """The steps each step needs, directly or not: the ones sure to have ended before it starts."""
-    needs: dict[str, set[str]] = {}
-    for step in runbook.steps:
-        needs.setdefault(step.id, set()).update(step.needs)
-    found: dict[str, set[str]] = {}
-    for start in needs:
-        seen: set[str] = set()
-        todo = list(needs[start])
-        while todo:
-            node = todo.pop()
-            if node not in seen:
-                seen.add(node)
-                todo.extend(needs.get(node, ()))
-        found[start] = seen - {start}
-    return found
+def _steps_read(steps: list[tuple[int, Step]]) -> set[str]:
+    """The steps some template reads that its own step does not need directly."""
+    read: set[str] = set()
+    for index, step in steps:
+        for _, source in _templates(("steps", index), step):
+            try:
+                refs = templating.references(source)
+            except templating.TemplateError:
+                continue
+            read.update(attr for name, attr in refs if name == "steps" and attr is not None and attr not in step.needs)
+    return read
+
+
+class _Ancestry:
+    """Whether a step needs another, directly or not (so the other has ended before it starts). Each
+    step keeps, as the bits of an int, which of the steps templates read beyond their direct needs
+    (``asked``) it waits for: a chain of 20,000 steps costs a few bits each, not a set of every
+    step before it (quadratic time and memory)."""
+
+    def __init__(self, runbook: Runbook, asked: set[str]) -> None:
+        self.direct: dict[str, set[str]] = {}
+        for step in runbook.steps:  # a duplicated id (reported apart) needs what both steps need
+            self.direct.setdefault(step.id, set()).update(step.needs)
+        self.bit = {step_id: 1 << i for i, step_id in enumerate(sorted(asked & self.direct.keys()))}
+        self.waits: dict[str, int] = {}
+        for step_id in runbook.in_need_order():
+            mask = 0
+            for need in self.direct[step_id]:  # a need in a cycle (reported apart) may not be done: nothing
+                mask |= self.waits.get(need, 0) | self.bit.get(need, 0)
+            self.waits[step_id] = mask
+
+    def needs(self, step_id: str, other: str) -> bool:
+        return other in self.direct.get(step_id, ()) or bool(self.waits.get(step_id, 0) & self.bit.get(other, 0))
+
+
+@dataclass(frozen=True)
+class _Readable:
+    """The steps a template of ``step_id`` may read: those it needs, and itself for its rollback (which
+    runs after it)."""
+
+    ancestry: _Ancestry
+    step_id: str
+    rollback: bool
+
+    def __contains__(self, other: object) -> bool:
+        return isinstance(other, str) and (
+            (self.rollback and other == self.step_id) or self.ancestry.needs(self.step_id, other))
 
 
 def _field_names(name: str, info: FieldInfo) -> set[str]:
@@ -975,8 +999,46 @@ def _has_template(value: Any) -> bool:
     return False
 
 
+_LISTED = 12  # names a fix offers: 20,000 problems each listing 20,000 steps would take gigabytes
+
+
+def _listed(names: list[str], total: int | None = None) -> str:
+    """``a, b, c``, or the first few and how many there are in all (``total``, when ``names`` holds
+    only the first ones)."""
+    total = len(names) if total is None else total
+    if total > len(names[:_LISTED]):
+        return f"{', '.join(names[:_LISTED])}, ... ({total} in all)"
+    return ", ".join(names) or "none"
+
+
+class _TemplateNames:
+    """What templates may read: each context name with the keys it has (None: any), built once per
+    runbook, not per template."""
+
+    def __init__(self, runbook: Runbook, inventory: Inventory) -> None:
+        self.known: dict[str, set[str] | None] = {
+            "params": set(runbook.parameters),
+            "vars": set(inventory.vars),
+            "services": set(inventory.services),
+            "sites": set(inventory.sites),
+            "hosts": set(inventory.hosts),
+            "steps": {s.id for s in runbook.steps},
+            "inventory": None,
+            "run": set(templating.RUN_KEYS),
+            "service": None,
+            "site": None,
+        }
+        self._listed: dict[str, str] = {}
+
+    def listed(self, name: str) -> str:
+        """The keys of ``name``, sorted, as a fix offers them (built once, however many problems)."""
+        if name not in self._listed:
+            self._listed[name] = _listed(sorted(self.known[name] or ()))
+        return self._listed[name]
+
+
 def _check_template(
-    document: YamlDocument, key: PathKey, source: str, runbook: Runbook, inventory: Inventory, readable: set[str]
+    document: YamlDocument, key: PathKey, source: str, names: _TemplateNames, readable: Container[str]
 ) -> list[Problem]:
     """Names a template reads must exist; steps it reads must be ones this step needs (so they have run)."""
     try:
@@ -984,18 +1046,7 @@ def _check_template(
     except templating.TemplateError:
         return []  # reading the runbook reported the syntax error
     problems = []
-    known_by_name: dict[str, set[str] | None] = {
-        "params": set(runbook.parameters),
-        "vars": set(inventory.vars),
-        "services": set(inventory.services),
-        "sites": set(inventory.sites),
-        "hosts": set(inventory.hosts),
-        "steps": {s.id for s in runbook.steps},
-        "inventory": None,
-        "run": set(templating.RUN_KEYS),
-        "service": None,
-        "site": None,
-    }
+    known_by_name = names.known
     for name, attr in refs:
         if name not in known_by_name:
             if name in templating.environment().globals:
@@ -1015,7 +1066,7 @@ def _check_template(
                 document.problem(
                     key,
                     f"template uses undefined {what} {name}.{attr}",
-                    f"declare it or use one of: {', '.join(sorted(known)) or 'none'}",
+                    f"declare it or use one of: {names.listed(name)}",
                 )
             )
         elif name == "steps" and attr is not None and attr not in readable:

@@ -151,11 +151,12 @@ def describe_plan(plan: RunPlan, registry: ActionRegistry | None = None) -> dict
                 "started_at": "<run start>", "forced": list(plan.forced),
                 "approvals": plan.runbook.approvals.model_dump(mode="json"), "pre_approved_by": plan.pre_approved_by}
     steps_placeholder = _StepOutputPlaceholder("steps")
+    by_id = {step.id: step for step in runbook.steps}  # runbook.step() per step was quadratic
     groups = []
     for number, group in enumerate(runbook.execution_groups(), start=1):
         described = []
         for step_id in group:
-            step = runbook.step(step_id)
+            step = by_id[step_id]
             service = step_service(plan, step.service)
             context = template_context(plan, run_info, {}, service, step.site)
             context["steps"] = steps_placeholder

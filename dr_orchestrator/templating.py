@@ -9,11 +9,12 @@ from __future__ import annotations
 import functools
 import re
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, Undefined, nodes
+from jinja2.environment import TemplateExpression
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import (
     UNSAFE_ASYNC_GENERATOR_ATTRIBUTES,
@@ -94,14 +95,29 @@ _REFUSED_NODES: dict[type[nodes.Node], str] = {
 }
 
 
-def _check_shape(tree: nodes.Template) -> None:
+def _every_node(tree: nodes.Node) -> list[nodes.Node]:
+    """The nodes under ``tree`` in the order ``find_all`` gives them, from one walk: the checks and
+    ``references`` filter this list instead of walking the tree once each (most of the time spent
+    reading a runbook's templates)."""
+    found: list[nodes.Node] = []
+    todo = list(tree.iter_child_nodes())[::-1]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        todo.extend(list(node.iter_child_nodes())[::-1])
+    return found
+
+
+def _check_shape(every: list[nodes.Node]) -> None:
+    """``every``: the template's nodes, from ``_every_node``."""
+    refused = [node for node in every if isinstance(node, tuple(_REFUSED_NODES))]
     for node_type, shown in _REFUSED_NODES.items():
-        if tree.find(node_type) is not None:
+        if any(isinstance(node, node_type) for node in refused):
             raise TemplateError(f"templates may not use {shown}")
-    for loop in tree.find_all(nodes.For):
-        if any(True for _ in loop.find_all(nodes.For)):
+    for loop in every:
+        if isinstance(loop, nodes.For) and any(True for _ in loop.find_all(nodes.For)):
             raise TemplateError("templates may not nest one {% for %} loop in another")
-    _check_sandbox(tree)
+    _check_sandbox(every)
 
 
 # Attributes the sandbox refuses to read whatever the object (its rule: names starting with `__`,
@@ -116,14 +132,17 @@ _MUTATING_METHODS = frozenset({
 })
 
 
-def _check_sandbox(tree: nodes.Template) -> None:
+def _check_sandbox(every: list[nodes.Node]) -> None:
     """Refuse, when a template is read, what the sandbox would refuse when it renders."""
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+    for node in every:
+        if not isinstance(node, (nodes.Getattr, nodes.Getitem)):
+            continue
         name = node.attr if isinstance(node, nodes.Getattr) else getattr(getattr(node, "arg", None), "value", None)
         if isinstance(name, str) and (name.startswith("__") or name in _UNSAFE_ATTRIBUTES):
             raise TemplateForbidden(f"templates may not read {name!r}: the sandbox forbids internal attributes")
-    for call in tree.find_all(nodes.Call):
-        if isinstance(call.node, nodes.Getattr) and call.node.attr in _MUTATING_METHODS:
+    for call in every:
+        if (isinstance(call, nodes.Call) and isinstance(call.node, nodes.Getattr)
+                and call.node.attr in _MUTATING_METHODS):
             raise TemplateForbidden(f"templates may not call {call.node.attr}(): the sandbox forbids changing "
                                     "values in place")
 
@@ -170,12 +189,18 @@ def is_template(value: str) -> bool:
 
 def parse(source: str) -> nodes.Template:
     """Parse a template (or a single expression); raise TemplateError on bad syntax."""
+    return _parse(source)[0]
+
+
+def _parse(source: str) -> tuple[nodes.Template, list[nodes.Node]]:
+    """The template's tree and every node under it."""
     try:
         tree = environment().parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message}") from None
-    _check_shape(tree)
-    return tree
+    every = _every_node(tree)
+    _check_shape(every)
+    return tree, every
 
 
 def render_value(value: Any, context: dict[str, Any], path: str = "") -> Any:
@@ -194,21 +219,62 @@ def render_value(value: Any, context: dict[str, Any], path: str = "") -> Any:
     return value
 
 
+# What a template that only places values in text is made of (`http://{{ hosts[h].address }}/x`,
+# most templates of a runbook).
+_PLACING_NODES = (nodes.Output, nodes.TemplateData, nodes.Name, nodes.Getattr, nodes.Getitem, nodes.Const)
+
+
+# The same template renders for every step that holds it (a fan-out of thousands, `dr plan`, each
+# retry): read it once. A template that only places values is evaluated on its tree, through the
+# sandbox's getattr and getitem as its compiled code would be: compiling each of 20,000 distinct
+# templates to Python was most of `dr plan`'s time.
+@lru_cache(maxsize=256)
+def _renderer(source: str) -> Callable[[dict[str, Any]], Iterator[str]]:
+    tree, every = _parse(source)
+    if all(isinstance(node, _PLACING_NODES) for node in every):
+        return functools.partial(_place, tree)
+    template = environment().from_string(tree)
+    return lambda context: template.generate(**context)
+
+
+def _place(tree: nodes.Template, context: dict[str, Any]) -> Iterator[str]:
+    for output in tree.body:
+        assert isinstance(output, nodes.Output)
+        for child in output.nodes:
+            yield child.data if isinstance(child, nodes.TemplateData) else str(_value(child, context))
+
+
+def _value(node: nodes.Node, context: dict[str, Any]) -> Any:
+    env = environment()
+    if isinstance(node, nodes.Const):
+        return node.value
+    if isinstance(node, nodes.Name):  # as a template's context resolves it: its variables, then globals
+        if node.name in context:
+            return context[node.name]
+        return env.globals[node.name] if node.name in env.globals else env.undefined(name=node.name)
+    if isinstance(node, nodes.Getattr):
+        return env.getattr(_value(node.node, context), node.attr)
+    assert isinstance(node, nodes.Getitem)
+    return env.getitem(_value(node.node, context), _value(node.arg, context))
+
+
+@lru_cache(maxsize=256)
+def _compiled_expression(expression: str) -> TemplateExpression:
+    return environment().compile_expression(expression, undefined_to_none=False)
+
+
 def render_string(source: str, context: dict[str, Any]) -> Any:
     if not is_template(source):
         return source
-    env = environment()
     try:
         single = _SINGLE_EXPRESSION.match(source)
         if single and "{{" not in single.group("expr") and "}}" not in single.group("expr"):
-            value = env.compile_expression(single.group("expr"), undefined_to_none=False)(**context)
+            value = _compiled_expression(single.group("expr"))(**context)
             if isinstance(value, Undefined):
                 value._fail_with_undefined_error()
             return value
-        tree = env.parse(source)
-        _check_shape(tree)
         rendered, size = [], 0
-        for chunk in env.from_string(tree).generate(**context):
+        for chunk in _renderer(source)(context):
             size += len(chunk)
             if size > _MAX_OUTPUT:
                 raise SecurityError(f"it renders to more than {_MAX_OUTPUT} characters")
@@ -245,13 +311,22 @@ def references(source: str) -> list[tuple[str, str | None]]:
 
     ``{{ params.site }}`` gives ``[("params", "site")]``. Raises TemplateError on bad syntax.
     """
+    return list(_references(source))
+
+
+# Validation asks this of each template several times (syntax, what it reads, what it renders
+# from), and a runbook may hold tens of thousands of them: parse each once.
+@lru_cache(maxsize=65536)
+def _references(source: str) -> tuple[tuple[str, str | None], ...]:
     expression = source if is_template(source) else "{{ " + source + " }}"
-    tree = parse(expression)
-    assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    every = _parse(expression)[1]
+    names = [node for node in every if isinstance(node, nodes.Name)]
+    assigned = {n.name for n in names if n.ctx in ("store", "param")}
     found: list[tuple[str, str | None]] = []
     seen_names: set[int] = set()
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        assert isinstance(node, (nodes.Getattr, nodes.Getitem))
+    for node in every:
+        if not isinstance(node, (nodes.Getattr, nodes.Getitem)):
+            continue
         inner = node.node
         if isinstance(inner, nodes.Name) and inner.ctx == "load" and inner.name not in assigned:
             key: str | None = None
@@ -261,10 +336,10 @@ def references(source: str) -> list[tuple[str, str | None]]:
                 key = node.arg.value
             found.append((inner.name, key))
             seen_names.add(id(inner))
-    for name_node in tree.find_all(nodes.Name):
+    for name_node in names:
         if name_node.ctx == "load" and name_node.name not in assigned and id(name_node) not in seen_names:
             found.append((name_node.name, None))
-    return found
+    return tuple(found)
 
 
 # Filters whose output a shell reads as one word whatever the value.

@@ -110,13 +110,34 @@ class Runbook(Frozen):
         """Steps grouped by depth in the DAG: every step of a group may run in parallel."""
         by_id = {step.id: step for step in self.steps}
         depth: dict[str, int] = {}
-
-        def depth_of(step_id: str) -> int:  # loading has refused cycles
-            if step_id not in depth:
-                depth[step_id] = 1 + max((depth_of(n) for n in by_id[step_id].needs), default=-1)
-            return depth[step_id]
-
+        for step_id in self.in_need_order():  # loading has refused cycles
+            depth[step_id] = 1 + max((depth[n] for n in by_id[step_id].needs), default=-1)
         groups: dict[int, list[str]] = {}
         for step in self.steps:
-            groups.setdefault(depth_of(step.id), []).append(step.id)
+            groups.setdefault(depth[step.id], []).append(step.id)
         return [groups[d] for d in sorted(groups)]
+
+    def in_need_order(self) -> list[str]:
+        """The step ids, each after every step it needs; a duplicated id needs what each of its steps
+        needs. Depth first without recursion: a chain of 20,000 steps is deeper than Python's limit.
+        A cycle (which loading reports) is cut where the walk entered it."""
+        needs: dict[str, list[str]] = {}
+        for step in self.steps:
+            needs.setdefault(step.id, []).extend(step.needs)
+        order: list[str] = []
+        placed: set[str] = set()
+        opened: set[str] = set()
+        for start in needs:
+            todo = [start]
+            while todo:
+                current = todo[-1]
+                if current in placed:
+                    todo.pop()
+                elif current not in opened:
+                    opened.add(current)
+                    todo.extend(need for need in needs[current] if need in needs and need not in opened)
+                else:
+                    todo.pop()
+                    placed.add(current)
+                    order.append(current)
+        return order

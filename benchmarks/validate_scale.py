@@ -1,0 +1,55 @@
+"""Figure 7: `dr validate` and `dr plan` of a 20,000-step runbook, wall time and peak memory (maximum
+resident set size, from /usr/bin/time), as a chain (each step needs the one before) and as a wide
+fan-out (every step needs the first). Every step reads a template naming the step it needs, so the
+checks of needs, ancestors and templates all work at full size.
+
+    .venv/bin/python -m benchmarks.validate_scale 20000 chain /tmp/chain.yml   # just write one
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import Figure
+from benchmarks.startup import DR, lab_inventory, timed
+
+NAME = "validate-scale"
+TITLE = "7. validating a 20,000-step runbook"
+STEPS = 20_000
+TARGET_S = 10.0
+TARGET_MIB = 300.0
+SHAPES = ("chain", "fan-out")
+
+
+def write_runbook(path: Path, steps: int, shape: str) -> Path:
+    """A runbook of ``steps`` http.check steps shaped as a ``chain`` or a ``fan-out``, one line each
+    (20,000 of them stay under the 2 MiB a runbook may take)."""
+    lines = [f"name: scale-{shape}", "kind: rehearsal", "scope: {services: [quotation]}", "steps:",
+             "  - {id: s0, action: http.check, needs: [], with: {url: \"http://h/\"}}"]
+    for number in range(1, steps):
+        needed = f"s{number - 1}" if shape == "chain" else "s0"
+        lines.append(f"  - {{id: s{number}, action: http.check, needs: [{needed}],"
+                     f" with: {{url: \"http://h/{{{{ steps.{needed}.output }}}}\"}}}}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def measure(quick: bool) -> list[Figure]:
+    steps = 2_000 if quick else STEPS
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="dr-bench-validate-") as tmp:
+        inventory = lab_inventory(Path(tmp))
+        for shape in SHAPES:
+            runbook = write_runbook(Path(tmp) / f"{shape}.yml", steps, shape)
+            for command in ("validate", "plan"):
+                seconds, peak_mib = timed([str(DR), command, str(runbook), "-i", str(inventory), "-o", "json"])
+                label = f"dr {command}, {steps:,} steps, {shape}"
+                figures.append(Figure(f"{label}: wall", seconds, "s", TARGET_S))
+                figures.append(Figure(f"{label}: peak RSS", peak_mib, "MiB", TARGET_MIB))
+    return figures
+
+
+if __name__ == "__main__":
+    write_runbook(Path(sys.argv[3]), int(sys.argv[1]), sys.argv[2])
