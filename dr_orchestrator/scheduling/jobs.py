@@ -13,7 +13,6 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from dr_orchestrator.evidence import drills as records
@@ -125,9 +124,11 @@ def record_skipped(context: JobContext, drill_path: str, drill_name: str, scenar
 def record_missed(context: JobContext, drill_path: str, drill_name: str, scenario: str | None,
                   fire_time: datetime, reason: str, inventory: str = "") -> str | None:
     """The id of the missed drill run recorded, or None when the fire time already had a record."""
-    try:
-        text = Path(drill_path).read_text(encoding="utf-8")
-    except OSError:
+    from dr_orchestrator.yamlsource import LoadError, read_file
+
+    try:  # bounded, never blocking: the file may have failed to load by being a FIFO or a device
+        text = read_file(drill_path).decode("utf-8", errors="replace")
+    except LoadError:
         text = ""
     drill_run_id = str(uuid.uuid4())
     recorded = records.record_missed(
