@@ -70,9 +70,13 @@ program={program}
 real={real}
 point=$program
 if [ "$program" = pg_ctl ]; then for arg; do action=$arg; done; point="pg_ctl-$action"; fi
+# Waits until released, the lab is gone, or 120 s (a test that failed does not leave it behind).
 pause() {{
     touch "$PAUSES/paused-$1"
-    while [ ! -e "$PAUSES/release" ]; do sleep 0.05; done
+    tries=0
+    while [ ! -e "$PAUSES/release" ] && [ -d "$PAUSES" ] && [ $tries -lt 2400 ]; do
+        sleep 0.05; tries=$((tries + 1))
+    done
 }}
 if [ -e "$PAUSES/fail-$program" ]; then echo "$program failed on purpose (test wrapper)" >&2; exit 1; fi
 [ -e "$PAUSES/before-$point" ] && pause "before-$point"
