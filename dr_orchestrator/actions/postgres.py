@@ -257,6 +257,7 @@ class Promote(Action[PromoteParams]):
     """
 
     name = "postgres.promote"
+    bars_rollback = True  # the old primary must stay fenced once a standby may have been promoted
     Params = PromoteParams
 
     def run(self, params: PromoteParams, ctx: ActionContext) -> ActionResult:

@@ -110,7 +110,8 @@ class _DrillReader:
         if inventory is not None:
             for steps in (fault, restore, cleanup, checks):
                 if steps is not None:
-                    found = check_runbook(steps.runbook, steps.document, inventory, self.registry.params_model)
+                    found = check_runbook(steps.runbook, steps.document, inventory, self.registry.params_model,
+                                           self.registry.effect)
                     self.problems.extend(steps.as_drill_fields(found))
             for key, ref in (("runbook", runbook), ("failback", failback)):
                 if ref is not None:

@@ -47,6 +47,7 @@ def inventory(config: LabConfig, user: str | None = None) -> dict[str, Any]:
         name: {
             **TARGETS[name],
             "sites": list(SITES),
+            "health": f"{config.frontend_url(name)}/health",
             "vars": {
                 "port": config.service_port(name),
                 "frontend_port": config.frontend_port(name),

@@ -76,6 +76,7 @@ def measure_replica_lag(aws: Aws, db_instance: str, window_s: float) -> float | 
 
 class RdsPromote(AwsAction[RdsPromoteParams]):
     name = "aws.rds.promote"
+    bars_rollback = True  # the old primary must stay fenced once a standby may have been promoted
     Params = RdsPromoteParams
     service = "rds"
     # A second run finds a standalone instance and only waits for it.
