@@ -46,7 +46,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def validate_files(runbook_path: str, inventory_path: str, registry: ActionRegistry | None = None) -> list[Problem]:
     """Every problem of a runbook against an inventory (empty when clean)."""
-    return validate(runbook_path, inventory_path, (registry or default_registry()).params_model)
+    registry = registry or default_registry()
+    return validate(runbook_path, inventory_path, registry.params_model, effect_of=registry.effect)
 
 
 def build_plan(
@@ -67,7 +68,8 @@ def build_plan(
     """Load, check and freeze a plan; raise LoadError with every problem found, the parameters'
     included, in one pass. Warnings go to ``warn`` and stop nothing, unless ``strict``."""
     registry = registry or default_registry()
-    checked = check_files(runbook_path, inventory_path, registry.params_model, given=overrides or {})
+    checked = check_files(runbook_path, inventory_path, registry.params_model, given=overrides or {},
+                          effect_of=registry.effect)
     if checked.errors or (strict and checked.problems):
         raise LoadError(checked.problems)
     if warn is not None:

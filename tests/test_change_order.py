@@ -110,3 +110,16 @@ def test_every_shipped_runbook_checks_before_it_changes_and_says_how_each_change
                    if (effect := step_effect(step, registry.effect)) is not None and effect.changes
                    and step.rollback is None and not step.no_rollback]
     assert unexplained == [], f"changing steps of {name} without a rollback or a reason for none"
+
+
+def test_a_cycle_in_needs_is_reported_once_and_the_rule_still_ends(tmp_path: Path) -> None:
+    code, output = validate(tmp_path, """\
+        name: cycle
+        steps:
+          - {id: a, action: noop, needs: [c]}
+          - {id: b, action: haproxy.set_active, with: {backends: [trading], site: backup}, needs: [a]}
+          - {id: c, action: noop, needs: [b]}
+    """)
+
+    assert code == 2
+    assert "a cycle in needs" in output
