@@ -329,3 +329,15 @@ def test_a_run_that_changes_nothing_for_the_worse_says_clients_were_left_as_foun
     assert verdict["not_serving"] == ["quotation"]
     assert verdict["text"].startswith("clients left as found")
     assert not [e for e in events if isinstance(e, ActionEvent) and e.kind == "blast_radius.impact"]
+
+
+def test_the_first_change_is_recorded_once_and_a_run_stopped_by_its_checks_has_none() -> None:
+    changed, events = run(make_plan(FENCE_THEN_FAILED_SWITCH), World())
+    firsts = [e for e in events if isinstance(e, ActionEvent) and e.kind == "run.first_change"]
+    assert [(e.step_id, e.data["effect"]) for e in firsts] == [("fence", "reversible")]
+
+    stopped, events = run(make_plan(FENCE_THEN_FAILED_SWITCH.replace(
+        "      - {id: check, action: noop}", "      - {id: check, action: fail, with: {message: standby gone}}")),
+        World())
+    assert stopped.state is RunState.FAILED
+    assert not [e for e in events if isinstance(e, ActionEvent) and e.kind == "run.first_change"]

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 # How long a cancelled action gets to stop before the engine moves on without it.
 CANCEL_GRACE_S = 2.0
 _POLL_S = 0.05  # how often waiting threads look for Ctrl-C, a stop request or a cancellation
+FIRST_CHANGE = "run.first_change"  # action event: the run's first changing step is about to start
 CONDITION_SKIP = "when "  # how the error of a step skipped by its `when` begins (resume tells them apart)
 
 
@@ -197,6 +198,7 @@ class _Run:
         self.before_reading: dict[str, Future[blast_radius.Reading]] = {}
         self.before_reading_started = 0.0
         self.before_lock = threading.Lock()
+        self.changed = bool(resume and resume.finished)  # a resumed run may have changed things already
         self.before: list[blast_radius.Reading] | None = None
         # Secrets this run resolves; masked in every event before observers see it (and in logs).
         self.redactor = secrets.Redactor(parent=secrets.PROCESS)
@@ -502,8 +504,9 @@ class _Run:
             self.emit(StepStarted(self.run_id, step.id, utcnow()))
             self.finish_step(step.id, StepState.FAILED, error=str(exc))
             return StepState.FAILED
-        if self.before_reading and self.effect(step).changes:
-            self.fix_services_before()
+        effect = self.effect(step)
+        if effect.changes:
+            self.first_change(step, effect)
         outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
                                   service, site)
         markers = []
@@ -641,6 +644,16 @@ class _Run:
 
             threading.Thread(target=read, name=f"blast-radius-{service.name}", daemon=True).start()
             self.before_reading[service.name] = reading
+
+    def first_change(self, step: Step, effect: Effect) -> None:
+        """Before the run's first changing step: fix the blast-radius reading, and record the moment
+        (a run that ends before it changed nothing: reports list it as not executed, not as failed)."""
+        with self.before_lock:
+            if self.changed:
+                return
+            self.changed = True
+        self.fix_services_before()
+        self.emit(ActionEvent(self.run_id, step.id, FIRST_CHANGE, utcnow(), {"effect": str(effect)}))
 
     def fix_services_before(self) -> None:
         """The reading before the run, taken at its first change at the latest: what has answered by then,
