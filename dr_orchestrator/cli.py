@@ -340,19 +340,27 @@ def _binary_needs_out(fmt: str, out: str | None) -> None:
 
 
 @evidence.command("verify")
+@click.option("--anchors", "anchors_source", metavar="SOURCE",
+              help="also check the chain against signed anchors: a file, s3://bucket/prefix or a URL listing them")
+@click.option("--public-key", type=click.Path(dir_okay=False),
+              help="PEM of the key you trust to have signed the anchors")
 @output_option
 @click.pass_context
-def evidence_verify(ctx: click.Context, output: str) -> None:
-    """Walk the audit chain and check every evidence record against it.
+def evidence_verify(ctx: click.Context, anchors_source: str | None, public_key: str | None, output: str) -> None:
+    """Walk the audit chain and check every evidence record against it; with --anchors, check that the
+    chain still holds what each anchor signed (a rewrite or truncation up to the newest anchor is named).
 
-    Exit 0 when intact, 1 when something was changed, removed or inserted (the first is named).
+    Exit 0 when intact, 1 when something was changed, removed or inserted (the first is named), 2 for bad input.
     """
     from dr_orchestrator.evidence.chain import verify_session
 
+    anchored = _anchor_check(anchors_source, public_key) if anchors_source or public_key else None
     with session_factory(ctx)() as session:
         report = verify_session(session)
+        anchor_report = anchored(session) if anchored else None
     if output == "json":
-        click.echo(json.dumps(report.as_dict(), indent=2))
+        click.echo(json.dumps(report.as_dict() | ({"anchors": anchor_report.as_dict()} if anchor_report else {}),
+                              indent=2))
     elif report.ok:
         click.echo(f"intact: {report.entries} chain entries, {report.records} records; "
                    f"head {report.head_seq} {report.head_sha256}")
@@ -364,7 +372,80 @@ def evidence_verify(ctx: click.Context, output: str) -> None:
             click.echo(f"  also {problem.describe()}")
         if len(report.problems) > 20:
             click.echo(f"  and {len(report.problems) - 20} more problem(s)")
-    sys.exit(0 if report.ok else TAMPERED)
+    if anchor_report is not None and output != "json":
+        _print_anchor_report(anchor_report)
+    sys.exit(0 if report.ok and (anchor_report is None or anchor_report.ok) else TAMPERED)
+
+
+def _anchor_check(source: str | None, public_key: str | None) -> Callable[[Any], Any]:
+    """Read the anchors and the trusted key before touching the database (bad input: exit 2)."""
+    from dr_orchestrator.anchoring import AnchorConfigError, read_source
+    from dr_orchestrator.evidence.anchors import check_anchors
+    from dr_orchestrator.evidence.signing import SigningKeyError, load_public_key
+
+    if not source or not public_key:
+        raise UserError("--anchors SOURCE needs --public-key PEM, the key you trust to have signed the anchors")
+    try:
+        with open(public_key, "rb") as handle:
+            trusted = load_public_key(handle.read())
+    except OSError as exc:
+        raise UserError(f"cannot read the public key {public_key}: {exc.strerror}") from None
+    except SigningKeyError as exc:
+        raise UserError(f"{public_key}: {exc}") from None
+    try:
+        found = read_source(source)
+    except AnchorConfigError as exc:
+        raise UserError(str(exc)) from None
+    return lambda session: check_anchors(session.connection(), source, found, trusted)
+
+
+def _print_anchor_report(report: Any) -> None:
+    if report.ok:
+        newest = report.newest
+        click.echo(f"anchored: {report.anchors} anchor(s) from {report.source} match the chain; newest: entry "
+                   f"{newest.seq} at {newest.at.isoformat()}; {report.uncovered} entries after it are not anchored yet")
+        return
+    click.echo(f"TAMPERED (anchors): {report.problems[0].describe()}")
+    for problem in report.problems[1:20]:
+        click.echo(f"  also {problem.describe()}")
+    if len(report.problems) > 20:
+        click.echo(f"  and {len(report.problems) - 20} more problem(s)")
+
+
+@evidence.command("anchor")
+@click.option("--sink", "sinks", multiple=True, metavar="SINK",
+              help="file:/path, s3://bucket/prefix[?retain_days=N&mode=..], an http(s) URL or webhook:env:NAME; "
+                   "repeatable (default: $DR_ANCHOR_SINKS)")
+@click.option("--signing-key", "key_ref", metavar="REF",
+              help="file:/path or env:NAME (default: $DR_ANCHOR_SIGNING_KEY)")
+@output_option
+@click.pass_context
+def evidence_anchor(ctx: click.Context, sinks: tuple[str, ...], key_ref: str | None, output: str) -> None:
+    """Sign the chain's head (entries, head hash, time, key) and write it to each sink, outside the database.
+
+    Exit 0 when every sink took it, 1 when one failed (named; the others still have it), 2 for bad input.
+    """
+    import os
+
+    from dr_orchestrator.anchoring import SINKS_ENV, AnchorConfigError, parse_sinks, signing_key
+    from dr_orchestrator.evidence.anchors import anchor_chain
+    from dr_orchestrator.plans import default_actor
+
+    try:
+        targets = parse_sinks(list(sinks) if sinks else os.environ.get(SINKS_ENV, ""))
+        key = signing_key(key_ref)
+    except AnchorConfigError as exc:
+        raise UserError(str(exc)) from None
+    outcome = anchor_chain(session_factory(ctx), key, targets, actor=default_actor())
+    if output == "json":
+        click.echo(json.dumps(outcome.as_dict(), indent=2))
+    else:
+        anchor = outcome.anchor
+        click.echo(f"anchor: chain entry {anchor.seq} {anchor.head_sha256} at {anchor.at.isoformat()}, "
+                   f"signed by {anchor.key}; {outcome.recorded}")
+        for result in outcome.results:
+            click.echo(f"  {'ok    ' if result.ok else 'FAILED'} {result.sink}: {result.detail}")
+    sys.exit(0 if outcome.ok else TAMPERED)
 
 
 @evidence.command("keygen")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from dr_orchestrator import anchoring
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.engine import Engine, RunOutcome
@@ -67,6 +68,8 @@ def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
             return engine.run(plan, run_id, stop, resume)
     finally:
         locks.release()
+        # The run's end is recorded and its locks are free: anchor the chain off the run's path.
+        anchoring.after_run(sessions, run_id, plan.started_by)
 
 
 # ---------------------------------------------------------------- resuming
