@@ -398,6 +398,11 @@ def test_every_run_end_is_anchored(
     assert head == anchor["seq"] + 1  # ... and the anchoring's own audit event came after it
     (event,) = anchor_events(sessions)
     assert event.data["run_id"] == run_id and [s["ok"] for s in event.data["sinks"]] == [True, True]
+    with sessions() as session:  # what a record's integrity field names
+        assert anchors.recorded_anchor_covering(session, run_end) == {
+            "seq": anchor["seq"], "head_sha256": anchor["head_sha256"], "at": event.at.isoformat(),
+            "key": anchor["key"], "sinks": [f"file:{path}", f"webhook http://127.0.0.1:{receiver.port}/…"]}
+        assert anchors.recorded_anchor_covering(session, head) is None  # the anchoring's own event: not yet
     assert check(sessions, path, keys[1]).ok
 
     # A sink that fails: the run is not failed nor held up; the failure is recorded and logged.

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence.annotations import record_audit_event
 from dr_orchestrator.evidence.chain import ENTRIES, canonical_json, chain_head
-from dr_orchestrator.evidence.models import Run
+from dr_orchestrator.evidence.models import AuditEvent, Run
 from dr_orchestrator.evidence.signing import fingerprint, signature_valid
 from dr_orchestrator.model.events import utcnow
 
@@ -208,6 +208,20 @@ def record_anchoring(sessions: Callable[[], Session], actor: str, target: str, d
             return f"recorded as audit event {event.id}"
     except SQLAlchemyError as exc:
         return f"not recorded in the database ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+
+
+def recorded_anchor_covering(session: Session, seq: int) -> dict[str, Any] | None:
+    """The first anchor recorded in the database (an ``evidence.anchor`` audit event) that covers chain
+    entry ``seq`` and reached at least one sink: what a record's integrity field names. None when no
+    anchor covers it yet. What the database says is checked only by ``check_anchors``."""
+    events = session.scalars(select(AuditEvent).where(AuditEvent.action == AUDIT_ACTION).order_by(AuditEvent.id))
+    for event in events:
+        data = event.data or {}
+        stored = [sink["sink"] for sink in data.get("sinks", []) if sink.get("ok")]
+        if isinstance(data.get("seq"), int) and data["seq"] >= seq and stored:
+            return {"seq": data["seq"], "head_sha256": data["head_sha256"], "at": event.at.isoformat(),
+                    "key": data["key"], "sinks": stored}
+    return None
 
 
 # -- reading and checking ---------------------------------------------------------------------------
