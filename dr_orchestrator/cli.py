@@ -401,9 +401,10 @@ def _anchor_check(source: str | None, public_key: str | None) -> Callable[[Any],
 
 def _print_anchor_report(report: Any) -> None:
     if report.ok:
-        newest = report.newest
+        newest, after = report.newest, report.uncovered
         click.echo(f"anchored: {report.anchors} anchor(s) from {report.source} match the chain; newest: entry "
-                   f"{newest.seq} at {newest.at.isoformat()}; {report.uncovered} entries after it are not anchored yet")
+                   f"{newest.seq} at {newest.at.isoformat()}; {after} {'entry' if after == 1 else 'entries'} after "
+                   f"it {'is' if after == 1 else 'are'} not anchored yet")
         return
     click.echo(f"TAMPERED (anchors): {report.problems[0].describe()}")
     for problem in report.problems[1:20]:
