@@ -564,7 +564,8 @@ def findings() -> None:
 @click.option("--due", required=True, metavar="DATE", help="YYYY-MM-DD")
 @click.pass_context
 def findings_add(ctx: click.Context, run_id: str, text: str, severity: str, owner: str, due: str) -> None:
-    """Record a finding on RUN."""
+    """Record a finding on RUN (a run or drill run id, or a unique prefix; a drill run's finding goes
+    on its failover run)."""
     from datetime import date
 
     from dr_orchestrator.evidence.annotations import AnnotationError, add_finding
@@ -590,7 +591,7 @@ def findings_add(ctx: click.Context, run_id: str, text: str, severity: str, owne
 @output_option
 @click.pass_context
 def findings_list(ctx: click.Context, open_only: bool, run_id: str | None, output: str) -> None:
-    """Findings, oldest first."""
+    """Findings, oldest first; open ones past their due date are flagged OVERDUE."""
     from dr_orchestrator.evidence.annotations import list_findings
 
     sessions = session_factory(ctx)
@@ -607,8 +608,12 @@ def findings_list(ctx: click.Context, open_only: bool, run_id: str | None, outpu
         state = "open" if closed is None else (
             f"closed {closed['closed_at'][:10]} by {closed['closed_by']}: "
             f"{closed['evidence_run_id'] or closed['evidence_text']}")
-        click.echo(f"{row['id']:>4}  {row['severity']:<8} due {row['due']}  {row['owner']:<12} "
+        overdue = "  OVERDUE" if row["overdue"] else ""
+        click.echo(f"{row['id']:>4}  {row['severity']:<8} due {row['due']}{overdue}  {row['owner']:<12} "
                    f"run {row['run_id'][:8]}  {row['text']}  [{state}]")
+    overdue_count = sum(1 for row in rows if row["overdue"])
+    if overdue_count:
+        click.echo(f"{overdue_count} open finding(s) past their due date")
 
 
 @findings.command("close")
@@ -630,6 +635,29 @@ def findings_close(ctx: click.Context, finding_id: int, evidence: str) -> None:
     click.echo(f"finding {finding_id} closed: {by}")
 
 
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--check", required=True, metavar="NAME", help="what was compared, e.g. 'orders row count'")
+@click.option("--result", required=True, type=click.Choice(["ok", "mismatch"]))
+@click.option("--detail", required=True, metavar="TEXT", help="what was found, e.g. '10482 rows at both sites'")
+@click.option("--service", help="the service checked (default: the run's whole scope)")
+@click.pass_context
+def reconcile(ctx: click.Context, run_id: str, check: str, result: str, detail: str, service: str | None) -> None:
+    """Record a data-integrity check made after recovery on RUN (a run or drill run id, or a unique
+    prefix); it appears in the after-action report and the evidence export."""
+    from dr_orchestrator.evidence.annotations import AnnotationError, record_check
+    from dr_orchestrator.evidence.queries import AmbiguousRunId
+    from dr_orchestrator.plans import default_actor
+
+    with session_factory(ctx)() as session, session.begin():
+        try:
+            row = record_check(session, run_id, check, result, detail, default_actor(), service=service)
+        except (AnnotationError, AmbiguousRunId) as exc:
+            raise UserError(str(exc)) from None
+        recorded = (row.id, row.run_id)
+    click.echo(f"reconciliation {recorded[0]} recorded on run {recorded[1]}: {check}: {result}")
+
+
 # ---------------------------------------------------------------- reports
 
 
@@ -644,7 +672,8 @@ def report() -> None:
 @click.option("--out", type=click.Path(dir_okay=False), help="file to write (required for pdf)")
 @click.pass_context
 def report_run(ctx: click.Context, run_id: str, fmt: str, out: str | None) -> None:
-    """The after-action report of one run."""
+    """The after-action report of one run (a run or drill run id, or a unique prefix; a drill run
+    gives its failover run's report, with the drill's verdict)."""
     from dr_orchestrator.evidence import reports
     from dr_orchestrator.evidence.pdf import PdfError, html_to_pdf
     from dr_orchestrator.evidence.queries import AmbiguousRunId

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from test_evidence_store import make_plan
 
-from dr_orchestrator.evidence import migrate, queries
+from dr_orchestrator.evidence import auditor, migrate, queries
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.events import (
@@ -140,7 +140,9 @@ def test_export_json_and_csv(sessions: sessionmaker[Session]) -> None:
         recent = json.loads(queries.export_evidence(s, fmt="json", since=DAY2))
         with pytest.raises(ValueError, match="use json or csv"):
             queries.export_evidence(s, fmt="xml")
-    assert rows == [
+    # The sixteen columns of earlier exports come first and keep their meaning (the fifteen auditor
+    # fields that follow: tests/test_evidence_auditor.py).
+    assert [{key: row[key] for key in auditor.LEGACY_FIELDS} for row in rows] == [
         {
             "run_id": A,
             "runbook": "fail-over-trading",
@@ -182,7 +184,8 @@ def test_export_json_and_csv(sessions: sessionmaker[Session]) -> None:
     assert [(r["run_id"], r["service"]) for r in recent] == [(B, "trading"), (B, "quotation")]
 
     table = list(csv.DictReader(io.StringIO(text)))
-    assert tuple(table[0]) == queries.EXPORT_FIELDS
+    assert tuple(table[0]) == auditor.csv_fields()
+    assert auditor.csv_fields()[:16] == auditor.LEGACY_FIELDS
     assert [(r["run_id"], r["service"]) for r in table] == [
         (A, "trading"),
         (A, "quotation"),

@@ -18,6 +18,7 @@ from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, identify
 from dr_orchestrator.api.tokens import Rejection
 from dr_orchestrator.evidence import drills as drill_records
+from dr_orchestrator.evidence.annotations import overdue_findings
 from dr_orchestrator.evidence.approvals import waiting_gates
 from dr_orchestrator.evidence.charts import rto_chart
 
@@ -100,8 +101,9 @@ def _content(request: Request, principal: Principal) -> dict[str, Any]:
         approvals = waiting_gates(session)
         drill_runs = [drill_records.summary(r) for r in views.latest_drill_runs(session, 10)]
         runs = views.filtered_runs(session, limit=15)
+        overdue = overdue_findings(session)
     return {"principal": principal, "trends": [_chart(trend) for trend in trends], "approvals": approvals,
-            "drill_runs": drill_runs, "runs": runs,
+            "drill_runs": drill_runs, "runs": runs, "overdue_findings": overdue,
             "schedules": [entry for entry in listing["drills"] if entry["schedule"]]}
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.api import views
+from dr_orchestrator.evidence.annotations import SEVERITIES, overdue_findings
 from dr_orchestrator.evidence.approvals import waiting_gates
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -80,6 +81,10 @@ def render(session: Session, drills: dict[str, Any]) -> str:
               (({"state": state}, float(count)) for state, count in sorted(states.items())))
     out.gauge("dr_pending_approvals", "Approval steps waiting for a decision.",
               [({}, float(len(waiting_gates(session))))])
+    overdue = overdue_findings(session)
+    out.gauge("dr_findings_overdue", "Open findings past their due date, by severity.",
+              (({"severity": severity}, float(sum(1 for f in overdue if f["severity"] == severity)))
+               for severity in SEVERITIES))
     return out.text()
 
 

@@ -127,6 +127,38 @@ def reject(run_id: str, step_id: str, body: DecisionRequest, request: Request,
     return _decide(request, principal, run_id, step_id, Decision.REJECTED, body.reason)
 
 
+class ReconciliationRequest(BaseModel):
+    # The one who checked is the token's holder: a body naming anyone else is refused.
+    model_config = ConfigDict(extra="forbid")
+
+    check: str = Field(min_length=1, description="what was compared, e.g. orders row count")
+    result: Literal["ok", "mismatch"]
+    detail: str = Field(min_length=1, description="what was found")
+    service: str | None = Field(None, description="the service checked; default: the run's whole scope")
+
+
+@router.post("/api/runs/{run_id}/reconciliations", status_code=201, tags=["runs"],
+             summary="Record a data-integrity check after recovery (engineer)")
+def reconcile(run_id: str, body: ReconciliationRequest, request: Request,
+              principal: Principal = Depends(engineer)) -> dict[str, Any]:
+    """Same as `dr reconcile`: ``run_id`` is a run or drill run id, or a unique prefix; the check shows
+    in the run's after-action report and in the evidence export."""
+    from dr_orchestrator.evidence.annotations import AnnotationError, UnknownRun, reconciliation_entry, record_check
+    from dr_orchestrator.evidence.queries import AmbiguousRunId, as_dict
+
+    with request.app.state.sessions() as session:
+        try:
+            row = record_check(session, run_id, body.check, body.result, body.detail, principal.name, body.service)
+        except (AnnotationError, AmbiguousRunId) as exc:
+            session.rollback()
+            raise ApiError(404 if isinstance(exc, UnknownRun) else 422, str(exc)) from None
+        record_audit_event(session, principal.name, "reconciliation.add", row.run_id,
+                           {"check": body.check, "result": body.result})
+        answer = {"id": row.id, "run_id": row.run_id} | reconciliation_entry(as_dict(row))
+        session.commit()
+    return answer
+
+
 # -- tokens ----------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from dr_orchestrator.evidence.models import (
     FindingClosure,
     Reconciliation,
     Run,
+    RunService,
 )
 from dr_orchestrator.evidence.queries import as_dict, find_run
 from dr_orchestrator.evidence.store import clean_text, jsonable
@@ -47,10 +48,14 @@ def begin_write(session: Session) -> None:
         session.connection(execution_options=WRITE_TRANSACTION)
 
 
+class UnknownRun(AnnotationError):
+    """No run (nor drill run) has this id."""
+
+
 def _run(session: Session, run_id: str) -> Run:
     run = find_run(session, run_id)
     if run is None:
-        raise AnnotationError(f"no run {run_id!r} in the evidence database")
+        raise UnknownRun(f"no run {run_id!r} in the evidence database")
     return run
 
 
@@ -111,24 +116,33 @@ def list_findings(
     open_only: bool = False,
     run_ids: list[str] | None = None,
     as_of: datetime | None = None,
+    today: date | None = None,
 ) -> list[dict[str, Any]]:
-    """Findings, oldest first, each with ``closed`` (the closure as a dict, or None) and ``open``.
+    """Findings, oldest first, each with ``closed`` (the closure as a dict, or None), ``open`` and
+    ``overdue`` (open and due before ``today``: the day of ``as_of``, else today in UTC).
     ``as_of``: only findings created by then, judged open or closed as they stood then."""
     query = select(Finding).order_by(Finding.id)
     if run_ids is not None:
         query = query.where(Finding.run_id.in_(run_ids))
     if as_of is not None:
         query = query.where(Finding.created_at <= as_of)
+    judged_on = today or (as_of or utcnow()).date()
     closures = {c.finding_id: c for c in session.scalars(select(FindingClosure))}
     rows = []
     for finding in session.scalars(query):
         closure = closures.get(finding.id)
         if closure is not None and as_of is not None and closure.closed_at > as_of:
             closure = None
-        row = as_dict(finding) | {"closed": as_dict(closure) if closure else None, "open": closure is None}
+        row = as_dict(finding) | {"closed": as_dict(closure) if closure else None, "open": closure is None,
+                                  "overdue": closure is None and finding.due < judged_on}
         if not open_only or row["open"]:
             rows.append(row)
     return rows
+
+
+def overdue_findings(session: Session, today: date | None = None) -> list[dict[str, Any]]:
+    """Open findings whose due date has passed (before ``today``, default today in UTC), oldest first."""
+    return [row for row in list_findings(session, open_only=True, today=today) if row["overdue"]]
 
 
 # -- what else a run's record holds -----------------------------------------------------------------
@@ -166,6 +180,52 @@ def record_reconciliation(
     session.add(row)
     session.flush()
     return row
+
+
+RECONCILE_RESULTS = ("ok", "mismatch")
+
+
+def record_check(
+    session: Session, run_id: str, check: str, result: str, detail: str, actor: str, service: str | None = None
+) -> Reconciliation:
+    """A named data-integrity check after recovery (``dr reconcile``): what was compared, ok or
+    mismatch, and what was found. Kept as a reconciliation whose ``details`` hold check, result,
+    detail and by; it counts no writes (both counts 0)."""
+    begin_write(session)
+    if not check.strip():
+        raise AnnotationError("a reconciliation needs --check NAME: what was compared")
+    if result not in RECONCILE_RESULTS:
+        raise AnnotationError(f"result {result!r} is not one of {', '.join(RECONCILE_RESULTS)}")
+    if not detail.strip():
+        raise AnnotationError("a reconciliation needs --detail TEXT: what was found")
+    run = _run(session, run_id)
+    if service is not None:
+        scope = list(session.scalars(select(RunService.service).where(RunService.run_id == run.id)))
+        if service not in scope:
+            raise AnnotationError(f"service {service!r} is not in the scope of run {run.id} "
+                                  f"({', '.join(scope) or 'no services'})")
+    return record_reconciliation(
+        session, run.id, acknowledged_writes=0, missing_writes=0, service=service, source=f"check by {actor}",
+        details={"check": clean_text(check.strip()), "result": result, "detail": clean_text(detail.strip()),
+                 "by": clean_text(actor)},
+    )
+
+
+def reconciliation_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One reconciliation as auditors read it, in one shape: a named check (``dr reconcile``: check,
+    result, detail, by; no write counts) or a count of acknowledged writes against those the
+    recovered site lacks (result ok when none is missing)."""
+    details = row["details"] or {}
+    entry = {"at": row["at"], "service": row["service"], "source": row["source"],
+             "window_start": row["window_start"], "window_end": row["window_end"]}
+    if "check" in details:
+        return entry | {"check": details["check"], "result": details["result"], "detail": details.get("detail", ""),
+                        "by": details.get("by"), "acknowledged_writes": None, "missing_writes": None}
+    result = "ok" if row["missing_writes"] == 0 else "mismatch"
+    return entry | {"check": "acknowledged writes present", "result": result,
+                    "detail": f"{row['missing_writes']} of {row['acknowledged_writes']} acknowledged writes missing",
+                    "by": None, "acknowledged_writes": row["acknowledged_writes"],
+                    "missing_writes": row["missing_writes"]}
 
 
 def record_approval(

@@ -11,7 +11,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import drills, queries
-from dr_orchestrator.evidence.annotations import list_findings
+from dr_orchestrator.evidence.annotations import list_findings, reconciliation_entry
 from dr_orchestrator.evidence.models import Approval, DrillRun, Reconciliation, Run
 from dr_orchestrator.evidence.store import derive_test_type
 
@@ -83,7 +83,10 @@ def timeline(detail: dict[str, Any], failbacks: list[dict[str, Any]]) -> list[di
 def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
     """Everything recorded about a run (``queries.run_detail``) plus the DR test record: test type,
     scope with criticality, scenario, sources, participants, approvals, timeline, figures against
-    targets, reconciliations, findings, rollbacks, failbacks, retention. None: no such run."""
+    targets, reconciliations, findings, rollbacks, failbacks, retention; ``auditor_fields``: the
+    fifteen auditor fields per service (``auditor.AuditorFields``). None: no such run."""
+    from dr_orchestrator.evidence import auditor  # it builds on this module's timeline
+
     detail = queries.run_detail(session, run_id)
     if detail is None:
         return None
@@ -118,6 +121,7 @@ def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
             "approvals": approvals,
             "timeline": timeline(detail, failbacks),
             "reconciliations": reconciliations,
+            "data_reconciliation": [reconciliation_entry(r) for r in reconciliations],
             "findings": list_findings(session, run_ids=[the_id]),
             "failed_steps": failed,
             "rollbacks": rollbacks,
@@ -129,6 +133,7 @@ def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
             "cleanup": _cleanup_state(detail, rollbacks, failbacks),
             "retain_until": run["retain_until"],
             "drill": drill_of_run(session, the_id),
+            "auditor_fields": auditor.auditor_rows(session, run_ids=[the_id]),
         }
     )
     return detail

@@ -1,6 +1,8 @@
 """Evidence packs: a zip an auditor can check offline.
 
-Contents: ``records/<table>.json`` and ``.csv`` (the runs in scope and every row about them),
+Contents: ``records/<table>.json`` and ``.csv`` (the runs in scope and every row about them; the
+drill runs they were stages of, with expectations and notifications), ``records/auditor_fields``
+``.json`` and ``.csv`` (the fifteen auditor fields per run and service, as ``dr evidence export``),
 ``reports/`` (after-action report per run; for a quarter, the quarterly report in HTML, CSV and
 JSON), ``sources/<run>/`` (the runbook and inventory text that ran), ``audit/chain.json`` (the chain
 entries of the packed records and the chain head), ``signing-key.pub.pem``; then ``manifest.json``
@@ -24,20 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Table, select
+from sqlalchemy import Table, or_, select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence import chain, reports
+from dr_orchestrator.evidence import auditor, chain, reports
+from dr_orchestrator.evidence.drills import RUN_STAGES
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
     Approval,
     Attempt,
     AuditEntry,
     Base,
+    DrillExpectation,
+    DrillRun,
     Finding,
     FindingClosure,
     Marker,
     MeasurementRecord,
+    Notification,
     Probe,
     Reconciliation,
     Run,
@@ -154,7 +160,23 @@ def _records(session: Session, runs: Sequence[Run]) -> dict[str, tuple[Table, li
         )
     ]
     records["finding_closures"] = (FindingClosure.__table__, closures, ())  # type: ignore[assignment]
+    _add_drill_records(session, ids, records)
     return records
+
+
+def _add_drill_records(session: Session, run_ids: list[str],
+                       records: dict[str, tuple[Table, list[dict[str, Any]], tuple[str, ...]]]) -> None:
+    """The drill runs the packed runs were stages of (their verdicts), their expectations, and the
+    notifications sent about them (who was told, and whether it was delivered)."""
+    stages = [getattr(DrillRun, f"{stage}_run_id").in_(run_ids) for stage in RUN_STAGES]
+    drill_runs = list(session.scalars(select(DrillRun).where(or_(*stages)).order_by(DrillRun.started_at)))
+    drill_ids = [drill.id for drill in drill_runs]
+    records["drill_runs"] = (DrillRun.__table__, [as_dict(d) for d in drill_runs], ())  # type: ignore[assignment]
+    for model in (DrillExpectation, Notification):
+        table: Table = model.__table__  # type: ignore[assignment]
+        rows = [as_dict(row) for row in session.scalars(
+            select(model).where(model.drill_run_id.in_(drill_ids)).order_by(table.c.id))]
+        records[table.name] = (table, rows, ())
 
 
 def _chain_section(session: Session, records: dict[str, tuple[Table, list[dict[str, Any]], tuple[str, ...]]]) -> Any:
@@ -205,6 +227,9 @@ def pack_files(
                 "parameters_sha256": run.parameters_sha256,
             }
         )
+    auditor_rows = auditor.auditor_rows(session, run_ids=[run.id for run in runs])
+    files["records/auditor_fields.json"] = auditor.rows_as_json(auditor_rows).encode()
+    files["records/auditor_fields.csv"] = auditor.rows_as_csv(auditor_rows).encode()
     if quarter is not None:
         data = reports.quarter_data(session, quarter, service=service)
         label = data["quarter"]

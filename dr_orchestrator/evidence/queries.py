@@ -6,21 +6,20 @@ tables and its ``--output json`` alike.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Select, select
 from sqlalchemy.orm import DeclarativeBase, Session
 
+from dr_orchestrator.evidence.drills import RUN_STAGES
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
     Approval,
     Attempt,
     AuditEvent,
+    DrillRun,
     Marker,
     MeasurementRecord,
     Probe,
@@ -30,36 +29,19 @@ from dr_orchestrator.evidence.models import (
     StepRecord,
 )
 
-EXPORT_FIELDS = (
-    "run_id",
-    "runbook",
-    "kind",
-    "state",
-    "service",
-    "run_started_at",
-    "incident_at",
-    "restored_at",
-    "rto_s",
-    "rto_target_s",
-    "rto_met",
-    "rpo_s",
-    "rpo_target_s",
-    "rpo_met",
-    "rto_method",
-    "rpo_method",
-)
-
 
 class AmbiguousRunId(LookupError):
-    """A shortened run id that more than one run starts with."""
+    """A run id that names no single run: a shortened id more than one run (or drill run) starts
+    with, or a drill run that started no run."""
 
 
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+def plain(value: Any) -> Any:
+    """Times and dates as ISO-8601 text, anything else as it is."""
+    return value.isoformat() if isinstance(value, date) else value
 
 
 def as_dict(row: DeclarativeBase, exclude: Sequence[str] = ()) -> dict[str, Any]:
-    return {c.key: _plain(getattr(row, c.key)) for c in row.__table__.columns if c.key not in exclude}
+    return {c.key: plain(getattr(row, c.key)) for c in row.__table__.columns if c.key not in exclude}
 
 
 def _services_by_run(session: Session, run_ids: Sequence[str]) -> dict[str, list[str]]:
@@ -100,15 +82,36 @@ def list_runs(
 
 
 def find_run(session: Session, run_id: str) -> Run | None:
-    """The run with this id, or the only run whose id starts with it (as ``git`` takes short hashes)."""
+    """The run with this id, or the only run whose id starts with it (as ``git`` takes short hashes).
+    A drill run's id (or a unique prefix of it) stands for the drill's failover run, else the first
+    of its runs that exists (``drills.RUN_STAGES`` order)."""
     run = session.get(Run, run_id)
-    if run is not None or len(run_id) < 4:
+    if run is not None:
         return run
+    drill = session.get(DrillRun, run_id)
+    if drill is not None:
+        return _run_of_drill(session, drill)
+    if len(run_id) < 4:
+        return None
     pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    matches = list(session.scalars(select(Run).where(Run.id.like(pattern, escape="\\")).limit(2)))
-    if len(matches) > 1:
+    runs = list(session.scalars(select(Run).where(Run.id.like(pattern, escape="\\")).limit(2)))
+    drill_runs = list(session.scalars(select(DrillRun).where(DrillRun.id.like(pattern, escape="\\")).limit(2)))
+    if len(runs) + len(drill_runs) > 1:
         raise AmbiguousRunId(f"several runs have ids starting with {run_id!r}: give more of the id")
-    return matches[0] if matches else None
+    if drill_runs:
+        return _run_of_drill(session, drill_runs[0])
+    return runs[0] if runs else None
+
+
+def _run_of_drill(session: Session, drill: DrillRun) -> Run:
+    stages = ("failover", *(stage for stage in RUN_STAGES if stage != "failover"))
+    for stage in stages:
+        run_id = getattr(drill, f"{stage}_run_id")
+        run = session.get(Run, run_id) if run_id else None
+        if run is not None:
+            return run
+    raise AmbiguousRunId(f"drill run {drill.id} ({drill.drill_name}, {drill.state}) started no run: "
+                         "there is no run to name")
 
 
 def _rows(session: Session, query: Select[Any]) -> list[dict[str, Any]]:
@@ -160,66 +163,15 @@ def run_detail(session: Session, run_id: str) -> dict[str, Any] | None:
     }
 
 
-def evidence_rows(session: Session, service: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
-    """One row per finished run and service in scope, oldest first, with the fields in EXPORT_FIELDS."""
-    query = (
-        select(Run, ServiceResult)
-        .join(ServiceResult, ServiceResult.run_id == Run.id)
-        .order_by(Run.started_at, Run.id, ServiceResult.id)
-    )
-    if service is not None:
-        query = query.where(ServiceResult.service == service)
-    if since is not None:
-        query = query.where(Run.started_at >= since)
-    rows = []
-    for run, result in session.execute(query):
-        rows.append(
-            {
-                "run_id": run.id,
-                "runbook": run.runbook_name,
-                "kind": run.kind,
-                "state": run.state,
-                "service": result.service,
-                "run_started_at": _plain(result.run_started_at),
-                "incident_at": _plain(result.incident_at),
-                "restored_at": _plain(result.restored_at),
-                "rto_s": result.rto_s,
-                "rto_target_s": result.rto_target_s,
-                "rto_met": result.rto_met,
-                "rpo_s": result.rpo_s,
-                "rpo_target_s": result.rpo_target_s,
-                "rpo_met": result.rpo_met,
-                "rto_method": result.rto_method,
-                "rpo_method": result.rpo_method,
-            }
-        )
-    return rows
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""  # unknown stays empty: never a made-up zero
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return value
-
-
-def rows_as_csv(rows: Sequence[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPORT_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _csv_cell(row[key]) for key in EXPORT_FIELDS})
-    return buffer.getvalue()
-
-
 def export_evidence(
     session: Session, fmt: str = "json", service: str | None = None, since: datetime | None = None
 ) -> str:
-    """The evidence rows as ``json`` (a list of objects) or ``csv`` (a header, then one line per row)."""
-    rows = evidence_rows(session, service=service, since=since)
-    if fmt == "csv":
-        return rows_as_csv(rows)
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    raise ValueError(f"unknown export format {fmt!r}: use json or csv")
+    """One row per finished run and service in scope (``auditor.auditor_rows``: the fifteen auditor
+    fields), as ``json`` (a list of objects, the fields nested) or ``csv`` (a header, then one line
+    per row, the fields flattened)."""
+    from dr_orchestrator.evidence import auditor  # it reads through this module: imported when used
+
+    if fmt not in ("json", "csv"):
+        raise ValueError(f"unknown export format {fmt!r}: use json or csv")
+    rows = auditor.auditor_rows(session, service=service, since=since)
+    return auditor.rows_as_csv(rows) if fmt == "csv" else auditor.rows_as_json(rows)

@@ -43,6 +43,7 @@ from dr_orchestrator.evidence.models import (
     ServiceResult,
     StepRecord,
 )
+from dr_orchestrator.evidence.provenance import GIT_COMMIT_EVENT, git_commit_of
 from dr_orchestrator.model.approval import DecisionSource
 from dr_orchestrator.model.events import (
     ActionEvent,
@@ -258,7 +259,17 @@ class EvidenceStore:
                 self._writer = threading.Thread(target=self._write_queued, name="evidence-writer", daemon=True)
                 self._writer.start()
             self._wakeup.notify()
+        if isinstance(event, RunStarted):
+            self._queue_git_commit(event)
         return written
+
+    def _queue_git_commit(self, event: RunStarted) -> None:
+        """The checkout the runbook came from, as an action event of the run's start (asked of git
+        here, outside any database transaction; nothing when the runbook is in no git work tree)."""
+        found = git_commit_of(event.plan.runbook_source.path)
+        if found is not None:
+            self._queue(ActionEvent(event.run_id, "", GIT_COMMIT_EVENT, event.at, found))
+
 
     def _write_queued(self) -> None:
         while True:
