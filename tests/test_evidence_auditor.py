@@ -93,7 +93,7 @@ def test_the_export_has_the_fifteen_fields_for_every_test(sessions: sessionmaker
         assert row["timeline"][0]["event"] == "incident"
         assert row["retention"]["retain_until"] > row["run_started_at"]
         integrity = row["integrity"]
-        assert integrity["anchor"] is None and integrity["entries"] > 5
+        assert integrity["anchor"] is None and integrity["entries"] > 5  # no anchor made in this test
         for entry in integrity["run_entries"]:  # each one is the chain's own entry
             assert chain[("runs", row["run_id"], entry["seq"])] == entry["entry_sha256"]
         assert integrity["first_seq"] <= integrity["run_entries"][0]["seq"] <= integrity["last_seq"]
@@ -133,6 +133,27 @@ def test_the_export_has_the_fifteen_fields_for_every_test(sessions: sessionmaker
     assert json.loads(table[0]["findings"])[0]["overdue"] is True
     assert table[0]["integrity_last_seq"] == str(failover["integrity"]["last_seq"])
     assert table[2]["plan_versions_git_commit"] == "" and table[2]["integrity_anchor"] == ""
+
+
+def test_integrity_names_the_first_anchor_covering_every_record_of_the_test(
+        sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from dr_orchestrator.evidence.anchors import FileSink, anchor_chain
+
+    first = run_small(sessions)
+    with sessions() as session:
+        (before,) = auditor.auditor_rows(session)
+    assert before["integrity"]["anchor"] is None  # nothing outside the database vouches for it yet
+    key = Ed25519PrivateKey.generate()
+    outcome = anchor_chain(sessions, key, [FileSink(tmp_path / "anchors.jsonl")], actor="test")
+    second = run_small(sessions)
+    with sessions() as session:
+        rows = {row["run_id"]: row["integrity"] for row in auditor.auditor_rows(session)}
+    anchor = rows[first]["anchor"]
+    assert (anchor["seq"], anchor["head_sha256"]) == (outcome.anchor.seq, outcome.anchor.head_sha256)
+    assert anchor["seq"] >= rows[first]["last_seq"] and anchor["sinks"] == [f"file:{tmp_path / 'anchors.jsonl'}"]
+    assert rows[second]["anchor"] is None  # written after the newest anchor
 
 
 def test_the_run_record_and_the_pack_carry_the_same_fields(sessions: sessionmaker[Session]) -> None:

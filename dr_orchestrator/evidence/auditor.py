@@ -23,6 +23,7 @@ from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import chain, drills
+from dr_orchestrator.evidence.anchors import recorded_anchor_covering
 from dr_orchestrator.evidence.annotations import list_findings, reconciliation_entry
 from dr_orchestrator.evidence.dr_record import derive_test_type, timeline
 from dr_orchestrator.evidence.models import (
@@ -133,7 +134,9 @@ class Integrity:
     last_seq: int | None
     last_entry_sha256: str | None
     run_entries: list[dict[str, Any]]  # the run row's own entries: seq, operation, entry_sha256
-    anchor: dict[str, Any] | None = None  # the first signed anchor covering last_seq (not yet made)
+    # The first signed anchor recorded as covering last_seq (seq, head_sha256, at, key, sinks): every
+    # record of the test is then vouched for outside the database. None: no anchor covers it yet.
+    anchor: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ class _Batch:
 # -- building the rows ------------------------------------------------------------------------------
 
 
-def _read_batch(session: Session, run_ids: Sequence[str], today: date) -> _Batch:
+def _read_batch(session: Session, run_ids: Sequence[str], today: date | None) -> _Batch:
     batch = _Batch()
     stage_columns = {stage: getattr(DrillRun, f"{stage}_run_id") for stage in drills.RUN_STAGES}
     for stage, column in stage_columns.items():
@@ -237,7 +240,7 @@ def _read_chain(session: Session, run_ids: Sequence[str], batch: _Batch) -> None
             batch.chain[run_id].append(entry)
 
 
-def _integrity(entries: list[AuditEntry], run_id: str) -> Integrity:
+def _integrity(session: Session, entries: list[AuditEntry], run_id: str) -> Integrity:
     entries = sorted(entries, key=lambda e: e.seq)
     last = entries[-1] if entries else None
     return Integrity(
@@ -247,6 +250,7 @@ def _integrity(entries: list[AuditEntry], run_id: str) -> Integrity:
         last_entry_sha256=last.entry_sha256 if last else None,
         run_entries=[{"seq": e.seq, "operation": e.operation, "entry_sha256": e.entry_sha256}
                      for e in entries if e.table_name == Run.__tablename__ and e.record_id == run_id],
+        anchor=recorded_anchor_covering(session, last.seq) if last else None,
     )
 
 
@@ -280,11 +284,13 @@ def auditor_rows(session: Session, run_ids: Sequence[str] | None = None, service
     by_run: dict[str, list[ServiceResult]] = defaultdict(list)
     for run, result in pairs:
         by_run[run.id].append(result)
-    batch = _read_batch(session, list(by_run), today or datetime.now().astimezone().date())
-    timelines = {run.id: _timeline_of(session, run, by_run[run.id], batch.failbacks[run.id]) for run, _ in pairs}
+    batch = _read_batch(session, list(by_run), today)
+    runs = {run.id: run for run, _ in pairs}
+    timelines = {key: _timeline_of(session, run, by_run[key], batch.failbacks[key]) for key, run in runs.items()}
+    integrity = {key: _integrity(session, batch.chain[key], key) for key in runs}
     rows = []
     for run, result in pairs:
-        fields = _fields(run, result, batch, timelines[run.id])
+        fields = _fields(run, result, batch, timelines[run.id], integrity[run.id])
         rows.append(_legacy(run, result) | dataclasses.asdict(fields))
     return rows
 
@@ -300,7 +306,8 @@ def _legacy(run: Run, result: ServiceResult) -> dict[str, Any]:
     }
 
 
-def _fields(run: Run, result: ServiceResult, batch: _Batch, events: list[dict[str, Any]]) -> AuditorFields:
+def _fields(run: Run, result: ServiceResult, batch: _Batch, events: list[dict[str, Any]], integrity: Integrity
+            ) -> AuditorFields:
     drill, stage = batch.drills.get(run.id, (None, None))
     scope_row = batch.scope.get((run.id, result.service))
     git = batch.git.get(run.id) or {}
@@ -337,7 +344,7 @@ def _fields(run: Run, result: ServiceResult, batch: _Batch, events: list[dict[st
         data_reconciliation=[r for r in batch.reconciliations[run.id] if r["service"] in (None, result.service)],
         findings=batch.findings[run.id],
         reported_to=batch.notifications[drill.id] if drill else [],
-        integrity=_integrity(batch.chain[run.id], run.id),
+        integrity=integrity,
         retention=Retention(retain_until=plain(run.retain_until)),
         started_by=run.started_by,
         failback=Failback(of_run=run.failback_of, runs=batch.failbacks[run.id]),
