@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, get_type_hints
+from typing import Any, NamedTuple, get_type_hints
 
 from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
@@ -169,6 +169,14 @@ class AuditorFields:
     failback: Failback
 
 
+class ChainLink(NamedTuple):
+    seq: int
+    table_name: str
+    record_id: str
+    operation: str
+    entry_sha256: str
+
+
 @dataclass
 class _Batch:
     """What the rows of many runs need, read once for all of them."""
@@ -181,7 +189,9 @@ class _Batch:
     findings: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     failbacks: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     git: dict[str, dict[str, Any]] = field(default_factory=dict)
-    chain: dict[str, list[AuditEntry]] = field(default_factory=lambda: defaultdict(list))
+    chain: dict[str, list[ChainLink]] = field(default_factory=lambda: defaultdict(list))
+    markers: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    steps: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     scope: dict[tuple[str, str], RunService] = field(default_factory=dict)
 
 
@@ -219,50 +229,55 @@ def _read_batch(session: Session, run_ids: Sequence[str], today: date | None) ->
         batch.git[event.run_id] = event.data
     for row in session.scalars(select(RunService).where(RunService.run_id.in_(run_ids))):
         batch.scope[(row.run_id, row.service)] = row
+    for marker in session.scalars(select(Marker).where(Marker.run_id.in_(run_ids))):
+        batch.markers[marker.run_id].append(as_dict(marker))
+    for step in session.scalars(select(StepRecord).where(StepRecord.run_id.in_(run_ids))):
+        batch.steps[step.run_id].append(as_dict(step))
     _read_chain(session, run_ids, batch)
     return batch
 
 
 def _read_chain(session: Session, run_ids: Sequence[str], batch: _Batch) -> None:
-    own = select(AuditEntry.record_id, AuditEntry).where(AuditEntry.table_name == Run.__tablename__,
-                                                         AuditEntry.record_id.in_(run_ids))
-    for run_id, entry in session.execute(own):
-        batch.chain[run_id].append(entry)
+    columns = (AuditEntry.seq, AuditEntry.table_name, AuditEntry.record_id, AuditEntry.operation,
+               AuditEntry.entry_sha256)
+    own = select(*columns).where(AuditEntry.table_name == Run.__tablename__, AuditEntry.record_id.in_(run_ids))
+    for row in session.execute(own):
+        batch.chain[row.record_id].append(ChainLink(*row))
     # Rows of every chained table with a run_id column are the run's records.
     for table in (t for t in chain.CHAINED_TABLES.values() if "run_id" in t.c):
         query = (
-            select(table.c.run_id, AuditEntry)
+            select(table.c.run_id.label("owner"), *columns)
             .join(AuditEntry, (AuditEntry.table_name == table.name)
                   & (AuditEntry.record_id == cast(table.c.id, String)))
             .where(table.c.run_id.in_(run_ids))
         )
-        for run_id, entry in session.execute(query):
-            batch.chain[run_id].append(entry)
+        for row in session.execute(query):
+            batch.chain[row.owner].append(ChainLink(row.seq, row.table_name, row.record_id, row.operation,
+                                                    row.entry_sha256))
 
 
-def _integrity(session: Session, entries: list[AuditEntry], run_id: str) -> Integrity:
-    entries = sorted(entries, key=lambda e: e.seq)
-    last = entries[-1] if entries else None
+def _integrity(session: Session, links: list[ChainLink], run_id: str) -> Integrity:
+    links = sorted(links)
+    last = links[-1] if links else None
     return Integrity(
-        entries=len(entries),
-        first_seq=entries[0].seq if entries else None,
+        entries=len(links),
+        first_seq=links[0].seq if links else None,
         last_seq=last.seq if last else None,
         last_entry_sha256=last.entry_sha256 if last else None,
         run_entries=[{"seq": e.seq, "operation": e.operation, "entry_sha256": e.entry_sha256}
-                     for e in entries if e.table_name == Run.__tablename__ and e.record_id == run_id],
+                     for e in links if e.table_name == Run.__tablename__ and e.record_id == run_id],
         anchor=recorded_anchor_covering(session, last.seq) if last else None,
     )
 
 
-def _timeline_of(session: Session, run: Run, results: list[ServiceResult], failbacks: list[dict[str, Any]]
-                 ) -> list[dict[str, Any]]:
+def _timeline_of(run: Run, results: list[ServiceResult], batch: _Batch) -> list[dict[str, Any]]:
     detail = {
         "run": as_dict(run, exclude=("runbook_text", "inventory_text")),
-        "markers": [as_dict(m) for m in session.scalars(select(Marker).where(Marker.run_id == run.id))],
-        "steps": [as_dict(s) for s in session.scalars(select(StepRecord).where(StepRecord.run_id == run.id))],
+        "markers": batch.markers[run.id],
+        "steps": batch.steps[run.id],
         "results": [as_dict(r) for r in results],
     }
-    return timeline(detail, failbacks)
+    return timeline(detail, batch.failbacks[run.id])
 
 
 def auditor_rows(session: Session, run_ids: Sequence[str] | None = None, service: str | None = None,
@@ -286,7 +301,7 @@ def auditor_rows(session: Session, run_ids: Sequence[str] | None = None, service
         by_run[run.id].append(result)
     batch = _read_batch(session, list(by_run), today)
     runs = {run.id: run for run, _ in pairs}
-    timelines = {key: _timeline_of(session, run, by_run[key], batch.failbacks[key]) for key, run in runs.items()}
+    timelines = {key: _timeline_of(run, by_run[key], batch) for key, run in runs.items()}
     integrity = {key: _integrity(session, batch.chain[key], key) for key in runs}
     rows = []
     for run, result in pairs:
