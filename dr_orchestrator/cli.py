@@ -182,7 +182,10 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 @click.option("--test-type", type=click.Choice(TEST_TYPES),
               help="what the DR test record calls the run (default: from kind, trigger and scenario)")
 @click.option("--scenario", default="", help="the fault injected, in words (recorded)")
-@click.option("--failback-of", metavar="RUN", help="the run whose failover this run undoes")
+@click.option("--failback-of", metavar="RUN", help="the run whose failover this run undoes (joins its incident)")
+@click.option("--incident", "incident_id", metavar="ID",
+              help="the incident this run belongs to, created when absent (default: a failover or switchover "
+                   "opens a new one)")
 @click.option("--retention-years", type=click.IntRange(min=1), envvar="DR_RETENTION_YEARS",
               help="keep the record this many years (default 6, or $DR_RETENTION_YEARS)")
 @click.option("--force", "force_reason", metavar="REASON",
@@ -191,7 +194,7 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 @click.pass_context
 def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...], incident_at: str | None,
         kind: str | None, reason: str, trigger: str, test_type: str | None, scenario: str, failback_of: str | None,
-        retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
+        incident_id: str | None, retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
     Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input, 3 when another
@@ -201,6 +204,13 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     from dr_orchestrator.progress import ProgressPrinter
 
     moment = parse_time(incident_at, "--incident-at")
+    if incident_id is not None:
+        from dr_orchestrator.evidence.incidents import IncidentError, check_incident_id
+
+        try:
+            check_incident_id(incident_id)
+        except IncidentError as exc:
+            raise UserError(f"--incident: {exc}") from None
     if force_reason is not None and not force_reason.strip():
         raise UserError('--force needs a reason, e.g. --force "primary site confirmed powered off by facilities"')
     forced = (force_reason.strip(),) if force_reason else ()
@@ -209,7 +219,8 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     sessions = session_factory(ctx)
     if failback_of is not None:
         failback_of = _existing_run_id(sessions, failback_of)
-    the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of})
+    the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of,
+                                           "incident_id": incident_id})
     observers: list[Any] = [] if quiet else [ProgressPrinter()]
     outcome = run_guarded(sessions, the_plan, observers, retention_years=retention_years)
     print_run_summary(sessions, outcome.run_id)
@@ -843,6 +854,12 @@ def _mount_drills() -> None:
     cli.add_command(scheduler, "scheduler")
 
 
+def _mount_incidents() -> None:
+    from dr_orchestrator.cli_incidents import incidents
+
+    cli.add_command(incidents, "incidents")
+
+
 def _mount_api() -> None:
     from dr_orchestrator.cli_api import serve, tokens
 
@@ -855,6 +872,7 @@ def main() -> None:
 
     mount(cli)
     _mount_drills()
+    _mount_incidents()
     _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")

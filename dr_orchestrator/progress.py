@@ -121,7 +121,8 @@ def print_results(detail: dict[str, Any] | None, out: Console | None = None) -> 
         out.print("[red]the run is not in the evidence database[/]")
         return
     run = detail["run"]
-    out.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']})")
+    incident = f"  incident {run['incident_id']}" if run.get("incident_id") else ""
+    out.print(f"\nrun {run['id']} {_state(run['state'])}  ({run['kind']}, {run['runbook_name']}){incident}")
     for event in detail.get("events") or []:
         if event["kind"] in SHOWN_ACTION_EVENTS:
             out.print(f"  {SHOWN_ACTION_EVENTS[event['kind']](event.get('data') or {})}")
@@ -133,9 +134,43 @@ def print_results(detail: dict[str, Any] | None, out: Console | None = None) -> 
         table.add_row(row["service"], _figure(row.get("rto_s"), row.get("rto_target_s"), row.get("rto_met")),
                       _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")))
     out.print(table)
+    for warning in dict.fromkeys(w for row in results for w in (row.get("raw") or {}).get("warnings") or []):
+        out.print(f"[yellow bold]warning: {warning}[/] (give --incident-at, or the --incident of earlier attempts)")
     for row in results:
         out.print(f"  {row['service']}: RTO = {row.get('rto_method') or 'not measured'}")
         out.print(f"  {row['service']}: RPO = {row.get('rpo_method') or 'not measured'}")
+
+
+def print_incident_list(rows: list[dict[str, Any]], out: Console | None = None) -> None:
+    out = out or console()
+    table = Table("incident", "created", "by", "impact start", "runs", "latest run", "title")
+    for row in rows:
+        table.add_row(row["id"], str(row["created_at"]), row["created_by"], str(row["impact_start"] or "-"),
+                      str(row["runs"]), _state(row["latest_state"]) if row["latest_state"] else "-", row["title"])
+    out.print(table)
+
+
+def print_incident(detail: dict[str, Any], out: Console | None = None) -> None:
+    out = out or console()
+    incident = detail["incident"]
+    out.print(f"incident [bold]{incident['id']}[/]  {incident['title']}")
+    out.print(f"  created {incident['created_at']} by {incident['created_by']}; declared time: "
+              f"{incident['declared_at'] or 'none'}")
+    out.print(f"  impact start: {incident['impact_start'] or 'not known yet'}"
+              + (f" ({incident['impact_start_method']})" if incident["impact_start_method"] else ""))
+    table = Table("run", "kind", "state", "started", "service", "RTO achieved / target", "RPO achieved / target",
+                  "counted from", title="runs, in the order they started")
+    for run in detail["runs"]:
+        label = run["kind"] + (f" of {run['failback_of'][:8]}" if run.get("failback_of") else "")
+        results = run["results"] or [{}]
+        for index, row in enumerate(results):
+            first = index == 0
+            table.add_row(run["id"] if first else "", label if first else "", _state(run["state"]) if first else "",
+                          str(run["started_at"]) if first else "", row.get("service", "-"),
+                          _figure(row.get("rto_s"), row.get("rto_target_s"), row.get("rto_met")) if row else "-",
+                          _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")) if row else "-",
+                          str(row.get("incident_at") or "-"))
+    out.print(table)
 
 
 def print_run_list(rows: list[dict[str, Any]], out: Console | None = None) -> None:

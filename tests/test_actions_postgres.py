@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -29,7 +29,7 @@ from dr_orchestrator.actions.postgres import (
 )
 from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, _Remote
 from dr_orchestrator.lab import Lab
-from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.events import ActionEvent, utcnow
 
 pytestmark = pytest.mark.lab
 
@@ -224,6 +224,19 @@ def test_failover_after_a_site_loss_then_failback_restores_replication_both_ways
                 ("trading", rpo["rpo_s"]),
                 ("quotation", rpo["rpo_s"]),
             ]
+            # An incident declared 12 s before the newest replicated reading: that reading is refused,
+            # and no figure is made of it (it used to be "-12241 ms before", counted as met).
+            incident_at = harness.run_info["incident_at"]
+            newest = datetime.fromisoformat(rpo["raw"]["newest_replicated_at"])
+            harness.run_info["incident_at"] = (newest - timedelta(seconds=12)).isoformat()
+            refused = act(harness, Rpo, site="backup", services=["trading"])
+            assert refused["rpo_s"] is None
+            assert refused["method"].startswith("not measured: the newest "), refused["method"]
+            assert "is later than the incident (" in refused["method"] and "12000 ms after" in refused["method"]
+            assert [e.data["services"] for e in harness.events
+                    if isinstance(e, ActionEvent) and e.kind == "rpo.not_measured"] == [["trading"]]
+            assert len(harness.measurements("rpo_s")) == 2  # nothing more measured
+            harness.run_info["incident_at"] = incident_at
 
             # Power back at the primary site: rebuild its database as a standby of the backup.
             lab.start_site("primary")
@@ -279,6 +292,9 @@ def test_failover_after_a_site_loss_then_failback_restores_replication_both_ways
 def test_synchronous_replication_under_write_load_gives_rpo_zero_and_loses_nothing(lab_factory: LabFactory) -> None:
     with lab_factory(sync=True) as lab:
         heartbeat_replicated(lab)
+        # A second of heartbeats at the standby, so that one half a second before the last exists (below).
+        wait_for(lambda: int(query(lab, "backup", "SELECT count(*) FROM dr_heartbeat")) >= 10, 20,
+                 "ten heartbeats at the standby")
         harness = Harness(lab_inventory(lab))
         writer = Writer(lab)
         try:
@@ -290,8 +306,18 @@ def test_synchronous_replication_under_write_load_gives_rpo_zero_and_loses_nothi
             rpo = act(harness, Rpo, site="backup", services=["trading"])
 
             assert rpo["rpo_s"] == 0
-            assert rpo["method"].startswith("synchronous replication in force at the last heartbeat")
+            # The last heartbeat, or (when one landed between the incident and the kill) the newest before it.
+            assert rpo["method"].startswith("synchronous replication in force at the "), rpo["method"]
             assert rpo["raw"]["heartbeat"]["sync_state"] == "sync"
+            # An incident half a second before the newest heartbeat: the proof is the newest heartbeat at
+            # or before it, and the method says a newer one was not used.
+            newest = datetime.fromisoformat(rpo["raw"]["heartbeat"]["at"])
+            harness.run_info["incident_at"] = (newest - timedelta(seconds=0.5)).isoformat()
+            earlier = act(harness, Rpo, site="backup", services=["trading"])
+            assert earlier["rpo_s"] == 0, earlier["method"]
+            assert "at the newest heartbeat at or before the incident (a newer one" in earlier["method"]
+            proof = datetime.fromisoformat(earlier["raw"]["heartbeat_at_or_before_incident"]["at"])
+            assert newest - timedelta(seconds=0.7) < proof <= newest - timedelta(seconds=0.5)
             assert writer.missing_at("backup") == []  # ground truth: every acknowledged write survived
         finally:
             writer.finish()

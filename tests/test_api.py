@@ -181,6 +181,21 @@ def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
     assert api.chain_ok()
 
 
+def test_a_run_started_through_the_api_joins_the_incident_it_names(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    body = {"runbook": "restore-quotation.yml", "inventory": "two-services.yml", "incident": "INC-2026-0042"}
+    first = api.post("/api/runs", erin, json=body).json()["run_id"]
+    assert finished(api, erin, first) == "succeeded"
+    retry = api.post("/api/runs", erin, json=body).json()["run_id"]
+    assert finished(api, erin, retry) == "succeeded"
+    assert [api.get(f"/api/runs/{run_id}", erin).json()["run"]["incident_id"] for run_id in (first, retry)] == [
+        "INC-2026-0042", "INC-2026-0042"]
+    refused = api.post("/api/runs", erin, json=body | {"incident": "INC 42; DROP"})
+    assert refused.status_code == 422, refused.text
+    assert len(api.get("/api/runs", erin).json()) == 2  # nothing more started
+    assert api.chain_ok()
+
+
 def test_runbook_and_inventory_must_be_inside_their_directories(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     outside = [

@@ -7,9 +7,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dr_orchestrator.evidence.rto import (
+    RUN_START_WARNING,
+    ImpactFact,
     Interval,
     MarkerFact,
     RpoReading,
+    RpoRefusal,
     Targets,
     figures_for,
     is_met,
@@ -131,3 +134,59 @@ def test_is_met(value: float | None, target: float | None, met: bool | None) -> 
 def test_service_figures_keeps_scope_order() -> None:
     figures = service_figures({"b": Targets(1, 1), "a": Targets(2, 2)}, at(0), None, [], [], [])
     assert [f.service for f in figures] == ["b", "a"]
+
+
+# ---------------------------------------------------------------- impact start (incidents)
+
+
+def restored_at(seconds: float) -> list[MarkerFact]:
+    return [MarkerFact("trading", at(seconds), "verify")]
+
+
+def test_a_measured_failure_before_the_declared_time_is_the_impact_start() -> None:
+    impacts = [ImpactFact("trading", at(-14.5), "failed probe of step 'verify' of run 1234abcd (an earlier attempt)"),
+               ImpactFact("quotation", at(-60), "another service's failure does not count"),
+               ImpactFact(None, at(-12), "fault_detected mark of step 'detect'")]
+    fig = figures_for("trading", Targets(60, 0), at(0), at(-10), restored_at(20), [], [], impacts=impacts,
+                      failover=True)
+    assert fig.incident_at == at(-14.5) and fig.rto_s == pytest.approx(34.5)
+    assert fig.rto_method == ("service_restored marker of step 'verify' minus incident time (measured first failure: "
+                              "failed probe of step 'verify' of run 1234abcd (an earlier attempt) "
+                              "(before the declared time))")
+    assert fig.detection_s == pytest.approx(14.5)
+
+
+def test_a_declared_time_earlier_than_every_measured_failure_wins() -> None:
+    fig = figures_for("trading", Targets(60, 0), at(0), at(-10), restored_at(20), [], [],
+                      impacts=[ImpactFact(None, at(-3), "fault_detected mark of step 'detect'")])
+    assert fig.incident_at == at(-10) and fig.raw["incident_source"] == "declared"
+
+
+def test_a_retry_without_measurement_counts_from_the_first_attempt_and_warns() -> None:
+    fig = figures_for("trading", Targets(60, 0), at(0), None, restored_at(5), [], [],
+                      first_attempt=(at(-30), "1234abcd"), failover=True)
+    assert fig.incident_at == at(-30) and fig.rto_s == pytest.approx(35)
+    assert "start of the incident's first attempt, run 1234abcd" in fig.rto_method
+    assert fig.rto_method.endswith(f"; {RUN_START_WARNING}") and fig.raw["warnings"] == [RUN_START_WARNING]
+
+
+def test_only_a_failover_from_its_start_warns_and_only_with_a_figure() -> None:
+    failover = figures_for("trading", Targets(60, 0), at(0), None, restored_at(5), [], [], failover=True)
+    assert failover.rto_method.endswith(RUN_START_WARNING)
+    rehearsal = figures_for("trading", Targets(60, 0), at(0), None, restored_at(5), [], [])
+    assert RUN_START_WARNING not in rehearsal.rto_method and "warnings" not in rehearsal.raw
+    never_restored = figures_for("trading", Targets(60, 0), at(0), None, [], [], [], failover=True)
+    assert RUN_START_WARNING not in never_restored.rto_method
+    declared = figures_for("trading", Targets(60, 0), at(0), at(-1), restored_at(5), [], [], failover=True)
+    assert RUN_START_WARNING not in declared.rto_method
+
+
+def test_an_rpo_method_that_refused_says_why_and_gives_no_figure() -> None:
+    reason = "not measured: the newest heartbeat is later than the incident (...)"
+    refused = [RpoRefusal(None, reason, "rpo", 7)]
+    fig = figures_for("trading", Targets(60, 0), at(0), None, [], [], [], refusals=refused)
+    assert (fig.rpo_s, fig.rpo_met, fig.rpo_method) == (None, None, reason)
+    assert fig.raw["rpo_refusal"] == {"step_id": "rpo", "service": None, "id": 7}
+    measured = figures_for("trading", Targets(60, 0), at(0), None, [], [], [RpoReading("trading", 0.2, "async", at(3),
+                                                                                       "rpo")], refusals=refused)
+    assert (measured.rpo_s, measured.rpo_method) == (0.2, "async")

@@ -233,13 +233,16 @@ def probe_role(db: Database, site: str, ctx: ActionContext) -> dict[str, Any]:
         return {"role": "unknown", "writable": False, "error": f"{db.where(site)}: {exc}".strip()}
 
 
-def latest_heartbeat(connection: psycopg.Connection, sites: list[str]) -> dict[str, Any] | None:
-    """The newest heartbeat row written at one of ``sites`` that this server holds (None: no heartbeat)."""
+def latest_heartbeat(connection: psycopg.Connection, sites: list[str],
+                     not_after: datetime | None = None) -> dict[str, Any] | None:
+    """The newest heartbeat row written at one of ``sites`` that this server holds, written at or
+    before ``not_after`` when given (None: no such heartbeat)."""
+    until = "" if not_after is None else " AND at <= %s"
     try:
         row = connection.execute(
             f"SELECT id, site, at, primary_lsn::text, sync_state, clock_timestamp() FROM {HEARTBEAT_TABLE}"
-            " WHERE site = ANY(%s) ORDER BY id DESC LIMIT 1".encode(),
-            (sites,),
+            f" WHERE site = ANY(%s){until} ORDER BY id DESC LIMIT 1".encode(),
+            (sites,) if not_after is None else (sites, not_after),
         ).fetchone()
     except psycopg.errors.UndefinedTable:
         return None

@@ -394,6 +394,8 @@ class RpoParams(DatabaseParams):
 
 # A heartbeat row commits a moment after its `at`: this close to the newest commit, it was that commit.
 HEARTBEAT_IS_NEWEST_S = 0.01
+# The action event of a method that refused to give a figure (the evidence's rto.RPO_NOT_MEASURED).
+RPO_NOT_MEASURED = "rpo.not_measured"
 
 
 class Rpo(Action[RpoParams]):
@@ -404,7 +406,13 @@ class Rpo(Action[RpoParams]):
     - synchronous replication: 0 when the newest replicated heartbeat of the old primary saw its
       standby in ``sync`` state, less than ``sync_staleness`` before the incident;
     - otherwise: incident time minus the newest commit the promoted database replayed, the newest
-      replicated heartbeat or, under load, a newer transaction (at least 0).
+      replicated heartbeat or, under load, a newer transaction.
+
+    Readings taken after the incident are refused: the synchronous check reads the newest heartbeat
+    at or before the incident (and says so when a newer one exists); when the newest replicated
+    heartbeat or commit is later than the incident, the old primary was still writing after the
+    incident time and the loss cannot be measured from it: no figure, and an ``rpo.not_measured``
+    event saying why (never a negative RPO, never a 0 made of it).
 
     The figure is recorded as ``rpo_s`` for each service, with the method and every raw input.
     """
@@ -425,6 +433,8 @@ class Rpo(Action[RpoParams]):
                 "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_xact_replay_timestamp()",
             )
             heartbeat = latest_heartbeat(connection, [old_site])
+            before = heartbeat if _not_after(heartbeat, incident_at) else latest_heartbeat(connection, [old_site],
+                                                                                            incident_at)
         if in_recovery:
             raise ActionError(f"{db.where(params.site)} is still a standby: measure RPO after promoting it")
         raw: dict[str, Any] = {
@@ -435,12 +445,16 @@ class Rpo(Action[RpoParams]):
             "replay_lsn": replay_lsn,
             "last_replayed_commit_at": replayed_at.isoformat() if replayed_at else None,
             "heartbeat": heartbeat,
+            "heartbeat_at_or_before_incident": before,
             "sync_staleness_s": params.sync_staleness,
         }
-        value, method = self._figure(params, raw, heartbeat, incident_at, replay_lsn, replayed_at, db)
+        value, method = self._figure(params, raw, heartbeat, before, incident_at, replay_lsn, replayed_at, db)
         services: list[str | None] = list(params.services) or [ctx.service]
-        for service in services:
-            ctx.measure("rpo_s", value, method, raw, service=service)
+        if value is None:
+            ctx.report(RPO_NOT_MEASURED, services=services, reason=method, raw=raw)
+        else:
+            for service in services:
+                ctx.measure("rpo_s", value, method, raw, service=service)
         return ActionResult(output={"rpo_s": value, "method": method, "services": services, "raw": raw})
 
     @staticmethod
@@ -448,11 +462,13 @@ class Rpo(Action[RpoParams]):
         params: RpoParams,
         raw: dict[str, Any],
         heartbeat: dict[str, Any] | None,
+        before: dict[str, Any] | None,
         incident_at: datetime,
         replay_lsn: str | None,
         replayed_at: datetime | None,
         db: Database,
-    ) -> tuple[float, str]:
+    ) -> tuple[float | None, str]:
+        """The figure and its method; None and why when it cannot be measured."""
         if replay_lsn is None:
             raise ActionError(
                 f"{db.where(params.site)} no longer knows where its recovery ended (restarted since promotion?): "
@@ -466,15 +482,18 @@ class Rpo(Action[RpoParams]):
                     f"was {params.old_primary_final_lsn})"
                 )
             raw["switchover_short_by_bytes"] = lsn_value(params.old_primary_final_lsn) - lsn_value(replay_lsn)
-        beat_at = datetime.fromisoformat(heartbeat["at"]) if heartbeat else None
-        if heartbeat is not None and beat_at is not None:
-            before_incident_s = (incident_at - beat_at).total_seconds()
+        if before is not None:
+            before_incident_s = (incident_at - datetime.fromisoformat(before["at"])).total_seconds()
             raw["heartbeat_before_incident_s"] = before_incident_s
-            if heartbeat["sync_state"] == "sync" and before_incident_s <= params.sync_staleness:
+            if before["sync_state"] == "sync" and before_incident_s <= params.sync_staleness:
+                which = "the last heartbeat" if heartbeat is None or heartbeat["id"] == before["id"] else (
+                    f"the newest heartbeat at or before the incident (a newer one, at {heartbeat['at']}, is later "
+                    "than the incident and was not used)")
                 return 0.0, (
-                    f"synchronous replication in force at the last heartbeat, {before_incident_s * 1000:.0f} ms "
+                    f"synchronous replication in force at {which}, {before_incident_s * 1000:.0f} ms "
                     "before the incident: every acknowledged commit reached the standby"
                 )
+        beat_at = datetime.fromisoformat(heartbeat["at"]) if heartbeat else None
         # Asynchronous: what was lost is what the primary committed after the newest commit the standby
         # replayed. Under load that is a transaction newer than the last heartbeat; when idle, the
         # heartbeat (itself a commit) keeps it no more than 100 ms old.
@@ -484,6 +503,15 @@ class Rpo(Action[RpoParams]):
                 "commit: RPO cannot be measured (is the heartbeat running at the primary?)"
             )
         newest = max(moment for moment in (beat_at, replayed_at) if moment is not None)
+        if newest > incident_at:
+            reading = "heartbeat" if newest == beat_at else "replayed commit (pg_last_xact_replay_timestamp)"
+            raw["newest_replicated_at"] = newest.isoformat()
+            return None, (
+                f"not measured: the newest {reading} is later than the incident ({newest.isoformat()}, "
+                f"{(newest - incident_at).total_seconds() * 1000:.0f} ms after the incident at "
+                f"{incident_at.isoformat()}): the old primary was still writing then, so the incident time "
+                "does not bound what it lost; declare the time it stopped (--incident-at)"
+            )
         if beat_at is not None and (newest - beat_at).total_seconds() <= HEARTBEAT_IS_NEWEST_S:
             method = "async: newest replicated heartbeat"
         elif beat_at is not None:
@@ -492,7 +520,11 @@ class Rpo(Action[RpoParams]):
             method = "async: newest replayed commit (pg_last_xact_replay_timestamp; no heartbeat)"
         prefix = "switchover incomplete; " if params.old_primary_final_lsn is not None else ""
         raw["newest_replicated_at"] = newest.isoformat()
-        return max(0.0, (incident_at - newest).total_seconds()), prefix + method
+        return (incident_at - newest).total_seconds(), prefix + method
+
+
+def _not_after(heartbeat: dict[str, Any] | None, moment: datetime) -> bool:
+    return heartbeat is None or datetime.fromisoformat(heartbeat["at"]) <= moment
 
 
 def _incident_at(ctx: ActionContext) -> datetime:

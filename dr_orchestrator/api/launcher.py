@@ -58,7 +58,7 @@ class Launcher:
 
     def start_run(self, runbook: str, inventory: str, params: dict[str, Any], actor: str, *,
                   kind: str | None = None, reason: str = "", trigger: str = "manual", scenario: str = "",
-                  incident_at: Any = None) -> str:
+                  incident_at: Any = None, incident: str | None = None) -> str:
         """Check the plan here (mistakes come back as 422), then run it in a thread; returns its id
         once it started, ApiError 409 when another run holds a service or site it needs."""
         runbook_path = confined(self.runbooks_dir, runbook, "runbook")
@@ -71,7 +71,7 @@ class Launcher:
                            problems=[p.as_dict() for p in exc.problems]) from None
         except PlanError as exc:
             raise ApiError(422, str(exc)) from None
-        plan = plan.model_copy(update={"scenario": scenario})
+        plan = plan.model_copy(update={"scenario": scenario, "incident_id": incident})
         run_id = str(uuid.uuid4())
         stop = threading.Event()
         start = _Start()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
 from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
+from dr_orchestrator.evidence.incidents import INCIDENT_ID
 from dr_orchestrator.model.approval import Decision
 
 router = APIRouter()
@@ -27,6 +28,9 @@ class RunRequest(BaseModel):
     trigger: Literal["manual", "change", "incident"] = "manual"
     scenario: str = Field("", description="the fault injected, in words (the DR test record)")
     incident_at: datetime | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
+    incident: str | None = Field(None, pattern=f"^{INCIDENT_ID.pattern}$",
+                                 description="the incident the run belongs to, created when absent, e.g. "
+                                             "INC-2026-0042 (default: a failover or switchover opens a new one)")
 
 
 class Started(BaseModel):
@@ -62,10 +66,10 @@ def start_run(body: RunRequest, request: Request, principal: Principal = Depends
     launcher = request.app.state.launcher
     run_id = launcher.start_run(body.runbook, body.inventory, body.params, principal.name, kind=body.kind,
                                 reason=body.reason, trigger=body.trigger, scenario=body.scenario,
-                                incident_at=body.incident_at)
+                                incident_at=body.incident_at, incident=body.incident)
     audit(request.app.state.sessions, principal.name, "run.start", run_id,
           {"runbook": body.runbook, "inventory": body.inventory, "params": body.params, "kind": body.kind,
-           "reason": body.reason, "trigger": body.trigger})
+           "reason": body.reason, "trigger": body.trigger, "incident": body.incident})
     return Started(run_id=run_id, url=f"/api/runs/{run_id}")
 
 

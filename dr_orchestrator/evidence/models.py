@@ -42,6 +42,23 @@ class Recorded:
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Incident(Recorded, Base):
+    """One disruption, from its impact start on, linking its runs (attempts, retries, the failback).
+    Only the impact start (and how it was determined) changes, as earlier failures become known."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(NAME)
+    impact_start: Mapped[datetime | None] = mapped_column(comment="the earliest impact known; None: no run yet")
+    impact_start_method: Mapped[str | None] = mapped_column(Text, comment="how impact_start was determined")
+    declared_at: Mapped[datetime | None] = mapped_column(comment="the incident time declared when it was created")
+    title: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index(None, "created_at"),)
+
+
 class Run(Recorded, Base):
     __tablename__ = "runs"
 
@@ -74,8 +91,10 @@ class Run(Recorded, Base):
     failback_of: Mapped[str | None] = mapped_column(ForeignKey("runs.id"), comment="the run this one fails back")
     retain_until: Mapped[datetime | None] = mapped_column(comment="keep the record at least until then")
     pre_approved_by: Mapped[str | None] = mapped_column(NAME, comment="who pre-approved every gate (a drill)")
+    incident_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("incidents.id"),
+                                                    comment="the incident this run belongs to")
 
-    __table_args__ = (Index(None, "started_at"), Index(None, "failback_of"))
+    __table_args__ = (Index(None, "started_at"), Index(None, "failback_of"), Index(None, "incident_id"))
 
 
 class RunService(Recorded, Base):
@@ -324,6 +343,7 @@ class AuditEntry(Base):
 
 # Every evidence table, in the order verification reads them; each row written is chained.
 CHAINED: tuple[type[Base], ...] = (
+    Incident,
     Run,
     RunService,
     StepRecord,

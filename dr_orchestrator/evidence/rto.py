@@ -1,13 +1,20 @@
 """Achieved RTO and RPO per service, from recorded facts only. Pure functions: no database, no clock.
 
-RTO = restored - incident, where ``restored`` is the ``service_restored`` marker's time (already the
-first good probe of the verifying streak) and ``incident`` is the declared incident time, or the
-run's start, or for a planned run the ``disruption_started`` marker (the step that began the clients'
-outage, e.g. stopping writes) when it has one. Its parts add up to it:
+RTO = restored - impact start, where ``restored`` is the ``service_restored`` marker's time (already
+the first good probe of the verifying streak) and the impact start (``incident_at``) is, in this order:
+  - the earliest of a measured first failure (a ``fault_detected`` mark; for a run of an incident, what
+    its earlier attempts saw of the service failing) and the declared incident time;
+  - for a planned run, the ``disruption_started`` marker (the step that began the clients' outage,
+    e.g. stopping writes);
+  - the start of the incident's first attempt, or the run's own start. A failover counted from a run's
+    start says so (``RUN_START_WARNING``): the outage began before anyone started the run.
+Its parts add up to it:
   detection = incident -> run start (0 when the incident was declared after the run started),
   decision  = time spent in approval steps between then and ``restored``,
   execution = the rest of the way to ``restored``.
-RPO = the ``rpo_s`` measurement recorded for the service (or for the whole run); never assumed.
+RPO = the ``rpo_s`` measurement recorded for the service (or for the whole run); never assumed. A
+method that refused to measure (``rpo.not_measured``: e.g. its newest reading is later than the
+incident) leaves no figure, and its reason is the RPO method.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ RESTORED_MARKER = "service_restored"
 DISRUPTION_MARKER = "disruption_started"
 RPO_METRIC = "rpo_s"
 APPROVAL_ACTION = "approval"
+# A step that saw the fault carries this mark: its time is a measured first failure.
+DETECTED_MARKER = "fault_detected"
+# What an RPO method reports when it refuses to give a figure (data: services, reason).
+RPO_NOT_MEASURED = "rpo.not_measured"
+# Every report, export and summary shows it with the RTO method of a failover counted from a run's start.
+RUN_START_WARNING = "RTO counted from run start: may understate the outage"
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,33 @@ class RpoReading:
     at: datetime
     step_id: str
     record_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ImpactFact:
+    """A measured failure: ``service`` (None: every service in the run's scope) seen failing at
+    ``at``; ``source`` says where it was seen, for the method."""
+
+    service: str | None
+    at: datetime
+    source: str
+
+
+@dataclass(frozen=True)
+class RpoRefusal:
+    """An RPO method that would not give a figure, and why; ``service`` None: every service."""
+
+    service: str | None
+    reason: str
+    step_id: str
+    record_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ImpactStart:
+    moment: datetime
+    source: str
+    from_run_start: bool
 
 
 @dataclass(frozen=True)
@@ -119,6 +159,30 @@ def rpo_reading(service: str, readings: Iterable[RpoReading]) -> RpoReading | No
     return max(candidates, key=lambda r: (r.value, r.at), default=None)
 
 
+def impact_start(
+    service: str,
+    run_started_at: datetime,
+    declared_incident_at: datetime | None,
+    disruption_at: datetime | None = None,
+    impacts: Sequence[ImpactFact] = (),
+    first_attempt: tuple[datetime, str] | None = None,
+) -> ImpactStart:
+    """When the service's outage began, as well as the run knows it (see the module's docstring).
+    ``first_attempt``: the start of the incident's first run and its id, when that is not this run."""
+    measured = min((fact for fact in impacts if fact.service in (service, None)), key=lambda f: f.at, default=None)
+    if measured is not None and (declared_incident_at is None or measured.at < declared_incident_at):
+        before = " (before the declared time)" if declared_incident_at is not None else ""
+        return ImpactStart(measured.at, f"measured first failure: {measured.source}{before}", False)
+    if declared_incident_at is not None:
+        return ImpactStart(declared_incident_at, "declared", False)
+    if disruption_at is not None:
+        return ImpactStart(disruption_at, f"{DISRUPTION_MARKER} marker (planned run)", False)
+    if first_attempt is not None and first_attempt[0] < run_started_at:
+        return ImpactStart(first_attempt[0], f"start of the incident's first attempt, run {first_attempt[1]} "
+                                             "(no failure measured, no incident time declared)", True)
+    return ImpactStart(run_started_at, "run start (no incident time declared)", True)
+
+
 def figures_for(
     service: str,
     targets: Targets,
@@ -128,13 +192,15 @@ def figures_for(
     approvals: Sequence[Interval],
     readings: Sequence[RpoReading],
     disruption_at: datetime | None = None,
+    *,
+    impacts: Sequence[ImpactFact] = (),
+    first_attempt: tuple[datetime, str] | None = None,
+    refusals: Sequence[RpoRefusal] = (),
+    failover: bool = False,
 ) -> ServiceFigures:
-    if declared_incident_at is not None:
-        incident_at, incident_source = declared_incident_at, "declared"
-    elif disruption_at is not None:
-        incident_at, incident_source = disruption_at, f"{DISRUPTION_MARKER} marker (planned run)"
-    else:
-        incident_at, incident_source = run_started_at, "run start (no incident time declared)"
+    """``failover``: the run is a failover, whose RTO counted from a run's start carries RUN_START_WARNING."""
+    start = impact_start(service, run_started_at, declared_incident_at, disruption_at, impacts, first_attempt)
+    incident_at, incident_source = start.moment, start.source
     marker = restored_marker(service, markers)
     raw: dict[str, Any] = {
         "incident_at": incident_at.isoformat(),
@@ -155,6 +221,9 @@ def figures_for(
         rto_s = seconds(incident_at, restored_at)
         execution_s = rto_s - detection_s - decision_s
         rto_method = f"{RESTORED_MARKER} marker of step {marker.step_id!r} minus incident time ({incident_source})"
+        if failover and start.from_run_start:
+            rto_method += f"; {RUN_START_WARNING}"
+            raw["warnings"] = [RUN_START_WARNING]
         raw["restored_at"] = restored_at.isoformat()
         raw["restored_marker"] = {"step_id": marker.step_id, "service": marker.service, "id": marker.record_id}
         raw["approval_intervals"] = [
@@ -177,6 +246,10 @@ def figures_for(
             "at": reading.at.isoformat(),
             "id": reading.record_id,
         }
+    elif (refusal := next((r for r in refusals if r.service in (service, None)), None)) is not None:
+        rpo_s = None
+        rpo_method = refusal.reason
+        raw["rpo_refusal"] = {"step_id": refusal.step_id, "service": refusal.service, "id": refusal.record_id}
     else:
         rpo_s = None
         rpo_method = f"not measured: the run recorded no {RPO_METRIC} measurement for this service"
@@ -209,10 +282,12 @@ def service_figures(
     approvals: Sequence[Interval],
     readings: Sequence[RpoReading],
     disruption_at: datetime | None = None,
+    **incident: Any,
 ) -> list[ServiceFigures]:
-    """Figures for every service in ``targets`` (the run's scope), in its order."""
+    """Figures for every service in ``targets`` (the run's scope), in its order; ``incident``: the
+    keyword arguments of ``figures_for`` (impacts, first_attempt, refusals, failover)."""
     return [
         figures_for(service, target, run_started_at, declared_incident_at, markers, approvals, readings,
-                    disruption_at)
+                    disruption_at, **incident)
         for service, target in targets.items()
     ]

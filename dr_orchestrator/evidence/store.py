@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
 
-from dr_orchestrator.evidence import rto
+from dr_orchestrator.evidence import incidents, rto
 from dr_orchestrator.evidence.chain import CHAINED_TABLES, HASH_FROM_INSTANCES, append_rows, instance_row
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import (
@@ -35,6 +35,7 @@ from dr_orchestrator.evidence.models import (
     Attempt,
     AuditEvent,
     Finding,
+    Incident,
     Marker,
     MeasurementRecord,
     Probe,
@@ -332,6 +333,7 @@ class EvidenceStore:
     def _run_started(self, session: Session, event: RunStarted) -> None:
         plan = event.plan
         targets = target_snapshot(plan)
+        incident_id = incidents.incident_of_run(session, plan, event.run_id, event.at)
         session.add(
             Run(
                 id=event.run_id,
@@ -361,6 +363,7 @@ class EvidenceStore:
                 failback_of=plan.failback_of,
                 retain_until=years_after(event.at, self._retention_years),
                 pre_approved_by=plan.pre_approved_by,
+                incident_id=incident_id,
             )
         )
         session.flush()  # the run row first: the rows below refer to it
@@ -444,8 +447,23 @@ class EvidenceStore:
         disruption_at = session.scalar(
             select(func.min(Marker.at)).where(Marker.run_id == run.id, Marker.marker == rto.DISRUPTION_MARKER)
         )
-        for fig in rto.service_figures(targets, run.started_at, run.incident_at, markers, approvals, readings,
-                                       disruption_at):
+        refusals = [
+            rto.RpoRefusal(service, str(e.data.get("reason")), e.step_id, e.id)
+            for e in session.scalars(select(ActionEventRecord).where(
+                ActionEventRecord.run_id == run.id, ActionEventRecord.kind == rto.RPO_NOT_MEASURED
+            ).order_by(ActionEventRecord.id))
+            for service in e.data.get("services") or [None]
+        ]
+        impacts, first_attempt = incidents.impact_facts(session, run)
+        # The run's own declared time, or its incident's when that is earlier.
+        incident = session.get(Incident, run.incident_id) if run.incident_id else None
+        declared = min((t for t in (run.incident_at, incident.declared_at if incident else None) if t is not None),
+                       default=None)
+        figures = rto.service_figures(targets, run.started_at, declared, markers, approvals, readings, disruption_at,
+                                      impacts=impacts, first_attempt=first_attempt, refusals=refusals,
+                                      failover=run.kind == RunKind.FAILOVER.value)
+        incidents.record_impact_start(session, run, figures)
+        for fig in figures:
             session.add(
                 ServiceResult(
                     run_id=run.id,

@@ -82,6 +82,9 @@ class RunPlan(Frozen):
     test_type: str | None = None
     scenario: str = ""  # the fault injected, in words (a drill sets it)
     failback_of: str | None = None  # the run whose failover this run undoes
+    # The incident the run belongs to (created when absent). None: a failover or switchover opens a new
+    # one, a failback joins the incident of the run it fails back, other runs belong to none.
+    incident_id: str | None = None
     # Who pre-approved every approval gate of the run (e.g. "drill quarterly-trading"); None: nobody.
     pre_approved_by: str | None = None
     # Compensation and blast-radius checks apply (False for a drill's fault, checks, restore and cleanup).
