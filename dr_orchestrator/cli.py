@@ -13,7 +13,8 @@ import click
 USER_ERROR = 2
 TAMPERED = 1
 # Kept here, not imported from the evidence room: `dr --help` must stay fast.
-TEST_TYPES = ["planned switchover rehearsal", "unplanned failover rehearsal", "real failover", "failback"]
+TEST_TYPES = ["planned switchover rehearsal", "unplanned failover rehearsal", "planned switchover (production)",
+              "real failover", "failback"]
 
 
 class UserError(click.ClickException):

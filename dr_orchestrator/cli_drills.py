@@ -65,7 +65,7 @@ def drill_validate(files: tuple[str, ...], inventory: str | None, output: str) -
 @drill.command("run")
 @click.argument("file", type=click.Path(dir_okay=False))
 @inventory_option
-@click.option("--trigger", type=click.Choice(["manual", "schedule"]), default="manual", show_default=True)
+@click.option("--trigger", type=click.Choice(["manual", "scheduled"]), default="manual", show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="no live progress, only the verdict")
 @output_option
 @click.pass_context

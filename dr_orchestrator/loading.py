@@ -18,7 +18,7 @@ from pydantic.fields import FieldInfo
 
 from dr_orchestrator import templating
 from dr_orchestrator.model.durations import parse_duration
-from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
+from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS, Capability, Host, Inventory, Service, Site
 from dr_orchestrator.model.runbook import Effect, OnFailure, Runbook, Step
 from dr_orchestrator.model.safety import SafetyPolicy
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, read_yaml
@@ -148,11 +148,11 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
             named += [(base + ("services", name, f), spec.get(f), MAX_LABEL) for f in ("tier", "criticality")]
     named += [(("all", "children", host.site, "hosts", host.name), host.name, MAX_NAME) for host in hosts.values()]
     problems.extend(_too_long(document, named))
-    extra = set(dr) - {"name", "sites", "services", "vars", "safety"}
+    extra = set(dr) - {"name", "sites", "services", "vars", "safety", "capability"}
     for name in sorted(extra):
-        problems.append(
-            document.problem(base + (name,), "is not a known field", "allowed: name, sites, services, vars, safety")
-        )
+        problems.append(document.problem(base + (name,), "is not a known field",
+                                         "allowed: name, sites, services, vars, safety, capability"))
+    capability = _capability(document, base + ("capability",), dr.get("capability"), problems)
     for name in ("vars", "safety"):
         if dr.get(name) is not None and not isinstance(dr[name], dict):
             problems.append(document.problem(base + (name,), "must be a mapping of names to values"))
@@ -167,8 +167,24 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         services=services,
         vars=dr.get("vars") or {},
         safety=dr.get("safety") or {},
+        capability=capability,
     )
     return inventory, document
+
+
+def _capability(document: YamlDocument, key: PathKey, value: Any, problems: list[Problem]) -> Capability | None:
+    """``dr.capability``: GB/T 20988's elements, each the level (1-6) it meets, for every service."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append(document.problem(key, "must map capability elements to levels 1-6",
+                                         f"e.g. {{{CAPABILITY_ELEMENTS[0]}: 5, {CAPABILITY_ELEMENTS[2]}: 4}}"))
+        return None
+    try:
+        return Capability.model_validate(value)
+    except ValidationError as exc:
+        problems.extend(pydantic_problems(document, key, exc))
+        return None
 
 
 # The evidence database keeps names (runbook, step, action, service, site, host, mark) in 200

@@ -437,6 +437,10 @@ def test_metrics_need_a_token_and_expose_rto_rpo_drills_and_runs(api: Api) -> No
     assert samples['dr_service_rto_target_seconds{service="trading"}'] == 10
     assert samples['dr_service_rto_target_seconds{service="quotation"}'] == 30
     assert samples['dr_runs{state="succeeded"}'] == 2
+    # The quarterly report's rule: the latest test of each service this quarter met both targets?
+    assert samples['dr_service_targets_met{service="trading"}'] == 0  # its RPO was not measured: never assumed met
+    assert samples['dr_service_targets_met{service="quotation"}'] == 0  # 40 s over its 30 s RTO target
+    assert samples['dr_service_tests{service="quotation"}'] == 1
     assert samples['dr_drill_next_fire_timestamp_seconds{drill="api-quick-drill"}'] > 1.7e9
     assert samples["dr_pending_approvals"] == 0
     assert "# TYPE dr_drill_last_verdict gauge" in answer.text

@@ -468,7 +468,7 @@ def test_every_shipped_drill_passes_against_a_synchronous_lab(
     # one service: its RTO from the kill of its process
     assert 0 < measured[("quotation-service-failure", "quotation", "rto", None)]["measured"] <= 30
     # cyber attack: restored to just before the attack; the order placed before it is back
-    cyber_rpo = measured[("cyber-attack-trading", "trading", "rpo", None)]
+    cyber_rpo = measured[("cyber-attack-trading", "trading", "restore_point", None)]
     assert 0 <= cyber_rpo["measured"] <= 5 and "heartbeat" in cyber_rpo["detail"]
     assert measured[("cyber-attack-trading", "trading", "data", "canary-order-restored")]["met"]
     # site loss with synchronous replication: nothing acknowledged is lost

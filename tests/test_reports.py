@@ -19,11 +19,12 @@ from evidence_runs import run_small
 from markupsafe import escape
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence import annotations, drills, migrate, reports
+from dr_orchestrator.evidence import annotations, drills, migrate, qualifying, reports
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.levels import LevelsError, load_levels
 from dr_orchestrator.evidence.store import derive_test_type
 from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,40 +110,50 @@ def test_after_action_report_of_a_drill_stage_shows_expectations_and_verdict(tmp
 def test_quarter_report_per_service_with_levels_gaps_findings_and_chart(
     sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
-    first = run_small(sessions)  # RPO 0: level 6
-    run_small(sessions, rpo_s=120.0)  # RPO 2 min: misses trading's RPO target 0, level 5
+    first = run_small(sessions)  # RPO 0
+    run_small(sessions, rpo_s=120.0)  # RPO 2 min: misses trading's RPO target 0, and it is the latest test
     with sessions() as session, session.begin():
         annotations.add_finding(session, first, "medium", "bob", date(2027, 1, 31), "RPO drifted", "al")
     quarter = reports.quarter_of(utcnow())
+    every_element_at_6 = {name: 6 for name in CAPABILITY_ELEMENTS}
     with sessions() as session:
         data = reports.quarter_data(session, quarter.label)
         only_inventory = reports.quarter_data(
-            session, quarter, inventory_services={"trading": {"rto_s": 60.0, "rpo_s": 0.0, "tier": "critical"},
-                                                  "settlement": {"rto_s": 600.0, "rpo_s": 0.0, "tier": "critical"}})
+            session, quarter, inventory_services={
+                "trading": {"rto_s": 60.0, "rpo_s": 0.0, "tier": "critical", "capability": every_element_at_6},
+                "settlement": {"rto_s": 600.0, "rpo_s": 0.0, "tier": "critical"}})
 
     services = {s["service"]: s for s in data["services"]}
     assert set(services) == {"trading", "quotation", "contract-signing"}  # the inventory the runs used
     trading = services["trading"]
-    assert [(r["rpo_s"], r["rpo_met"], r["capability_level"]) for r in trading["runs"]] == [
-        (0.0, True, 6), (120.0, False, 5)]
-    assert all(r["rto_met"] and r["rto_s"] < 60 for r in trading["runs"])
-    assert (trading["lowest_level"], trading["latest_level"], trading["all_targets_met"]) == (5, 5, False)
+    assert [(r["rpo_s"], r["rpo_met"], r["targets_met"]) for r in trading["tests"]] == [
+        (0.0, True, True), (120.0, False, False)]
+    assert all(r["rto_met"] and r["rto_s"] < 60 for r in trading["tests"])
+    assert trading["all_targets_met"] is False  # the latest test missed the RPO target
+    # No capability elements declared in the runs' inventory: no level, and the report says why.
+    assert trading["capability_level"] is None and "dr_plan not declared" in trading["capability_limited_by"]
+    # With every element at level 6, the period's worst RPO (2 min) still holds the service at level 5.
+    declared = {s["service"]: s for s in only_inventory["services"]}["trading"]
+    assert (declared["capability_level"], declared["worst_rpo_s"]) == (5, 120.0)
+    assert declared["capability_limited_by"] == ["worst RPO 120 s over level 6's 0 s"]
     assert [(s["service"], s["last_exercised_at"], s["no_test_within_a_year"]) for s in data["not_exercised"]] == [
         ("contract-signing", None, True), ("quotation", None, True)]
     assert [f["text"] for f in data["open_findings"]] == ["RPO drifted"]
     assert "GB/T 20988-2007" in data["levels"]["source"]
     assert [(s["service"], s["critical"]) for s in only_inventory["not_exercised"]] == [("settlement", True)]
+    assert (data["started"], data["tests_executed"], data["not_executed"]) == (2, 2, [])
 
     html = reports.render_quarter(data)
     assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="rto-chart"') == 3
     trading_chart = reports.quarter_charts(data)["trading"]
     assert trading_chart.count('<circle class="run"') == 2 and 'class="target"' in trading_chart
     assert "<script" not in html and "GB/T 20988-2007" in html and "DORA" in html
+    assert str(escape(qualifying.RULE)) in html
 
     rows = list(csv.DictReader(io.StringIO(reports.quarter_csv(data))))
-    assert [(r["service"], r["exercised"], r["capability_level"]) for r in rows] == [
-        ("contract-signing", "false", ""), ("quotation", "false", ""), ("trading", "true", "6"),
-        ("trading", "true", "5")]
+    assert [(r["service"], r["exercised"], r["rpo_met"], r["service_all_targets_met"]) for r in rows] == [
+        ("contract-signing", "false", "", ""), ("quotation", "false", "", ""), ("trading", "true", "true", "false"),
+        ("trading", "true", "false", "false")]
     assert json.loads(reports.quarter_json(data))["quarter"] == quarter.label
 
     with sessions() as session:
@@ -180,8 +191,11 @@ def test_quarters_and_test_types() -> None:
         reports.parse_quarter("2026Q5")
     assert derive_test_type("failback", "manual", "") == "failback"
     assert derive_test_type("failover", "incident", "") == "real failover"
-    assert derive_test_type("rehearsal", "schedule", "kill the primary") == "unplanned failover rehearsal"
-    assert derive_test_type("switchover", "change", "") == "planned switchover rehearsal"
+    assert derive_test_type("failover", "automatic", "") == "real failover"
+    assert derive_test_type("rehearsal", "scheduled", "kill the primary") == "unplanned failover rehearsal"
+    assert derive_test_type("rehearsal", "manual", "") == "planned switchover rehearsal"
+    # A switchover run is a switchover in production; only what is run as a rehearsal is one.
+    assert derive_test_type("switchover", "manual", "") == "planned switchover (production)"
 
 
 def test_cli_reports_html_csv_pdf(tmp_path: Path) -> None:

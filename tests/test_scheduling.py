@@ -219,11 +219,11 @@ def test_the_scheduler_runs_a_drill_seconds_away_and_writes_its_evidence(
     assert "leader on" in scheduler.output() and "scheduler stopped" in scheduler.output()
     rows = drill_runs(db)
     ran = [r for r in rows if r.state == "finished"]
-    assert ran and all(r.verdict == "passed" and r.trigger == "schedule" for r in ran)
+    assert ran and all(r.verdict == "passed" and r.trigger == "scheduled" for r in ran)
     with session_factory_for(db)() as session:
         for row in ran:
             failover = session.get_one(Run, row.failover_run_id)
-            assert failover.trigger == "schedule" and failover.state == "succeeded"
+            assert failover.trigger == "scheduled" and failover.state == "succeeded"
             assert row.scheduled_for is not None and row.started_at >= row.scheduled_for
     assert_each_fire_time_once(rows, "*/3 * * * * *")
 
@@ -374,11 +374,11 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
             stopped = scheduler.stop()  # before the lab goes down, whatever happened
         assert stopped == 0, scheduler.output()
         assert lab.status()["healthy"], "the drill did not leave the lab as it found it"
-    assert (row.state, row.verdict, row.trigger) == ("finished", "passed", "schedule"), scheduler.output()
+    assert (row.state, row.verdict, row.trigger) == ("finished", "passed", "scheduled"), scheduler.output()
     assert row.scheduled_for is not None and row.started_at >= row.scheduled_for
     with session_factory_for(db)() as session:
         failover = session.get_one(Run, row.failover_run_id)
-        assert (failover.trigger, failover.state) == ("schedule", "succeeded")
+        assert (failover.trigger, failover.state) == ("scheduled", "succeeded")
         (quotation,) = session.scalars(select(ServiceResult).where(
             ServiceResult.run_id == failover.id, ServiceResult.service == "quotation"))
         assert quotation.rto_s is not None and 0 < quotation.rto_s <= 30 and quotation.rto_met

@@ -18,9 +18,12 @@ from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, identify
 from dr_orchestrator.api.tokens import Rejection
 from dr_orchestrator.evidence import drills as drill_records
+from dr_orchestrator.evidence import qualifying
 from dr_orchestrator.evidence.annotations import overdue_findings
 from dr_orchestrator.evidence.approvals import waiting_gates
 from dr_orchestrator.evidence.charts import rto_chart
+from dr_orchestrator.evidence.reports import quarter_of
+from dr_orchestrator.model.events import utcnow
 
 router = APIRouter(tags=["dashboard"])
 MAX_FORM_BYTES = 4096
@@ -98,11 +101,15 @@ def _content(request: Request, principal: Principal) -> dict[str, Any]:
     listing = metrics.drill_schedules(request.app.state.settings.drills_dir)
     with request.app.state.sessions() as session:
         trends = views.rto_trend(session)
+        this_quarter = quarter_of(utcnow())
+        standings = qualifying.standings(qualifying.period(session, this_quarter.start, this_quarter.end),
+                                         sorted(views.current_targets(session)))
         approvals = waiting_gates(session)
         drill_runs = [drill_records.summary(r) for r in views.latest_drill_runs(session, 10)]
         runs = views.filtered_runs(session, limit=15)
         overdue = overdue_findings(session)
     return {"principal": principal, "trends": [_chart(trend) for trend in trends], "approvals": approvals,
+            "quarter": this_quarter.label, "standings": [s.as_dict() for s in standings.values()],
             "drill_runs": drill_runs, "runs": runs, "overdue_findings": overdue,
             "schedules": [entry for entry in listing["drills"] if entry["schedule"]]}
 

@@ -12,8 +12,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.api import views
+from dr_orchestrator.evidence import qualifying
 from dr_orchestrator.evidence.annotations import SEVERITIES, overdue_findings
 from dr_orchestrator.evidence.approvals import waiting_gates
+from dr_orchestrator.evidence.reports import quarter_of
+from dr_orchestrator.model.events import utcnow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,18 +55,28 @@ def render(session: Session, drills: dict[str, Any]) -> str:
     """The exposition; ``drills`` is what ``scheduling.service.schedules`` returns."""
     out = Exposition()
     targets = views.current_targets(session)
+    tests = qualifying.period(session)  # what counts, as in the quarterly report: drills once, no failbacks
     for kind in ("rto", "rpo"):
-        last = views.last_figures(session, kind)
+        last = {service: results[-1] for service, results in qualifying.measured(tests, kind).items()}
         upper = kind.upper()
-        out.gauge(f"dr_service_{kind}_seconds", f"Last achieved {upper} per service, seconds.",
-                  (({"service": s}, f.value) for s, f in sorted(last.items())))
+        out.gauge(f"dr_service_{kind}_seconds", f"{upper} achieved by the latest test of each service, seconds.",
+                  (({"service": s}, float(getattr(r, f"{kind}_s"))) for s, r in sorted(last.items())))
         out.gauge(f"dr_service_{kind}_target_seconds",
                   f"{upper} target per service in the inventory of its newest run, seconds.",
                   (({"service": s}, t[f"{kind}_s"]) for s, t in sorted(targets.items())
                    if t.get(f"{kind}_s") is not None))
         out.gauge(f"dr_service_{kind}_measured_timestamp_seconds",
-                  f"Incident time of the run the last {upper} comes from, Unix seconds.",
-                  (({"service": s}, _timestamp(f.at)) for s, f in sorted(last.items())))
+                  f"Incident time of the test the last {upper} comes from, Unix seconds.",
+                  (({"service": s}, _timestamp(r.incident_at)) for s, r in sorted(last.items())))
+    this_quarter = quarter_of(utcnow())
+    standings = qualifying.standings(qualifying.period(session, this_quarter.start, this_quarter.end),
+                                     sorted(targets))
+    out.gauge("dr_service_targets_met", "1 when the service's latest test this quarter met both its RTO and RPO "
+              "targets, else 0 (also when it has no test this quarter).",
+              (({"service": s}, 1.0 if standing.all_targets_met else 0.0) for s, standing in standings.items()))
+    out.gauge("dr_service_tests", "Tests of each service this quarter (drills once; failbacks and runs that "
+              "changed nothing not counted).",
+              (({"service": s}, float(standing.tests)) for s, standing in standings.items()))
     verdicts = views.last_drill_verdicts(session)
     judged = sorted(verdicts.items())
     out.gauge("dr_drill_last_verdict", "Last verdict per drill: 1 passed, 0 failed.",

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence import queries
+from dr_orchestrator.evidence import qualifying, queries
 from dr_orchestrator.evidence.charts import Point
 from dr_orchestrator.evidence.models import DrillRun, Run, ServiceResult
 
@@ -61,18 +61,14 @@ class Trend:
 
 
 def rto_trend(session: Session, since: datetime | None = None) -> list[Trend]:
-    """Per service, every measured RTO (at its run's incident time) and the newest target."""
-    query = (select(ServiceResult).where(ServiceResult.rto_s.is_not(None))
-             .order_by(ServiceResult.service, ServiceResult.incident_at, ServiceResult.id))
-    if since is not None:
-        query = query.where(ServiceResult.incident_at >= since)
-    trends: dict[str, Trend] = {}
-    for result in session.scalars(query):
-        assert result.rto_s is not None
-        trend = trends.setdefault(result.service, Trend(result.service))
-        trend.points.append(Point(result.incident_at, result.rto_s, result.rto_met))
-        trend.target_s = result.rto_target_s  # the newest target
-    return list(trends.values())
+    """Per service, the RTO of each of its tests (at its incident time; what counts as in the
+    quarterly report: ``evidence.qualifying``) and the newest target."""
+    trends = []
+    for service, results in sorted(qualifying.measured(qualifying.period(session, since), "rto").items()):
+        points = [Point(result.incident_at, result.rto_s, result.rto_met) for result in results
+                  if result.rto_s is not None]
+        trends.append(Trend(service, points, results[-1].rto_target_s))
+    return trends
 
 
 def latest_drill_runs(session: Session, limit: int = 20) -> list[DrillRun]:
@@ -85,25 +81,6 @@ def last_drill_verdicts(session: Session) -> dict[str, DrillRun]:
     query = select(DrillRun).where(DrillRun.verdict.is_not(None)).order_by(DrillRun.started_at)
     for record in session.scalars(query):
         newest[record.drill_name] = record
-    return newest
-
-
-@dataclass(frozen=True)
-class Latest:
-    value: float
-    target: float | None
-    at: datetime
-    run_id: str
-
-
-def last_figures(session: Session, kind: str) -> dict[str, Latest]:
-    """Per service, the newest measured ``rto`` or ``rpo`` (by incident time) with its target."""
-    value = getattr(ServiceResult, f"{kind}_s")
-    newest: dict[str, Latest] = {}
-    query = select(ServiceResult).where(value.is_not(None)).order_by(ServiceResult.incident_at, ServiceResult.id)
-    for result in session.scalars(query):
-        newest[result.service] = Latest(getattr(result, f"{kind}_s"), getattr(result, f"{kind}_target_s"),
-                                        result.incident_at, result.run_id)
     return newest
 
 

@@ -30,14 +30,14 @@ from dr_orchestrator.model.drill import (
     Steps,
 )
 from dr_orchestrator.model.durations import parse_duration
-from dr_orchestrator.model.inventory import Inventory
+from dr_orchestrator.model.inventory import Inventory, Service
 from dr_orchestrator.model.runbook import Runbook
 from dr_orchestrator.plans import PlanError, build_plan
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, dotted, read_yaml
 
 FIELDS = ("name", "description", "scenario", "inventory", "fault", "runbook", "expectations", "restore",
           "failback", "cleanup", "schedule", "pre_approved", "notify")
-SERVICE_FIELDS = ("rto", "rpo", "health", "data")
+SERVICE_FIELDS = ("rto", "rpo", "restore_point", "health", "data")
 # What steps held in a drill (fault, checks, restore, cleanup) can read: {{ params.drill_run_id }},
 # e.g. to write a canary record before the fault and look for it after the failover.
 DRILL_PARAMETERS = {"drill_run_id": {"default": "", "description": "the id of the drill run"}}
@@ -253,13 +253,15 @@ class _DrillReader:
             for extra in set(spec) - set(SERVICE_FIELDS):
                 self.problem(key + (extra,), "is not a known field", f"allowed: {', '.join(SERVICE_FIELDS)}")
             targets: dict[str, float | None] = {}
-            for target in ("rto", "rpo"):
+            for target in ("rto", "rpo", "restore_point"):
                 targets[target] = None
                 if spec.get(target) is not None:
                     try:
                         targets[target] = parse_duration(spec[target])
                     except ValueError as exc:
                         self.problem(key + (target,), str(exc))
+            if inventory is not None and service in inventory.services:
+                self.no_looser_than_inventory(key, inventory, inventory.services[service], targets)
             ids: dict[str, list[str]] = {"health": [], "data": []}
             for kind in ("health", "data"):
                 entries = spec.get(kind) or []
@@ -276,9 +278,22 @@ class _DrillReader:
                     checks.append((key + (kind, index), {"needs": [], "on_failure": "continue", "service": service,
                                                          **raw, "id": step_id}))
             found.append(ServiceExpectation(service=service, rto=targets["rto"], rpo=targets["rpo"],
+                                            restore_point=targets["restore_point"],
                                             health=tuple(ids["health"]), data=tuple(ids["data"])))
         embedded = self.embedded(f"{name}: checks", "expectation checks", checks) if checks else None
         return found, embedded
+
+    def no_looser_than_inventory(self, key: PathKey, inventory: Inventory, service: Service,
+                                 targets: dict[str, float | None]) -> None:
+        """The inventory's targets are the service's: a drill may expect better, never worse."""
+        for target in ("rto", "rpo"):
+            expected, fixed = targets[target], getattr(service, target)
+            if expected is not None and expected > fixed:
+                self.problem(key + (target,),
+                             f"expects {target.upper()} {expected:g} s, looser than the target of {fixed:g} s "
+                             f"that inventory {inventory.name!r} sets for {service.name!r}",
+                             f"expect at most {fixed:g}s, or drop `{target}` (the target applies); "
+                             "a point-in-time restore states `restore_point`")
 
     def schedule(self, value: Any) -> Schedule | None:
         if value is None:

@@ -167,6 +167,7 @@ class _DrillRun:
                           incident_at=self.incident_at, started_by=self.started_by, trigger=self.trigger,
                           reason=f"drill {drill.name}", registry=self.runner.registry)
         plan = plan.model_copy(update={"scenario": drill.fault_description or drill.scenario.value,
+                                       "test_type": f"drill: {drill.scenario.value}",
                                        "pre_approved_by": self.pre_approved_by})
         failover = self.run_stage("failover", plan)
         checks = self.run_stage("checks", self.steps_plan(drill.checks, "checks", self.incident_at)) \
@@ -239,19 +240,24 @@ class _DrillRun:
         for expectation in self.drill.expectations:
             service = expectation.service
             row = measured.get(service)
-            for kind, target in (("rto", expectation.rto), ("rpo", expectation.rpo)):
+            # A restore point is judged on the measured RPO (how far back the restore went).
+            for kind, figure, target in (("rto", "rto", expectation.rto), ("rpo", "rpo", expectation.rpo),
+                                         ("restore_point", "rpo", expectation.restore_point)):
                 if target is None:
                     continue
-                value = getattr(row, f"{kind}_s") if row is not None else None
-                method = getattr(row, f"{kind}_method") if row is not None else ""
+                value = getattr(row, f"{figure}_s") if row is not None else None
+                method = getattr(row, f"{figure}_method") if row is not None else ""
+                fixed = getattr(row, f"{figure}_target_s") if row is not None else None
+                service_target = "" if fixed is None else f"; the service's {figure.upper()} target is " \
+                    f"{format_duration(fixed)}, judged in its reports"
                 if value is None:
                     detail = f"{kind.upper()}: {method or 'not measured: the failover run has no result for it'}"
                     results.append(records.ExpectationResult(service, kind, False, detail, target, None,
                                                              run_id=failover.run_id))
                     continue
                 met = value <= target
-                detail = (f"{kind.upper()} {format_duration(value)} {'within' if met else 'over'} "
-                          f"{format_duration(target)}; {method}")
+                detail = (f"{kind.upper().replace('_', ' ')} {format_duration(value)} {'within' if met else 'over'} "
+                          f"the drill's {format_duration(target)}{service_target}; {method}")
                 results.append(records.ExpectationResult(service, kind, met, detail, target, value,
                                                          run_id=failover.run_id))
             for kind, ids in (("health", expectation.health), ("data", expectation.data)):

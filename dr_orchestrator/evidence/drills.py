@@ -143,7 +143,7 @@ def record_missed(sessions: Sessions, *, drill_run_id: str, drill_name: str, sce
     try:
         with writing(sessions) as session:
             session.add(DrillRun(
-                id=drill_run_id, drill_name=drill_name, scenario=scenario, trigger="schedule",
+                id=drill_run_id, drill_name=drill_name, scenario=scenario, trigger="scheduled",
                 scheduled_for=scheduled_for, state="missed", verdict="failed", started_by="scheduler",
                 orchestrator_host=host, pid=os.getpid(), started_at=now, finished_at=now, drill_path=drill_path,
                 drill_sha256=drill_sha256, drill_text=drill_text, inventory_path=inventory_path, cleanup_state="none",

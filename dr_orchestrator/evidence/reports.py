@@ -22,12 +22,11 @@ from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence import charts
+from dr_orchestrator.evidence import charts, qualifying
 from dr_orchestrator.evidence.annotations import list_findings
 from dr_orchestrator.evidence.dr_record import FINAL_STATES, dr_test_record
 from dr_orchestrator.evidence.levels import LevelTable, load_levels
-from dr_orchestrator.evidence.models import Run, RunService, ServiceResult
-from dr_orchestrator.evidence.store import derive_test_type
+from dr_orchestrator.evidence.models import DrillExpectation, Run
 from dr_orchestrator.model.events import utcnow
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -38,11 +37,12 @@ QUARTER_CSV_FIELDS = (
     "tier",
     "criticality",
     "exercised",
+    "id",
     "run_id",
+    "name",
     "test_type",
-    "kind",
     "trigger",
-    "state",
+    "outcome",
     "started_at",
     "incident_at",
     "restored_at",
@@ -52,7 +52,12 @@ QUARTER_CSV_FIELDS = (
     "rpo_s",
     "rpo_target_s",
     "rpo_met",
-    "capability_level",
+    "targets_met",
+    "drill_rto_expected_s",
+    "drill_rpo_expected_s",
+    "drill_restore_point_expected_s",
+    "service_all_targets_met",
+    "service_capability_level",
 )
 
 
@@ -159,66 +164,37 @@ def quarter_data(
     inventory_services: dict[str, dict[str, Any]] | None = None,
     levels: LevelTable | None = None,
 ) -> dict[str, Any]:
-    """Per service: every finished run of the quarter with achieved RTO/RPO against targets and the
-    capability level the figures reach; services not exercised (with the last time they were, for
-    DORA's yearly test of every critical function); open findings; the RTO chart per service.
+    """Per service, under ``qualifying.RULE`` (stated in the report): its tests of the quarter with
+    achieved RTO/RPO against the targets (and a drill's own expectations beside them), whether its
+    latest test met both targets, the capability level of the period (elements the inventory
+    declares and the worst figures of its tests), its failbacks; the runs and drills that changed
+    nothing (not executed, with the reason); services not exercised (with the last time they were,
+    for DORA's yearly test of every critical function); open findings; the RTO chart per service.
 
-    ``inventory_services``: name -> {rto_s, rpo_s, tier, criticality} (``store.target_snapshot`` of
-    an inventory); default: the services of the inventories the quarter's runs used."""
+    ``inventory_services``: name -> {rto_s, rpo_s, tier, criticality, capability}
+    (``store.target_snapshot_of`` an inventory); default: the services of the inventories the
+    quarter's runs used, as the newest of them stood."""
     period = quarter if isinstance(quarter, Quarter) else parse_quarter(quarter)
     table = levels or load_levels()
-    runs = list(
-        session.scalars(
-            select(Run)
-            .where(Run.started_at >= period.start, Run.started_at < period.end, Run.state.in_(FINAL_STATES))
-            .order_by(Run.started_at, Run.id)
-        )
-    )
-    results: dict[str, list[ServiceResult]] = {}
-    for result in session.scalars(
-        select(ServiceResult).where(ServiceResult.run_id.in_([r.id for r in runs])).order_by(ServiceResult.id)
-    ):
-        results.setdefault(result.run_id, []).append(result)
+    found = qualifying.period(session, period.start, period.end)
+    runs = list(session.scalars(
+        select(Run).where(Run.started_at >= period.start, Run.started_at < period.end, Run.state.in_(FINAL_STATES))))
     known = _known_services(runs, inventory_services)
-    for run in runs:
-        for result in results.get(run.id, []):
-            known.setdefault(result.service, {"rto_s": result.rto_target_s, "rpo_s": result.rpo_target_s})
+    for test in found.tests:
+        for name, result in test.results.items():
+            known.setdefault(name, {"rto_s": result.rto_target_s, "rpo_s": result.rpo_target_s})
     names = sorted(n for n in known if service is None or n == service)
     if service is not None and service not in known:
         names = [service]
         known[service] = {}
+    expected = _drill_expectations(session, [t.drill.id for t in found.tests if t.drill is not None])
 
     services = []
     for name in names:
         info = known.get(name, {})
-        rows = []
-        for run in runs:
-            for result in results.get(run.id, []):
-                if result.service != name:
-                    continue
-                level = table.reached(result.rto_s, result.rpo_s)
-                rows.append(
-                    {
-                        "run_id": run.id,
-                        "runbook": run.runbook_name,
-                        "test_type": run.test_type or derive_test_type(run.kind, run.trigger, run.scenario),
-                        "kind": run.kind,
-                        "trigger": run.trigger,
-                        "state": run.state,
-                        "started_at": run.started_at.isoformat(),
-                        "incident_at": result.incident_at.isoformat(),
-                        "restored_at": result.restored_at.isoformat() if result.restored_at else None,
-                        "rto_s": result.rto_s,
-                        "rto_target_s": result.rto_target_s,
-                        "rto_met": result.rto_met,
-                        "rpo_s": result.rpo_s,
-                        "rpo_target_s": result.rpo_target_s,
-                        "rpo_met": result.rpo_met,
-                        "capability_level": level.level if level else None,
-                        "capability_level_name": level.name if level else None,
-                    }
-                )
-        reached = [row["capability_level"] for row in rows if row["capability_level"] is not None]
+        rows = [_test_row(test, name, expected) for test in found.tests_of(name)]
+        assessment = table.assess(info.get("capability") or {}, [(row["rto_s"], row["rpo_s"]) for row in rows])
+        reached = assessment.level
         services.append(
             {
                 "service": name,
@@ -228,15 +204,23 @@ def quarter_data(
                 "rto_target_s": info.get("rto_s"),
                 "rpo_target_s": info.get("rpo_s"),
                 "exercised": bool(rows),
-                "runs": rows,
-                "all_targets_met": bool(rows) and all(r["rto_met"] and r["rpo_met"] for r in rows),
-                "lowest_level": min(reached) if len(reached) == len(rows) and reached else None,
-                "latest_level": rows[-1]["capability_level"] if rows else None,
+                "tests": rows,
+                "all_targets_met": bool(rows) and rows[-1]["targets_met"],
+                "latest_test": rows[-1]["id"] if rows else None,
+                "capability_level": reached.level if reached else None,
+                "capability_level_name": reached.name if reached else None,
+                "capability_limited_by": list(assessment.limited_by),
+                "capability_notes": list(assessment.notes),
+                "capability_elements": dict(assessment.elements),
+                "worst_rto_s": assessment.worst_rto_s,
+                "worst_rpo_s": assessment.worst_rpo_s,
+                "failbacks": [_test_row(f, name, expected) for f in found.failbacks if name in f.services],
             }
         )
-    not_exercised = [
-        _not_exercised(session, entry, period) for entry in services if not entry["exercised"]
-    ]
+    before_end = qualifying.period(session, end=period.end)
+    not_exercised = [_not_exercised(before_end, entry, period) for entry in services if not entry["exercised"]]
+    not_executed = [_not_executed_row(n) for n in found.not_executed
+                    if service is None or service in n.services]
     run_ids = [run.id for run in runs]
     findings = [f for f in list_findings(session, open_only=True) if service is None or f["run_id"] in run_ids]
     return {
@@ -245,25 +229,69 @@ def quarter_data(
         "end": period.end.isoformat(),
         "service_filter": service,
         "generated_at": utcnow().isoformat(),
-        "runs_in_period": len(runs),
+        "rule": qualifying.RULE,
+        "started": found.started,
+        "tests_executed": len(found.tests),
+        "not_executed_count": len(found.not_executed),
+        "failbacks_count": len(found.failbacks),
+        "runs_in_period": found.engine_runs,
         "levels": {
             "source": table.source,
             "table": [vars(level) for level in table.levels],
         },
         "services": services,
+        "not_executed": not_executed,
         "not_exercised": not_exercised,
         "open_findings": findings,
     }
 
 
-def _not_exercised(session: Session, entry: dict[str, Any], period: Quarter) -> dict[str, Any]:
-    last = session.scalars(
-        select(Run.started_at)
-        .join(RunService, RunService.run_id == Run.id)
-        .where(RunService.service == entry["service"], Run.started_at < period.end, Run.state.in_(FINAL_STATES))
-        .order_by(Run.started_at.desc())
-        .limit(1)
-    ).first()
+def _drill_expectations(session: Session, drill_run_ids: list[str]) -> dict[tuple[str, str], dict[str, float]]:
+    """(drill run, service) -> the drill's own rto, rpo and restore_point expectations, seconds."""
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    query = select(DrillExpectation).where(DrillExpectation.drill_run_id.in_(drill_run_ids),
+                                           DrillExpectation.target.is_not(None))
+    for row in session.scalars(query):
+        if row.target is not None:
+            found.setdefault((row.drill_run_id, row.service), {})[row.kind] = row.target
+    return found
+
+
+def _test_row(test: qualifying.Test, service: str, expected: dict[tuple[str, str], dict[str, float]]
+              ) -> dict[str, Any]:
+    result = test.results.get(service)
+    return {
+        "id": test.id,
+        "run_id": test.run_id,
+        "name": test.name,
+        "test_type": test.test_type,
+        "trigger": test.trigger,
+        "outcome": test.outcome,
+        "drill": test.drill is not None,
+        "started_at": test.started_at.isoformat(),
+        "incident_at": result.incident_at.isoformat() if result else None,
+        "restored_at": result.restored_at.isoformat() if result and result.restored_at else None,
+        "rto_s": result.rto_s if result else None,
+        "rto_target_s": result.rto_target_s if result else None,
+        "rto_met": result.rto_met if result else None,
+        "rto_method": result.rto_method if result else None,
+        "rpo_s": result.rpo_s if result else None,
+        "rpo_target_s": result.rpo_target_s if result else None,
+        "rpo_met": result.rpo_met if result else None,
+        "rpo_method": result.rpo_method if result else None,
+        "targets_met": test.met(service),
+        "drill_expectations": expected.get((test.id, service), {}) if test.drill is not None else {},
+    }
+
+
+def _not_executed_row(entry: qualifying.NotExecuted) -> dict[str, Any]:
+    return {"id": entry.id, "what": entry.what, "name": entry.name, "trigger": entry.trigger, "state": entry.state,
+            "started_at": entry.started_at.isoformat(), "services": entry.services, "reason": entry.reason}
+
+
+def _not_exercised(before_end: qualifying.Period, entry: dict[str, Any], period: Quarter) -> dict[str, Any]:
+    tests = before_end.tests_of(entry["service"])
+    last = tests[-1].started_at if tests else None
     overdue = last is None or period.end - last > DORA_MAX_GAP
     return {
         "service": entry["service"],
@@ -282,7 +310,7 @@ def quarter_charts(data: dict[str, Any]) -> dict[str, str]:
     for entry in data["services"]:
         points = [
             charts.Point(datetime.fromisoformat(row["started_at"]), row["rto_s"], row["rto_met"])
-            for row in entry["runs"]
+            for row in entry["tests"]
             if row["rto_s"] is not None
         ]
         svgs[entry["service"]] = charts.rto_chart(entry["service"], points, entry["rto_target_s"], start, end)
@@ -315,9 +343,21 @@ def quarter_csv(data: dict[str, Any]) -> str:
             "criticality": entry["criticality"],
             "exercised": entry["exercised"],
         }
-        for row in entry["runs"] or [{}]:
-            writer.writerow({key: _csv_cell(value) for key, value in (base | row).items()})
+        for row in entry["tests"] or [{}]:
+            writer.writerow({key: _csv_cell(value) for key, value in (base | _csv_test(row, entry)).items()})
     return buffer.getvalue()
+
+
+def _csv_test(row: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A test row as the CSV has it: the drill's expectations as their own columns, and the
+    service's level for the period (the same on each of its lines)."""
+    if not row:
+        return {}
+    expectations = row["drill_expectations"]
+    return row | {"drill_rto_expected_s": expectations.get("rto"), "drill_rpo_expected_s": expectations.get("rpo"),
+                  "drill_restore_point_expected_s": expectations.get("restore_point"),
+                  "service_all_targets_met": entry["all_targets_met"],
+                  "service_capability_level": entry["capability_level"]}
 
 
 def quarter_json(data: dict[str, Any]) -> str:

@@ -74,18 +74,23 @@ DURABLE_BEFORE_RETURN = (RunStarted, RunResumed, RunFinished, ApprovalRequested,
 WRITER_IDLE_S = 5.0  # the writer thread ends after this long without events (a new one starts on the next)
 RETENTION_ENV = "DR_RETENTION_YEARS"
 DEFAULT_RETENTION_YEARS = 6
-TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "real failover", "failback")
+TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "planned switchover (production)",
+              "real failover", "failback")
 
 
 def derive_test_type(kind: str, trigger: str, scenario: str | None) -> str:
-    """What an auditor calls the run: failbacks are failbacks; a run triggered by a real incident,
-    or a failover run, is a real failover; a switchover is a planned rehearsal; a rehearsal with a
-    fault injected (a scenario) is an unplanned failover rehearsal, without one a planned one."""
+    """What an auditor calls the run, from what ran: failbacks are failbacks; a failover run, or a run
+    started by a real incident, is a real failover; a switchover run is a planned switchover in
+    production (a rehearsal is only what is run as one); a rehearsal with a fault injected (a
+    scenario) is an unplanned failover rehearsal, without one a planned one. A drill's runs carry
+    their own ("drill: SCENARIO")."""
     if kind == RunKind.FAILBACK:
         return "failback"
-    if trigger == "incident" or kind == RunKind.FAILOVER:
+    if trigger in ("automatic", "incident") or kind == RunKind.FAILOVER:
         return "real failover"
-    if kind == RunKind.REHEARSAL and scenario:
+    if kind == RunKind.SWITCHOVER:
+        return "planned switchover (production)"
+    if scenario:
         return "unplanned failover rehearsal"
     return "planned switchover rehearsal"
 
@@ -178,6 +183,7 @@ def target_snapshot_of(inventory: Inventory) -> dict[str, Any]:
             "tier": svc.tier,
             "criticality": svc.criticality,
             "sites": list(svc.sites),
+            "capability": inventory.capability_of(name),
         }
         for name, svc in inventory.services.items()
     }

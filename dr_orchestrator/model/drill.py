@@ -54,6 +54,9 @@ class ServiceExpectation(Frozen):
     service: str
     rto: float | None = Field(default=None, description="achieved RTO at most, seconds")
     rpo: float | None = Field(default=None, description="achieved RPO at most, seconds")
+    restore_point: float | None = Field(
+        default=None, description="a point-in-time restore's distance back from the incident at most, seconds: "
+        "judges the restore, while the service's RPO target still judges the service")
     health: tuple[str, ...] = Field(default=(), description="ids of check steps that must pass")
     data: tuple[str, ...] = Field(default=(), description="ids of data check steps that must pass")
 

@@ -96,7 +96,7 @@ def run_scheduled_drill(drill_path: str, drill_name: str, cron: str, timezone: s
     record_skipped(context, drill_path, drill_name, drill.scenario.value, schedule, fire_time, drill.inventory)
     try:
         outcome = DrillRunner(context.sessions, host=context.host).run(
-            drill, trigger="schedule", scheduled_for=fire_time, started_by="scheduler", stop=context.stop)
+            drill, trigger="scheduled", scheduled_for=fire_time, started_by="scheduler", stop=context.stop)
     except records.FireTimeTaken as exc:
         log.info("%s; not running it again", exc)
         return

@@ -70,7 +70,7 @@ class Started:
     stop: threading.Event
 
 
-def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigger: str = "manual") -> Started:
+def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigger: str = "api") -> Started:
     """Run ``drill`` now in a background thread (for the HTTP API); returns its drill run id as soon as
     the drill run is recorded, so that whoever asks for it next finds it. ``stop.set()`` stops it (its
     cleanup still runs)."""
