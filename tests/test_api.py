@@ -3,6 +3,7 @@ audited in the chain, runs and drills started over HTTP, approvals, reports, pac
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from sqlalchemy import select
 
 from dr_orchestrator.api.app import ApiSettings, create_app
 from dr_orchestrator.api.tokens import revoke_token
+from dr_orchestrator.api.values import HOLDS_NUL
 from dr_orchestrator.evidence.chain import verify_session
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.models import Approval, AuditEvent
@@ -149,6 +151,26 @@ def test_the_openapi_spec_names_the_token_scheme_and_needs_no_cdn(api: Api) -> N
     assert api.get("/docs").status_code == 404  # its page would load Swagger UI from a CDN
 
 
+def test_the_spec_lists_each_routes_refusals_with_their_body(api: Api) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+
+    def statuses(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    assert statuses("/api/runs", "get") == {"200", "401", "422"}
+    assert statuses("/api/runs", "post") == {"202", "401", "403", "404", "409", "422"}
+    assert statuses("/api/runs/{run_id}", "get") == {"200", "401", "404", "409", "422"}
+    assert statuses("/api/runs/{run_id}/steps/{step_id}/reject", "post") == {"200", "401", "403", "404", "409", "422"}
+    assert statuses("/api/tokens/{token_id}", "delete") == {"200", "401", "403", "404", "409", "422"}
+    refusal_bodies = {json.dumps(answer["content"]["application/json"]["schema"])
+                      for operations in paths.values() for operation in operations.values()
+                      for status, answer in operation["responses"].items() if status.startswith("4")
+                      and "application/json" in answer.get("content", {})}
+    assert refusal_bodies == {'{"$ref": "#/components/schemas/ErrorBody"}'}  # never FastAPI's {"detail": ...}
+    assert not [path for path, operations in paths.items() for operation in operations.values()
+                if "500" in operation["responses"]]
+
+
 def test_the_cookie_is_accepted_for_reads_only(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     api.client.cookies.set("dr_token", erin)
@@ -158,6 +180,89 @@ def test_the_cookie_is_accepted_for_reads_only(api: Api) -> None:
         assert refused.status_code == 401  # a change needs the token in the request itself
     finally:
         api.client.cookies.clear()
+
+
+# ---------------------------------------------------------------- malformed requests and probes
+
+
+def test_malformed_query_values_are_422_naming_the_parameter_and_audited(api: Api) -> None:
+    carol = token(api.url, "carol", "compliance")
+    malformed = [
+        ({"until": "0.5"}, "query.until: '0.5' is not a date (2026-10-01) or a date-time with a zone "
+                           "(2026-10-01T08:00:00Z)"),
+        ({"since": "2026-10-01T08:00:00"}, "query.since: '2026-10-01T08:00:00' is not a date (2026-10-01) or a "
+                                           "date-time with a zone (2026-10-01T08:00:00Z)"),
+        ({"since": "2026-02-30"}, "query.since: '2026-02-30' is not a valid moment: day is out of range for month"),
+        ({"limit": "0"}, "query.limit: Input should be greater than or equal to 1"),
+        ({"service": "trad\x00ing"}, f"query.service: {HOLDS_NUL}"),
+        ([("kind", "failover"), ("kind", "failback")], "query.kind: given 2 times; give it once"),
+    ]
+    for params, error in malformed:
+        answer = api.get("/api/runs", carol, params=params)
+        assert (answer.status_code, answer.json()["error"]) == (422, error), params
+    well_formed = {"since": "2026-10-01", "until": "2026-10-02T00:00:00+08:00"}
+    assert api.get("/api/runs", carol, params=well_formed).json() == []
+    assert [(e.actor, e.target, e.data["status"]) for e in api.audit_events("api.refused")] == [
+        ("carol", "GET /api/runs", 422)] * len(malformed)
+    assert api.chain_ok()
+
+
+def test_nul_bytes_in_path_query_and_body_are_422_and_audited(api: Api) -> None:
+    erin = token(api.url, "erin", "engineer")
+    for path in ("/api/runs/ab%00cd", "/api/runs/ab%00cd/report", "/api/drill-runs/x%00y"):
+        answer = api.get(path, erin)
+        assert answer.status_code == 422 and answer.json()["error"].endswith(f": {HOLDS_NUL}"), path
+    start = {"runbook": "restore-trading.yml", "inventory": "two-services.yml"}
+    for body, where in [({**start, "runbook": "restore\x00.yml"}, "body.runbook"),
+                        ({**start, "reason": "drill\x00"}, "body.reason"),
+                        ({**start, "params": {"to\x00": 1}}, "body.params key 'to\\x00'"),
+                        ({**start, "params": {"to_site": ["backup\x00"]}}, "body.params.to_site[0]")]:
+        answer = api.post("/api/runs", erin, json=body)
+        assert (answer.status_code, answer.json()["error"]) == (422, f"{where}: {HOLDS_NUL}"), body
+    approve = api.post("/api/runs/ab%00cd/steps/go/approve", erin)
+    assert (approve.status_code, approve.json()["error"]) == (422, f"path.run_id: {HOLDS_NUL}")
+    assert api.get("/api/runs", erin).json() == []
+    refusals = [(e.actor, e.target, e.data["status"]) for e in api.audit_events("api.refused")]
+    assert refusals[0] == ("erin", "GET /api/runs/ab\\x00cd", 422) and len(refusals) == 8
+    assert refusals[-1] == ("erin", "POST /api/runs/ab\\x00cd/steps/go/approve", 422)
+    assert api.chain_ok()
+
+
+def test_unknown_routes_and_methods_are_refused_and_audited(api: Api) -> None:
+    carol = token(api.url, "carol", "compliance")
+    missing = api.get("/api/run", carol)
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "no such route: /api/run (the routes are in /openapi.json)", "status": 404}
+    wrong = api.client.put("/api/runs", headers=bearer(carol))
+    assert (wrong.status_code, wrong.headers["allow"]) == (405, "GET, POST")
+    assert wrong.json()["error"] == "PUT is not allowed on /api/runs; allowed: GET, POST"
+    assert api.client.delete("/api/runs/abcd").status_code == 405
+    assert api.get("/api/runs/nope", carol).status_code == 404  # a record not found is a lookup, not a probe
+    assert [(e.actor, e.target, e.data["status"]) for e in api.audit_events("api.refused")] == [
+        ("carol", "GET /api/run", 404), ("carol", "PUT /api/runs", 405), ("anonymous", "DELETE /api/runs/abcd", 405)]
+
+
+def test_a_fault_of_the_server_is_a_json_500_that_is_audited(database_url: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from dr_orchestrator.api import views
+
+    url = prepared(database_url)
+    carol = token(url, "carol", "compliance")
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(views, "filtered_runs", broken)
+    settings = ApiSettings(database_url=url, runbooks_dir=str(RUNBOOKS), inventories_dir=str(INVENTORIES),
+                           drills_dir=str(tmp_path))
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        answer = client.get("/api/runs", headers=bearer(carol))
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "the server failed to answer; its log has the cause", "status": 500}
+    with session_factory_for(url)() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "api.failed"))
+        assert (event.actor, event.target, event.data) == ("carol", "GET /api/runs",
+                                                           {"status": 500, "error": "RuntimeError"})
 
 
 # ---------------------------------------------------------------- starting runs
@@ -199,14 +304,18 @@ def test_a_run_started_through_the_api_joins_the_incident_it_names(api: Api) -> 
 def test_runbook_and_inventory_must_be_inside_their_directories(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     outside = [
-        ({"runbook": "../inventories/two-services.yml", "inventory": "two-services.yml"}, "must be a path inside"),
-        ({"runbook": "/etc/passwd", "inventory": "two-services.yml"}, "must be a path inside"),
-        ({"runbook": "restore-trading.yml", "inventory": "../runbooks/restore-trading.yml"}, "must be a path inside"),
-        ({"runbook": "missing.yml", "inventory": "two-services.yml"}, "no runbook 'missing.yml'"),
+        ({"runbook": "../inventories/two-services.yml", "inventory": "two-services.yml"}, 422,
+         "body.runbook: '../inventories/two-services.yml' must be a relative path without '..' segments"),
+        ({"runbook": "/etc/passwd", "inventory": "two-services.yml"}, 422,
+         "body.runbook: '/etc/passwd' must be a relative path without '..' segments"),
+        ({"runbook": "restore-trading.yml", "inventory": "../runbooks/restore-trading.yml"}, 422,
+         "body.inventory: '../runbooks/restore-trading.yml' must be a relative path without '..' segments"),
+        ({"runbook": "missing.yml", "inventory": "two-services.yml"}, 404,
+         f"no runbook 'missing.yml' in {RUNBOOKS}/"),
     ]
-    for body, error in outside:
+    for body, status, error in outside:
         answer = api.post("/api/runs", erin, json=body)
-        assert answer.status_code == 400 and error in answer.json()["error"], (body, answer.text)
+        assert (answer.status_code, answer.json()["error"]) == (status, error), body
     wrong_param = api.post("/api/runs", erin, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml",
                                                     "params": {"nonsense": 1}})
     assert wrong_param.status_code == 422, wrong_param.text
@@ -311,7 +420,10 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
     claimed = api.post(approve, erin, json={"reason": "mine", "actor": "frank"})  # the token is who decides
     assert claimed.status_code == 422 and [p["where"] for p in claimed.json()["problems"]] == ["body.actor"]
     assert api.post(f"/api/runs/{run_id}/steps/verify/approve", frank).status_code == 409  # not waiting
-    assert api.post(f"/api/runs/{run_id}/steps/go-ahead/reject", frank).status_code == 422  # a reason is needed
+    for without_reason in (None, {}, {"reason": " "}):
+        refused = api.post(f"/api/runs/{run_id}/steps/go-ahead/reject", frank, json=without_reason)
+        assert (refused.status_code, refused.json()["error"]) == (422, "body: reason is required to reject")
+    assert api.post(f"/api/runs/{run_id[:8]}x/steps/go-ahead/approve", frank).status_code == 404
 
     answer = api.post(approve, frank, json={"reason": "change CHG-1 approved"})
     assert answer.status_code == 200, answer.text
@@ -323,7 +435,7 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
         assert (row.actor, row.decision, row.reason) == ("frank", "approved", "change CHG-1 approved")
     assert [(e.actor, e.target) for e in api.audit_events("approval.approved")] == [("frank", f"{run_id} go-ahead")]
     assert {(e.actor, e.data["status"]) for e in api.audit_events("api.refused")} == {
-        ("carol", 403), ("erin", 409), ("erin", 422), ("frank", 409), ("frank", 422)}
+        ("carol", 403), ("erin", 409), ("erin", 422), ("frank", 409), ("frank", 422), ("frank", 404)}
     assert api.chain_ok()
 
 
@@ -475,7 +587,7 @@ def test_reports_as_pdf_and_the_quarter_report(api: Api) -> None:
     label = quarter_of(utcnow()).label
     data = api.get(f"/api/reports/quarter/{label}", carol, params={"format": "json"}).json()
     assert run_id in str(data)
-    assert api.get("/api/reports/quarter/2026Q9", carol).status_code == 400
+    assert api.get("/api/reports/quarter/2026Q9", carol).status_code == 422
 
 
 # ---------------------------------------------------------------- the command line

@@ -45,6 +45,22 @@ def presented_token(request: Request, credentials: HTTPAuthorizationCredentials 
     return None
 
 
+def header_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, read before (or without) the route's own check."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def actor_of(request: Request) -> str:
+    """Who the audit names for this request: its token's holder once known (even an expired or revoked
+    token's), else ``anonymous``; a refusal before any route ran (404, 405, a malformed body) looks it up."""
+    known = getattr(request.state, "actor", None)
+    if known:
+        return str(known)
+    found = identify(request.app.state.sessions, header_token(request))
+    return found.name or ANONYMOUS
+
+
 def identify(sessions: sessionmaker[Session], token: str | None) -> Principal | Rejection:
     if not token:
         return Rejection("no API token: send `Authorization: Bearer TOKEN` (create one with `dr tokens create`)")

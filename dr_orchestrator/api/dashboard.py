@@ -15,7 +15,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from dr_orchestrator.api import metrics, views
 from dr_orchestrator.api.auditing import audit
-from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, identify
+from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, header_token, identify
+from dr_orchestrator.api.responses import MEANINGS
 from dr_orchestrator.api.tokens import Rejection
 from dr_orchestrator.evidence import drills as drill_records
 from dr_orchestrator.evidence import qualifying
@@ -27,6 +28,11 @@ from dr_orchestrator.model.events import utcnow
 
 router = APIRouter(tags=["dashboard"])
 MAX_FORM_BYTES = 4096
+SIGN_IN_AGAIN = {"description": "no token, or a refused one: the sign-in form, saying why",
+                 "content": {"text/html": {}}}
+# Declared by hand: FastAPI would give a model of an HTML route's answer the route's media type.
+MALFORMED = {"description": MEANINGS[422],
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
 
 
 @cache
@@ -45,11 +51,6 @@ def _with_cookie(request: Request, response: Response, token: str) -> Response:
     return response
 
 
-def _header_token(request: Request) -> str | None:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
-
-
 @router.get("/", include_in_schema=False)
 def root() -> Response:
     return RedirectResponse("/dashboard", status_code=303)
@@ -60,7 +61,9 @@ def login_form() -> HTMLResponse:
     return _page("login.html.j2", error=None)
 
 
-@router.post("/login", response_class=HTMLResponse, summary="Sign in: keeps the token in an HttpOnly cookie")
+@router.post("/login", response_class=RedirectResponse, status_code=303, responses={
+    303: {"description": "signed in: to /dashboard, with the cookie"}, 401: SIGN_IN_AGAIN},
+    summary="Sign in: keeps the token in an HttpOnly cookie")
 async def login(request: Request) -> Response:
     body = await request.body()
     token = (parse_qs(body[:MAX_FORM_BYTES].decode(errors="replace")).get("token") or [""])[0].strip()
@@ -73,14 +76,17 @@ async def login(request: Request) -> Response:
     return _with_cookie(request, RedirectResponse("/dashboard", status_code=303), token)
 
 
-@router.get("/logout", summary="Sign out: forgets the cookie")
+@router.get("/logout", response_class=RedirectResponse, status_code=303, summary="Sign out: forgets the cookie",
+            responses={303: {"description": "to /login, the cookie forgotten"}})
 def logout() -> Response:
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
 
 
-@router.get("/dashboard", response_class=HTMLResponse, summary="Latest drills, RTO trend per service, approvals")
+@router.get("/dashboard", response_class=HTMLResponse, summary="Latest drills, RTO trend per service, approvals",
+            responses={303: {"description": "signed in by the link: to /dashboard, with the cookie"},
+                       401: SIGN_IN_AGAIN, 422: MALFORMED})
 def dashboard(request: Request, token: str | None = Query(
         None, description="one-time sign-in link: sets the cookie and redirects here without the token")) -> Response:
     sessions = request.app.state.sessions
@@ -89,7 +95,7 @@ def dashboard(request: Request, token: str | None = Query(
         if isinstance(found, Rejection):
             return _page("login.html.j2", status=401, error=found.reason)
         return _with_cookie(request, RedirectResponse("/dashboard", status_code=303), token)
-    presented = _header_token(request) or request.cookies.get(COOKIE)
+    presented = header_token(request) or request.cookies.get(COOKIE)
     found = identify(sessions, presented)
     if isinstance(found, Rejection):
         return _page("login.html.j2", status=401, error=found.reason if presented else None)

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.api.auth import ApiError
+from dr_orchestrator.api.values import HOLDS_NUL, where_nul
 from dr_orchestrator.model.events import Event, RunStarted
 from dr_orchestrator.plans import PlanError, build_plan
 from dr_orchestrator.runner import execute
@@ -37,14 +38,18 @@ class _Start:
 
 
 def confined(root: str | Path, relative: str, what: str) -> Path:
-    """``relative`` inside ``root``, an existing file; ApiError 400 for anything else (``..``, an
-    absolute path, a symlink leading out)."""
+    """``relative`` inside ``root``, an existing file: ApiError 422 for a path leading out (``..``, an
+    absolute path, a symlink), 404 for no such file."""
     base = Path(root).resolve()
-    target = (base / relative).resolve()
-    if not target.is_relative_to(base):
-        raise ApiError(400, f"the {what} must be a path inside {root}/, not {relative!r}")
-    if not target.is_file():
-        raise ApiError(400, f"no {what} {relative!r} in {root}/")
+    try:
+        target = (base / relative).resolve()
+        inside, found = target.is_relative_to(base), target.is_file()
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: nothing can be there
+        inside, found = True, False
+    if not inside:
+        raise ApiError(422, f"body.{what}: must be a path inside {root}/, not {relative!r}")
+    if not found:
+        raise ApiError(404, f"no {what} {relative!r} in {root}/")
     return target
 
 
@@ -59,10 +64,14 @@ class Launcher:
     def start_run(self, runbook: str, inventory: str, params: dict[str, Any], actor: str, *,
                   kind: str | None = None, reason: str = "", trigger: str = "manual", scenario: str = "",
                   incident_at: Any = None, incident: str | None = None) -> str:
-        """Check the plan here (mistakes come back as 422), then run it in a thread; returns its id
-        once it started, ApiError 409 when another run holds a service or site it needs."""
+        """Check the plan here (mistakes come back as 422, files not found as 404), then run it in a
+        thread; returns its id once it started, ApiError 409 when another run holds a service or site
+        it needs."""
         runbook_path = confined(self.runbooks_dir, runbook, "runbook")
         inventory_path = confined(self.inventories_dir, inventory, "inventory")
+        holding_nul = where_nul(params, "body.params")
+        if holding_nul:
+            raise ApiError(422, f"{holding_nul}: {HOLDS_NUL}")
         try:
             plan = build_plan(str(runbook_path), str(inventory_path), params, kind=kind, incident_at=incident_at,
                               started_by=actor, reason=reason, trigger=trigger)

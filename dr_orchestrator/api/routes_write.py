@@ -4,30 +4,33 @@ refusal is audited by the app's error handlers."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, Depends, Path, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
+from dr_orchestrator.api.responses import refusals
+from dr_orchestrator.api.values import NOT_BLANK, FileName, Instant, Lifetime, NonBlank, RelativePath, Segment, Text
 from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
 from dr_orchestrator.evidence.incidents import INCIDENT_ID
 from dr_orchestrator.model.approval import Decision
 
 router = APIRouter()
+REASON_REQUIRED = "reason is required to reject"
 
 
 class RunRequest(BaseModel):
-    runbook: str = Field(description="path inside the server's runbooks/ directory, e.g. example-local.yml")
-    inventory: str = Field(description="path inside the server's inventories/ directory, e.g. local.yml")
+    runbook: RelativePath = Field(description="path inside the server's runbooks/ directory, e.g. example-local.yml")
+    inventory: RelativePath = Field(description="path inside the server's inventories/ directory, e.g. local.yml")
     params: dict[str, Any] = Field(default_factory=dict, description="runbook parameters")
     kind: Literal["failover", "switchover", "failback", "rehearsal"] | None = None
-    reason: str = ""
+    reason: Text = ""
     trigger: Literal["manual", "change", "incident"] = "manual"
-    scenario: str = Field("", description="the fault injected, in words (the DR test record)")
-    incident_at: datetime | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
+    scenario: Text = Field("", description="the fault injected, in words (the DR test record)")
+    incident_at: Instant | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
     incident: str | None = Field(None, pattern=f"^{INCIDENT_ID.pattern}$",
                                  description="the incident the run belongs to, created when absent, e.g. "
                                              "INC-2026-0042 (default: a failover or switchover opens a new one)")
@@ -47,22 +50,31 @@ class DecisionRequest(BaseModel):
     # The decider is the token's holder: a body naming anyone else (actor, started_by, ...) is refused.
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field("", description="why; required to reject")
+    reason: Text = Field("", description="why")
+
+
+class RejectRequest(DecisionRequest):
+    reason: Text = Field(description="why the step is rejected", json_schema_extra={"pattern": NOT_BLANK})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _has_a_reason(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not (isinstance(data.get("reason"), str) and data["reason"].strip()):
+            raise ValueError(REASON_REQUIRED)
+        return data
 
 
 class TokenRequest(BaseModel):
-    name: str
+    name: NonBlank
     role: Literal["compliance", "engineer", "admin"]
-    expires: str | None = Field(None, description="lifetime such as 90d or 12h; default: until revoked")
+    expires: Lifetime | None = Field(None, description="lifetime such as 90d or 12h; default: until revoked")
 
 
 @router.post("/api/runs", status_code=202, tags=["runs"], summary="Start a runbook (engineer)",
-             response_model=Started)
+             response_model=Started, responses=refusals(401, 403, 404, 409, 422))
 def start_run(body: RunRequest, request: Request, principal: Principal = Depends(engineer)) -> Started:
     """Checks the runbook against the inventory, then runs it in the background: the answer carries the
     run id at once; follow it at ``url``. The run's ``started_by`` is the token's name."""
-    if body.incident_at is not None and body.incident_at.tzinfo is None:
-        raise ApiError(422, "incident_at has no time zone; add Z or +08:00")
     launcher = request.app.state.launcher
     run_id = launcher.start_run(body.runbook, body.inventory, body.params, principal.name, kind=body.kind,
                                 reason=body.reason, trigger=body.trigger, scenario=body.scenario,
@@ -74,16 +86,14 @@ def start_run(body: RunRequest, request: Request, principal: Principal = Depends
 
 
 @router.post("/api/drills/{name}/runs", status_code=202, tags=["drills"], summary="Run a drill now (engineer)",
-             response_model=DrillStarted)
-def start_drill(name: str, request: Request, principal: Principal = Depends(engineer)) -> DrillStarted:
+             response_model=DrillStarted, responses=refusals(401, 403, 404, 409, 422))
+def start_drill(name: FileName, request: Request, principal: Principal = Depends(engineer)) -> DrillStarted:
     """Runs the drill named ``name`` (from the server's drills directory) in the background; one at a time."""
     from dr_orchestrator.scheduling.service import DrillBusy, find_drill
     from dr_orchestrator.scheduling.service import start_drill as start
     from dr_orchestrator.yamlsource import LoadError
 
     settings, sessions = request.app.state.settings, request.app.state.sessions
-    if "/" in name or "\\" in name or name.startswith("."):  # find_drill also takes paths: names only here
-        raise ApiError(400, f"{name!r} is not a drill name")
     try:
         drill = find_drill(name, settings.drills_dir)
         started = start(sessions, drill, started_by=principal.name)
@@ -101,8 +111,14 @@ def start_drill(name: str, request: Request, principal: Principal = Depends(engi
 def _decide(request: Request, principal: Principal, run_id: str, step_id: str, decision: Decision,
             reason: str) -> dict[str, Any]:
     from dr_orchestrator.evidence.approvals import ApprovalRefused, decide
+    from dr_orchestrator.evidence.queries import AmbiguousRunId, find_run
 
     with request.app.state.sessions() as session:
+        try:
+            if find_run(session, run_id) is None:
+                raise ApiError(404, f"no run {run_id!r} in the evidence database")
+        except AmbiguousRunId as exc:
+            raise ApiError(409, str(exc)) from None
         begin_write(session)
         try:
             row = decide(session, run_id, step_id, decision, principal.name, reason)
@@ -117,17 +133,22 @@ def _decide(request: Request, principal: Principal, run_id: str, step_id: str, d
     return answer
 
 
-@router.post("/api/runs/{run_id}/steps/{step_id}/approve", tags=["approvals"], summary="Approve a waiting step")
-def approve(run_id: str, step_id: str, request: Request, body: DecisionRequest | None = None,
+@router.post("/api/runs/{run_id}/steps/{step_id}/approve", tags=["approvals"], summary="Approve a waiting step",
+             responses=refusals(401, 403, 404, 409, 422))
+def approve(run_id: Segment, step_id: Segment, request: Request, body: DecisionRequest | None = None,
             principal: Principal = Depends(engineer)) -> dict[str, Any]:
     """Same rules as `dr approve`: the step must be waiting; under the two-person rule, not by the run's
     starter (the same name counts as the same person, token or OS account); one decision per person."""
     return _decide(request, principal, run_id, step_id, Decision.APPROVED, body.reason if body else "")
 
 
-@router.post("/api/runs/{run_id}/steps/{step_id}/reject", tags=["approvals"], summary="Reject a waiting step")
-def reject(run_id: str, step_id: str, body: DecisionRequest, request: Request,
+# The body is required (the spec says so); without one the answer is the same sentence as for a blank reason.
+@router.post("/api/runs/{run_id}/steps/{step_id}/reject", tags=["approvals"], summary="Reject a waiting step",
+             responses=refusals(401, 403, 404, 409, 422), openapi_extra={"requestBody": {"required": True}})
+def reject(run_id: Segment, step_id: Segment, request: Request, body: RejectRequest = Body(None),
            principal: Principal = Depends(engineer)) -> dict[str, Any]:
+    if body is None:
+        raise ApiError(422, f"body: {REASON_REQUIRED}", problems=[{"where": "body", "message": REASON_REQUIRED}])
     return _decide(request, principal, run_id, step_id, Decision.REJECTED, body.reason)
 
 
@@ -135,15 +156,16 @@ class ReconciliationRequest(BaseModel):
     # The one who checked is the token's holder: a body naming anyone else is refused.
     model_config = ConfigDict(extra="forbid")
 
-    check: str = Field(min_length=1, description="what was compared, e.g. orders row count")
+    check: NonBlank = Field(description="what was compared, e.g. orders row count")
     result: Literal["ok", "mismatch"]
-    detail: str = Field(min_length=1, description="what was found")
-    service: str | None = Field(None, description="the service checked; default: the run's whole scope")
+    detail: NonBlank = Field(description="what was found")
+    service: Text | None = Field(None, description="the service checked; default: the run's whole scope")
 
 
 @router.post("/api/runs/{run_id}/reconciliations", status_code=201, tags=["runs"],
-             summary="Record a data-integrity check after recovery (engineer)")
-def reconcile(run_id: str, body: ReconciliationRequest, request: Request,
+             summary="Record a data-integrity check after recovery (engineer)",
+             responses=refusals(401, 403, 404, 409, 422))
+def reconcile(run_id: Segment, body: ReconciliationRequest, request: Request,
               principal: Principal = Depends(engineer)) -> dict[str, Any]:
     """Same as `dr reconcile`: ``run_id`` is a run or drill run id, or a unique prefix; the check shows
     in the run's after-action report and in the evidence export."""
@@ -155,7 +177,8 @@ def reconcile(run_id: str, body: ReconciliationRequest, request: Request,
             row = record_check(session, run_id, body.check, body.result, body.detail, principal.name, body.service)
         except (AnnotationError, AmbiguousRunId) as exc:
             session.rollback()
-            raise ApiError(404 if isinstance(exc, UnknownRun) else 422, str(exc)) from None
+            status = 404 if isinstance(exc, UnknownRun) else 409 if isinstance(exc, AmbiguousRunId) else 422
+            raise ApiError(status, str(exc)) from None
         record_audit_event(session, principal.name, "reconciliation.add", row.run_id,
                            {"check": body.check, "result": body.result})
         answer = {"id": row.id, "run_id": row.run_id} | reconciliation_entry(as_dict(row))
@@ -164,9 +187,11 @@ def reconcile(run_id: str, body: ReconciliationRequest, request: Request,
 
 
 # -- tokens ----------------------------------------------------------------------------------------
+# -- tokens ----------------------------------------------------------------------------------------
 
 
-@router.get("/api/tokens", tags=["tokens"], summary="Tokens (admin); never the token itself")
+@router.get("/api/tokens", tags=["tokens"], summary="Tokens (admin); never the token itself",
+            responses=refusals(401, 403))
 def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[str, Any]]:
     from dr_orchestrator.api.tokens import list_tokens as listing
 
@@ -174,17 +199,13 @@ def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[st
         return listing(session)
 
 
-@router.post("/api/tokens", status_code=201, tags=["tokens"], summary="Create a token (admin); shown once")
+@router.post("/api/tokens", status_code=201, tags=["tokens"], summary="Create a token (admin); shown once",
+             responses=refusals(401, 403, 422))
 def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
     from dr_orchestrator.api.tokens import TokenError, create_token, describe
     from dr_orchestrator.model.durations import parse_duration
 
-    lifetime = None
-    if body.expires is not None:
-        try:
-            lifetime = timedelta(seconds=parse_duration(body.expires))
-        except ValueError as exc:
-            raise ApiError(422, f"expires: {exc}") from None
+    lifetime = timedelta(seconds=parse_duration(body.expires)) if body.expires is not None else None
     with request.app.state.sessions() as session:
         try:
             row, token = create_token(session, body.name, body.role, principal.name, lifetime)
@@ -195,8 +216,10 @@ def create_token(body: TokenRequest, request: Request, principal: Principal = De
     return answer
 
 
-@router.delete("/api/tokens/{token_id}", tags=["tokens"], summary="Revoke a token (admin)")
-def revoke_token(token_id: int, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
+@router.delete("/api/tokens/{token_id}", tags=["tokens"], summary="Revoke a token (admin)",
+               responses=refusals(401, 403, 404, 409, 422))
+def revoke_token(request: Request, token_id: int = Path(ge=1, le=2**31 - 1),
+                 principal: Principal = Depends(admin)) -> dict[str, Any]:
     from dr_orchestrator.api.tokens import TokenError, UnknownToken, describe, revoke_token
 
     with request.app.state.sessions() as session:
