@@ -277,7 +277,6 @@ class EvidenceStore:
         if found is not None:
             self._queue(ActionEvent(event.run_id, "", GIT_COMMIT_EVENT, event.at, found))
 
-
     def _write_queued(self) -> None:
         while True:
             with self._wakeup:
