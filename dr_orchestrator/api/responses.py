@@ -1,11 +1,15 @@
 """What the API answers when it refuses: one body for every refusal, and the statuses each route
-declares in the OpenAPI spec (``refusals(401, 404, ...)``), each with that body and what it means."""
+declares in the OpenAPI spec (``refusals(401, 404, ...)``), each with that body and what it means;
+and how its answers' moments are declared (``Timestamp``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+# A moment as the evidence writes it (isoformat, "+00:00"), declared as what it is.
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
 class ErrorBody(BaseModel):

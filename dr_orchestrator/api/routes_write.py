@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
-from dr_orchestrator.api.responses import refusals
+from dr_orchestrator.api.responses import Timestamp, refusals
 from dr_orchestrator.api.values import NOT_BLANK, FileName, Instant, Lifetime, NonBlank, RelativePath, Segment, Text
 from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
 from dr_orchestrator.evidence.incidents import INCIDENT_ID
@@ -62,6 +62,33 @@ class RejectRequest(DecisionRequest):
         if isinstance(data, dict) and not (isinstance(data.get("reason"), str) and data["reason"].strip()):
             raise ValueError(REASON_REQUIRED)
         return data
+
+
+class Decided(BaseModel):
+    run_id: str
+    step_id: str
+    decision: Literal["approved", "rejected"]
+    actor: str = Field(description="the token's name")
+    at: Timestamp
+    reason: str
+
+
+class TokenView(BaseModel):
+    """A token as people may see it: never the token, never its hash."""
+
+    id: int
+    name: str
+    role: Literal["compliance", "engineer", "admin"]
+    created_at: Timestamp
+    created_by: str
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+    revoked_by: str | None
+    state: Literal["active", "expired", "revoked"]
+
+
+class NewToken(TokenView):
+    token: str = Field(description="the token itself, shown this once")
 
 
 class TokenRequest(BaseModel):
@@ -134,7 +161,7 @@ def _decide(request: Request, principal: Principal, run_id: str, step_id: str, d
 
 
 @router.post("/api/runs/{run_id}/steps/{step_id}/approve", tags=["approvals"], summary="Approve a waiting step",
-             responses=refusals(401, 403, 404, 409, 422))
+             response_model=Decided, responses=refusals(401, 403, 404, 409, 422))
 def approve(run_id: Segment, step_id: Segment, request: Request, body: DecisionRequest | None = None,
             principal: Principal = Depends(engineer)) -> dict[str, Any]:
     """Same rules as `dr approve`: the step must be waiting; under the two-person rule, not by the run's
@@ -144,7 +171,8 @@ def approve(run_id: Segment, step_id: Segment, request: Request, body: DecisionR
 
 # The body is required (the spec says so); without one the answer is the same sentence as for a blank reason.
 @router.post("/api/runs/{run_id}/steps/{step_id}/reject", tags=["approvals"], summary="Reject a waiting step",
-             responses=refusals(401, 403, 404, 409, 422), openapi_extra={"requestBody": {"required": True}})
+             response_model=Decided, responses=refusals(401, 403, 404, 409, 422),
+             openapi_extra={"requestBody": {"required": True}})
 def reject(run_id: Segment, step_id: Segment, request: Request, body: RejectRequest = Body(None),
            principal: Principal = Depends(engineer)) -> dict[str, Any]:
     if body is None:
@@ -191,7 +219,7 @@ def reconcile(run_id: Segment, body: ReconciliationRequest, request: Request,
 
 
 @router.get("/api/tokens", tags=["tokens"], summary="Tokens (admin); never the token itself",
-            responses=refusals(401, 403))
+            response_model=list[TokenView], responses=refusals(401, 403))
 def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[str, Any]]:
     from dr_orchestrator.api.tokens import list_tokens as listing
 
@@ -200,7 +228,7 @@ def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[st
 
 
 @router.post("/api/tokens", status_code=201, tags=["tokens"], summary="Create a token (admin); shown once",
-             responses=refusals(401, 403, 422))
+             response_model=NewToken, responses=refusals(401, 403, 422))
 def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
     from dr_orchestrator.api.tokens import TokenError, create_token, describe
     from dr_orchestrator.model.durations import parse_duration
@@ -217,7 +245,7 @@ def create_token(body: TokenRequest, request: Request, principal: Principal = De
 
 
 @router.delete("/api/tokens/{token_id}", tags=["tokens"], summary="Revoke a token (admin)",
-               responses=refusals(401, 403, 404, 409, 422))
+               response_model=TokenView, responses=refusals(401, 403, 404, 409, 422))
 def revoke_token(request: Request, token_id: int = Path(ge=1, le=2**31 - 1),
                  principal: Principal = Depends(admin)) -> dict[str, Any]:
     from dr_orchestrator.api.tokens import TokenError, UnknownToken, describe, revoke_token
