@@ -179,9 +179,9 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 @click.option("--kind", type=click.Choice(["failover", "switchover", "failback", "rehearsal"]),
               help="default: the runbook's kind")
 @click.option("--reason", default="", help="why this run (recorded)")
-@click.option("--trigger", type=click.Choice(["manual", "schedule", "change", "incident"]), default="manual")
 @click.option("--test-type", type=click.Choice(TEST_TYPES),
-              help="what the DR test record calls the run (default: from kind, trigger and scenario)")
+              help="what the DR test record calls the run (default: from kind, trigger and scenario; "
+                   "the trigger of a run started here is always manual)")
 @click.option("--scenario", default="", help="the fault injected, in words (recorded)")
 @click.option("--failback-of", metavar="RUN", help="the run whose failover this run undoes (joins its incident)")
 @click.option("--incident", "incident_id", metavar="ID",
@@ -194,7 +194,7 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 @click.option("--quiet", "-q", is_flag=True, help="no live progress, only the summary")
 @click.pass_context
 def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...], incident_at: str | None,
-        kind: str | None, reason: str, trigger: str, test_type: str | None, scenario: str, failback_of: str | None,
+        kind: str | None, reason: str, test_type: str | None, scenario: str, failback_of: str | None,
         incident_id: str | None, retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
@@ -215,7 +215,7 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     if force_reason is not None and not force_reason.strip():
         raise UserError('--force needs a reason, e.g. --force "primary site confirmed powered off by facilities"')
     forced = (force_reason.strip(),) if force_reason else ()
-    the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger=trigger,
+    the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger="manual",
                       forced=forced, warn=print_warning)
     sessions = session_factory(ctx)
     if failback_of is not None:

@@ -271,7 +271,7 @@ def test_a_fault_of_the_server_is_a_json_500_that_is_audited(database_url: str, 
 def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     answer = api.post("/api/runs", erin, json={"runbook": "restore-quotation.yml", "inventory": "two-services.yml",
-                                               "reason": "quarterly check", "kind": "rehearsal", "trigger": "change",
+                                               "reason": "quarterly check", "kind": "rehearsal",
                                                "scenario": "quotation app stopped"})
     assert answer.status_code == 202, answer.text
     run_id = answer.json()["run_id"]
@@ -280,7 +280,7 @@ def test_engineer_starts_a_run_that_appears_in_the_runs_list(api: Api) -> None:
     (listed,) = api.get("/api/runs", erin, params={"service": "quotation"}).json()
     assert (listed["id"], listed["started_by"], listed["kind"], listed["reason"]) == (
         run_id, "erin", "rehearsal", "quarterly check")
-    assert (listed["trigger"], listed["scenario"]) == ("change", "quotation app stopped")
+    assert (listed["trigger"], listed["scenario"]) == ("api", "quotation app stopped")  # as it truly was
     (event,) = api.audit_events("run.start")
     assert (event.actor, event.target, event.data["runbook"]) == ("erin", run_id, "restore-quotation.yml")
     assert api.chain_ok()

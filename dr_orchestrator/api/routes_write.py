@@ -28,7 +28,6 @@ class RunRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="runbook parameters")
     kind: Literal["failover", "switchover", "failback", "rehearsal"] | None = None
     reason: Text = ""
-    trigger: Literal["manual", "change", "incident"] = "manual"
     scenario: Text = Field("", description="the fault injected, in words (the DR test record)")
     incident_at: Instant | None = Field(None, description="when the disruption began (ISO-8601 with zone)")
     incident: str | None = Field(None, pattern=f"^{INCIDENT_ID.pattern}$",
@@ -104,11 +103,11 @@ def start_run(body: RunRequest, request: Request, principal: Principal = Depends
     run id at once; follow it at ``url``. The run's ``started_by`` is the token's name."""
     launcher = request.app.state.launcher
     run_id = launcher.start_run(body.runbook, body.inventory, body.params, principal.name, kind=body.kind,
-                                reason=body.reason, trigger=body.trigger, scenario=body.scenario,
+                                reason=body.reason, trigger="api", scenario=body.scenario,
                                 incident_at=body.incident_at, incident=body.incident)
     audit(request.app.state.sessions, principal.name, "run.start", run_id,
           {"runbook": body.runbook, "inventory": body.inventory, "params": body.params, "kind": body.kind,
-           "reason": body.reason, "trigger": body.trigger, "incident": body.incident})
+           "reason": body.reason, "trigger": "api", "incident": body.incident})
     return Started(run_id=run_id, url=f"/api/runs/{run_id}")
 
 
