@@ -100,7 +100,8 @@ def test_the_export_has_the_fifteen_fields_for_every_test(sessions: sessionmaker
 
     failover, failback, manual = rows
     assert failover["test"] == {"type": "unplanned failover rehearsal", "trigger": "schedule", "kind": "rehearsal",
-                                "drill_run_id": DRILL_RUN, "drill": "quarterly-trading", "drill_stage": "failover",
+                                "counts_as": "drill's failover (counts with its drill)", "drill_run_id": DRILL_RUN,
+                                "drill": "quarterly-trading", "drill_stage": "failover",
                                 "drill_verdict": "passed"}
     assert failover["scenario"] == "primary site lost"
     assert failover["targets"]["drill_rto_s"] == 5.0 and failover["targets"]["drill_rpo_s"] is None
@@ -115,7 +116,8 @@ def test_the_export_has_the_fifteen_fields_for_every_test(sessions: sessionmaker
         {"id": runs["failback"], "state": "succeeded", "started_at": failback["run_started_at"],
          "finished_at": failover["failback"]["runs"][0]["finished_at"]}]}
     assert failback["failback"]["of_run"] == runs["failover"] and failback["test"]["type"] == "failback"
-    assert failback["test"]["drill_stage"] == "failback"
+    assert failback["test"]["drill_stage"] == "failback" and failback["test"]["counts_as"] == "failback"
+    assert manual["test"]["counts_as"] == "test"  # the same rule as the quarterly report (qualifying.counts_as)
     assert manual["test"]["drill_run_id"] is None and manual["reported_to"] == [] and manual["findings"] == []
     assert manual["test"]["trigger"] == "manual" and manual["data_reconciliation"] == []
 

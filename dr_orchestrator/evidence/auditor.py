@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, get_type_hints
 from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence import chain, drills
+from dr_orchestrator.evidence import chain, drills, qualifying
 from dr_orchestrator.evidence.anchors import recorded_anchor_covering
 from dr_orchestrator.evidence.annotations import list_findings, reconciliation_entry
 from dr_orchestrator.evidence.dr_record import derive_test_type, timeline
@@ -68,6 +68,7 @@ class TestLabel:
     type: str
     trigger: str
     kind: str
+    counts_as: str  # qualifying.counts_as: test, a drill's failover or part, failback, not executed
     drill_run_id: str | None  # the drill this run was a stage of, if any
     drill: str | None
     drill_stage: str | None
@@ -189,6 +190,7 @@ class _Batch:
     findings: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     failbacks: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     git: dict[str, dict[str, Any]] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)  # runs that changed something (their first change)
     chain: dict[str, list[ChainLink]] = field(default_factory=lambda: defaultdict(list))
     markers: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     steps: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
@@ -227,6 +229,8 @@ def _read_batch(session: Session, run_ids: Sequence[str], today: date | None) ->
     for event in session.scalars(select(ActionEventRecord).where(ActionEventRecord.run_id.in_(run_ids),
                                                                  ActionEventRecord.kind == GIT_COMMIT_EVENT)):
         batch.git[event.run_id] = event.data
+    batch.changed = set(session.scalars(select(ActionEventRecord.run_id).where(
+        ActionEventRecord.run_id.in_(run_ids), ActionEventRecord.kind == qualifying.FIRST_CHANGE)))
     for row in session.scalars(select(RunService).where(RunService.run_id.in_(run_ids))):
         batch.scope[(row.run_id, row.service)] = row
     for marker in session.scalars(select(Marker).where(Marker.run_id.in_(run_ids))):
@@ -333,7 +337,8 @@ def _fields(run: Run, result: ServiceResult, batch: _Batch, events: list[dict[st
     return AuditorFields(
         test=TestLabel(
             type=run.test_type or derive_test_type(run.kind, run.trigger, run.scenario), trigger=run.trigger,
-            kind=run.kind, drill_run_id=drill.id if drill else None, drill=drill.drill_name if drill else None,
+            kind=run.kind, counts_as=qualifying.counts_as(run.kind, stage, run.id in batch.changed),
+            drill_run_id=drill.id if drill else None, drill=drill.drill_name if drill else None,
             drill_stage=stage, drill_verdict=drill.verdict if drill else None),
         scope=Scope(
             service=result.service, tier=scope_row.tier if scope_row else None,

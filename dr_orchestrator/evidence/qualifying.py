@@ -36,6 +36,27 @@ RULE = (
 )
 
 
+TEST = "test"
+DRILL_FAILOVER = "drill's failover (counts with its drill)"
+DRILL_PART = "drill part"
+FAILBACK = "failback"
+NOT_EXECUTED = "not executed"
+
+
+def counts_as(kind: str, drill_stage: str | None, changed: bool) -> str:
+    """What one run is under RULE: a test, a part of a drill (its failover run gives the drill's
+    figures), a failback, or not executed (it changed nothing)."""
+    if drill_stage == "failback":
+        return FAILBACK
+    if drill_stage == "failover":
+        return DRILL_FAILOVER
+    if drill_stage is not None:
+        return DRILL_PART
+    if not changed:
+        return NOT_EXECUTED
+    return FAILBACK if kind == "failback" else TEST
+
+
 @dataclass
 class Test:
     """One test of the period: a top-level run, or a drill (``drill`` set) measured by its failover run."""
@@ -124,18 +145,16 @@ def period(session: Session, start: datetime | None = None, end: datetime | None
     failbacks: list[Test] = []
     for run in runs:
         part_of = stage_of.get(run.id)
-        if part_of is not None:
-            record, stage = part_of
-            if stage == "failback":
-                failbacks.append(_run_test(run, scope, results, drill=record))
-            continue
-        if run.id not in changed:
+        owner = part_of[0] if part_of is not None else None
+        role = counts_as(run.kind, part_of[1] if part_of is not None else None, run.id in changed)
+        if role == FAILBACK:
+            failbacks.append(_run_test(run, scope, results, drill=owner))
+        elif role == NOT_EXECUTED:
             not_executed.append(NotExecuted(run.id, run.runbook_name, "run", run.trigger, run.state, run.started_at,
                                             scope.get(run.id, []), _why_nothing_changed(session, run)))
-        elif run.kind == "failback":
-            failbacks.append(_run_test(run, scope, results))
-        else:
+        elif role == TEST:
             tests.append(_run_test(run, scope, results))
+        # a drill's other runs count with their drill, below
     for record in drill_runs:
         stage_runs = [getattr(record, f"{stage}_run_id") for stage in drill_records.RUN_STAGES]
         failover = by_id.get(record.failover_run_id or "")
