@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
+from dr_orchestrator.evidence import migrate
+from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.lab import scratch
 from dr_orchestrator.lab.config import LabConfig
 from dr_orchestrator.lab.lab import Lab
@@ -38,6 +41,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'evidence.db'}"
     return str(request.getfixturevalue("postgres_database_url"))
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions (with the audit chain) on a migrated ``database_url``, each evidence test once per database."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 # --- The two-site lab (dr_orchestrator.lab) ----------------------------------------------------------

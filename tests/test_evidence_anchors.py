@@ -37,16 +37,6 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
     return generate_keypair(tmp_path / "keys")
 

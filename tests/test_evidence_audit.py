@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,6 @@ from dr_orchestrator.evidence.store import TEST_TYPES, EvidenceStore
 from dr_orchestrator.model.approval import Identity
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def tamper(url: str, sql: str, **params: Any) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import fields
 from datetime import date, timedelta
 from pathlib import Path
@@ -33,16 +32,6 @@ from dr_orchestrator.model.run import RunKind, RunState, SourceDocument
 pytestmark = pytest.mark.timeout(180)
 FIFTEEN = [f.name for f in fields(auditor.AuditorFields)]
 DRILL_RUN = "dddd0000-0000-4000-8000-00000000000d"
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def a_drill_with_its_runs(sessions: sessionmaker[Session]) -> dict[str, str]:

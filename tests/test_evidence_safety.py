@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,8 @@ from test_engine import make_plan
 
 from dr_orchestrator import supervision
 from dr_orchestrator.engine import RunOutcome
-from dr_orchestrator.evidence import migrate, queries
+from dr_orchestrator.evidence import queries
 from dr_orchestrator.evidence.approvals import ApprovalRefused, decide, waiting_gates
-from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.liveness import sweep_interrupted
 from dr_orchestrator.evidence.locks import LockHeld, Resource, RunLocks, resources_for
 from dr_orchestrator.evidence.models import Approval, Run, RunLock, RunProcess, ServiceResult, StepRecord
@@ -45,16 +44,6 @@ GATED = """
         timeout: 90s
       - {id: switch, action: noop, marks: [service_restored]}
 """
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def wait_for(condition: Callable[[], Any], what: str) -> Any:

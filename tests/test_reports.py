@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -27,16 +26,6 @@ from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def dr(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
