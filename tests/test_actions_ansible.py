@@ -144,7 +144,8 @@ def test_task_events_reach_the_evidence_store_while_the_playbook_runs(
             observers=[EvidenceStore(sessions), release],
         )
         with sessions() as session:
-            stored = session.scalars(select(ActionEventRecord).order_by(ActionEventRecord.id)).all()
+            stored = session.scalars(select(ActionEventRecord).where(ActionEventRecord.kind == "ansible.task")
+                                     .order_by(ActionEventRecord.id)).all()
             step = session.scalars(select(StepRecord)).one()
     finally:
         db.dispose()
