@@ -195,6 +195,7 @@ def test_successful_run_writes_exactly_the_expected_rows(sessions: sessionmaker[
             "tier": "standard",
             "criticality": "high",
             "sites": ["primary", "backup"],
+            "capability": {},  # the inventory declares no capability elements
         }
 
         scope = s.scalars(select(RunService).order_by(RunService.id)).all()
