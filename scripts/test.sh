@@ -4,6 +4,10 @@
 # tests that use an evidence database run on SQLite and on that server (DR_TEST_POSTGRES_URL).
 # Arguments go to pytest:  scripts/test.sh -k evidence -x
 # DR_TEST_POSTGRES_URL set beforehand: that server is used and none is started.
+# Tests run in parallel worker processes, a test file per worker at a time (pytest-xdist, --dist
+# loadfile: each file's fixtures stay in one process); DR_TEST_WORKERS=N sets how many (default 3:
+# most tests wait on subprocesses and sockets, not the CPU), 0 runs them in this process. Labs,
+# databases and ports are claimed per test, so workers never share one.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -95,9 +99,12 @@ fi
 # --- The suite -------------------------------------------------------------------------------------
 color=()
 [[ -t 1 ]] && color=(--color=yes)
-say "pytest $*"
+workers="${DR_TEST_WORKERS:-3}"
+parallel=()
+((workers > 0)) && parallel=(-n "$workers" --dist loadfile)
+say "pytest ${parallel[*]} $*"
 set +e
-.venv/bin/pytest -ra --durations=10 "${color[@]}" "$@" 2>&1 | tee -i "$work/pytest.log"
+.venv/bin/pytest -ra --durations=10 "${color[@]}" "${parallel[@]}" "$@" 2>&1 | tee -i "$work/pytest.log"
 pytest_status=${PIPESTATUS[0]}
 set -e
 summary="$(sed -e 's/\x1b\[[0-9;]*m//g' "$work/pytest.log" |

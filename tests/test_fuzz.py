@@ -324,7 +324,7 @@ def recorder(seen: list[Event]) -> Observer:
     return record
 
 
-@pytest.mark.parametrize("payload", HOSTILE)
+@pytest.mark.parametrize("payload", HOSTILE, ids=[f"hostile-{i}" for i in range(len(HOSTILE))])  # stable: no tmp path
 def test_the_engine_renders_hostile_templates_without_executing_them(payload: str) -> None:
     """At run time too: a noop's message and a shell.run's argv carrying the payload as one argument."""
     document = {"name": "hostile", "steps": [
