@@ -171,6 +171,11 @@ def print_incident(detail: dict[str, Any], out: Console | None = None) -> None:
                           _figure(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")) if row else "-",
                           str(row.get("incident_at") or "-"))
     out.print(table)
+    for note in detail.get("notifications") or []:
+        verdict = "[green]delivered[/]" if note.get("delivered") else "[red]NOT DELIVERED[/]"
+        out.print(f"  notified {note.get('channel')} {note.get('target')} at {note.get('at')} (run "
+                  f"{note['run_id'][:8]}, step {note['step_id']}): {verdict}"
+                  + (f" ({note['detail']})" if note.get("detail") else ""))
 
 
 def print_run_list(rows: list[dict[str, Any]], out: Console | None = None) -> None:

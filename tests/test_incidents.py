@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from notify_servers import start_webhook_receiver
 
 from dr_orchestrator.evidence.rto import RUN_START_WARNING
 
@@ -169,3 +170,27 @@ def test_incident_mistakes_are_one_sentence(tmp_path: Path) -> None:
     unknown = dr("incidents", "show", "INC-404", db=db, cwd=tmp_path)
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == "Error: no incident 'INC-404' in the evidence database (see `dr incidents list`)"
+
+
+def test_the_incident_names_who_its_runs_notified_and_whether_it_reached_them(
+        db: str, tmp_path: Path, live_url: str) -> None:
+    receiver, stop = start_webhook_receiver()
+    try:
+        runbook = tmp_path / "notify-and-verify.yml"
+        runbook.write_text(Path(RUNBOOK).read_text() + (
+            "  - id: tell-the-desk\n"
+            "    action: notify.webhook\n"
+            f"    with: {{url: '{receiver.url}', text: quotation is back, attempts: 1}}\n"
+            "    needs: [verify]\n"))
+        result = dr("run", str(runbook), "-i", INVENTORY, "-p", f"health_url={live_url}", "-q",
+                    "--incident", "INC-2026-0043", db=db, cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        stop()
+    shown = dr_json("incidents", "show", "INC-2026-0043", db=db, cwd=tmp_path)
+    assert isinstance(shown, dict)
+    (note,) = shown["notifications"]
+    assert (note["step_id"], note["channel"], note["delivered"]) == ("tell-the-desk", "webhook", True)
+    assert note["target"] == f"http://127.0.0.1:{receiver.port}/…"  # never the path: it may hold a token
+    text = dr("incidents", "show", "INC-2026-0043", db=db, cwd=tmp_path).stdout
+    assert "notified webhook" in text and "delivered" in text

@@ -30,6 +30,7 @@ from dr_orchestrator.model.run import RunKind, RunPlan
 INCIDENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 OPENING_KINDS = (RunKind.FAILOVER, RunKind.SWITCHOVER)
 BLAST_RADIUS_AFTER = "blast_radius.after"
+NOTIFICATION = "notification"  # the action event of a notify.* step (actions/notify.py)
 RUN_TEXTS = ("runbook_text", "inventory_text", "targets", "parameters")  # left out of the incident's run list
 
 
@@ -170,8 +171,9 @@ def list_incidents(session: Session, limit: int | None = None) -> list[dict[str,
 
 
 def incident_detail(session: Session, incident_id: str) -> dict[str, Any] | None:
-    """The incident and its runs in the order they started, each with its state and per-service
-    RTO/RPO (with their methods). None: no such incident."""
+    """The incident, its runs in the order they started (each with its state and per-service RTO/RPO
+    with their methods), and the notifications its runs sent (``notify.*`` steps: who was told
+    what, delivered or not). None: no such incident."""
     incident = session.get(Incident, incident_id)
     if incident is None:
         return None
@@ -180,4 +182,8 @@ def incident_detail(session: Session, incident_id: str) -> dict[str, Any] | None
         results = session.scalars(select(ServiceResult).where(ServiceResult.run_id == run.id)
                                   .order_by(ServiceResult.id))
         runs.append(as_dict(run, exclude=RUN_TEXTS) | {"results": [as_dict(result) for result in results]})
-    return {"incident": as_dict(incident), "runs": runs}
+    sent = session.scalars(select(ActionEventRecord).where(
+        ActionEventRecord.run_id.in_([run["id"] for run in runs]), ActionEventRecord.kind == NOTIFICATION)
+        .order_by(ActionEventRecord.at, ActionEventRecord.id))
+    notifications = [{"run_id": event.run_id, "step_id": event.step_id, **event.data} for event in sent]
+    return {"incident": as_dict(incident), "runs": runs, "notifications": notifications}
