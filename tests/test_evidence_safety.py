@@ -253,6 +253,9 @@ def crashed_run(sessions: sessionmaker[Session], plan: RunPlan, run_id: str, in_
         store(StepFinished(run_id, step_id, utcnow(), StepState.SUCCEEDED, output))
     for step_id in in_flight:
         store(StepStarted(run_id, step_id, utcnow()))
+    # What the killed process had committed: its writer thread must not still be writing while the test
+    # goes on (SQLite refuses a read transaction's upgrade when another writer committed in between).
+    store.flush()
     with sessions() as session, session.begin():
         session.add(RunProcess(run_id=run_id, host=HOST, pid=dead_pid(), process_start=None, started_at=utcnow(),
                                heartbeat_at=utcnow()))
