@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from dr_orchestrator.actions import default_registry
-from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
+from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionRegistry, ActionResult, Params
 from dr_orchestrator.engine import Engine
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
@@ -341,3 +341,21 @@ def test_the_first_change_is_recorded_once_and_a_run_stopped_by_its_checks_has_n
         World())
     assert stopped.state is RunState.FAILED
     assert not [e for e in events if isinstance(e, ActionEvent) and e.kind == "run.first_change"]
+
+
+def test_an_engine_that_cannot_probe_runs_without_a_blast_radius_reading(health: tuple[Health, Health]) -> None:
+    """A registry without http.check (an embedding of the engine with actions of its own) still runs."""
+    trading, quotation = health
+    registry = ActionRegistry({})
+    registry.register("noop", registry_for(World()).get("noop"))
+    plan = make_plan("""
+        name: failover-quotation
+        kind: failover
+        steps:
+          - {id: check, action: noop}
+    """, inventory_text(trading.url, quotation.url))
+    events: list[Event] = []
+    outcome = Engine(registry, [events.append]).run(plan)
+
+    assert outcome.state is RunState.SUCCEEDED
+    assert not [e for e in events if isinstance(e, ActionEvent) and e.kind.startswith("blast_radius")]

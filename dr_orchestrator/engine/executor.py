@@ -151,7 +151,7 @@ class Engine:
             for name in (step.action, step.rollback.action if step.rollback else None):
                 if name is not None and name in self.registry:
                     self.registry.get(name)
-        if blast_radius.guarded(plan) and blast_radius.observable(plan):
+        if blast_radius.guarded(plan) and blast_radius.observable(plan) and blast_radius.PROBE_ACTION in self.registry:
             self.registry.get(blast_radius.PROBE_ACTION)
 
 
@@ -193,7 +193,8 @@ class _Run:
         self.run_info: dict[str, Any] = {}
         self.rolled_back: set[str] = set(resume.rolled_back) if resume else set()
         self.guarded = blast_radius.guarded(plan)
-        self.watch_blast_radius = self.guarded and blast_radius.observable(plan)
+        self.watch_blast_radius = self.guarded and blast_radius.observable(plan) and \
+            blast_radius.PROBE_ACTION in engine.registry
         # The services as the run found them: readings started with the run, fixed at its first change.
         self.before_reading: dict[str, Future[blast_radius.Reading]] = {}
         self.before_reading_started = 0.0
@@ -300,7 +301,12 @@ class _Run:
             if self.rollback_wanted or (self.failed and self.guarded and not self.refused):
                 self.roll_back()  # compensation: a failed run restores the serving state it found
             if self.watch_blast_radius and not self.refused:
-                self.judge_blast_radius()
+                try:
+                    self.judge_blast_radius()
+                except Exception as exc:  # noqa: BLE001 - a reading that fails is recorded; it never fails the run
+                    log.exception("run %s: the blast-radius reading failed", self.run_id)
+                    self.emit(ActionEvent(self.run_id, blast_radius.BLAST_RADIUS, "blast_radius.unknown", utcnow(),
+                                          {"error": f"{type(exc).__name__}: {exc}"}))
         except KeyboardInterrupt:  # a Ctrl-C outside the places that expect one: stop where we are
             self.interrupt()
         except Exception as exc:  # noqa: BLE001 - a bug must still end the run, recorded
