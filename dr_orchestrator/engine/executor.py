@@ -734,8 +734,7 @@ class _Run:
             return False
         if step.action in self.engine.registry and self.engine.registry.get(step.action).bars_rollback:
             return True
-        effect = step.effect or self.engine.registry.effect(step.action)
-        return step.no_rollback is not None and effect is Effect.IRREVERSIBLE
+        return step.no_rollback is not None and self.effect(step) is Effect.IRREVERSIBLE
 
     def roll_back(self) -> None:
         """Undo completed steps that declare a rollback, newest first. Runs even after Ctrl-C;
