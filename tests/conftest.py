@@ -44,6 +44,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a migrated SQLite file, for tests that need not run on both databases."""
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
 def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
     """Sessions (with the audit chain) on a migrated ``database_url``, each evidence test once per database."""
     migrate.upgrade(database_url)

@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionRegistry, ActionResult, Params
 from dr_orchestrator.engine import Engine
-from dr_orchestrator.evidence import migrate
-from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import ActionEventRecord, Finding
 from dr_orchestrator.evidence.reports import after_action_html
 from dr_orchestrator.evidence.store import EvidenceStore
@@ -271,11 +270,9 @@ def test_a_refused_rollback_is_tried_again_after_the_older_ones() -> None:
 
 
 def test_a_service_outside_the_scope_made_worse_is_an_impact_and_a_finding(
-    health: tuple[Health, Health], database_url: str
+    health: tuple[Health, Health], sessions: sessionmaker[Session]
 ) -> None:
     trading, quotation = health
-    migrate.upgrade(database_url)
-    sessions = make_session_factory(make_engine(database_url))
     world = World(trading)
     plan = make_plan("""
         name: failover-quotation

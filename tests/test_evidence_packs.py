@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -21,25 +20,13 @@ from evidence_runs import RUNBOOK_TEXT, run_small
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence import annotations, migrate, packs, reports, signing
-from dr_orchestrator.evidence.database import make_engine, make_session_factory
+from dr_orchestrator.evidence import annotations, packs, reports, signing
 from dr_orchestrator.evidence.models import AuditEvent
 from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunKind
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'evidence.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def dr(*args: str, db: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

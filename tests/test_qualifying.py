@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,18 +32,7 @@ LAB_INVENTORY = REPO / "inventories" / "lab.yml"
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'evidence.db'}"
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-def run_refused(sessions: sessionmaker[Session]) -> str:
+def run_refused(sqlite_sessions: sessionmaker[Session]) -> str:
     """A run whose first step, a check, fails: nothing changed."""
     plan = small_plan(kind=RunKind.SWITCHOVER, trigger="manual")
     refused = Runbook(name="refused-switchover", scope=Scope(services=("trading",)),
@@ -52,33 +40,33 @@ def run_refused(sessions: sessionmaker[Session]) -> str:
                              Step(id="promote", action="test.restore", needs=("standby-ready",))))
     registry = default_registry()
     registry.register("test.restore", "evidence_runs:Restore")
-    engine = Engine(registry, [EvidenceStore(sessions)], host="test-host", cancel_grace=1.0)
+    engine = Engine(registry, [EvidenceStore(sqlite_sessions)], host="test-host", cancel_grace=1.0)
     return engine.run(plan.model_copy(update={"runbook": refused})).run_id
 
 
-def as_drill(sessions: sessionmaker[Session], drill_run_id: str, stages: dict[str, str], verdict: str) -> None:
-    drills.start_drill_run(sessions, drills.DrillRunStart(
+def as_drill(sqlite_sessions: sessionmaker[Session], drill_run_id: str, stages: dict[str, str], verdict: str) -> None:
+    drills.start_drill_run(sqlite_sessions, drills.DrillRunStart(
         drill_run_id=drill_run_id, drill_name="quarterly-trading", scenario="site_loss", trigger="scheduled",
         scheduled_for=None, started_by="scheduler", host="test-host", drill_path="failover_tests/q.yml",
         drill_sha256="0" * 64, drill_text="name: quarterly-trading\n", inventory_path="inventories/lab.yml"))
     for stage, run_id in stages.items():
-        drills.link_run(sessions, drill_run_id, stage, run_id)
-    drills.record_expectations(sessions, drill_run_id, [
+        drills.link_run(sqlite_sessions, drill_run_id, stage, run_id)
+    drills.record_expectations(sqlite_sessions, drill_run_id, [
         drills.ExpectationResult("trading", "rto", True, "within", 30.0, 0.1, run_id=stages["failover"])])
-    drills.finish_drill_run(sessions, drill_run_id, state="finished", verdict=verdict, cleanup_state="done",
+    drills.finish_drill_run(sqlite_sessions, drill_run_id, state="finished", verdict=verdict, cleanup_state="done",
                             cleanup_left=[], error=None)
 
 
 def test_a_drill_counts_once_refused_runs_are_not_executed_and_failbacks_stand_apart(
-        sessions: sessionmaker[Session]) -> None:
-    standalone = run_small(sessions, rpo_s=120.0, trigger="manual")  # a test that misses trading's RPO 0 s
-    fault, failover, checks, cleanup = (run_small(sessions) for _ in range(4))
-    failback = run_small(sessions, kind=RunKind.FAILBACK, failback_of=failover)
-    as_drill(sessions, "d-1", {"fault": fault, "failover": failover, "checks": checks, "failback": failback,
+        sqlite_sessions: sessionmaker[Session]) -> None:
+    standalone = run_small(sqlite_sessions, rpo_s=120.0, trigger="manual")  # a test that misses trading's RPO 0 s
+    fault, failover, checks, cleanup = (run_small(sqlite_sessions) for _ in range(4))
+    failback = run_small(sqlite_sessions, kind=RunKind.FAILBACK, failback_of=failover)
+    as_drill(sqlite_sessions, "d-1", {"fault": fault, "failover": failover, "checks": checks, "failback": failback,
                                "cleanup": cleanup}, verdict="passed")
-    refused = run_refused(sessions)
+    refused = run_refused(sqlite_sessions)
 
-    with sessions() as session:
+    with sqlite_sessions() as session:
         found = qualifying.period(session)
         data = reports.quarter_data(session, reports.quarter_of(utcnow()))
     assert [t.id for t in found.tests] == [standalone, "d-1"]  # the drill once; its stage runs never
@@ -107,10 +95,10 @@ def test_a_drill_counts_once_refused_runs_are_not_executed_and_failbacks_stand_a
     assert standing.all_targets_met and standing.tests == 2 and standing.latest is drill
 
 
-def test_a_drill_whose_runs_changed_nothing_is_not_executed(sessions: sessionmaker[Session]) -> None:
-    refused = run_refused(sessions)
-    as_drill(sessions, "d-2", {"failover": refused}, verdict="failed")
-    with sessions() as session:
+def test_a_drill_whose_runs_changed_nothing_is_not_executed(sqlite_sessions: sessionmaker[Session]) -> None:
+    refused = run_refused(sqlite_sessions)
+    as_drill(sqlite_sessions, "d-2", {"failover": refused}, verdict="failed")
+    with sqlite_sessions() as session:
         found = qualifying.period(session)
     assert found.tests == [] and [(n.id, n.what) for n in found.not_executed] == [("d-2", "drill")]
 
