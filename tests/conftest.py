@@ -43,10 +43,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_database_url"))
 
 
-@pytest.fixture
-def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """Sessions on a migrated SQLite file, for tests that need not run on both databases."""
-    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+def migrated_sessions(url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions (with the audit chain) on the migrated database ``url``; its engine disposed after."""
     migrate.upgrade(url)
     engine = make_engine(url)
     try:
@@ -56,14 +54,15 @@ def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 
 @pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a migrated SQLite file, for tests that need not run on both databases."""
+    yield from migrated_sessions(f"sqlite:///{tmp_path / 'evidence.db'}")
+
+
+@pytest.fixture
 def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    """Sessions (with the audit chain) on a migrated ``database_url``, each evidence test once per database."""
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
+    """Sessions on a migrated ``database_url``: each evidence test once per database."""
+    yield from migrated_sessions(database_url)
 
 
 # --- The two-site lab (dr_orchestrator.lab) ----------------------------------------------------------
