@@ -71,8 +71,10 @@ def test_several_backends_switch_in_one_step(harness: Harness, lab: Lab) -> None
         "trading": "ready",
         "quotation": "ready",
     }
-    assert site_behind_front_door(lab, "trading")[1] == "backup"
-    assert site_behind_front_door(lab, "contract-signing")[1] == "primary"
+    # Quotation answers from its backup at once (it reads the standby); trading's backup cannot
+    # write to a standby, so HAProxy's own check soon marks it down: only the admin state is asserted.
+    assert site_behind_front_door(lab, "quotation") == (200, "backup")
+    assert site_behind_front_door(lab, "contract-signing") == (200, "primary")
 
 
 def test_state_checks_where_the_traffic_goes(harness: Harness) -> None:

@@ -826,6 +826,26 @@ def test_stop_before_anything_runs_cancels_every_step(bench: Bench) -> None:
     assert not bench.of(StepStarted)
 
 
+def test_ctrl_c_while_the_start_is_recorded_still_ends_the_run_as_aborted(bench: Bench) -> None:
+    """The evidence store commits the start, then Ctrl-C lands before the engine returns from it:
+    the run, already shown as running, must still end (aborted), and no step may start."""
+    plan = make_plan("""
+        name: interrupted-at-start
+        steps:
+          - {id: a, action: echo}
+    """)
+
+    def interrupt_after_the_start(event: Event) -> None:
+        if isinstance(event, RunStarted):
+            raise KeyboardInterrupt
+
+    outcome = Engine(bench.registry, [bench.observe, interrupt_after_the_start]).run(plan)
+    check_invariants(bench.events, plan)
+    assert outcome.state is RunState.ABORTED
+    assert outcome.steps == {"a": StepState.CANCELLED}
+    assert not bench.of(StepStarted)
+
+
 def test_stop_with_rollback_step_in_flight_rolls_back_completed_steps(bench: Bench) -> None:
     plan = make_plan("""
         name: stop-rollback

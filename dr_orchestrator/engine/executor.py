@@ -283,30 +283,20 @@ class _Run:
             "approvals": plan.runbook.approvals.model_dump(mode="json"),
             "pre_approved_by": plan.pre_approved_by,
         }
-        if self.resume is None:
-            self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
-        else:
-            resume = self.resume
-            self.emit(RunResumed(self.run_id, utcnow(), plan, self.engine.host, resume.actor, resume.reason,
-                                 resume.retried, tuple(resume.marked_done)))
+        try:
+            if self.resume is None:
+                self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
+            else:
+                resume = self.resume
+                self.emit(RunResumed(self.run_id, utcnow(), plan, self.engine.host, resume.actor, resume.reason,
+                                     resume.retried, tuple(resume.marked_done)))
+        except KeyboardInterrupt:
+            # The start may already be committed (the run shows "running"): end it as aborted below.
+            self.interrupt()
         error: str | None = None
         try:
-            if self.watch_blast_radius and self.resume is None:
-                self.read_services_before()
-            if self.resume is not None:
-                self.restore(self.resume)
-            else:
-                error = self.check_safety()  # a refusal fails the run before its first step
-            self.schedule()
-            if self.rollback_wanted or (self.failed and self.guarded and not self.refused):
-                self.roll_back()  # compensation: a failed run restores the serving state it found
-            if self.watch_blast_radius and not self.refused:
-                try:
-                    self.judge_blast_radius()
-                except Exception as exc:  # noqa: BLE001 - a reading that fails is recorded; it never fails the run
-                    log.exception("run %s: the blast-radius reading failed", self.run_id)
-                    self.emit(ActionEvent(self.run_id, blast_radius.BLAST_RADIUS, "blast_radius.unknown", utcnow(),
-                                          {"error": f"{type(exc).__name__}: {exc}"}))
+            if not self.interrupted:  # else stopped while its start was being recorded: nothing runs
+                error = self.carry_out()
         except KeyboardInterrupt:  # a Ctrl-C outside the places that expect one: stop where we are
             self.interrupt()
         except Exception as exc:  # noqa: BLE001 - a bug must still end the run, recorded
@@ -334,6 +324,27 @@ class _Run:
             self.emit(RunFinished(self.run_id, utcnow(), state, error))
         shown_error = None if error is None else self.redactor.redact(error)
         return RunOutcome(self.run_id, state, dict(self.states), shown_error)
+
+    def carry_out(self) -> str | None:
+        """Check, run the steps, compensate, judge the blast radius; a safety refusal's reason."""
+        error = None
+        if self.watch_blast_radius and self.resume is None:
+            self.read_services_before()
+        if self.resume is not None:
+            self.restore(self.resume)
+        else:
+            error = self.check_safety()  # a refusal fails the run before its first step
+        self.schedule()
+        if self.rollback_wanted or (self.failed and self.guarded and not self.refused):
+            self.roll_back()  # compensation: a failed run restores the serving state it found
+        if self.watch_blast_radius and not self.refused:
+            try:
+                self.judge_blast_radius()
+            except Exception as exc:  # noqa: BLE001 - a reading that fails is recorded; it never fails the run
+                log.exception("run %s: the blast-radius reading failed", self.run_id)
+                self.emit(ActionEvent(self.run_id, blast_radius.BLAST_RADIUS, "blast_radius.unknown", utcnow(),
+                                      {"error": f"{type(exc).__name__}: {exc}"}))
+        return error
 
     def restore(self, resume: ResumePoint) -> None:
         """Take up the states the interrupted run reached, and record the engineer's decisions."""
