@@ -2,7 +2,7 @@
 
     from dr_orchestrator.lab import Lab, LabConfig
     lab = Lab(LabConfig(root="/tmp/my-lab", port_offset=1000))
-    lab.up(sync=True); lab.status(); lab.kill_site("primary"); lab.down()
+    lab.up(); lab.status(); lab.kill_site("primary"); lab.down()
 
 Product code never imports this package; the lab uses nothing of the product but the model.
 Names are imported lazily so that `dr --help` does not pay for psycopg.

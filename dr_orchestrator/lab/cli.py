@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from dr_orchestrator.lab.config import KILLABLE, PORT_OFFSET_ENV, ROOT_ENV, SITES, LabConfig, LabConfigError
+from dr_orchestrator.lab.config import (
+    KILLABLE,
+    PORT_OFFSET_ENV,
+    POSTGRES_SERVICES,
+    ROOT_ENV,
+    SITES,
+    LabConfig,
+    LabConfigError,
+)
 from dr_orchestrator.lab.load.cli import load_group
 
 if TYPE_CHECKING:
@@ -59,21 +67,17 @@ def lab_group(context: click.Context, root: str | None, port_offset: int | None)
 
 
 @lab_group.command()
-@click.option("--sync", is_flag=True,
-              help="synchronous replication: needed to meet an RPO target of 0 s (trading's)")
 @click.pass_context
 @_friendly
-def up(context: click.Context, sync: bool) -> None:
+def up(context: click.Context) -> None:
     """Start both sites and the front door, and print what runs where."""
     lab = _lab(context)
-    result = lab.up(sync=sync)
+    result = lab.up()
     if result.already_up:
-        click.echo(f"The lab at {lab.config.root} is already up (replication "
-                   f"{'synchronous' if result.sync else 'asynchronous'}); `dr lab status` shows it, "
+        click.echo(f"The lab at {lab.config.root} is already up; `dr lab status` shows it, "
                    f"`dr lab down` stops it.")
         return
-    mode = "synchronous" if result.sync else "asynchronous (use --sync for an RPO of 0 s)"
-    click.echo(f"Lab up in {result.seconds:.1f} s at {lab.config.root}, replication {mode}:")
+    click.echo(f"Lab up in {result.seconds:.1f} s at {lab.config.root}:")
     for line in result.layout:
         click.echo(f"  {line}")
 
@@ -110,13 +114,12 @@ def _print_status(report: dict[str, Any]) -> None:
     if not report["up"]:
         click.echo(f"The lab at {report['root']} is not up.")
         return
-    click.echo(f"Lab at {report['root']} (port offset {report['port_offset']}, replication "
-               f"{'synchronous' if report['sync'] else 'asynchronous'}, started {report['started_at']})")
+    click.echo(f"Lab at {report['root']} (port offset {report['port_offset']}, started {report['started_at']})")
     click.echo("Processes:")
     for entry in report["processes"]:
         where = entry["site"] or "front door"
         state = f"pid {entry['pid']}" if entry["running"] else "NOT RUNNING"
-        click.echo(f"  {entry['name']:<18}{where:<12}{state}")
+        click.echo(f"  {entry['name']:<28}{where:<12}{state}")
     click.echo("Services (health):")
     for service, sites in report["services"].items():
         cells = []
@@ -127,16 +130,16 @@ def _print_status(report: dict[str, Any]) -> None:
                 cells.append(f"{site}: {health['status']} db {health.get('db_role')}"
                              f"{' ready' if health.get('ready') else ''}")
         click.echo(f"  {service:<18}" + "   ".join(cells))
-    click.echo(f"Databases (read-write at: {report['active_site'] or 'no single site'}):")
-    for site, database in report["databases"].items():
-        details = ", ".join(f"{key} {value}" for key, value in database.items() if key != "role")
-        click.echo(f"  {site:<18}{database['role']}{' (' + details + ')' if details else ''}")
-    click.echo("Replication:")
-    if not report["replication"]:
-        click.echo("  none (no standby is connected to the primary)")
-    for row in report["replication"]:
-        click.echo(f"  {row['application_name']}: {row['state']}, {row['sync_state']}, lag {row['lag_bytes']} bytes, "
-                   f"{row['lag_seconds']:.3f} s")
+    click.echo("Stores:")
+    for store in report["stores"].values():
+        mode = "synchronous" if store["synchronous"] else "asynchronous"
+        click.echo(f"  {store['store']} ({mode}; takes writes at: {store['active_site'] or 'no single site'})")
+        for site, copy in store["sites"].items():
+            details = ", ".join(f"{key} {value}" for key, value in copy.items() if key != "role")
+            click.echo(f"    {site:<16}{copy['role']}{' (' + details + ')' if details else ''}")
+        for row in store.get("replication", []):
+            click.echo(f"    replication {row['application_name']}: {row['state']}, {row['sync_state']}, "
+                       f"lag {row['lag_bytes']} bytes, {row['lag_seconds']:.3f} s")
     click.echo("Front door:")
     for service, door in report["front_door"].items():
         servers = ", ".join(f"{server} {state}" for server, state in door["servers"].items()) or "no answer"
@@ -164,7 +167,8 @@ def kill_site(context: click.Context, site: str) -> None:
 @click.pass_context
 @_friendly
 def kill(context: click.Context, target: str) -> None:
-    """SIGKILL one service at one site, e.g. trading@primary, or a site's database: postgres@backup."""
+    """SIGKILL one service at one site, e.g. trading@primary, or a store: postgres-trading@primary,
+    postgres-contract-signing@backup, redis-quotation@primary."""
     service, _, site = target.partition("@")
     if service not in KILLABLE or site not in SITES:
         raise click.BadParameter(f"use SERVICE@SITE with SERVICE in {', '.join(KILLABLE)} and SITE in "
@@ -174,12 +178,13 @@ def kill(context: click.Context, target: str) -> None:
 
 
 @lab_group.command("break-replication")
+@click.argument("service", type=click.Choice(POSTGRES_SERVICES))
 @click.pass_context
 @_friendly
-def break_replication(context: click.Context) -> None:
-    """Cut the standby off the primary: the backup site stops receiving WAL."""
-    _lab(context).break_replication()
-    click.echo("Replication is broken: the standby no longer receives WAL from the primary.")
+def break_replication(context: click.Context, service: str) -> None:
+    """Cut SERVICE's standby off its primary: the backup site stops receiving its WAL."""
+    _lab(context).break_replication(service)
+    click.echo(f"Replication is broken: {service}'s standby no longer receives WAL from its primary.")
 
 
 @lab_group.command("start-site")

@@ -16,11 +16,26 @@ SITES: tuple[str, ...] = ("primary", "backup")
 SITE_ADDRESSES: dict[str, str] = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
 SITE_REGIONS: dict[str, str] = {"primary": "lab-a", "backup": "lab-b"}
 SERVICES: tuple[str, ...] = ("trading", "contract-signing", "quotation")
-KILLABLE: tuple[str, ...] = (*SERVICES, "postgres")  # what `dr lab kill NAME@SITE` takes: a service or the database
+# Each service keeps its own data, as in a bank: trading and contract-signing each a PostgreSQL primary
+# and streaming standby (trading synchronous: its RPO target is 0; contract-signing asynchronous: 5 s),
+# quotation a Redis price cache with a replica at the backup site (60 s).
+POSTGRES_SERVICES: tuple[str, ...] = ("trading", "contract-signing")
+SYNCHRONOUS_SERVICES: tuple[str, ...] = ("trading",)
+REDIS_SERVICE = "quotation"
+
+
+def store_name(service: str) -> str:
+    """The name of `service`'s data store: what `dr lab kill NAME@SITE` and `dr lab status` call it."""
+    return f"redis-{service}" if service == REDIS_SERVICE else f"postgres-{service}"
+
+
+STORES: tuple[str, ...] = tuple(store_name(service) for service in SERVICES)
+KILLABLE: tuple[str, ...] = (*SERVICES, *STORES)  # what `dr lab kill NAME@SITE` takes: a service or a store
 
 FRONT_DOOR_ADDRESS = "127.0.0.1"
 SSHD_PORT = 2222
-POSTGRES_PORT = 15432
+POSTGRES_PORTS: dict[str, int] = {"trading": 15432, "contract-signing": 15433}
+REDIS_PORT = 16379
 SERVICE_PORTS: dict[str, int] = {"trading": 8101, "contract-signing": 8102, "quotation": 8103}
 FRONTEND_PORTS: dict[str, int] = {"trading": 18101, "contract-signing": 18102, "quotation": 18103}
 
@@ -55,11 +70,10 @@ class LabConfigError(ValueError):
 class LabConfig:
     root: Path = Path(DEFAULT_ROOT)
     port_offset: int = 0
-    sync: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(os.path.abspath(self.root)))
-        highest = max(POSTGRES_PORT, *FRONTEND_PORTS.values()) + self.port_offset
+        highest = max(REDIS_PORT, *POSTGRES_PORTS.values(), *FRONTEND_PORTS.values()) + self.port_offset
         lowest = min(SSHD_PORT, *SERVICE_PORTS.values()) + self.port_offset
         if lowest < 1024 or highest > MAX_PORT:
             raise LabConfigError(
@@ -69,7 +83,7 @@ class LabConfig:
             )
 
     @classmethod
-    def from_env(cls, root: str | Path | None = None, port_offset: int | None = None, sync: bool = False) -> LabConfig:
+    def from_env(cls, root: str | Path | None = None, port_offset: int | None = None) -> LabConfig:
         """Explicit values win; then DR_LAB_DIR / DR_LAB_PORT_OFFSET; then the offset the lab at that
         root was made with (so `dr lab status` finds a lab brought up with --port-offset); then the defaults."""
         chosen_root = Path(root if root is not None else os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
@@ -79,7 +93,7 @@ class LabConfig:
                 port_offset = int(raw) if raw else _recorded_offset(chosen_root)
             except ValueError:
                 raise LabConfigError(f"{PORT_OFFSET_ENV}={raw!r} is not a whole number") from None
-        return cls(root=chosen_root, port_offset=port_offset, sync=sync)
+        return cls(root=chosen_root, port_offset=port_offset)
 
     # --- who runs what -----------------------------------------------------------------------------
     @property
@@ -99,9 +113,12 @@ class LabConfig:
     def sshd_port(self) -> int:
         return SSHD_PORT + self.port_offset
 
+    def postgres_port(self, service: str) -> int:
+        return POSTGRES_PORTS[service] + self.port_offset
+
     @property
-    def postgres_port(self) -> int:
-        return POSTGRES_PORT + self.port_offset
+    def redis_port(self) -> int:
+        return REDIS_PORT + self.port_offset
 
     def service_port(self, service: str) -> int:
         return SERVICE_PORTS[service] + self.port_offset
@@ -120,13 +137,15 @@ class LabConfig:
         ports = [(FRONT_DOOR_ADDRESS, self.frontend_port(s)) for s in SERVICES]
         for site in SITES:
             address = self.address(site)
-            ports += [(address, self.sshd_port), (address, self.postgres_port)]
+            ports += [(address, self.sshd_port), (address, self.redis_port)]
+            ports += [(address, self.postgres_port(s)) for s in POSTGRES_SERVICES]
             ports += [(address, self.service_port(s)) for s in SERVICES]
         return ports
 
-    def dsn(self, site: str, dbname: str = DATABASE_NAME) -> str:
+    def dsn(self, site: str, service: str, dbname: str = DATABASE_NAME) -> str:
+        """Connection string of `service`'s PostgreSQL at `site`."""
         return (
-            f"host={self.address(site)} port={self.postgres_port} dbname={dbname} "
+            f"host={self.address(site)} port={self.postgres_port(service)} dbname={dbname} "
             f"user={DATABASE_USER} connect_timeout=2"
         )
 
@@ -191,8 +210,17 @@ class LabConfig:
     def log_dir(self, site: str) -> Path:
         return self.site_dir(site) / "log"
 
-    def pgdata(self, site: str) -> Path:
-        return self.site_dir(site) / "pgdata"
+    def pgdata(self, site: str, service: str) -> Path:
+        return self.site_dir(site) / f"pgdata-{service}"
+
+    def postgres_log(self, site: str, service: str) -> Path:
+        return self.log_dir(site) / f"postgres-{service}.log"
+
+    def redis_dir(self, site: str) -> Path:
+        return self.site_dir(site) / "redis"
+
+    def redis_pidfile(self, site: str) -> Path:
+        return self.run_dir(site) / "redis.pid"
 
     def sshd_dir(self, site: str) -> Path:
         return self.site_dir(site) / "sshd"
@@ -206,13 +234,12 @@ class LabConfig:
     def service_pidfile(self, site: str, service: str) -> Path:
         return self.run_dir(site) / f"{service}.pid"
 
-    @property
-    def wal_archive(self) -> Path:
-        """WAL archived by the primary, kept at the backup site (for point-in-time recovery)."""
-        return self.site_dir("backup") / "wal-archive"
+    def wal_archive(self, service: str) -> Path:
+        """WAL archived by `service`'s primary, kept at the backup site (for point-in-time recovery)."""
+        return self.site_dir("backup") / f"wal-archive-{service}"
 
     @property
     def base_backup(self) -> Path:
-        """A base backup of the primary taken at `lab up`, kept at the backup site: with the archived
-        WAL, the database can be restored to any moment since (the cyber-attack drill)."""
-        return self.site_dir("backup") / "base-backup"
+        """A base backup of trading's primary taken at `lab up`, kept at the backup site: with the archived
+        WAL, trading's database can be restored to any moment since (the cyber-attack drill)."""
+        return self.site_dir("backup") / "base-backup-trading"

@@ -15,6 +15,8 @@ from dr_orchestrator.lab.config import (
     DATABASE_USER,
     FRONT_DOOR_ADDRESS,
     PG_BIN,
+    POSTGRES_SERVICES,
+    REDIS_SERVICE,
     REPLICATION_SLOT,
     SERVICES,
     SITE_REGIONS,
@@ -30,7 +32,7 @@ TARGETS: dict[str, dict[str, str]] = {
 }
 
 # What the lab has, by GB/T 20988's capability elements (the level 1-6 each meets). Streaming
-# replication, a base backup and a WAL archive at the backup site and a hot standby ready to serve
+# replication, a base backup and a WAL archive at the backup site and hot standbys ready to serve
 # meet level 5 for data and processing (not 6: the "remote" site is the same machine); there is no
 # backup network, infrastructure, support staff or operations team of its own, so the lab as a whole
 # reaches level 1 whatever its figures.
@@ -49,8 +51,9 @@ HEADER = """\
 # the default lab: root /tmp/dr-lab, port offset 0. A lab with another root or offset writes its own
 # copy to <root>/inventory.yml. Do not edit by hand: a test checks this file against the generator.
 #
-# Replication is asynchronous unless the lab runs with `dr lab up --sync`: trading's RPO target of 0 s
-# is met only with synchronous replication, so run the demo and the drills with --sync.
+# Each service keeps its own data: trading in its own PostgreSQL with a synchronous standby (RPO target
+# 0 s), contract-signing in its own with an asynchronous standby (5 s), quotation's price cache in Redis
+# with a replica (60 s). Database and cache names are the services' names.
 #
 # capability: the GB/T 20988 level each element meets. One machine has no backup network or
 # infrastructure of its own, so the lab reaches level 1 whatever its RTO/RPO figures.
@@ -88,17 +91,24 @@ def inventory(config: LabConfig, user: str | None = None) -> dict[str, Any]:
             },
         },
         "databases": {
-            "dbname": DATABASE_NAME,
-            "user": DATABASE_USER,
-            "port": config.postgres_port,
-            "hosts": {site: config.address(site) for site in SITES},
-            "data_dirs": {site: str(config.pgdata(site)) for site in SITES},
-            "socket_dirs": {site: str(config.run_dir(site)) for site in SITES},
-            "pg_bin": str(PG_BIN),
-            "os_user": login,
-            "replication_slot": REPLICATION_SLOT,
-            "standby_application_name": STANDBY_APPLICATION_NAME,
-            "wal_archive": str(config.wal_archive),
+            service: {
+                "dbname": DATABASE_NAME,
+                "user": DATABASE_USER,
+                "port": config.postgres_port(service),
+                "hosts": {site: config.address(site) for site in SITES},
+                "data_dirs": {site: str(config.pgdata(site, service)) for site in SITES},
+                "socket_dirs": {site: str(config.run_dir(site)) for site in SITES},
+                "log_files": {site: str(config.postgres_log(site, service)) for site in SITES},
+                "pg_bin": str(PG_BIN),
+                "os_user": login,
+                "replication_slot": REPLICATION_SLOT,
+                "standby_application_name": STANDBY_APPLICATION_NAME,
+                "wal_archive": str(config.wal_archive(service)),
+            }
+            for service in POSTGRES_SERVICES
+        },
+        "redis": {
+            REDIS_SERVICE: {"port": config.redis_port, "hosts": {site: config.address(site) for site in SITES}},
         },
     }
     hosts = {
@@ -111,7 +121,6 @@ def inventory(config: LabConfig, user: str | None = None) -> dict[str, Any]:
                     "ansible_ssh_private_key_file": str(config.client_key),
                     "dr_roles": ["app", "db"],
                     "servicectl": str(config.servicectl(site)),
-                    "pg_data_dir": str(config.pgdata(site)),
                 }
             }
         }

@@ -15,17 +15,21 @@ from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from dr_orchestrator.lab import haproxy, postgres, sshd
+from dr_orchestrator.lab import haproxy, postgres, redis, sshd
 from dr_orchestrator.lab import inventory as lab_inventory
 from dr_orchestrator.lab.config import (
     DATABASE_NAME,
     DATABASE_USER,
     FRONT_DOOR_ADDRESS,
     KILLABLE,
+    POSTGRES_SERVICES,
+    REDIS_SERVICE,
     SERVICE_PYTHON,
     SERVICES,
     SITES,
+    SYNCHRONOUS_SERVICES,
     LabConfig,
+    store_name,
 )
 from dr_orchestrator.lab.processes import (
     ProcessSpec,
@@ -48,7 +52,6 @@ class LabError(LabSetupError):
 class UpResult:
     already_up: bool
     seconds: float = 0.0
-    sync: bool = False
     layout: list[str] = field(default_factory=list)
 
 
@@ -64,8 +67,11 @@ class Lab:
         specs = [ProcessSpec("haproxy", None, config.haproxy_pidfile, haproxy.marker(config))]
         for site in SITES:
             specs.append(ProcessSpec("sshd", site, config.sshd_pidfile(site), sshd.marker(config, site)))
-            specs.append(ProcessSpec("postgres", site, config.pgdata(site) / "postmaster.pid",
-                                     postgres.postmaster_marker(config, site)))
+            for service in POSTGRES_SERVICES:
+                specs.append(ProcessSpec(store_name(service), site, config.pgdata(site, service) / "postmaster.pid",
+                                         postgres.postmaster_marker(config, site, service)))
+            specs.append(ProcessSpec(store_name(REDIS_SERVICE), site, config.redis_pidfile(site),
+                                     redis.marker(config, site)))
             for service in SERVICES:
                 specs.append(ProcessSpec(service, site, config.service_pidfile(site, service),
                                          f"{config.bin_dir(site)}/service_app.py --config "
@@ -90,13 +96,12 @@ class Lab:
         return loaded
 
     # --- up --------------------------------------------------------------------------------------------
-    def up(self, sync: bool | None = None) -> UpResult:
+    def up(self) -> UpResult:
         """Start both sites and the front door; says so (already_up) when the lab already runs."""
         config = self.config
-        synchronous = config.sync if sync is None else sync
         ensure_packages()
         if self.is_up():
-            return UpResult(already_up=True, sync=bool(self.state().get("sync")))
+            return UpResult(already_up=True)
         if config.root.exists() and any(config.root.iterdir()):
             if not config.marker.exists():
                 raise LabError(f"{config.root} is not empty and was not made by `dr lab up`; choose another --root")
@@ -104,13 +109,13 @@ class Lab:
         self._check_ports_free()
         started = time.monotonic()
         try:
-            self._build(synchronous)
+            self._build()
         except BaseException as failure:
             self.down(keep_files=True)  # the logs say why; the next `up` or `down` removes them
             if isinstance(failure, LabSetupError):
                 raise LabError(f"{failure} (nothing is left running; the logs are under {config.root})") from None
             raise
-        return UpResult(already_up=False, seconds=time.monotonic() - started, sync=synchronous, layout=self.layout())
+        return UpResult(already_up=False, seconds=time.monotonic() - started, layout=self.layout())
 
     def _check_ports_free(self) -> None:
         for address, port in self.config.listening_ports():
@@ -122,7 +127,7 @@ class Lab:
                     raise LabError(f"{address}:{port} is already in use; choose another --port-offset "
                                    f"(or DR_LAB_PORT_OFFSET)") from None
 
-    def _build(self, synchronous: bool) -> None:
+    def _build(self) -> None:
         config = self.config
         check_reachable(config.root.parent, config.os_user)
         config.root.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -130,31 +135,41 @@ class Lab:
         config.marker.write_text(json.dumps({"created": _now(), "port_offset": config.port_offset}) + "\n")
         self._lay_out_sites()
         sshd.create_keys(config)
-        for site in SITES:
-            sshd.write_config(config, site)
-            sshd.start(config, site)
-        postgres.create_primary(config)
-        # The standby is copied while the primary site's services and the front door start.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            standby = pool.submit(self._build_standby, synchronous)
-            self._start_services(["primary"])
-            haproxy.start(config)
-            standby.result()
-        self._start_services(["backup"])
+        # Each store's primary, then its standby, in parallel with the others (two cores: initdb and
+        # pg_basebackup mostly wait on the disk); sshd and the front door meanwhile.
+        with ThreadPoolExecutor(max_workers=len(POSTGRES_SERVICES) + 1) as pool:
+            stores = [pool.submit(self._build_database, service) for service in POSTGRES_SERVICES]
+            stores.append(pool.submit(self._build_cache))
+            for site in SITES:
+                sshd.write_config(config, site)
+                sshd.start(config, site)
+            for store in stores:
+                store.result()
+        self._start_services(SITES)
+        haproxy.start(config)
         self._start_heartbeat()
         self._wait_front_door()
         config.inventory_path.write_text(lab_inventory.render(config))
         config.state_file.write_text(json.dumps({
-            "started_at": _now(), "sync": synchronous, "port_offset": config.port_offset,
-            "os_user": config.os_user,
+            "started_at": _now(), "port_offset": config.port_offset, "os_user": config.os_user,
         }, indent=2) + "\n")
 
-    def _build_standby(self, synchronous: bool) -> None:
-        postgres.create_standby(self.config)
-        postgres.wait_streaming(self.config)
-        postgres.take_base_backup(self.config)
-        if synchronous:
-            postgres.set_synchronous(self.config, True)
+    def _build_database(self, service: str) -> None:
+        postgres.create_primary(self.config, service)
+        postgres.create_standby(self.config, service)
+        postgres.wait_streaming(self.config, service)
+        if service == "trading":
+            postgres.take_base_backup(self.config)  # the cyber-attack drill restores trading to a moment
+        if service in SYNCHRONOUS_SERVICES:
+            postgres.set_synchronous(self.config, service, True)
+
+    def _build_cache(self) -> None:
+        for site in SITES:
+            redis.write_config(self.config, site)
+        redis.start(self.config, "primary")
+        redis.seed(self.config)
+        redis.start(self.config, "backup")
+        redis.wait_replicating(self.config)
 
     def _lay_out_sites(self) -> None:
         config = self.config
@@ -172,15 +187,21 @@ class Lab:
             servicectl = config.servicectl(site)
             servicectl.write_bytes((files / "servicectl.py").read_bytes())
             servicectl.chmod(0o755)
+            stores: dict[str, dict[str, Any]] = {
+                service: {"kind": "postgres", "host": config.address(site), "port": config.postgres_port(service),
+                          "dbname": DATABASE_NAME, "user": DATABASE_USER}
+                for service in POSTGRES_SERVICES
+            }
+            stores[REDIS_SERVICE] = {"kind": "redis", "host": config.address(site), "port": config.redis_port}
             config.site_settings(site).write_text(json.dumps({
                 "site": site,
                 "address": config.address(site),
                 "services": {service: config.service_port(service) for service in SERVICES},
-                "database": {"host": config.address(site), "port": config.postgres_port, "dbname": DATABASE_NAME,
-                             "user": DATABASE_USER},
+                "stores": stores,
             }, indent=2) + "\n")
-        config.wal_archive.mkdir(mode=0o700)
-        chown(config.wal_archive, config.os_user)
+        for service in POSTGRES_SERVICES:
+            config.wal_archive(service).mkdir(mode=0o700)
+            chown(config.wal_archive(service), config.os_user)
 
     def _start_services(self, sites: Iterable[str]) -> None:
         """servicectl start all at each site, the sites in parallel (as the runbooks would, over SSH)."""
@@ -196,7 +217,8 @@ class Lab:
                 raise LabError(f"the services at the {site} site did not start: {output.strip()[-600:]}")
 
     def _start_heartbeat(self) -> None:
-        """The primary site's heartbeat: a row every 100 ms that the RPO measurement reads (see heartbeat.py)."""
+        """The primary site's heartbeat: a mark in each store every 100 ms that the RPO measurement reads
+        (see heartbeat.py)."""
         config = self.config
         run(as_user(config.os_user, [SERVICE_PYTHON, str(config.bin_dir("primary") / "heartbeat.py"), "start",
                                      "--config", str(config.site_settings("primary"))]))
@@ -220,11 +242,13 @@ class Lab:
         config = self.config
         ports = "  ".join(f"{service} :{config.service_port(service)}" for service in SERVICES)
         front = "  ".join(f"{service} :{config.frontend_port(service)}" for service in SERVICES)
+        stores = "  ".join(f"{store_name(service)} :{config.postgres_port(service)}" for service in POSTGRES_SERVICES)
+        stores += f"  {store_name(REDIS_SERVICE)} :{config.redis_port}"
         return [
-            f"primary    {config.address('primary')}  sshd :{config.sshd_port}  postgres :{config.postgres_port} "
-            f"(read-write)  {ports}",
-            f"backup     {config.address('backup')}  sshd :{config.sshd_port}  postgres :{config.postgres_port} "
-            f"(hot standby)  {ports} (warm, read-only)",
+            f"primary    {config.address('primary')}  sshd :{config.sshd_port}  {ports}",
+            f"           {stores} (read-write)",
+            f"backup     {config.address('backup')}  sshd :{config.sshd_port}  {ports} (warm)",
+            f"           {stores} (standbys: trading synchronous, contract-signing and quotation asynchronous)",
             f"front door {FRONT_DOOR_ADDRESS}  {front}  admin socket {config.admin_socket}",
             f"inventory  {config.inventory_path}",
             f"ssh        ssh -i {config.client_key} -o UserKnownHostsFile={config.known_hosts} "
@@ -237,7 +261,7 @@ class Lab:
         config = self.config
         specs = {pid: spec for spec in self.processes() if (pid := running_pid(spec)) is not None}
         stray = processes_under(config.root) - set(specs)
-        postmasters = {pid for pid, spec in specs.items() if spec.name == "postgres"}
+        postmasters = {pid for pid, spec in specs.items() if spec.name.startswith("postgres-")}
         # Immediate shutdown (SIGQUIT) lets the postmaster remove its shared memory; the data goes anyway.
         send(postmasters, signal.SIGQUIT)
         send((set(specs) | stray) - postmasters, signal.SIGTERM)
@@ -246,7 +270,8 @@ class Lab:
         if leftovers and kill_now(leftovers):
             raise LabError(f"processes {sorted(leftovers)} of the lab at {config.root} survived SIGKILL")
         for site in SITES:
-            postgres.release_shared_memory(config.pgdata(site))
+            for service in POSTGRES_SERVICES:
+                postgres.release_shared_memory(config.pgdata(site, service))
         if config.marker.exists() and not keep_files:
             shutil.rmtree(config.root)
         return [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]
@@ -264,11 +289,11 @@ class Lab:
         return [spec.label for spec in specs.values()]
 
     def kill_service(self, service: str, site: str) -> int:
-        """SIGKILL one service at one site, or its database (``postgres``: the postmaster and its
-        backends, as a crash of the server would); returns the pid."""
+        """SIGKILL one service at one site, or one store (``postgres-trading``: the postmaster and its
+        backends, as a crash of the server would; ``redis-quotation``); returns the pid."""
         self._check_site(site)
         if service not in KILLABLE:
-            raise LabError(f"unknown service {service!r}; the lab runs {', '.join(KILLABLE)}")
+            raise LabError(f"unknown service or store {service!r}; the lab runs {', '.join(KILLABLE)}")
         spec = next(s for s in self.processes() if s.name == service and s.site == site)
         pid = running_pid(spec)
         if pid is None:
@@ -277,11 +302,14 @@ class Lab:
             raise LabError(f"{spec.label} (pid {pid}) survived SIGKILL")
         return pid
 
-    def break_replication(self) -> None:
-        """Cut the standby off the primary: the backup site stops receiving WAL (the primary keeps serving)."""
-        if postgres.database_state(self.config, "backup").get("role") != "standby":
-            raise LabError("the backup site's database is not a running standby, so there is no replication to break")
-        postgres.break_replication(self.config)
+    def break_replication(self, service: str) -> None:
+        """Cut `service`'s standby off its primary: the backup site stops receiving WAL (the primary keeps serving)."""
+        if service not in POSTGRES_SERVICES:
+            raise LabError(f"{service!r} has no PostgreSQL standby; those with one: {', '.join(POSTGRES_SERVICES)}")
+        if postgres.database_state(self.config, "backup", service).get("role") != "standby":
+            raise LabError(f"{service}'s database at the backup site is not a running standby, so there is no "
+                           f"replication to break")
+        postgres.break_replication(self.config, service)
 
     def start_site(self, site: str) -> None:
         """Power restored at `site`: its sshd comes back, nothing else (the failback runbook rebuilds the rest)."""

@@ -1,4 +1,5 @@
-"""The lab's PostgreSQL: a primary cluster at the primary site, a streaming hot standby at the backup site."""
+"""The lab's PostgreSQL: per writing service (trading, contract-signing) its own primary cluster at the
+primary site and a streaming hot standby at the backup site."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dr_orchestrator.lab.config import (
 )
 from dr_orchestrator.lab.system import LabSetupError, as_user, chown, run
 
-SCHEMA = """
+SCHEMAS: dict[str, str] = {
+    "trading": """
 CREATE TABLE orders (
     order_id bigserial PRIMARY KEY,
     client_order_id text NOT NULL UNIQUE,
@@ -28,36 +30,29 @@ CREATE TABLE orders (
     qty integer NOT NULL CHECK (qty > 0),
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+""",
+    "contract-signing": """
 CREATE TABLE contracts (
     contract_id text PRIMARY KEY,
     body text NOT NULL,
     sha256 text NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
-CREATE TABLE quotes (
-    symbol text PRIMARY KEY,
-    bid numeric(18, 6) NOT NULL,
-    ask numeric(18, 6) NOT NULL,
-    as_of timestamptz NOT NULL DEFAULT clock_timestamp(),
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-INSERT INTO quotes (symbol, bid, ask) VALUES
-    ('ACME', 101.25, 101.30), ('GLOBEX', 54.10, 54.14), ('INITECH', 12.02, 12.05),
-    ('EURUSD', 1.0841, 1.0843), ('GBPUSD', 1.2702, 1.2705), ('BUND10Y', 131.40, 131.46);
-"""
+""",
+}
 
 
-def _settings(config: LabConfig, site: str) -> dict[str, str]:
-    """Settings of the cluster at `site` (appended to postgresql.conf: the last one wins)."""
-    archive = config.wal_archive
+def _settings(config: LabConfig, site: str, service: str) -> dict[str, str]:
+    """Settings of `service`'s cluster at `site` (appended to postgresql.conf: the last one wins)."""
+    archive = config.wal_archive(service)
     return {
         "listen_addresses": f"'{config.address(site)}'",
-        "port": str(config.postgres_port),
+        "port": str(config.postgres_port(service)),
         "unix_socket_directories": f"'{config.run_dir(site)}'",
-        "cluster_name": f"'drlab-{site}'",
+        "cluster_name": f"'drlab-{service}-{site}'",
         "max_connections": "100",
         # The lab's power loss is a SIGKILL: the kernel's page cache survives it, so fsync buys
-        # nothing here and costs seconds on a virtual disk (commits still wait for the standby with --sync).
+        # nothing here and costs seconds on a virtual disk (trading's commits still wait for its standby).
         "fsync": "off",
         "shared_buffers": "32MB",
         "wal_level": "replica",
@@ -104,15 +99,15 @@ def pg(command: str) -> str:
     return str(PG_BIN / command)
 
 
-def ctl_start(config: LabConfig, site: str) -> None:
-    log = config.log_dir(site) / "postgres.log"
-    command = [pg("pg_ctl"), "-D", str(config.pgdata(site)), "-l", str(log), "-w", "-t", "30", "start"]
+def ctl_start(config: LabConfig, site: str, service: str) -> None:
+    command = [pg("pg_ctl"), "-D", str(config.pgdata(site, service)), "-l", str(config.postgres_log(site, service)),
+               "-w", "-t", "30", "start"]
     run(as_user(config.os_user, command), timeout=40)
 
 
-def create_primary(config: LabConfig) -> None:
-    """initdb, configure, start, and create the `drlab` database with its seeded tables."""
-    data = config.pgdata("primary")
+def create_primary(config: LabConfig, service: str) -> None:
+    """initdb, configure, start, and create the `drlab` database with the service's table."""
+    data = config.pgdata("primary", service)
     data.mkdir(mode=0o700)
     chown(data, config.os_user)
     run(as_user(config.os_user, [pg("initdb"), "-D", str(data), "-U", DATABASE_USER, "-A", "trust",
@@ -120,28 +115,29 @@ def create_primary(config: LabConfig) -> None:
                                  # 1 MB WAL segments: /tmp is often mounted with `discard`, where
                                  # creating and deleting 16 MB segments makes up and down slow.
                                  "--wal-segsize=1"]), timeout=60)
-    _append_settings(data / "postgresql.conf", _settings(config, "primary"), "primary site")
+    _append_settings(data / "postgresql.conf", _settings(config, "primary", service), "primary site")
     (data / "pg_hba.conf").write_text(_hba(config))
-    ctl_start(config, "primary")
-    with psycopg.connect(config.dsn("primary", dbname="postgres"), autocommit=True) as connection:
+    ctl_start(config, "primary", service)
+    with psycopg.connect(config.dsn("primary", service, dbname="postgres"), autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {DATABASE_NAME}")
-    with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
-        connection.execute(SCHEMA.encode())
+    with psycopg.connect(config.dsn("primary", service), autocommit=True) as connection:
+        connection.execute(SCHEMAS[service].encode())
         connection.execute("SELECT pg_create_physical_replication_slot(%s)", (REPLICATION_SLOT,))
 
 
-def create_standby(config: LabConfig) -> None:
-    """pg_basebackup of the primary into the backup site, configured as a streaming hot standby."""
-    data = config.pgdata("backup")
+def create_standby(config: LabConfig, service: str) -> None:
+    """pg_basebackup of `service`'s primary into the backup site, configured as a streaming hot standby."""
+    data = config.pgdata("backup", service)
     data.mkdir(mode=0o700)
     chown(data, config.os_user)
     run(as_user(config.os_user, [
-        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port), "-U", DATABASE_USER,
+        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port(service)),
+        "-U", DATABASE_USER,
         "-D", str(data), "-R", "-X", "stream", "-S", REPLICATION_SLOT, "-c", "fast", "--no-sync",
     ]), timeout=120)
-    standby = _settings(config, "backup")
+    standby = _settings(config, "backup", service)
     standby.update({
-        "primary_conninfo": (f"'host={config.address('primary')} port={config.postgres_port} "
+        "primary_conninfo": (f"'host={config.address('primary')} port={config.postgres_port(service)} "
                              f"user={DATABASE_USER} application_name={STANDBY_APPLICATION_NAME}'"),
         "primary_slot_name": f"'{REPLICATION_SLOT}'",
         # The copied configuration must not make a promoted standby wait for a standby of its own.
@@ -152,36 +148,37 @@ def create_standby(config: LabConfig) -> None:
     auto = data / "postgresql.auto.conf"
     auto.write_text("".join(line for line in auto.read_text().splitlines(keepends=True)
                             if not line.startswith("primary_conninfo")))
-    ctl_start(config, "backup")
+    ctl_start(config, "backup", service)
 
 
 def take_base_backup(config: LabConfig) -> None:
-    """A base backup of the primary into the backup site, for point-in-time recovery with the WAL archive."""
+    """A base backup of trading's primary into the backup site, for point-in-time recovery with the WAL archive."""
     target = config.base_backup
     target.mkdir(mode=0o700)
     chown(target, config.os_user)
     run(as_user(config.os_user, [
-        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port), "-U", DATABASE_USER,
+        pg("pg_basebackup"), "-h", config.address("primary"), "-p", str(config.postgres_port("trading")),
+        "-U", DATABASE_USER,
         "-D", str(target), "-X", "stream", "-c", "fast", "--no-sync",
     ]), timeout=120)
 
 
-def wait_streaming(config: LabConfig, timeout: float = 20.0) -> None:
+def wait_streaming(config: LabConfig, service: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        rows = replication_rows(config)
+        rows = replication_rows(config, service)
         if any(row["state"] == "streaming" for row in rows):
             return
         if time.monotonic() > deadline:
-            raise LabSetupError(f"the standby did not start streaming within {timeout:.0f} s; "
-                                f"see {config.log_dir('backup') / 'postgres.log'}")
+            raise LabSetupError(f"{service}'s standby did not start streaming within {timeout:.0f} s; "
+                                f"see {config.postgres_log('backup', service)}")
         time.sleep(0.05)
 
 
-def set_synchronous(config: LabConfig, synchronous: bool) -> None:
-    """Make commits on the primary wait for the standby (only once it streams, or writes hang)."""
+def set_synchronous(config: LabConfig, service: str, synchronous: bool) -> None:
+    """Make commits on `service`'s primary wait for its standby (only once it streams, or writes hang)."""
     names = f"FIRST 1 ({STANDBY_APPLICATION_NAME})" if synchronous else ""
-    with psycopg.connect(config.dsn("primary"), autocommit=True) as connection:
+    with psycopg.connect(config.dsn("primary", service), autocommit=True) as connection:
         connection.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'".encode())
         connection.execute("SELECT pg_reload_conf()")
         if synchronous:
@@ -189,12 +186,13 @@ def set_synchronous(config: LabConfig, synchronous: bool) -> None:
             while connection.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'"
                                      ).fetchone() != (1,):
                 if time.monotonic() > deadline:
-                    raise LabSetupError("the standby did not become synchronous within 10 s")
+                    raise LabSetupError(f"{service}'s standby did not become synchronous within 10 s")
                 time.sleep(0.05)
 
 
-def replication_rows(config: LabConfig, site: str = "primary") -> list[dict[str, Any]]:
-    """The view of the read-write cluster at `site` on its standbys: state, sync_state, lag in bytes and seconds."""
+def replication_rows(config: LabConfig, service: str, site: str = "primary") -> list[dict[str, Any]]:
+    """The view of `service`'s read-write cluster at `site` on its standbys: state, sync_state, lag in bytes
+    and seconds."""
     query = """
         SELECT application_name, client_addr::text, state, sync_state,
                pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes,
@@ -202,7 +200,7 @@ def replication_rows(config: LabConfig, site: str = "primary") -> list[dict[str,
                sent_lsn::text, replay_lsn::text
         FROM pg_stat_replication"""
     try:
-        with psycopg.connect(config.dsn(site), autocommit=True) as connection:
+        with psycopg.connect(config.dsn(site, service), autocommit=True) as connection:
             cursor = connection.execute(query)
             names = [column.name for column in cursor.description or []]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -210,9 +208,9 @@ def replication_rows(config: LabConfig, site: str = "primary") -> list[dict[str,
         return []
 
 
-def database_state(config: LabConfig, site: str) -> dict[str, Any]:
-    """Role, whether it takes writes, and WAL position of the cluster at `site` ({"role": "unreachable",
-    "writable": False} when it does not answer)."""
+def database_state(config: LabConfig, site: str, service: str) -> dict[str, Any]:
+    """Role, whether it takes writes, and WAL position of `service`'s cluster at `site` ({"role":
+    "unreachable", "writable": False} when it does not answer)."""
     query = """
         SELECT pg_is_in_recovery(),
                CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()::text
@@ -224,7 +222,7 @@ def database_state(config: LabConfig, site: str) -> dict[str, Any]:
                pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint,
                current_setting('default_transaction_read_only') = 'on'"""
     try:
-        with psycopg.connect(config.dsn(site), autocommit=True) as connection:
+        with psycopg.connect(config.dsn(site, service), autocommit=True) as connection:
             row = connection.execute(query).fetchone()
     except psycopg.Error:
         return {"role": "unreachable", "writable": False}
@@ -242,9 +240,9 @@ def database_state(config: LabConfig, site: str) -> dict[str, Any]:
     return state
 
 
-def break_replication(config: LabConfig) -> None:
-    """Cut the standby off its primary (as a broken replication link would): it stops receiving WAL."""
-    with psycopg.connect(config.dsn("backup"), autocommit=True) as connection:
+def break_replication(config: LabConfig, service: str) -> None:
+    """Cut `service`'s standby off its primary (as a broken replication link would): it stops receiving WAL."""
+    with psycopg.connect(config.dsn("backup", service), autocommit=True) as connection:
         connection.execute("ALTER SYSTEM SET primary_conninfo = ''")
         connection.execute("SELECT pg_reload_conf()")
         deadline = time.monotonic() + 10
@@ -254,8 +252,8 @@ def break_replication(config: LabConfig) -> None:
             time.sleep(0.05)
 
 
-def postmaster_marker(config: LabConfig, site: str) -> str:
-    return f"-D {config.pgdata(site)}"
+def postmaster_marker(config: LabConfig, site: str, service: str) -> str:
+    return f"-D {config.pgdata(site, service)}"
 
 
 _SHM_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s*$")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Executables the lab runs; the root-path scan ignores everything else (an editor with a lab file open).
-_LAB_EXECUTABLES = re.compile(r"^(postgres|pg_basebackup|pg_ctl|pg_rewind|sshd|haproxy|python[0-9.]*)$")
+_LAB_EXECUTABLES = re.compile(r"^(postgres|pg_basebackup|pg_ctl|pg_rewind|sshd|haproxy|redis-server|python[0-9.]*)$")
 
 
 @dataclass(frozen=True)

@@ -174,9 +174,9 @@ def lab_slot(kind: str) -> Iterator[LabConfig]:
 
 
 @contextlib.contextmanager
-def running_lab(kind: str, sync: bool = False) -> Iterator[Lab]:
+def running_lab(kind: str) -> Iterator[Lab]:
     """A lab brought up for the duration of the block, and always taken down after it."""
     with lab_slot(kind) as config:
         lab = Lab(config)
-        lab.up(sync=sync)
+        lab.up()
         yield lab

@@ -17,6 +17,8 @@ REQUIRED_PACKAGES: dict[str, str] = {
     "haproxy": "/usr/sbin/haproxy",
     "postgresql": str(PG_BIN / "postgres"),
     "python3-psycopg2": "/usr/lib/python3/dist-packages/psycopg2/__init__.py",
+    "redis-server": "/usr/bin/redis-server",
+    "python3-redis": "/usr/lib/python3/dist-packages/redis/__init__.py",
 }
 
 

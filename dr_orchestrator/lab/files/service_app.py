@@ -1,13 +1,14 @@
 """One of the lab's three financial services (trading, contract-signing, quotation) at one site.
 
-Run by the system's /usr/bin/python3 with Debian's python3-psycopg2 (the lab copies this file into
-its directory so the postgres OS user can read it):
+Each keeps its own data: trading and contract-signing in their own PostgreSQL, quotation its price
+cache in Redis. Run by the system's /usr/bin/python3 with Debian's python3-psycopg2 and python3-redis
+(the lab copies this file into its directory so the postgres OS user can read it):
 
     python3 service_app.py --config SITE_DIR/site.json --service trading
 
 Every response is JSON and carries `X-DR-Site: <site>`. `GET /health` answers 200 when ready, else
 503: trading and contract-signing need a database that takes writes (not a standby, not a primary
-set read-only), quotation any database that answers. Its body says `db_role` (read-write, read-only,
+set read-only), quotation a cache (master or replica) that answers. Its body says `db_role` (read-write, read-only,
 unreachable), `writable`, `ready`, and `why` when not ready, e.g.
 `{"db_role": "read-only", "writable": false, "ready": false, "why": "the database is a primary set
 read-only (default_transaction_read_only): trading cannot write"}`.
@@ -99,14 +100,51 @@ def _one(cursor: Any, sql: str, args: tuple[Any, ...] = ()) -> Any:
     return cursor.fetchone()
 
 
+class Cache:
+    """Quotation's Redis at this site: quotes are hashes ``quote:SYMBOL`` (bid, ask, as_of)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import redis  # only quotation needs it
+
+        self._errors = redis.RedisError
+        self._client = redis.Redis(host=settings["host"], port=settings["port"], socket_timeout=2,
+                                   socket_connect_timeout=2, decode_responses=True)
+
+    def role(self) -> tuple[str, str | None]:
+        try:
+            role = self._client.info("replication").get("role")
+        except self._errors:
+            return "unreachable", "the cache is unreachable"
+        if role != "master":
+            return "read-only", "the cache is a replica"
+        return "read-write", None
+
+    def quote(self, symbol: str) -> dict[str, str]:
+        try:
+            found = self._client.hgetall(f"quote:{symbol}")
+        except self._errors:
+            raise Unavailable("unreachable") from None
+        return {str(key): str(value) for key, value in found.items()}
+
+
 class App:
-    def __init__(self, service: str, site: str, database: Database) -> None:
+    def __init__(self, service: str, site: str, store: Database | Cache) -> None:
         self.service = service
         self.site = site
-        self.database = database
+        self.store = store
+
+    @property
+    def database(self) -> Database:
+        assert isinstance(self.store, Database), f"{self.service} keeps no SQL database"
+        return self.store
+
+    @property
+    def cache(self) -> Cache:
+        assert isinstance(self.store, Cache), f"{self.service} keeps no cache"
+        return self.store
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        role, refusal = self.database.role()
+        role, refusal = self.store.role()
         writable = refusal is None
         ready = writable if self.service in WRITERS else role != "unreachable"
         body = {"service": self.service, "site": self.site, "db_role": role, "writable": writable, "ready": ready}
@@ -183,11 +221,11 @@ class App:
     # --- quotation ---------------------------------------------------------------------------------
     def get_quote(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
         symbol = _key(path, "quotes").upper()
-        row = self.database.run(lambda cursor: _one(
-            cursor, "SELECT symbol, bid, ask, as_of FROM quotes WHERE symbol = %s", (symbol,)))
-        if row is None:
+        quote = self.cache.quote(symbol)
+        if not quote:
             return 404, {"error": f"no quote for {symbol}"}
-        return 200, {"symbol": row[0], "bid": float(row[1]), "ask": float(row[2]), "as_of": row[3].isoformat()}
+        return 200, {"symbol": symbol, "bid": float(quote["bid"]), "ask": float(quote["ask"]),
+                     "as_of": quote["as_of"]}
 
 
 def _key(path: str, collection: str) -> str:
@@ -266,8 +304,9 @@ def main() -> int:
     if args.service not in settings["services"]:
         print(f"unknown service {args.service!r}", file=sys.stderr)
         return 2
-    database = Database({**settings["database"], "application_name": f"{args.service}@{settings['site']}"})
-    app = App(args.service, settings["site"], database)
+    store = settings["stores"][args.service]
+    app = App(args.service, settings["site"], Cache(store) if store["kind"] == "redis" else
+              Database({**store, "application_name": f"{args.service}@{settings['site']}"}))
     server = ThreadingHTTPServer((settings["address"], settings["services"][args.service]), make_handler(app))
     server.daemon_threads = True
     # SIGTERM (servicectl stop) ends serve_forever cleanly; shutdown must come from another thread.

@@ -1,4 +1,4 @@
-"""Ask the lab's databases which site takes writes and which acknowledged keys they hold."""
+"""Ask a writing service's own databases which site takes writes and which acknowledged keys they hold."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ class SiteDatabase:
     error: str | None = None
 
 
-def site_databases(config: LabConfig) -> list[SiteDatabase]:
+def site_databases(config: LabConfig, service: str) -> list[SiteDatabase]:
+    """`service`'s database at each site."""
     # The lab's DSNs carry a short connect_timeout: a killed site refuses at once, a hung one must not hang us.
-    return [_probe(site, config.dsn(site)) for site in SITES]
+    return [_probe(site, config.dsn(site, service)) for site in SITES]
 
 
 def _probe(site: str, conninfo: str) -> SiteDatabase:

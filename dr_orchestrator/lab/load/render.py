@@ -18,14 +18,16 @@ def _clock(moment: str | None, missing: str) -> str:
 def render_report(report: dict[str, Any]) -> Group:
     run = report["run"]
     state = "running" if run["running"] else f"stopped {run['stopped_at'] or '(no clean stop recorded)'}"
+    serving = ", ".join(f"{service} at {store['serving_site'] or 'no site'}"
+                        for service, store in report["databases"].items())
     parts: list[RenderableType] = [
         Text(
             f"Load run {run['run_id']}: started {run['started_at']}, {state}; {run['rate']:g} requests/s per "
-            f"service; database serving now: {report['serving_database'] or 'none'}. Times are UTC."
+            f"service; databases taking writes now: {serving or 'none'}. Times are UTC."
         )
     ]
-    if report["note"]:
-        parts.append(Text(report["note"], style="bold yellow"))
+    parts += [Text(f"{service}: {store['note']}", style="bold yellow")
+              for service, store in report["databases"].items() if store["note"]]
     totals = Table("service", "requests", "ok", "failed", "outages", "acked writes", "missing", "missing acked")
     outages = Table("service", "last ok", "first ok again", "seconds", "site before", "site after", "failed")
     for name, service in report["services"].items():

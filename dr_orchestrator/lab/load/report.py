@@ -23,28 +23,34 @@ def build_report(config: LabConfig) -> dict[str, Any]:
         if run is None:
             raise LoadError(f"The load ledger {path} holds no run yet; start one with `dr lab load start`.")
         entries = run_entries(connection, run.run_id)
-    databases = site_databases(config)
-    serving, note = serving_database(databases, entries)
     services: dict[str, Any] = {}
+    stores: dict[str, Any] = {}
     for name, workload in WORKLOADS.items():
         service_entries = [entry for entry in entries if entry.service == name]
         summary = summarise_service(name, service_entries, workload.is_write)
         lost: MissingWrites | None = None
-        acknowledged = [entry for entry in service_entries if entry.ok]
-        checked = checked_database(databases, acknowledged, serving)
-        if workload.is_write and checked is not None and workload.table and workload.key_column:
-            present = present_keys(checked, workload.table, workload.key_column, [entry.key for entry in acknowledged])
-            lost = missing_writes(acknowledged, present, checked.site)
+        if workload.is_write and workload.table and workload.key_column:
+            # Each writing service keeps its own database: its writes are checked there, nowhere else.
+            databases = site_databases(config, name)
+            serving, note = serving_database(databases, service_entries)
+            acknowledged = [entry for entry in service_entries if entry.ok]
+            checked = checked_database(databases, acknowledged, serving)
+            if checked is not None:
+                present = present_keys(checked, workload.table, workload.key_column,
+                                       [entry.key for entry in acknowledged])
+                lost = missing_writes(acknowledged, present, checked.site)
+            stores[name] = {
+                "sites": {db.site: {"reachable": db.reachable, "read_write": db.read_write, "error": db.error}
+                          for db in databases},
+                "serving_site": serving.site if serving else None,
+                "note": note,
+            }
         services[name] = _service_json(summary, lost)
     return {
         "ledger": str(path),
         "generated_at": utc_now(),
         "run": asdict(run) | {"running": running_pid(config.root) == run.pid},
-        "databases": {
-            db.site: {"reachable": db.reachable, "read_write": db.read_write, "error": db.error} for db in databases
-        },
-        "serving_database": serving.site if serving else None,
-        "note": note,
+        "databases": stores,
         "services": services,
     }
 
