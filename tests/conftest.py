@@ -80,8 +80,8 @@ def lab() -> Iterator[Lab]:
 
 @pytest.fixture
 def lab_factory() -> Callable[..., contextlib.AbstractContextManager[Lab]]:
-    """`with lab_factory(sync=False) as lab:` a fresh lab of the test's own, taken down after the block."""
-    return lambda sync=False: scratch.running_lab("own", sync=sync)
+    """`with lab_factory() as lab:` a fresh lab of the test's own, taken down after the block."""
+    return lambda: scratch.running_lab("own")
 
 
 @pytest.fixture
