@@ -12,7 +12,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from test_lab import set_read_only
 
 from dr_orchestrator.lab import haproxy
 from dr_orchestrator.lab.config import FRONTEND_PORTS, SERVICES, LabConfig
@@ -186,9 +187,8 @@ def test_each_services_writes_are_checked_where_it_wrote_last_and_elsewhere_only
 def test_a_trading_write_acknowledged_by_the_backup_is_looked_for_there_not_counted_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After failover-trading: the primary set read-only and contract-signing still served there, trading
-    served by the promoted backup. Both were primaries by pg_is_in_recovery(), which read as split brain,
-    and every write was checked at one site: the other service's writes were counted missing."""
+    """After failover-trading: trading's primary set read-only and its promoted standby serving; contract-
+    signing untouched, on a database of its own. Each service's writes are checked in its own database."""
     config = LabConfig(root=tmp_path / "lab")
     ledger_path(config.root).parent.mkdir(parents=True)
     signed = entry(1.0, site="primary", key="contract-1", service="contract-signing")
@@ -196,19 +196,33 @@ def test_a_trading_write_acknowledged_by_the_backup_is_looked_for_there_not_coun
     with open_ledger(ledger_path(config.root)) as connection:
         record_run_start(connection, RunInfo("run1", 1, stamp(0.0), None, 1.0, 1.0))
         insert_entries(connection, [signed, placed])
-    rows = {"primary": {"contract-1"}, "backup": {"order-1"}}  # the promoted backup never had contract-1
-    monkeypatch.setattr(report_module, "site_databases", lambda _: [
-        SiteDatabase("primary", "host=a", reachable=True, read_write=False),
-        SiteDatabase("backup", "host=b", reachable=True, read_write=True)])
+    databases = {
+        "trading": [SiteDatabase("primary", "trading@primary", reachable=True, read_write=False),
+                    SiteDatabase("backup", "trading@backup", reachable=True, read_write=True)],
+        "contract-signing": [SiteDatabase("primary", "contract-signing@primary", reachable=True, read_write=True),
+                             SiteDatabase("backup", "contract-signing@backup", reachable=True, read_write=False)],
+    }
+    # Where each key is: contract-1 at contract-signing's primary (its standby lags), order-1 at trading's
+    # promoted standby and not at its fenced primary (as if lost there).
+    rows = {"contract-signing@primary": {"contract-1"}, "trading@backup": {"order-1"}}
+    monkeypatch.setattr(report_module, "site_databases", lambda _, service: databases[service])
     monkeypatch.setattr(report_module, "present_keys",
-                        lambda database, table, column, keys: rows[database.site] & set(keys))
+                        lambda database, table, column, keys: rows.get(database.conninfo, set()) & set(keys))
 
     report = report_module.build_report(config)
 
-    assert report["serving_database"] == "backup" and report["note"] is None  # not split brain
+    assert report["databases"] == {
+        "trading": {"serving_site": "backup", "note": None, "sites": {
+            "primary": {"reachable": True, "read_write": False, "error": None},
+            "backup": {"reachable": True, "read_write": True, "error": None}}},
+        "contract-signing": {"serving_site": "primary", "note": None, "sites": {
+            "primary": {"reachable": True, "read_write": True, "error": None},
+            "backup": {"reachable": True, "read_write": False, "error": None}}},
+    }
     trading, signing = (report["services"][s]["missing_writes"] for s in ("trading", "contract-signing"))
     assert (trading["checked_site"], trading["acknowledged"], trading["count"]) == ("backup", 1, 0)
     assert (signing["checked_site"], signing["acknowledged"], signing["count"]) == ("primary", 1, 0)
+    assert report["services"]["quotation"]["missing_writes"] is None  # it only reads
 
 
 # --- the generator against a fake front door ------------------------------------------------------
@@ -336,7 +350,10 @@ def test_the_generator_records_every_request_and_the_report_shows_the_outage_it_
     assert load_running(config) is None
     report = load_report(config)
     assert report["run"]["running"] is False and report["run"]["stopped_at"] is not None
-    assert report["serving_database"] is None and "No site's database is read-write" in report["note"]
+    assert set(report["databases"]) == {"trading", "contract-signing"}  # the writing services, each its own
+    for database in report["databases"].values():
+        assert database["serving_site"] is None and "No site's database is read-write" in database["note"]
+        assert [site["reachable"] for site in database["sites"].values()] == [False, False]
     entries = ledger(config)
     for service in SERVICES:
         summary = report["services"][service]
@@ -439,7 +456,7 @@ def test_the_load_commands_explain_a_missing_lab_or_ledger_in_one_sentence(tmp_p
 # --- against the real lab ---------------------------------------------------------------------------
 
 
-WRITES = (("trading", "orders", "client_order_id"), ("contract-signing", "contracts", "contract_id"))
+WRITES = {"trading": ("orders", "client_order_id"), "contract-signing": ("contracts", "contract_id")}
 
 
 def acked_ledger_keys(config: LabConfig, service: str) -> list[LedgerEntry]:
@@ -461,9 +478,11 @@ def run_load_until_acked(config: LabConfig, writes_per_service: int) -> dict[str
     return load_report(config)
 
 
-def rows_of_run(config: LabConfig, site: str, table: str, column: str, run_id: str) -> set[str]:
+def rows_of_run(config: LabConfig, site: str, service: str, run_id: str) -> set[str]:
+    """The run's rows in `service`'s own database at `site`."""
+    table, column = WRITES[service]
     query = f"SELECT {column} FROM {table} WHERE {column} LIKE %s"
-    with psycopg.connect(config.dsn(site)) as connection:
+    with psycopg.connect(config.dsn(site, service)) as connection:
         return {row[0] for row in connection.execute(query, (f"{run_id}-%",))}
 
 
@@ -474,17 +493,19 @@ def test_the_ledger_counts_match_the_database_rows(lab: Lab) -> None:
     report = run_load_until_acked(config, writes_per_service=40)
 
     run_id = report["run"]["run_id"]
-    assert report["serving_database"] == "primary" and report["note"] is None
+    assert {service: (database["serving_site"], database["note"]) for service, database in
+            report["databases"].items()} == {"trading": ("primary", None), "contract-signing": ("primary", None)}
     for summary in report["services"].values():
         assert summary["failed"] == 0 and summary["outage_windows"] == [], summary["failures_by_outcome"]
         assert summary["answers_by_site"] == {"primary": summary["requests"]}
-    for service, table, column in (
-        ("trading", "orders", "client_order_id"),
-        ("contract-signing", "contracts", "contract_id"),
-    ):
+    for service in WRITES:
         acked = {e.key for e in acked_ledger_keys(config, service)}
-        # A clean stop leaves no request in flight: the run's rows are exactly its acknowledged writes.
-        assert rows_of_run(config, "primary", table, column, run_id) == acked
+        # A clean stop leaves no request in flight: the run's rows are exactly its acknowledged writes,
+        # in its own database and not in the other service's.
+        assert rows_of_run(config, "primary", service, run_id) == acked
+        other = next(name for name in WRITES if name != service)
+        with psycopg.connect(config.dsn("primary", other)) as connection:
+            assert connection.execute("SELECT to_regclass(%s)", (WRITES[service][0],)).fetchone() == (None,)
         assert report["services"][service]["acknowledged_writes"] == len(acked) >= 40
         assert report["services"][service]["missing_writes"]["count"] == 0
 
@@ -495,7 +516,7 @@ def test_the_report_names_acknowledged_writes_missing_from_the_serving_database(
     run_load_until_acked(config, writes_per_service=10)
     acked = acked_ledger_keys(config, "trading")
     lost = [acked[2], acked[5], acked[7]]
-    with psycopg.connect(config.dsn("primary")) as connection:  # as if the failover had lost them
+    with psycopg.connect(config.dsn("primary", "trading")) as connection:  # as if the failover had lost them
         connection.execute("DELETE FROM orders WHERE client_order_id = ANY(%s)", ([e.key for e in lost],))
 
     report = load_report(config)
@@ -507,9 +528,9 @@ def test_the_report_names_acknowledged_writes_missing_from_the_serving_database(
     assert report["services"]["contract-signing"]["missing_writes"]["count"] == 0
 
 
-def backup_serves_steadily(config: LabConfig, answers: int = 10) -> bool:
+def backup_serves_steadily(config: LabConfig, services: Sequence[str], answers: int = 10) -> bool:
     entries = ledger(config)
-    latest = [[e for e in entries if e.service == service][-answers:] for service in SERVICES]
+    latest = [[e for e in entries if e.service == service][-answers:] for service in services]
     return all(len(last) == answers and all(e.ok and e.site == "backup" for e in last) for last in latest)
 
 
@@ -527,21 +548,24 @@ def test_after_a_failover_the_report_shows_the_outage_and_checks_the_promoted_ba
             killed_at = time.monotonic()
             wait_for(lambda: every_service_saw(config, lambda e: not e.ok, after=killed_at), 10, "failures")
             during = load_report(config)
-            with psycopg.connect(config.dsn("backup"), autocommit=True) as connection:
-                connection.execute("SELECT pg_promote(wait => true)")
-            for service in SERVICES:  # what a runbook's haproxy step does
+            for service in WRITES:
+                with psycopg.connect(config.dsn("backup", service), autocommit=True) as connection:
+                    connection.execute("SELECT pg_promote(wait => true)")
+            for service in SERVICES:  # what a runbook's haproxy step does (quotation reads from its replica)
                 haproxy.command(config, f"set server {service}/primary state maint")
                 haproxy.command(config, f"set server {service}/backup state ready")
-            wait_for(lambda: backup_serves_steadily(config), 20, "the backup serving steadily")
+            wait_for(lambda: backup_serves_steadily(config, SERVICES), 20, "the backup serving steadily")
         finally:
             stop_load(config)
         report = load_report(config)
         run_id = report["run"]["run_id"]
-        acked = {service: acked_ledger_keys(config, service) for service, _, _ in WRITES}
-        at_backup = {service: rows_of_run(config, "backup", table, column, run_id) for service, table, column in WRITES}
+        acked = {service: acked_ledger_keys(config, service) for service in WRITES}
+        at_backup = {service: rows_of_run(config, "backup", service, run_id) for service in WRITES}
 
-    assert during["serving_database"] is None and "backup: read-only" in during["note"]
-    assert during["databases"]["primary"]["reachable"] is False
+    for service in WRITES:
+        database = during["databases"][service]
+        assert database["serving_site"] is None and "primary: unreachable, backup: read-only" in database["note"]
+        assert database["sites"]["primary"]["reachable"] is False
     for service in SERVICES:
         # Killing a site's processes takes a few milliseconds, so a blip can come before the real outage.
         ongoing = during["services"][service]["outage_windows"][-1]
@@ -550,14 +574,60 @@ def test_after_a_failover_the_report_shows_the_outage_and_checks_the_promoted_ba
         assert (window["site_before"], window["site_after"]) == ("primary", "backup")
         assert window["start"] == ongoing["start"] and window["duration_s"] > 0
         assert all(blip["site_after"] == "primary" for blip in blips)
-    assert report["serving_database"] == "backup"
-    for service, _, _ in WRITES:
+    for service in WRITES:
+        assert (report["databases"][service]["serving_site"], report["databases"][service]["note"]) == ("backup", None)
         # Asynchronous replication may lose a few acknowledged writes; the report must name exactly those.
         lost = [e for e in acked[service] if e.key not in at_backup[service]]
         missing = report["services"][service]["missing_writes"]
         assert missing["checked_site"] == "backup" and missing["acknowledged"] == len(acked[service])
         assert missing["keys"] == [e.key for e in lost]
         assert missing["first_acked_at"] == (lost[0].answered_at if lost else None)
+    # Trading's commits waited for its standby: nothing it acknowledged is lost (its RPO target is 0).
+    assert report["services"]["trading"]["missing_writes"]["count"] == 0
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_after_trading_alone_fails_over_each_services_writes_are_checked_in_its_own_database(
+    lab_factory: Callable[..., contextlib.AbstractContextManager[Lab]],
+) -> None:
+    """What failover-trading.yml does: fence trading's primary, promote its standby, switch its front door.
+    Contract-signing and quotation stay at the primary site on their own stores, writing throughout."""
+    with lab_factory() as lab:
+        config = lab.config
+        start_load(config)
+        try:
+            wait_for(lambda: every_service_saw(config, lambda e: e.ok), 10, "a success per service")
+            set_read_only(config, "primary", "trading", True)
+            with psycopg.connect(config.dsn("backup", "trading"), autocommit=True) as connection:
+                connection.execute("SELECT pg_promote(wait => true)")
+            haproxy.command(config, "set server trading/primary state maint")
+            haproxy.command(config, "set server trading/backup state ready")
+            wait_for(lambda: backup_serves_steadily(config, ("trading",)), 20, "trading served steadily by the backup")
+        finally:
+            stop_load(config)
+        report = load_report(config)
+        run_id = report["run"]["run_id"]
+        acked = {service: {e.key for e in acked_ledger_keys(config, service)} for service in WRITES}
+        orders_at_backup = rows_of_run(config, "backup", "trading", run_id)
+        contracts_at_primary = rows_of_run(config, "primary", "contract-signing", run_id)
+
+    # Both of trading's copies are primaries by pg_is_in_recovery(), but the fenced one takes no writes:
+    # no split brain, and contract-signing's database was never in question.
+    assert report["databases"]["trading"]["serving_site"] == "backup"
+    assert report["databases"]["contract-signing"]["serving_site"] == "primary"
+    assert [database["note"] for database in report["databases"].values()] == [None, None]
+    for service in ("contract-signing", "quotation"):
+        summary = report["services"][service]
+        assert summary["failed"] == 0 and summary["outage_windows"] == [], summary["failures_by_outcome"]
+        assert summary["answers_by_site"] == {"primary": summary["requests"]}
+    trading, signing = (report["services"][service]["missing_writes"] for service in WRITES)
+    assert (trading["checked_site"], trading["acknowledged"], trading["count"]) == ("backup", len(acked["trading"]), 0)
+    assert acked["trading"] <= orders_at_backup  # synchronous: every acknowledged order reached the standby
+    assert (signing["checked_site"], signing["acknowledged"], signing["count"]) == (
+        "primary", len(acked["contract-signing"]), 0)
+    assert contracts_at_primary == acked["contract-signing"]
+    assert report["services"]["trading"]["answers_by_site"].get("backup", 0) >= 10
 
 
 @pytest.mark.lab
