@@ -68,9 +68,9 @@ def sqlite_database() -> Iterator[str]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def running_lab(sync: bool = False) -> contextlib.AbstractContextManager[Lab]:
+def running_lab() -> contextlib.AbstractContextManager[Lab]:
     """A lab of the benchmark's own (claimed port offset, as the tests' labs), always taken down after."""
-    return scratch.running_lab("bench", sync=sync)
+    return scratch.running_lab("bench")
 
 
 class Stopwatch:
