@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from actionctx import Harness
+from actionctx import Harness, lab_query
 from sqlalchemy import select
 
 from dr_orchestrator.actions import default_registry
@@ -501,6 +500,21 @@ def test_a_host_whose_key_differs_from_the_pinned_one_is_refused(lab: Lab, lab_w
     assert [t["status"] for t in task_events(events)] == ["unreachable"]
 
 
+@pytest.mark.lab
+@pytest.mark.timeout(180)
+def test_rebuild_standby_says_which_database_to_name_when_the_inventory_describes_several(
+    lab_workspace: Workspace,
+) -> None:
+    for extra, said in (({}, "say which database (database)"),
+                        ({"database": "ledger"}, "database ledger is not in dr.vars.databases")):
+        outcome, events = lab_workspace.run(
+            {"playbook": "rebuild-standby.yml", "extra_vars": {"site": "backup", **extra}})
+
+        error = step_result(events).error or ""
+        assert outcome.steps["play"] is StepState.FAILED
+        assert f"{said}: the inventory describes contract-signing, trading" in error, error
+        assert [t["status"] for t in task_events(events) if t["status"] != "skipped"] == ["failed"]
+
 
 @pytest.mark.lab
 @pytest.mark.timeout(600)
@@ -508,14 +522,18 @@ def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
     lab_factory: Callable[..., AbstractContextManager[Lab]], tmp_path: Path
 ) -> None:
     with lab_factory() as lab:
+        def query(site: str, sql: str) -> Any:
+            return lab_query(lab, "trading", site, sql)
+
         workspace = Workspace(tmp_path / "runbooks", lab.config.inventory_path.read_text())
         (workspace.root / "playbooks").rmdir()
         (workspace.root / "playbooks").symlink_to(REPO / "runbooks" / "playbooks")
-        # The primary site is lost, the backup promoted; then power comes back at the primary site.
+        # The primary site is lost, trading's backup promoted; then power comes back at the primary site.
         lab.kill_site("primary")
-        assert query(lab, "backup", "SELECT pg_promote(true, 30)") is True
+        assert query("backup", "SELECT pg_promote(true, 30)") is True
         lab.start_site("primary")
-        step = {"playbook": "rebuild-standby.yml", "extra_vars": {"site": "primary", "flush": False}}
+        step = {"playbook": "rebuild-standby.yml",
+                "extra_vars": {"database": "trading", "site": "primary", "flush": False}}
 
         outcome, events = workspace.run(step, timeout="300s")
 
@@ -524,14 +542,14 @@ def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
         assert done["Stop the server at primary if it runs"] == "changed"  # the crash's postmaster.pid
         assert done["Rewind from the new primary"] == "changed"
         assert done["Copy the new primary with pg_basebackup, pg_rewind having failed"] == "skipped"
-        assert query(lab, "primary", "SELECT pg_is_in_recovery()") is True
-        query(lab, "backup", "CREATE TABLE written_at_backup AS SELECT 42 AS answer")
-        wait_for(lambda: query(lab, "primary", "SELECT to_regclass('written_at_backup') IS NOT NULL") is True,
+        assert query("primary", "SELECT pg_is_in_recovery()") is True
+        query("backup", "CREATE TABLE written_at_backup AS SELECT 42 AS answer")
+        wait_for(lambda: query("primary", "SELECT to_regclass('written_at_backup') IS NOT NULL") is True,
                  20, "a write at the new primary to reach the rebuilt standby")
         # The configuration postgres.rebuild_standby writes (a test there checks its behaviour).
-        auto_conf = (lab.config.pgdata("primary") / "postgresql.auto.conf").read_text().splitlines()
+        auto_conf = (lab.config.pgdata("primary", "trading") / "postgresql.auto.conf").read_text().splitlines()
         assert auto_conf[-3:] == [
-            f"primary_conninfo = 'host=127.0.20.1 port={lab.config.postgres_port} user=drlab "
+            f"primary_conninfo = 'host=127.0.20.1 port={lab.config.postgres_port('trading')} user=drlab "
             "application_name=primary'",
             "primary_slot_name = 'primary'",
             "synchronous_standby_names = ''",
@@ -539,7 +557,8 @@ def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
         # The action takes the playbook's standby for one of its own, and the playbook does nothing again.
         harness = Harness(load_inventory(str(lab.config.inventory_path))[0])
         try:
-            by_action = RebuildStandby().run(RebuildStandbyParams(site="primary"), harness.ctx(30)).output
+            params = RebuildStandbyParams(database="trading", site="primary")
+            by_action = RebuildStandby().run(params, harness.ctx(30)).output
         finally:
             harness.close()
         assert by_action["already_streaming"] is True
@@ -548,13 +567,6 @@ def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
 
         assert again.state is RunState.SUCCEEDED, step_result(events).error
         assert [t["status"] for t in task_events(events) if t["status"] != "skipped"] == ["ok"]
-
-
-def query(lab: Lab, site: str, sql: str) -> Any:
-    with psycopg.connect(lab.config.dsn(site), autocommit=True) as connection:
-        cursor = connection.execute(sql.encode())
-        row = cursor.fetchone() if cursor.description else None
-    return row[0] if row else None
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

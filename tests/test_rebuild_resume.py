@@ -1,6 +1,7 @@
 """``postgres.rebuild_standby`` killed anywhere and resumed: a streaming standby at the end, every time.
 
-One lab serves every phase. Each phase kills the backup site's standby (so there is something to
+One lab serves every phase, on contract-signing's database (its standby is asynchronous: while it is
+down, the primary's commits go on). Each phase kills the backup site's standby (so there is something to
 rebuild), runs a one-step runbook that rebuilds it, and SIGKILLs the ``dr run`` process at a point
 inside the rebuild; then ``dr resume`` must finish it. The kill points are deterministic: the
 inventory's ``pg_bin`` is a directory of the real PostgreSQL programs in which pg_rewind,
@@ -23,13 +24,14 @@ from test_cli_safety import Processes, dr, processes, query, recorded, wait_for 
 
 from dr_orchestrator.actions.postgres_rebuild import WORK_SUFFIX
 from dr_orchestrator.lab import scratch
-from dr_orchestrator.lab.config import PG_BIN
+from dr_orchestrator.lab.config import PG_BIN, store_name
 from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.lab.processes import processes_under
 from dr_orchestrator.lab.system import chown
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
+SERVICE = "contract-signing"  # whose database is rebuilt
 
 RUNBOOK = """
 name: rebuild-backup
@@ -39,7 +41,7 @@ scope: {sites: [backup]}
 steps:
   - id: rebuild
     action: postgres.rebuild_standby
-    with: {site: backup, primary_site: primary, flush: false}
+    with: {database: contract-signing, site: backup, primary_site: primary, flush: false}
     timeout: 120s
     rollback: {none: the old standby is gone either way; only a rebuild brings it back}
 """
@@ -59,7 +61,7 @@ steps:
     with:
       playbook: rebuild-standby.yml
       limit: backup
-      extra_vars: {site: backup, primary_site: primary, flush: false}
+      extra_vars: {database: contract-signing, site: backup, primary_site: primary, flush: false}
     timeout: 300s
     rollback: {none: the old standby is gone either way; only a rebuild brings it back}
 """
@@ -106,7 +108,7 @@ class RebuildBench:
         self.lab, self.tmp = lab, tmp
         config = lab.config
         self.pg_bin = config.root / "test-pg-bin"
-        self.work = Path(f"{config.pgdata('backup')}{WORK_SUFFIX}")
+        self.work = Path(f"{config.pgdata('backup', SERVICE)}{WORK_SUFFIX}")
         self.pauses = config.root / "test-pauses"
         for directory in (self.pg_bin, self.pauses):
             directory.mkdir()
@@ -119,7 +121,7 @@ class RebuildBench:
             else:
                 target.symlink_to(PG_BIN / program)
         inventory = yaml.safe_load(config.inventory_path.read_text())
-        inventory["all"]["vars"]["dr"]["vars"]["databases"]["pg_bin"] = str(self.pg_bin)
+        inventory["all"]["vars"]["dr"]["vars"]["databases"][SERVICE]["pg_bin"] = str(self.pg_bin)
         self.inventory = tmp / "inventory.yml"
         self.inventory.write_text(yaml.safe_dump(inventory, sort_keys=False))
         self.runbook = tmp / "rebuild.yml"
@@ -149,10 +151,10 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RebuildBench]:
 def streaming(bench: RebuildBench) -> dict[str, Any]:
     """What both ends say about the backup's replication: the primary's walsender, the standby's receiver."""
     config = bench.lab.config
-    with psycopg.connect(config.dsn("primary"), autocommit=True) as primary:
+    with psycopg.connect(config.dsn("primary", SERVICE), autocommit=True) as primary:
         sender = primary.execute(
             "SELECT state FROM pg_stat_replication WHERE application_name = 'backup'").fetchall()
-    with psycopg.connect(config.dsn("backup"), autocommit=True) as standby:
+    with psycopg.connect(config.dsn("backup", SERVICE), autocommit=True) as standby:
         receiver = standby.execute("SELECT status FROM pg_stat_wal_receiver").fetchall()
         in_recovery, listening, port = standby.execute(
             "SELECT pg_is_in_recovery(), current_setting('listen_addresses'), current_setting('port')").fetchone()
@@ -182,7 +184,7 @@ PHASES: dict[str, tuple[list[str], set[str], str | None]] = {
 def killed_inside(bench: RebuildBench, runbook: Path, requests: list[str], started: Processes) -> str:
     """Kill the standby, run ``runbook`` until the wrapper stops where ``requests`` say, SIGKILL the
     run there, and lift the stop (a failure asked for stays asked for); the run's id."""
-    bench.lab.kill_service("postgres", "backup")  # a standby to rebuild: nothing streams to the primary
+    bench.lab.kill_service(store_name(SERVICE), "backup")  # a standby to rebuild: nothing streams to the primary
     bench.request(*requests)
     point = next(name for name in requests if not name.startswith("fail-"))
     run = started.start("run", str(runbook), "-i", str(bench.inventory), "-q", db=bench.db)
@@ -199,8 +201,11 @@ def assert_a_streaming_standby_and_nothing_left(bench: RebuildBench) -> None:
     state = streaming(bench)
     assert state["sender"] == [("streaming",)] and state["receiver"] == [("streaming",)], state
     assert state["in_recovery"] is True
-    assert (state["listen_addresses"], state["port"]) == (config.address("backup"), str(config.postgres_port))
+    assert (state["listen_addresses"], state["port"]) == (config.address("backup"), str(config.postgres_port(SERVICE)))
     assert not bench.work.exists()  # nothing of the attempts is left behind
+    # Only contract-signing's store was touched: trading's standby went on streaming, synchronous.
+    with psycopg.connect(config.dsn("primary", "trading"), autocommit=True) as other:
+        assert other.execute("SELECT state, sync_state FROM pg_stat_replication").fetchall() == [("streaming", "sync")]
     assert not [pid for pid in processes_under(config.root) if str(bench.pg_bin) in _command(pid)]
 
 
@@ -241,8 +246,8 @@ def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str |
     """The work directory a killed attempt would have left: the site's saved configuration, the given
     marks, and the data directory moved to ``data_dir_to`` inside it (a swap cut between its renames)."""
     config = bench.lab.config
-    bench.lab.kill_service("postgres", "backup")
-    data_dir, work = config.pgdata("backup"), bench.work
+    bench.lab.kill_service(store_name(SERVICE), "backup")
+    data_dir, work = config.pgdata("backup", SERVICE), bench.work
     (work / "config").mkdir(parents=True)
     for name in ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf"):
         (work / "config" / name).write_bytes((data_dir / name).read_bytes())
@@ -265,7 +270,7 @@ def run_rebuild(bench: RebuildBench) -> dict[str, Any]:
     run_id = str(query(bench.db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
     detail, _ = recorded(bench.db, run_id)
     [rebuild] = [s for s in detail["steps"] if s["step_id"] == "rebuild"]
-    log = bench.lab.config.log_dir("backup") / "postgres.log"
+    log = bench.lab.config.postgres_log("backup", SERVICE)
     assert ran.returncode == 0, (rebuild["error"], log.read_text()[-1500:])
     output: dict[str, Any] = rebuild["output"]
     return output
@@ -292,10 +297,10 @@ def test_a_ready_mark_whose_data_directory_ran_since_is_not_trusted(bench: Rebui
 
 def test_a_rebuild_of_a_streaming_standby_changes_nothing(bench: RebuildBench) -> None:
     before = streaming(bench)
-    postmaster = (bench.lab.config.pgdata("backup") / "postmaster.pid").read_text().split()[0]
+    postmaster = (bench.lab.config.pgdata("backup", SERVICE) / "postmaster.pid").read_text().split()[0]
     assert run_rebuild(bench)["already_streaming"] is True
     assert streaming(bench) == before
-    assert (bench.lab.config.pgdata("backup") / "postmaster.pid").read_text().split()[0] == postmaster
+    assert (bench.lab.config.pgdata("backup", SERVICE) / "postmaster.pid").read_text().split()[0] == postmaster
 
 
 def _command(pid: int) -> str:
