@@ -13,7 +13,6 @@ and logs; without one, libpq's own ways apply (``~/.pgpass``, ``PGPASSFILE``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,13 +24,11 @@ from psycopg import conninfo as pg_conninfo
 
 from dr_orchestrator import secrets
 from dr_orchestrator.actions.base import ActionContext, ActionError
-from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.inventory import Inventory
 
 # libpq waits at least 2 s, whatever connect_timeout says; more than 5 s is never worth it here.
 CONNECT_TIMEOUT_S = (2, 5)
 HEARTBEAT_TABLE = "dr_heartbeat"
-POLL_S = 0.01  # promotion, catch-up and streaming are waited for at this rate: each takes tens of milliseconds
 
 
 class DatabaseUnreachable(ActionError):
@@ -179,19 +176,6 @@ def one(connection: psycopg.Connection, query: str, params: tuple[Any, ...] = ()
     row = connection.execute(query.encode(), params).fetchone()
     assert row is not None  # every query given here returns exactly one row
     return tuple(row)
-
-
-def forced_reasons(ctx: ActionContext) -> list[str]:
-    """The reasons the engineer gave with --force (empty: the run is not forced)."""
-    return [str(reason) for reason in ctx.run_info.get("forced") or []]
-
-
-def poll_until_deadline(ctx: ActionContext, what: str, started: float) -> None:
-    """Sleep one poll interval, or raise ActionError saying ``what`` once the step's deadline has passed."""
-    if ctx.remaining() <= 0:
-        waited = format_duration(time.monotonic() - started)
-        raise ActionError(f"{what}: not done when the step's timeout passed ({waited})")
-    ctx.sleep(POLL_S)
 
 
 def iso(value: datetime | None) -> str | None:

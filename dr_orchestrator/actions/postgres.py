@@ -19,27 +19,26 @@ from dr_orchestrator.actions.pgdb import (
     Database,
     DatabaseUnreachable,
     connect,
-    forced_reasons,
     latest_heartbeat,
     lsn_value,
     one,
-    poll_until_deadline,
     probe_role,
     resolve,
     role_of,
+)
+from dr_orchestrator.actions.replicated import (
+    incident_time,
+    optional_site_field,
+    poll_until_deadline,
+    record_rpo,
+    services_field,
+    site_field,
+    unless_forced,
 )
 from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.runbook import Effect
 from dr_orchestrator.model.safety import PROMOTE_FENCED
-
-
-def _site_field(description: str) -> Any:
-    return Field(description=description, json_schema_extra={"refers_to": "site"})
-
-
-def _optional_site_field(description: str) -> Any:
-    return Field(default=None, description=description, json_schema_extra={"refers_to": "site"})
 
 
 class DatabaseParams(Params):
@@ -54,7 +53,7 @@ class DatabaseParams(Params):
 
 
 class ReplicationStatusParams(DatabaseParams):
-    site: str | None = _optional_site_field(
+    site: str | None = optional_site_field(
         "The standby to judge against the limits below; without it, the status is only reported."
     )
     max_lag_bytes: int | None = Field(
@@ -99,13 +98,8 @@ class ReplicationStatus(Action[ReplicationStatusParams]):
         judged = self._judge(db, params, standby, sites, ctx)
         output.update(judged)
         if judged["problems"]:
-            forced = forced_reasons(ctx)
-            if not forced:
-                raise ActionError(
-                    f"{db.where(params.site)} is not fit to take over: {'; '.join(judged['problems'])} "
-                    "(run with --force and a reason to go on anyway)"
-                )
-            output["forced"] = forced
+            output["forced"] = unless_forced(
+                ctx, f"{db.where(params.site)} is not fit to take over: {'; '.join(judged['problems'])}")
         return ActionResult(output=output)
 
     @staticmethod
@@ -170,7 +164,7 @@ class ReplicationStatus(Action[ReplicationStatusParams]):
 
 
 class SetReadOnlyParams(DatabaseParams):
-    site: str = _site_field("Site whose server stops (or, with read_only false, resumes) taking writes.")
+    site: str = site_field("Site whose server stops (or, with read_only false, resumes) taking writes.")
     read_only: bool = Field(default=True, description="true: refuse writes from now on; false: undo it.")
     terminate_sessions: bool = Field(
         default=True,
@@ -239,8 +233,8 @@ class SetReadOnly(Action[SetReadOnlyParams]):
 
 
 class PromoteParams(DatabaseParams):
-    site: str = _site_field("Site of the standby to promote.")
-    old_primary_site: str | None = _optional_site_field(
+    site: str = site_field("Site of the standby to promote.")
+    old_primary_site: str | None = optional_site_field(
         "Site of the primary being replaced; by default the database's other site."
     )
 
@@ -360,8 +354,8 @@ def _lsn(value: str | None) -> int:
 
 
 class RpoParams(DatabaseParams):
-    site: str = _site_field("Site of the promoted database.")
-    old_primary_site: str | None = _optional_site_field(
+    site: str = site_field("Site of the promoted database.")
+    old_primary_site: str | None = optional_site_field(
         "Site of the replaced primary, whose heartbeats count; by default the database's other site."
     )
     old_primary_final_lsn: str | None = Field(
@@ -374,12 +368,7 @@ class RpoParams(DatabaseParams):
         description="Synchronous replication counts (RPO 0) only when the last heartbeat saw it this close "
         "before the incident (seconds or a duration).",
     )
-    services: list[str] = Field(
-        default_factory=list,
-        description="Services the figure applies to (they share the database); by default the step's service, "
-        "or every service of the run.",
-        json_schema_extra={"refers_to": "service"},
-    )
+    services: list[str] = services_field("database")
 
     @field_validator("old_primary_final_lsn")
     @classmethod
@@ -394,8 +383,6 @@ class RpoParams(DatabaseParams):
 
 # A heartbeat row commits a moment after its `at`: this close to the newest commit, it was that commit.
 HEARTBEAT_IS_NEWEST_S = 0.01
-# The action event of a method that refused to give a figure (the evidence's rto.RPO_NOT_MEASURED).
-RPO_NOT_MEASURED = "rpo.not_measured"
 
 
 class Rpo(Action[RpoParams]):
@@ -426,7 +413,7 @@ class Rpo(Action[RpoParams]):
         db = resolve(ctx.inventory, params.database)
         db.check_site(params.site)
         old_site = db.other_site(params.site, params.old_primary_site, "old primary")
-        incident_at = _incident_at(ctx)
+        incident_at = incident_time(ctx)
         with connect(db, params.site, ctx) as connection:
             in_recovery, replay_lsn, replayed_at = one(
                 connection,
@@ -449,12 +436,7 @@ class Rpo(Action[RpoParams]):
             "sync_staleness_s": params.sync_staleness,
         }
         value, method = self._figure(params, raw, heartbeat, before, incident_at, replay_lsn, replayed_at, db)
-        services: list[str | None] = list(params.services) or [ctx.service]
-        if value is None:
-            ctx.report(RPO_NOT_MEASURED, services=services, reason=method, raw=raw)
-        else:
-            for service in services:
-                ctx.measure("rpo_s", value, method, raw, service=service)
+        services = record_rpo(ctx, params.services, value, method, raw)
         return ActionResult(output={"rpo_s": value, "method": method, "services": services, "raw": raw})
 
     @staticmethod
@@ -527,22 +509,12 @@ def _not_after(heartbeat: dict[str, Any] | None, moment: datetime) -> bool:
     return heartbeat is None or datetime.fromisoformat(heartbeat["at"]) <= moment
 
 
-def _incident_at(ctx: ActionContext) -> datetime:
-    value = ctx.run_info.get("incident_at")
-    if not value:
-        raise ActionError("the run has no incident time, so RPO cannot be measured")
-    moment = datetime.fromisoformat(str(value))
-    if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ActionError(f"the run's incident time {value!r} has no time zone")
-    return moment
-
-
 # ---------------------------------------------------------------- catch-up, synchronous replication
 
 
 class WaitCaughtUpParams(DatabaseParams):
-    site: str = _site_field("Site of the standby that must catch up.")
-    primary_site: str | None = _optional_site_field("Site of the primary; by default the database's other site.")
+    site: str = site_field("Site of the standby that must catch up.")
+    primary_site: str | None = optional_site_field("Site of the primary; by default the database's other site.")
 
 
 class WaitCaughtUp(Action[WaitCaughtUpParams]):
@@ -590,8 +562,8 @@ class WaitCaughtUp(Action[WaitCaughtUpParams]):
 
 
 class SetSyncParams(DatabaseParams):
-    site: str = _site_field("Site of the primary whose commits should (or should no longer) wait for a standby.")
-    standby_site: str | None = _optional_site_field(
+    site: str = site_field("Site of the primary whose commits should (or should no longer) wait for a standby.")
+    standby_site: str | None = optional_site_field(
         "Site of the standby; its application_name is the site's name. By default the database's other site."
     )
     synchronous: bool = Field(default=True, description="true: commits wait for the standby; false: they do not.")

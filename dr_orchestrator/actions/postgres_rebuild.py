@@ -32,17 +32,9 @@ import psycopg
 from pydantic import Field
 
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult
-from dr_orchestrator.actions.pgdb import (
-    Database,
-    connect,
-    forced_reasons,
-    one,
-    poll_until_deadline,
-    probe_role,
-    resolve,
-    role_of,
-)
+from dr_orchestrator.actions.pgdb import Database, connect, one, probe_role, resolve, role_of
 from dr_orchestrator.actions.postgres import DatabaseParams
+from dr_orchestrator.actions.replicated import forced_reasons, poll_until_deadline
 from dr_orchestrator.actions.shell import last_line
 from dr_orchestrator.actions.ssh import ExecResult, execute
 from dr_orchestrator.model.inventory import Host
