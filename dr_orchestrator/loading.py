@@ -657,7 +657,7 @@ def _template_syntax(document: YamlDocument, key: PathKey, step: Step) -> list[P
 
 def inventory_reference(model: type[BaseModel] | None, field: str) -> str | None:
     """What an action's parameter names in the inventory: ``host``, ``site``, ``service``, ``backend``
-    (of the front door) or ``database``; None when it names nothing there.
+    (of the front door), ``database`` or ``redis`` (an instance); None when it names nothing there.
 
     Actions declare it on the field: ``Field(json_schema_extra={"refers_to": "host"})``. A site named
     by an action that also names backends (or a database) must be one each of them serves."""
@@ -689,9 +689,9 @@ class _SitesOf(Mapping[str, tuple[str, ...]]):
 
 
 def _referents(inventory: Inventory, kind: str) -> Mapping[str, tuple[str, ...]]:
-    """The names of ``kind`` in the inventory, each with the sites it has (a backend: its servers'
-    sites; a database: its servers' sites), read the way the actions read them (actions/haproxy.py
-    ``front_door``, actions/pgdb.py ``resolve``)."""
+    """The names of ``kind`` in the inventory, each with the sites it has (a backend, a database, a
+    Redis instance: its servers' sites), read the way the actions read them (actions/haproxy.py
+    ``front_door``, actions/pgdb.py and actions/redis.py ``resolve``)."""
     if kind == "site":
         return _SitesOf(inventory.sites, lambda name, _: (name,))
     if kind == "host":
@@ -711,6 +711,10 @@ def _referents(inventory: Inventory, kind: str) -> Mapping[str, tuple[str, ...]]
             names = {str(described.get("name") or described.get("dbname") or "main"), str(described.get("dbname"))}
             return {name: _sites_of(described, "hosts") for name in names}
         return {str(name): _sites_of(spec, "hosts") for name, spec in described.items()}
+    if kind == "redis":
+        instances = inventory.vars.get("redis")
+        return {str(name): _sites_of(spec, "hosts") for name, spec in instances.items()
+                } if isinstance(instances, dict) else {}
     return {}
 
 
@@ -728,7 +732,8 @@ def _sites_of(entry: Any, field: str) -> tuple[str, ...]:
 
 
 _WHERE = {"site": "dr.sites", "host": "the inventory", "service": "dr.services",
-          "backend": "the front door's backends (dr.vars.front_door.backends)", "database": "dr.vars.databases"}
+          "backend": "the front door's backends (dr.vars.front_door.backends)", "database": "dr.vars.databases",
+          "redis": "dr.vars.redis"}
 
 
 def _not_known(document: YamlDocument, key: PathKey, kind: str, name: str, known: Any,
@@ -979,12 +984,14 @@ def _check_references(
             value = [service] if service else []  # the step's service is the default backend
         if kind == "database" and value is None:
             value = _only_database(inventory)
+        if kind == "redis" and value is None and len(known) == 1:
+            value = next(iter(known))  # the inventory's only instance
         for name in value if isinstance(value, list) else [value]:
             if not isinstance(name, str):
                 continue
             if name not in known:
                 problems.append(_not_known(document, key + (field,) if field in values else key, kind, name, known))
-            elif kind in ("backend", "database"):
+            elif kind in ("backend", "database", "redis"):
                 containers.append((kind, name, known[name]))
             elif kind == "site":
                 sites.append((field, name))
