@@ -548,14 +548,14 @@ def test_database_and_host_references_are_checked(tmp_path: Path) -> None:
     steps:
       - id: fence
         action: postgres.set_read_only
-        with: {database: drlabb, site: "{{ params.site }}"}
+        with: {database: tradng, site: "{{ params.site }}"}
       - id: stop
         action: ssh.run
         with: {hosts: [backup-ap], argv: [stop]}
     """
     problems = lab_check(tmp_path, runbook)
     assert [(p.field, p.message) for p in problems] == [
-        ("steps[0].with.database", "database 'drlabb' is not in dr.vars.databases (did you mean 'drlab'?)"),
+        ("steps[0].with.database", "database 'tradng' is not in dr.vars.databases (did you mean 'trading'?)"),
         ("steps[1].with.hosts", "host 'backup-ap' is not in the inventory (did you mean 'backup-app'?)"),
     ]
 

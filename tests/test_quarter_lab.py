@@ -84,7 +84,7 @@ def test_the_quarterly_report_counts_drills_once_and_runs_that_changed_nothing_a
         lab_factory: Callable[..., AbstractContextManager[Lab]], tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(db)
-    with lab_factory(sync=True) as lab:
+    with lab_factory() as lab:
         inventory = str(lab.config.inventory_path)
         drill_runs = {}
         for name in DRILLS:

@@ -362,7 +362,7 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
     # the drill's fault and cleanup are `dr lab ...` commands: the scheduler's children find `dr` on PATH
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    with lab_factory(sync=True) as lab:
+    with lab_factory() as lab:
         soon = datetime.now(UTC) + timedelta(seconds=12)  # the scheduler must be up before it
         cron = f"{soon.second} {soon.minute} {soon.hour} * * *"
         lab_drill(tmp_path / "drills", lab.config.inventory_path, cron)
