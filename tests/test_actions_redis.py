@@ -475,6 +475,8 @@ def test_a_password_by_env_reference_works_and_never_shows(tmp_path: Path, serve
     pair.harness.run_info["incident_at"] = utcnow().isoformat()
     replicated(pair, pair.beat())
     status = pair.act(ReplicationStatus, site="backup", require_link_up=True)
+    # One port at both sites, and the replica connects from 127.0.0.1: known as the site that is not its master's.
+    assert [replica["site"] for replica in status["sites"]["primary"]["replicas"]] == ["backup"]
     promoted = pair.act(Promote, site="backup")
     assert promoted["old_primary_repointed"] is True
     wait_for(lambda: pair.master.info()["master_link_status"] == "up", 10,

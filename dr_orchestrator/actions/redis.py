@@ -90,11 +90,12 @@ class Instance:
     def where(self, site: str) -> str:
         return f"redis {self.name!r} at site {site} ({self.address(site)})"
 
-    def site_at(self, host: str, port: int) -> str | None:
+    def site_at(self, host: str, port: int, besides: str | None = None) -> str | None:
         """The site whose server listens at ``host:port``; a replica connecting from another address
-        of its machine (loopback, NAT) is known by its port when only one site has it."""
+        of its machine (loopback, NAT) is known by its port when only one site other than
+        ``besides`` (its master's) has it."""
         exact = [site for site in self.hosts if (self.hosts[site], self.ports[site]) == (host, port)]
-        by_port = [site for site in self.hosts if self.ports[site] == port]
+        by_port = [site for site in self.hosts if self.ports[site] == port and site != besides]
         return exact[0] if exact else by_port[0] if len(by_port) == 1 else None
 
     def other_site(self, site: str, given: str | None, what: str) -> str:
@@ -195,7 +196,7 @@ def state_of(inst: Instance, site: str, client: redis.Redis) -> dict[str, Any]:
         "role": ROLES.get(info["role"], info["role"]),
         "master_repl_offset": info["master_repl_offset"],
         "connected_replicas": info.get("connected_slaves", 0),
-        "replicas": [_replica(inst, entry, info["master_repl_offset"])
+        "replicas": [_replica(inst, site, entry, info["master_repl_offset"])
                      for key, entry in sorted(info.items()) if key.startswith("slave") and isinstance(entry, dict)],
         "heartbeat": _heartbeat(beat, now),
         "observed_at": now.isoformat(),
@@ -216,11 +217,11 @@ def state_of(inst: Instance, site: str, client: redis.Redis) -> dict[str, Any]:
     return state
 
 
-def _replica(inst: Instance, entry: dict[str, Any], master_offset: int) -> dict[str, Any]:
+def _replica(inst: Instance, master_site: str, entry: dict[str, Any], master_offset: int) -> dict[str, Any]:
     """A replica as its master reports it; its offset comes with its acknowledgements, once a second."""
     return {
         "address": f"{entry['ip']}:{entry['port']}",
-        "site": inst.site_at(str(entry["ip"]), int(entry["port"])),
+        "site": inst.site_at(str(entry["ip"]), int(entry["port"]), besides=master_site),
         "state": entry.get("state"),
         "acknowledged_offset": entry.get("offset"),
         "lag_bytes": max(0, master_offset - int(entry.get("offset", 0))),
