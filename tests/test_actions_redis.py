@@ -29,7 +29,7 @@ from dr_orchestrator.actions.redis import Promote, Replicate, ReplicationStatus,
 from dr_orchestrator.loading import load_inventory, validate
 from dr_orchestrator.model.events import ActionEvent, utcnow
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.redis
 
 ADDRESSES = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
 KEY = "dr:heartbeat"
