@@ -861,6 +861,12 @@ def _mount_incidents() -> None:
     cli.add_command(incidents, "incidents")
 
 
+def _mount_watch() -> None:
+    from dr_orchestrator.cli_watch import watch
+
+    cli.add_command(watch, "watch")
+
+
 def _mount_api() -> None:
     from dr_orchestrator.cli_api import serve, tokens
 
@@ -874,6 +880,7 @@ def main() -> None:
     mount(cli)
     _mount_drills()
     _mount_incidents()
+    _mount_watch()
     _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")

@@ -11,6 +11,7 @@ import difflib
 import itertools
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ValidationError
@@ -21,6 +22,7 @@ from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS, Capability, Host, Inventory, Service, Site
 from dr_orchestrator.model.runbook import Effect, OnFailure, Runbook, Step
 from dr_orchestrator.model.safety import SafetyPolicy
+from dr_orchestrator.model.watch import PLACEHOLDER, RunbookMapping, WatchSettings, settings_of
 from dr_orchestrator.yamlsource import LoadError, PathKey, Problem, YamlDocument, read_yaml
 
 ParamsLookup = Callable[[str], type[BaseModel] | None]
@@ -45,7 +47,9 @@ def pydantic_problems(document: YamlDocument, base: PathKey, error: ValidationEr
             continue
         key = base + tuple(p for p in item["loc"] if isinstance(p, (str, int)))
         key = tuple("with" if p == "with_" else p for p in key)
-        message = item["msg"]
+        # Our own checks' sentences without pydantic's "Value error, " before them.
+        message = str(item["ctx"]["error"]) if item["type"] == "value_error" and "error" in item.get("ctx", {}) \
+            else item["msg"]
         fix = ""
         if item["type"] == "missing":
             message, fix = "is required", "add it"
@@ -148,16 +152,18 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
             named += [(base + ("services", name, f), spec.get(f), MAX_LABEL) for f in ("tier", "criticality")]
     named += [(("all", "children", host.site, "hosts", host.name), host.name, MAX_NAME) for host in hosts.values()]
     problems.extend(_too_long(document, named))
-    extra = set(dr) - {"name", "sites", "services", "vars", "safety", "capability"}
+    extra = set(dr) - {"name", "sites", "services", "vars", "safety", "capability", "watch"}
     for name in sorted(extra):
         problems.append(document.problem(base + (name,), "is not a known field",
-                                         "allowed: name, sites, services, vars, safety, capability"))
+                                         "allowed: name, sites, services, vars, safety, capability, watch"))
     capability = _capability(document, base + ("capability",), dr.get("capability"), problems)
-    for name in ("vars", "safety"):
+    for name in ("vars", "safety", "watch"):
         if dr.get(name) is not None and not isinstance(dr[name], dict):
             problems.append(document.problem(base + (name,), "must be a mapping of names to values"))
     if isinstance(dr.get("safety"), dict):
         problems.extend(_safety_problems(document, base + ("safety",), dr["safety"], declared_sites, services))
+    if isinstance(dr.get("watch"), dict):
+        problems.extend(_watch_problems(document, base + ("watch",), dr["watch"], declared_sites, services))
     if problems:
         raise LoadError(problems)
     inventory = Inventory(
@@ -167,6 +173,7 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         services=services,
         vars=dr.get("vars") or {},
         safety=dr.get("safety") or {},
+        watch=dr.get("watch") or {},
         capability=capability,
     )
     return inventory, document
@@ -215,6 +222,85 @@ def _safety_problems(document: YamlDocument, key: PathKey, safety: dict[str, Any
                                                  f"service {check.service!r} is not in dr.services",
                                                  f"use one of: {', '.join(services)}"))
     return problems
+
+
+def _watch_problems(document: YamlDocument, key: PathKey, watch: dict[str, Any], sites: dict[str, Any],
+                    services: dict[str, Service]) -> list[Problem]:
+    """``dr.watch``: its shape (pydantic), then every name it uses, read from the raw mapping so that
+    both kinds of mistake are reported in one pass. Runbook files are checked by
+    ``watch_runbook_problems`` (a copied inventory may be checked without them)."""
+    try:
+        WatchSettings.model_validate(watch)
+        problems: list[Problem] = []
+    except ValidationError as exc:
+        problems = pydantic_problems(document, key, exc)
+
+    def entries(*path: str) -> list[tuple[str, Any]]:
+        value: Any = watch
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else None
+        return list(value.items()) if isinstance(value, dict) else []
+
+    def listed(value: Any) -> list[tuple[int, Any]]:
+        return list(enumerate(value)) if isinstance(value, list) else []
+
+    def known(kind: str, name: Any, names: Any, at: PathKey, where: str | None = None) -> None:
+        if isinstance(name, str) and name not in names:
+            problems.append(_not_known(document, at, kind, name, names, where))
+
+    levels = dict(entries("levels")) if isinstance(watch.get("levels"), dict) else dict(WatchSettings().levels)
+    tiers = sorted({service.tier for service in services.values()})
+    for level, rule in entries("levels"):
+        at = key + ("levels", level)
+        for index, tier in listed(rule.get("tiers") if isinstance(rule, dict) else None):
+            known("tier", tier, tiers, at + ("tiers", index), "the tiers of dr.services")
+        for index, service in listed(rule.get("services") if isinstance(rule, dict) else None):
+            known("service", service, services, at + ("services", index))
+    for level, _ in entries("policies", "default"):
+        known("level", level, levels, key + ("policies", "default", level), "dr.watch.levels")
+    for kind, names in (("service", services), ("site", sites)):
+        for name, by_level in entries("policies", kind + "s"):
+            at = key + ("policies", kind + "s", name)
+            known(kind, name, names, at)
+            for level in by_level if isinstance(by_level, dict) else ():
+                known("level", level, levels, at + (level,), "dr.watch.levels")
+    mapped: list[tuple[tuple[str, ...], Any, set[str]]] = [(("runbooks", "site"), dict(entries("runbooks")).get("site"),
+                                                             {"site"})]
+    for name, mapping in entries("runbooks", "services"):
+        known("service", name, services, key + ("runbooks", "services", name))
+        mapped.append((("runbooks", "services", name), mapping, {"site", "service"}))
+    for at, mapping, allowed in mapped:
+        for parameter, value in entries(*at, "parameters") if isinstance(mapping, dict) else ():
+            for placeholder in PLACEHOLDER.findall(value) if isinstance(value, str) else ():
+                if placeholder not in allowed:
+                    problems.append(document.problem(
+                        key + (*at, "parameters", parameter), f"{{{placeholder}}} is not a placeholder here",
+                        f"use {' or '.join(f'{{{name}}}' for name in sorted(allowed))}"))
+    for index, window in listed(watch.get("maintenance")):
+        for kind, names in (("service", services), ("site", sites)):
+            for position, name in listed(window.get(kind + "s") if isinstance(window, dict) else None):
+                known(kind, name, names, key + ("maintenance", index, kind + "s", position))
+    for index, silence in listed(watch.get("silences")):
+        target = silence.get("target") if isinstance(silence, dict) else None
+        kind, _, name = target.partition(":") if isinstance(target, str) else ("", "", "")
+        if kind in ("service", "site") and name:
+            known(kind, name, services if kind == "service" else sites, key + ("silences", index, "target"))
+    return _by_line(problems)
+
+
+def watch_runbook_problems(inventory: Inventory, document: YamlDocument) -> list[Problem]:
+    """Each runbook ``dr.watch`` maps must exist (relative to the inventory file's directory): what
+    ``dr watch`` checks before it starts. Not part of loading: a copy of an inventory without its
+    runbooks beside it is still a valid inventory for everything else."""
+    base = Path(document.path).parent
+    runbooks = settings_of(inventory).runbooks
+    mapped: list[tuple[tuple[str, ...], RunbookMapping]] = [(("runbooks", "services", name), mapping)
+                                                            for name, mapping in runbooks.services.items()]
+    if runbooks.site:
+        mapped.insert(0, (("runbooks", "site"), runbooks.site))
+    return [document.problem(("all", "vars", "dr", "watch", *at, "path"), f"{mapping.path} does not exist "
+                             f"(as {base / mapping.path})", "paths are relative to the inventory file")
+            for at, mapping in mapped if not (base / mapping.path).is_file()]
 
 
 def _inventory_hosts(

@@ -149,7 +149,7 @@ class Lab:
         haproxy.start(config)
         self._start_heartbeat()
         self._wait_front_door()
-        config.inventory_path.write_text(lab_inventory.render(config))
+        config.inventory_path.write_text(lab_inventory.render(config, runbooks=str(lab_inventory.RUNBOOKS)))
         config.state_file.write_text(json.dumps({
             "started_at": _now(), "port_offset": config.port_offset, "os_user": config.os_user,
         }, indent=2) + "\n")

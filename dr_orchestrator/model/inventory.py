@@ -82,6 +82,7 @@ class Inventory(Frozen):
     services: dict[str, Service]
     vars: dict[str, Any] = Field(default_factory=dict)
     safety: dict[str, Any] = Field(default_factory=dict)
+    watch: dict[str, Any] = Field(default_factory=dict, description="dr.watch, read by model.watch.settings_of")
     capability: Capability | None = Field(default=None, description="GB/T 20988 elements, for every service")
 
     def capability_of(self, service: str) -> dict[str, int]:
