@@ -1,0 +1,201 @@
+"""The watch's observers (dr_orchestrator.watch.observers): what each makes of the probes, on synthetic
+readings and against the two-site lab (a healthy lab, a killed service, a killed site)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dr_orchestrator.lab.config import SERVICES
+from dr_orchestrator.lab.lab import Lab
+from dr_orchestrator.loading import load_inventory
+from dr_orchestrator.model.inventory import Inventory
+from dr_orchestrator.watch.agreement import Agreement
+from dr_orchestrator.watch.observations import Observation, Target, Transition
+from dr_orchestrator.watch.observers import (
+    Health,
+    Probed,
+    Readings,
+    StoreState,
+    layout_of,
+    observations_from,
+    probe_all,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+LabFactory = Callable[..., AbstractContextManager[Lab]]
+T0 = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
+SERVICE_OBSERVERS = {"front-door", "direct:primary", "store", "haproxy"}
+
+
+def by_key(observations: list[Observation]) -> dict[tuple[Target, str], Observation]:
+    keyed = {(item.target, item.observer): item for item in observations}
+    assert len(keyed) == len(observations), "one observation per observer and target"
+    return keyed
+
+
+def observers_of(observations: list[Observation], target: Target) -> set[str]:
+    return {item.observer for item in observations if item.target == target}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return value
+
+
+# --- synthetic readings --------------------------------------------------------------------------
+
+
+def lab_like_inventory() -> Inventory:
+    return load_inventory(str(REPO / "inventories" / "lab.yml"))[0]
+
+
+def probed(value: Any, error: str | None = None) -> Probed[Any]:
+    return Probed(T0, 0.002, value, error)
+
+
+def healthy_readings(serving: str = "primary") -> Readings:
+    other = "backup" if serving == "primary" else "primary"
+    readings = Readings()
+    for service in SERVICES:
+        readings.front[service] = probed(Health(200, serving, "read-write", None))
+        readings.direct[(service, serving)] = probed(Health(200, serving, "read-write", None))
+        readings.direct[(service, other)] = probed(Health(503, other, "read-only", "the database is a standby"))
+        kind = "cache" if service == "quotation" else "database"
+        readings.stores[(service, serving)] = probed(StoreState(kind, "primary", True))
+        readings.stores[(service, other)] = probed(StoreState(kind, "standby", False, serving, "streaming"))
+        readings.servers[service] = probed({serving: {"admin": "ready", "operational": "up"},
+                                            other: {"admin": "maint", "operational": "down"}})
+    return readings
+
+
+def derive(readings: Readings) -> list[Observation]:
+    inventory = lab_like_inventory()
+    return observations_from(layout_of(inventory), readings, inventory.sites)
+
+
+def test_a_standby_site_answering_503_is_alive_and_its_maintenance_servers_say_nothing() -> None:
+    observations = derive(healthy_readings())
+    assert all(item.ok for item in observations), [item for item in observations if not item.ok]
+    assert observers_of(observations, Target("site", "backup")) == {"direct:backup", "store-host:backup"}
+    assert observers_of(observations, Target("site", "primary")) == {
+        "direct:primary", "store-host:primary", "replication:primary", "haproxy:primary"}
+
+
+def test_a_service_is_judged_at_the_site_its_front_door_server_is_ready_for() -> None:
+    observations = derive(healthy_readings(serving="backup"))
+    assert observers_of(observations, Target("service", "trading")) == {"front-door", "direct:backup", "store",
+                                                                         "haproxy"}
+    assert all(item.ok for item in observations)
+
+
+def test_a_site_whose_replicas_lost_their_link_and_stores_are_gone_fails_those_observers() -> None:
+    readings = healthy_readings()
+    for service in SERVICES:
+        readings.direct[(service, "primary")] = probed(None, "connection refused")
+        readings.stores[(service, "primary")] = probed(None, "connection refused")
+        standby = readings.stores[(service, "backup")].value
+        assert standby is not None
+        readings.stores[(service, "backup")] = probed(StoreState(standby.kind, standby.role, False, "primary", None))
+    keyed = by_key(derive(readings))
+    site = Target("site", "primary")
+    for observer in ("direct:primary", "store-host:primary", "replication:primary"):
+        assert not keyed[(site, observer)].ok
+    assert "trading: connection refused" in keyed[(site, "direct:primary")].detail
+    assert keyed[(Target("site", "backup"), "store-host:backup")].ok
+
+
+# --- the lab -----------------------------------------------------------------------------------------
+
+
+def lab_inventory(lab: Lab) -> Inventory:
+    return load_inventory(str(lab.config.inventory_path))[0]
+
+
+@pytest.mark.lab
+def test_a_healthy_lab_gives_good_observations_of_every_service_and_site(lab: Lab) -> None:
+    inventory = lab_inventory(lab)
+    before = datetime.now(UTC)
+    observations = probe_all(inventory)
+    after = datetime.now(UTC)
+    assert [item for item in observations if not item.ok] == []
+    for service in SERVICES:
+        assert observers_of(observations, Target("service", service)) == SERVICE_OBSERVERS
+    assert observers_of(observations, Target("site", "primary")) == {
+        "direct:primary", "store-host:primary", "replication:primary", "haproxy:primary"}
+    assert observers_of(observations, Target("site", "backup")) == {"direct:backup", "store-host:backup"}
+    for item in observations:
+        assert before <= item.at <= after
+        assert 0 <= item.latency_s < 1.0
+        assert "\n" not in item.detail
+    assert "site=primary" in by_key(observations)[(Target("service", "trading"), "front-door")].detail
+
+
+def failing(observations: list[Observation]) -> dict[tuple[Target, str], Observation]:
+    return {key: item for key, item in by_key(observations).items() if not item.ok}
+
+
+def feed_until(agreement: Agreement, inventory: Inventory, target: Target, state: str,
+               timeout: float) -> list[Transition]:
+    transitions: list[Transition] = []
+
+    def reached() -> bool:
+        for item in probe_all(inventory):
+            transitions.extend(agreement.feed(item))
+        return agreement.state(target) == state
+
+    wait_for(reached, timeout, f"{target} {state}")
+    return transitions
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_a_killed_service_fails_its_own_observers_and_no_others(lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        inventory = lab_inventory(lab)
+        trading = Target("service", "trading")
+        lab.kill_service("trading", "primary")
+
+        def trading_failing() -> dict[tuple[Target, str], Observation] | None:
+            found = failing(probe_all(inventory))
+            return found if {(trading, "front-door"), (trading, "direct:primary")} <= set(found) else None
+
+        failed = wait_for(trading_failing, 15, "trading's front-door and direct observers to fail")
+        assert {target for target, _ in failed} == {trading}
+        assert failed[(trading, "direct:primary")].detail == "connection refused"
+        assert all(item.detail and "\n" not in item.detail for item in failed.values())
+
+        agreement = Agreement(confirm_s=0.5)
+        transitions = feed_until(agreement, inventory, trading, "down", 15)
+        assert {t.target for t in transitions} == {trading}
+        assert agreement.state(Target("site", "primary")) == "ok"
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+def test_a_killed_site_is_down_when_its_observers_agree(lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        inventory = lab_inventory(lab)
+        primary = Target("site", "primary")
+        agreement = Agreement(confirm_s=0.5)
+        for item in probe_all(inventory):
+            assert agreement.feed(item) == []
+        lab.kill_site("primary")
+        transitions = feed_until(agreement, inventory, primary, "down", 15)
+        down = next(t for t in transitions if t.target == primary and t.state == "down")
+        assert len(set(down.observers)) >= 2
+        assert set(down.observers) <= {"direct:primary", "store-host:primary", "replication:primary",
+                                        "haproxy:primary"}
+        assert lab.killed_at is not None
+        assert lab.killed_at <= down.impact_start <= lab.killed_at + timedelta(seconds=1.5)
+        assert down.at - down.impact_start >= timedelta(seconds=0.5)
+        assert agreement.state(Target("site", "backup")) == "ok"
