@@ -37,7 +37,8 @@ def incidents_list(ctx: click.Context, limit: int, output: str) -> None:
 @output_option
 @click.pass_context
 def incidents_show(ctx: click.Context, incident_id: str, output: str) -> None:
-    """Its runs in order with state and RTO/RPO, and the impact start with how it was determined."""
+    """Its runs in order with state and RTO/RPO, the impact start with how it was determined, its
+    lifecycle (detected, decided, executing, restored, closed) with the RTO's parts, and its messages."""
     from dr_orchestrator.evidence.incidents import incident_detail
     from dr_orchestrator.progress import print_incident
 
@@ -49,3 +50,22 @@ def incidents_show(ctx: click.Context, incident_id: str, output: str) -> None:
         click.echo(json.dumps(detail, indent=2))
     else:
         print_incident(detail)
+
+
+@incidents.command("say")
+@click.argument("incident_id")
+@click.argument("text")
+@click.pass_context
+def incidents_say(ctx: click.Context, incident_id: str, text: str) -> None:
+    """Publish TEXT as a message of the incident on the public status page (/status, signed "the DR
+    team"); who said it is kept in the evidence."""
+    from dr_orchestrator.evidence.incidents import IncidentError, say
+    from dr_orchestrator.model.events import utcnow
+    from dr_orchestrator.plans import default_actor
+
+    with session_factory(ctx)() as session, session.begin():
+        try:
+            say(session, incident_id, text, default_actor(), utcnow())
+        except IncidentError as exc:
+            raise UserError(str(exc)) from None
+    click.echo(f"published on the status page for incident {incident_id}")

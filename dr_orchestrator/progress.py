@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dr_orchestrator.model.durations import format_duration
@@ -158,6 +159,10 @@ def print_incident(detail: dict[str, Any], out: Console | None = None) -> None:
               f"{incident['declared_at'] or 'none'}")
     out.print(f"  impact start: {incident['impact_start'] or 'not known yet'}"
               + (f" ({incident['impact_start_method']})" if incident["impact_start_method"] else ""))
+    if incident.get("target_kind"):
+        out.print(f"  hits {incident['target_kind']} {incident['target_name']} (services: "
+                  f"{', '.join(incident['services'] or []) or 'none named'}); level {incident['level'] or '-'}; "
+                  f"source {incident['source']}; state {_state(incident['state'])}")
     table = Table("run", "kind", "state", "started", "service", "RTO achieved / target", "RPO achieved / target",
                   "counted from", title="runs, in the order they started")
     for run in detail["runs"]:
@@ -176,6 +181,26 @@ def print_incident(detail: dict[str, Any], out: Console | None = None) -> None:
         out.print(f"  notified {note.get('channel')} {note.get('target')} at {note.get('at')} (run "
                   f"{note['run_id'][:8]}, step {note['step_id']}): {verdict}"
                   + (f" ({note['detail']})" if note.get("detail") else ""))
+    if detail.get("events"):
+        _print_lifecycle(detail["timeline"], detail["events"], out)
+
+
+def _print_lifecycle(timeline: dict[str, Any], events: list[dict[str, Any]], out: Console) -> None:
+    """The incident's moments with the RTO's parts between them, then every event as recorded."""
+    table = Table("moment", "at", "part", "took", title="lifecycle: RTO = detection + decision + execution")
+    for moment, part in (("impact_start", None), ("detected", "detection"), ("decided", "decision"),
+                         ("executing", None), ("restored", "execution"), ("closed", None)):
+        took = timeline.get(f"{part}_s") if part else None
+        table.add_row(moment.replace("_", " "), str(timeline[moment] or "-"), part or "",
+                      format_duration(took) if took is not None else "")
+    out.print(table)
+    rto = timeline["rto_s"]
+    out.print(f"  RTO {format_duration(rto) if rto is not None else 'not restored yet'}; runs: "
+              f"{', '.join(run_id[:8] for run_id in timeline['run_ids']) or 'none'}")
+    for event in events:
+        said = event["data"].get("text") if event["kind"] == "message" else None
+        out.print(f"  {event['at']} {event['kind']} by {escape(event['actor'])}: "
+                  + escape(said if said is not None else _short(event["data"], 120)), highlight=False)
 
 
 def print_run_list(rows: list[dict[str, Any]], out: Console | None = None) -> None:

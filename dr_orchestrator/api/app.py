@@ -28,7 +28,8 @@ HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 DESCRIPTION = """RTO/RPO evidence, reports and packs for compliance; runs, drills and approvals for engineers.
 
-Every request needs an API token (`dr tokens create --name N --role R`) as `Authorization: Bearer TOKEN`.
+Every request needs an API token (`dr tokens create --name N --role R`) as `Authorization: Bearer TOKEN`,
+except the public status page (`/status`, `/status.json`: read-only) and the dashboard's sign-in pages.
 Roles: **compliance** reads evidence, reports, packs and metrics; **engineer** may also start runs and
 drills and approve or reject waiting steps; **admin** may also manage tokens. Missing, unknown, expired
 or revoked token: 401; a role too low: 403; a malformed value in the path, query or body: 422 naming it.
@@ -44,10 +45,11 @@ class ApiSettings:
     inventories_dir: str = "inventories"
     drills_dir: str = "failover_tests"
     signing_key: str | None = None  # reference to the pack signing key; default $DR_PACK_SIGNING_KEY
+    status_services: tuple[str, ...] = ()  # what /status lists; default: the services the evidence knows
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
-    from dr_orchestrator.api import dashboard, routes_read, routes_write
+    from dr_orchestrator.api import dashboard, routes_read, routes_write, status
 
     sessions = session_factory_for(settings.database_url)
     launcher = Launcher(sessions, settings.runbooks_dir, settings.inventories_dir)
@@ -71,6 +73,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_read.router)
     app.include_router(routes_write.router)
     app.include_router(dashboard.router)
+    app.include_router(status.router)
     return app
 
 

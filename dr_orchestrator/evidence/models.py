@@ -44,7 +44,9 @@ class Recorded:
 
 class Incident(Recorded, Base):
     """One disruption, from its impact start on, linking its runs (attempts, retries, the failback).
-    Only the impact start (and how it was determined) changes, as earlier failures become known."""
+    Only the impact start (and how it was determined) changes as earlier failures become known, and
+    its state, level and labels as its lifecycle goes on (each change an ``IncidentEvent`` too).
+    The lifecycle columns are NULL on incidents recorded before them."""
 
     __tablename__ = "incidents"
 
@@ -55,8 +57,33 @@ class Incident(Recorded, Base):
     impact_start_method: Mapped[str | None] = mapped_column(Text, comment="how impact_start was determined")
     declared_at: Mapped[datetime | None] = mapped_column(comment="the incident time declared when it was created")
     title: Mapped[str] = mapped_column(Text)
+    target_kind: Mapped[str | None] = mapped_column(String(10), comment="service | site; None: opened by a run")
+    target_name: Mapped[str | None] = mapped_column(NAME)
+    services: Mapped[list[Any] | None] = mapped_column(comment="the services it hits, as the status page names them")
+    level: Mapped[str | None] = mapped_column(NAME, comment="the inventory's severity level")
+    source: Mapped[str | None] = mapped_column(
+        String(50), comment="watch | alert:alertmanager | alert:webhook | manual run")
+    state: Mapped[str | None] = mapped_column(
+        STATE, comment="open | detected | decided | executing | restored | closed")
+    labels: Mapped[dict[str, Any] | None]
 
-    __table_args__ = (Index(None, "created_at"),)
+    __table_args__ = (Index(None, "created_at"), Index(None, "target_kind", "target_name", "state"))
+
+
+class IncidentEvent(Recorded, Base):
+    """One moment of an incident's lifecycle (suspected, detected, decided, executing, restored,
+    closed), a status message published (``message``) or a change of what is known (``updated``)."""
+
+    __tablename__ = "incident_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    incident_id: Mapped[str] = mapped_column(String(64), ForeignKey("incidents.id"))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(STATE)
+    actor: Mapped[str] = mapped_column(NAME)
+    data: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index(None, "incident_id", "at"), Index(None, "kind", "at"))
 
 
 class Run(Recorded, Base):
@@ -344,6 +371,7 @@ class AuditEntry(Base):
 # Every evidence table, in the order verification reads them; each row written is chained.
 CHAINED: tuple[type[Base], ...] = (
     Incident,
+    IncidentEvent,
     Run,
     RunService,
     StepRecord,
