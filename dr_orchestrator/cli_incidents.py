@@ -69,3 +69,24 @@ def incidents_say(ctx: click.Context, incident_id: str, text: str) -> None:
         except IncidentError as exc:
             raise UserError(str(exc)) from None
     click.echo(f"published on the status page for incident {incident_id}")
+
+
+@incidents.command("close")
+@click.argument("incident_id")
+@click.option("--reason", required=True, help="why: restored and checked, a false alarm, ...")
+@click.pass_context
+def incidents_close(ctx: click.Context, incident_id: str, reason: str) -> None:
+    """Close the incident: a new disruption of its target opens a new one, and the status page stops
+    showing it (a restored service still says restored-recently for a day)."""
+    from dr_orchestrator.evidence.incidents import IncidentError, record_incident_event
+    from dr_orchestrator.model.events import utcnow
+    from dr_orchestrator.plans import default_actor
+
+    if not reason.strip():
+        raise UserError("--reason is blank: say why the incident is closed")
+    with session_factory(ctx)() as session, session.begin():
+        try:
+            record_incident_event(session, incident_id, "closed", utcnow(), default_actor(), {"reason": reason})
+        except IncidentError as exc:
+            raise UserError(str(exc)) from None
+    click.echo(f"incident {incident_id} closed")

@@ -196,7 +196,7 @@ def test_a_run_started_on_the_incident_is_recorded_as_executing_once(sessions: s
     assert timeline["rto_s"] == pytest.approx((restored - impact).total_seconds(), abs=1e-6)
 
 
-def test_dr_incidents_show_has_the_lifecycle_and_a_tampered_event_is_found_by_dr_evidence_verify(
+def test_dr_incidents_show_and_close_and_a_tampered_event_is_found_by_dr_evidence_verify(
         sessions: sessionmaker[Session], database_url: str, tmp_path: Path) -> None:
     with sessions() as session, session.begin():
         incident_id = open_incident(session)
@@ -216,6 +216,17 @@ def test_dr_incidents_show_has_the_lifecycle_and_a_tampered_event_is_found_by_dr
     text_view = dr("incidents", "show", incident_id, db=database_url, cwd=tmp_path).stdout
     assert "detection" in text_view and "RTO 4.500s" in text_view
     assert "We are failing trading over to the backup site." in text_view
+
+    closed = dr("incidents", "close", incident_id, "--reason", "restored and checked", db=database_url, cwd=tmp_path)
+    assert closed.returncode == 0, closed.stderr
+    again = dr("incidents", "close", incident_id, "--reason", "twice", db=database_url, cwd=tmp_path)
+    blank = dr("incidents", "close", incident_id, "--reason", " ", db=database_url, cwd=tmp_path)
+    assert (again.returncode, again.stderr.strip()) == (2, f"Error: incident '{incident_id}' is closed: it cannot "
+                                                           "become closed")
+    assert (blank.returncode, blank.stderr.strip()) == (2, "Error: --reason is blank: say why the incident is closed")
+    with sessions() as session:
+        assert state_of(session, incident_id) == "closed"
+        assert events_of(session, incident_id)[-1][::3] == ("closed", {"reason": "restored and checked"})
 
     verified = dr("evidence", "verify", db=database_url, cwd=tmp_path)
     assert verified.returncode == 0 and verified.stdout.startswith("intact:"), verified.stdout + verified.stderr
