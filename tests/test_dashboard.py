@@ -168,3 +168,25 @@ def test_the_dashboard_without_a_token_asks_for_one(served: tuple[Server, str]) 
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard"
     cookie = signed_in.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+
+
+def test_the_status_page_renders_a_message_as_text_without_a_token(served: tuple[Server, str]) -> None:
+    from datetime import timedelta
+
+    from dr_orchestrator.evidence import incidents
+    from dr_orchestrator.evidence.database import session_factory_for
+    from dr_orchestrator.model.events import utcnow
+
+    server, url = served
+    with session_factory_for(url)() as session, session.begin():
+        incident_id = incidents.open_or_update_incident(
+            session, target_kind="service", target_name="trading", impact_start=utcnow() - timedelta(seconds=5),
+            detected_at=utcnow(), source="watch", level="serious", title="trading down", actor="dr watch", labels={})
+        incidents.say(session, incident_id, "<script>document.title = 'ran'</script>Trading is down.", "erin",
+                      utcnow())
+    shown = chromium("--virtual-time-budget=2000", "--dump-dom", f"{server.base}/status")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    dom = shown.stdout
+    assert "<title>Service status</title>" in dom  # the message's script never ran
+    assert "&lt;script&gt;document.title = 'ran'&lt;/script&gt;Trading is down." in dom
+    assert re.search(r'<td>trading</td><td class="outage">outage</td>', dom)
