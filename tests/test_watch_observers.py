@@ -21,6 +21,7 @@ from dr_orchestrator.watch.observations import Observation, Target, Transition
 from dr_orchestrator.watch.observers import (
     Health,
     Probed,
+    Prober,
     Readings,
     StoreState,
     layout_of,
@@ -114,6 +115,18 @@ def test_a_site_whose_replicas_lost_their_link_and_stores_are_gone_fails_those_o
     assert keyed[(Target("site", "backup"), "store-host:backup")].ok
 
 
+def test_a_front_door_server_whose_newest_health_check_failed_fails_the_haproxy_observers() -> None:
+    readings = healthy_readings()
+    servers = readings.servers["trading"].value
+    assert servers is not None
+    servers["primary"]["last_check"] = "failed"  # still up: HAProxy waits for `fall` failed checks
+    keyed = by_key(derive(readings))
+    haproxy = keyed[(Target("service", "trading"), "haproxy")]
+    assert not haproxy.ok
+    assert haproxy.detail == "server primary of backend trading: ready, up, last check failed"
+    assert keyed[(Target("site", "primary"), "haproxy:primary")].ok  # the other services' servers pass
+
+
 # --- the lab -----------------------------------------------------------------------------------------
 
 
@@ -140,10 +153,6 @@ def test_a_healthy_lab_gives_good_observations_of_every_service_and_site(lab: La
     assert "site=primary" in by_key(observations)[(Target("service", "trading"), "front-door")].detail
 
 
-def failing(observations: list[Observation]) -> dict[tuple[Target, str], Observation]:
-    return {key: item for key, item in by_key(observations).items() if not item.ok}
-
-
 def feed_until(agreement: Agreement, inventory: Inventory, target: Target, state: str,
                timeout: float) -> list[Transition]:
     transitions: list[Transition] = []
@@ -159,24 +168,37 @@ def feed_until(agreement: Agreement, inventory: Inventory, target: Target, state
 
 @pytest.mark.lab
 @pytest.mark.slow
-def test_a_killed_service_fails_its_own_observers_and_no_others(lab_factory: LabFactory) -> None:
+def test_a_killed_service_fails_its_own_observers_only_and_is_down_by_agreement(lab_factory: LabFactory) -> None:
     with lab_factory() as lab:
         inventory = lab_inventory(lab)
         trading = Target("service", "trading")
-        lab.kill_service("trading", "primary")
-
-        def trading_failing() -> dict[tuple[Target, str], Observation] | None:
-            found = failing(probe_all(inventory))
-            return found if {(trading, "front-door"), (trading, "direct:primary")} <= set(found) else None
-
-        failed = wait_for(trading_failing, 15, "trading's front-door and direct observers to fail")
-        assert {target for target, _ in failed} == {trading}
-        assert failed[(trading, "direct:primary")].detail == "connection refused"
-        assert all(item.detail and "\n" not in item.detail for item in failed.values())
-
         agreement = Agreement(confirm_s=0.5)
-        transitions = feed_until(agreement, inventory, trading, "down", 15)
-        assert {t.target for t in transitions} == {trading}
+        rounds: list[list[Observation]] = []
+        transitions: list[Transition] = []
+
+        def trading_down() -> bool:
+            rounds.append(prober())
+            transitions.extend(t for item in rounds[-1] for t in agreement.feed(item))
+            return agreement.state(trading) == "down"
+
+        with Prober(inventory) as prober:
+            assert [item for item in prober() if not item.ok] == []
+            lab.kill_service("trading", "primary")
+            wait_for(trading_down, 15, "trading down")
+
+        failed = [item for observations in rounds for item in observations if not item.ok]
+        assert {item.target for item in failed} == {trading}
+        assert {"front-door", "direct:primary"} <= {item.observer for item in failed}
+        # A kept connection to the killed process is reset, a new one refused.
+        direct = [item.detail for item in failed if item.observer == "direct:primary"]
+        assert set(direct) <= {"Connection reset by peer", "connection refused"}
+        assert direct[-1] == "connection refused"
+        assert all(item.detail and "\n" not in item.detail for item in failed)
+        # While the front door retries the dead server (a second), rounds go on without waiting for it.
+        assert any(any(not item.ok and item.observer == "direct:primary" for item in observations)
+                   and not any(item.observer == "front-door" and item.target == trading for item in observations)
+                   for observations in rounds)
+        assert {(t.target, t.state) for t in transitions} == {(trading, "suspect"), (trading, "down")}
         assert agreement.state(Target("site", "primary")) == "ok"
 
 

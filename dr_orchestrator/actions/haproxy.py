@@ -32,6 +32,8 @@ SOCKET_TIMEOUT_S = 2.0
 MAINT_BITS = 0x01 | 0x02 | 0x20
 DRAIN_BITS = 0x08 | 0x10
 OPERATIONAL = {"0": "down", "1": "starting", "2": "up", "3": "stopping"}
+# srv_check_result: the newest health check's outcome (a server stays up until `fall` checks failed).
+CHECK_RESULTS = {"0": "unknown", "1": "neutral", "2": "failed", "3": "passed", "4": "passed"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def servers_state(path: str, backend: Backend, timeout: float) -> dict[str, dict
                 "admin": "maint" if admin & MAINT_BITS else "drain" if admin & DRAIN_BITS else "ready",
                 "operational": OPERATIONAL.get(row.get("srv_op_state", ""), row.get("srv_op_state")),
                 "weight": int(row.get("srv_uweight", "0")),
+                "last_check": CHECK_RESULTS.get(row.get("srv_check_result", ""), "unknown"),
             }
     if not states:
         raise ActionError(f"HAProxy knows no servers of backend {backend.haproxy_name!r}: {answer.strip()[:200]}")

@@ -1,7 +1,7 @@
 """The watch's probes, and what each independent observer makes of them.
 
-One round (``probe_all``) sends every probe at once and waits for all of them (each at most
-``timeout_s``, 1 s by default: a slow answer is an answer, not a failure):
+A round sends every probe at once, each with a timeout (``timeout_s``, 1 s by default: a slow answer
+is an answer, not a failure):
 
 - each service's public health URL (``health``: through the front door);
 - each service's own ``/health`` at each site (``vars.urls[site]`` + ``vars.health_path``);
@@ -20,13 +20,19 @@ From those, one Observation per observer and target, stamped with the probe's se
 - site targets: ``direct:SITE`` (some service there answers, with its store reachable),
   ``store-host:SITE`` (some store there answers), ``replication:SITE`` (some standby or replica at
   another site still streams from it), ``haproxy:SITE`` (some front-door server there that is not in
-  maintenance is up). An observer with nothing to say about a target (no replica follows the site,
-  the admin socket does not answer) says nothing rather than something false.
+  maintenance is up). A front-door server counts as up only while its newest health check passed.
+  An observer with nothing to say about a target (no replica follows the site, the admin socket does
+  not answer) says nothing rather than something false.
+
+``probe_all`` is one complete round. A resident watch keeps a ``Prober``: its rounds never wait for a
+slow probe (its verdict comes in a later round, stamped with its own send time) and keep HTTP
+connections open.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -286,8 +292,8 @@ def _reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     if "refused" in text.lower():
         return "connection refused"
-    line = text.splitlines()[0]
-    return " ".join(line.rpartition("failed: ")[2].split())[:200] or type(exc).__name__
+    line = re.sub(r"^\[Errno \d+\] ", "", text.splitlines()[0].rpartition("failed: ")[2])
+    return " ".join(line.split())[:200] or type(exc).__name__
 
 
 def _health(client: httpx.Client, url: str) -> Health:
@@ -377,10 +383,19 @@ def _service_observations(target: Target, service: Service, readings: Readings) 
     servers = readings.servers.get(service.name)
     if servers is not None and servers.value is not None and site in servers.value:
         state = servers.value[site]
-        found.append(Observation("haproxy", target, state["admin"] == "ready" and state["operational"] == "up",
-                                 servers.at, servers.latency_s,
-                                 f"server {site} of backend {service.name}: {state['admin']}, {state['operational']}"))
+        found.append(Observation("haproxy", target, state["admin"] == "ready" and _serves(state), servers.at,
+                                 servers.latency_s, f"server {site} of backend {service.name}: {_server(state)}"))
     return found
+
+
+def _serves(server: dict[str, Any]) -> bool:
+    """Up, and its newest health check did not fail: HAProxy keeps a server up until ``fall`` checks failed,
+    and the first failed one is the earlier sign."""
+    return bool(server["operational"] == "up" and server.get("last_check") != "failed")
+
+
+def _server(server: dict[str, Any]) -> str:
+    return f"{server['admin']}, {server['operational']}, last check {server.get('last_check', 'unknown')}"
 
 
 def _single(observer: str, target: Target, probed: Probed[T], judge: Callable[[T], tuple[bool, str]]) -> Observation:
@@ -403,8 +418,7 @@ def _site_observations(target: Target, readings: Readings) -> list[Observation]:
         _any_good(f"direct:{site}", target, direct, lambda health: health.alive, Health.describe),
         _any_good(f"store-host:{site}", target, stores, lambda state: True, StoreState.describe),
         _any_good(f"replication:{site}", target, replicas, lambda state: state.streaming, StoreState.describe),
-        _any_good(f"haproxy:{site}", target, servers, lambda state: state["operational"] == "up",
-                  lambda state: f"{state['admin']}, {state['operational']}"),
+        _any_good(f"haproxy:{site}", target, servers, _serves, _server),
     ]
     return [observation for observation in found if observation is not None]
 
