@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -178,19 +179,24 @@ def test_a_run_started_on_the_incident_is_recorded_as_executing_once(sessions: s
             session, target_kind="service", target_name="trading", impact_start=impact, detected_at=utcnow(),
             source="watch", level="serious", title="service trading down", actor="dr watch", labels={})
     plan = build_plan(str(RUNBOOKS / "restore-trading.yml"), str(INVENTORY), incident_at=impact, started_by="alice")
-    outcome = execute(sessions, plan.model_copy(update={"incident_id": incident_id}))
-    assert outcome.state == "succeeded", outcome.error
+    on_incident = plan.model_copy(update={"incident_id": incident_id})
+    by_hand = execute(sessions, on_incident)  # a person's run on the incident: the run records executing
+    assert by_hand.state == "succeeded", by_hand.error
+    watched = str(uuid.uuid4())  # the watch's run: it recorded executing before the run started
     with sessions() as session, session.begin():
-        restored = incidents.restored_at(session, outcome.run_id)
+        incidents.record_incident_event(session, incident_id, "executing", utcnow(), "dr watch", {"run_id": watched})
+    assert execute(sessions, on_incident, run_id=watched).state == "succeeded"
+    with sessions() as session, session.begin():
+        restored = incidents.restored_at(session, watched)
         assert restored is not None and restored > impact
-        incidents.record_incident_event(session, incident_id, "restored", restored, "dr watch",
-                                        {"run_id": outcome.run_id})
+        incidents.record_incident_event(session, incident_id, "restored", restored, "dr watch", {"run_id": watched})
     with sessions() as session:
         kinds = [(kind, actor, data.get("run_id")) for kind, _at, actor, data in events_of(session, incident_id)]
         timeline = incidents.incident_timeline(session, incident_id)
-    assert kinds == [("detected", "dr watch", None), ("executing", "alice", outcome.run_id),
-                     ("restored", "dr watch", outcome.run_id)]
-    assert timeline["run_ids"] == [outcome.run_id]
+        assert verify_session(session).ok  # the store's writer chained the event and the state it moved
+    assert kinds == [("detected", "dr watch", None), ("executing", "alice", by_hand.run_id),
+                     ("executing", "dr watch", watched), ("restored", "dr watch", watched)]
+    assert timeline["run_ids"] == [by_hand.run_id, watched]
     assert datetime.fromisoformat(timeline["restored"]) == restored
     assert timeline["decision_s"] is None and timeline["execution_s"] is None  # no decision recorded
     assert timeline["rto_s"] == pytest.approx((restored - impact).total_seconds(), abs=1e-6)

@@ -246,7 +246,7 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
     """The id of the incident of this target that is not restored yet, else of a new one (state
     ``detected``, with its ``detected`` event). ``services``: those customers see hit (default: the
     target, when it is a service). A reused incident's impact start only moves earlier; its level
-    becomes ``level``, its labels gain ``labels``, another source is noted: the changes are one
+    becomes ``level`` (unless None), its labels gain ``labels``, another source is noted: the changes are one
     ``updated`` event. ``detail`` (observers, alert fields, ...) goes into that event. The caller commits."""
     if target_kind not in TARGET_KINDS:
         raise IncidentError(f"target kind {target_kind!r} is not one of {', '.join(TARGET_KINDS)}")
@@ -277,7 +277,7 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
     if incident.impact_start is None or impact_start < incident.impact_start:
         changes["impact_start"] = {"from": plain(incident.impact_start), "to": impact_start.isoformat()}
         incident.impact_start, incident.impact_start_method = impact_start, _text(method)
-    if level != incident.level:
+    if level is not None and level != incident.level:
         changes["level"] = {"from": incident.level, "to": level}
         incident.level = level
     merged = {**(incident.labels or {}), **_json(dict(labels or {}))}
