@@ -114,13 +114,24 @@ def test_impact_start_is_the_earliest_failure_of_the_agreeing_observers() -> Non
     assert down[0].observers == ("store", "front-door")
 
 
-def test_an_observer_failing_alone_long_before_does_not_move_impact_start_back() -> None:
+def test_a_slow_observer_joining_late_does_not_move_impact_start_forward() -> None:
+    agreement = Agreement()
+    # direct:primary sees the kill at once; HAProxy's health check fails 0.6 s later.
+    stream = [*rounds(0.0, 1.0, ()), *rounds(1.0, 1.6, ["direct:primary"]),
+              *rounds(1.6, 3.0, ["direct:primary", "haproxy"])]
+    down = [t for t in feed(agreement, stream) if t.state == "down"]
+    assert len(down) == 1
+    assert down[0].impact_start == at(1.0)
+    assert down[0].observers == ("direct:primary", "haproxy")
+
+
+def test_an_observer_already_failing_alone_moves_impact_start_back_never_forward() -> None:
     agreement = Agreement()
     stream = [*rounds(0.0, 30.0, ["haproxy"]), *rounds(30.0, 32.0, ["haproxy", "front-door", "direct:primary"])]
     down = [t for t in feed(agreement, stream) if t.state == "down"]
     assert len(down) == 1
-    assert down[0].impact_start == at(30.0)
-    assert "haproxy" in down[0].observers
+    assert down[0].impact_start == at(0.0)  # RTO overstated rather than understated
+    assert down[0].observers[0] == "haproxy"
 
 
 def test_an_observer_that_falls_silent_no_longer_holds_recovery_back() -> None:

@@ -5,9 +5,9 @@ observers agree it is *down*.
 - A target is suspect as soon as any observer's latest observation of it failed.
 - It is down when at least ``quorum`` observers (different names) have each been failing for at least
   ``confirm_s``, from their streak's first failure to their newest failing observation. Its impact
-  start is the earliest first failure among those agreeing observers, leaving out a streak that began
-  more than ``confirm_s`` before the quorum formed: that observer was failing alone (its own trouble)
-  and says nothing about when the outage began.
+  start is the earliest first failure among those agreeing observers: observers are not equally quick
+  (HAProxy checks a server once a second), and the first to see the outage saw its start. An observer
+  that had already been failing alone moves it back: RTO is then overstated, never understated.
 - It has recovered, after down or suspect, when every observer of it is good again. An observer that
   has said nothing about a target for ``silent_s`` (while others still report) no longer counts: e.g.
   ``direct:primary`` of a service that now serves from the backup site.
@@ -86,19 +86,14 @@ class Agreement:
             return None
         agreeing = {name: s for name, s in failing.items() if _failing_for(s) >= self._confirm}
         if len(agreeing) >= self.quorum:
-            judgement.state, judgement.impact_start = "down", self._impact_start(agreeing)
+            judgement.state = "down"
+            judgement.impact_start = min(_first_failure(s) for s in agreeing.values())
             return _transition(target, "down", now, judgement.impact_start, agreeing)
         if judgement.state == "ok":
             judgement.state = "suspect"
             judgement.impact_start = min(_first_failure(s) for s in failing.values())
             return _transition(target, "suspect", now, judgement.impact_start, failing)
         return None
-
-    def _impact_start(self, agreeing: dict[str, _Streak]) -> datetime:
-        starts = sorted(_first_failure(s) for s in agreeing.values())
-        quorum_formed = starts[self.quorum - 1]
-        return min(start for start in starts if quorum_formed - start <= self._confirm)
-
 
 def _first_failure(streak: _Streak) -> datetime:
     assert streak.first_failure is not None  # only failing streaks are asked

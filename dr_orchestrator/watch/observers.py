@@ -58,7 +58,7 @@ from dr_orchestrator.model.inventory import Inventory, Service
 from dr_orchestrator.watch.observations import Observation, Target
 
 PROBE_TIMEOUT_S = 1.0
-ROUND_WAIT_S = 0.2  # a round waits no longer for its probes; the slower ones report in a later round
+ROUND_WAIT_S = 0.1  # a round waits no longer for its probes; the slower ones report in a later round
 POSTGRES_STATE = (
     "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', "
     "(SELECT status FROM pg_stat_wal_receiver), (SELECT sender_host FROM pg_stat_wal_receiver)"
