@@ -20,8 +20,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence import incidents
-from dr_orchestrator.evidence.chain import verify_session
+from dr_orchestrator.evidence import chain, incidents, migrate
 from dr_orchestrator.evidence.database import make_engine
 from dr_orchestrator.evidence.models import Incident, IncidentEvent
 from dr_orchestrator.model.events import utcnow
@@ -193,7 +192,7 @@ def test_a_run_started_on_the_incident_is_recorded_as_executing_once(sessions: s
     with sessions() as session:
         kinds = [(kind, actor, data.get("run_id")) for kind, _at, actor, data in events_of(session, incident_id)]
         timeline = incidents.incident_timeline(session, incident_id)
-        assert verify_session(session).ok  # the store's writer chained the event and the state it moved
+        assert chain.verify_session(session).ok  # the store's writer chained the event and the state it moved
     assert kinds == [("detected", "dr watch", None), ("executing", "alice", by_hand.run_id),
                      ("executing", "dr watch", watched), ("restored", "dr watch", watched)]
     assert timeline["run_ids"] == [by_hand.run_id, watched]
@@ -237,7 +236,7 @@ def test_dr_incidents_show_and_close_and_a_tampered_event_is_found_by_dr_evidenc
     verified = dr("evidence", "verify", db=database_url, cwd=tmp_path)
     assert verified.returncode == 0 and verified.stdout.startswith("intact:"), verified.stdout + verified.stderr
     with sessions() as session:
-        assert verify_session(session).ok
+        assert chain.verify_session(session).ok
     engine = make_engine(database_url)
     try:
         with engine.begin() as conn:  # as a superuser could: the evidence triggers off
@@ -270,3 +269,25 @@ def test_postgres_refuses_rewriting_events_or_an_incident_s_identity_or_reopenin
     for statement, sentence in refused.items():
         with sessions() as session, pytest.raises(DBAPIError, match=sentence):
             session.execute(text(statement))
+
+
+def test_an_incident_recorded_before_the_lifecycle_stays_intact_through_dr_db_upgrade(
+        database_url: str, tmp_path: Path) -> None:
+    migrate.upgrade(database_url, "0006")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            moment = at(0.0) if conn.dialect.name == "postgresql" else at(0.0).isoformat()
+            conn.execute(text("INSERT INTO incidents (id, created_at, created_by, title, recorded_at) "
+                              "VALUES ('INC-OLD', :at, 'alice', 'before the lifecycle', :at)"), {"at": moment})
+            assert chain.adopt_unchained(conn) == 1
+    finally:
+        engine.dispose()
+    upgraded = dr("db", "upgrade", db=database_url, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    verified = dr("evidence", "verify", db=database_url, cwd=tmp_path)
+    assert verified.returncode == 0 and verified.stdout.startswith("intact: 1 chain entries"), verified.stdout
+    shown = dr("incidents", "show", "INC-OLD", "-o", "json", db=database_url, cwd=tmp_path)
+    detail = json.loads(shown.stdout)
+    assert (detail["incident"]["state"], detail["incident"]["target_kind"], detail["events"]) == (None, None, [])
+    assert detail["timeline"]["rto_s"] is None
