@@ -41,3 +41,43 @@ def watch_automation(ctx: click.Context, state: str | None, reason: str | None, 
         click.echo("automation has never been switched: each inventory's dr.watch.automation applies")
     else:
         click.echo(current.describe())
+
+
+@watch.command("run")
+@click.option("-i", "--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False),
+              help="the inventory to watch (its dr.watch section says how)")
+@click.pass_context
+def watch_run(ctx: click.Context, inventory_path: str) -> None:
+    """Watch every service and site until Ctrl-C or SIGTERM: open incidents when independent observers
+    agree that something is down, and act by the inventory's policies."""
+    import logging
+    import signal
+    import threading
+
+    from dr_orchestrator.loading import load_inventory, watch_runbook_problems
+    from dr_orchestrator.watch.service import Watch
+    from dr_orchestrator.yamlsource import LoadError
+
+    try:
+        inventory, document = load_inventory(inventory_path)
+    except LoadError as exc:
+        raise UserError("; ".join(str(problem) for problem in exc.problems)) from None
+    problems = watch_runbook_problems(inventory, document)
+    if problems:
+        raise UserError("; ".join(str(problem) for problem in problems))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from dr_orchestrator.watch.observers import ObserverSetupError
+
+    try:
+        watcher = Watch(inventory_path, session_factory(ctx))
+    except ObserverSetupError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"watching {inventory.name}: {len(inventory.services)} services, {len(inventory.sites)} sites "
+               f"(Ctrl-C to stop)")
+    try:
+        watcher.run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+    click.echo("watch stopped")

@@ -1,0 +1,255 @@
+"""The watch: observe every service and site, agree on what is down, decide by policy, act.
+
+One loop: a probe round every ``interval`` (``observers.probe_all``), every observation fed to the
+agreement rule. A service or site that becomes *down* (independent observers agree) opens or joins an
+incident with its impact start (the first failed observation) and detection time, is classified and
+decided (``policy.decide``), and then: ``auto`` runs the mapped runbook at once (trigger
+``automatic``, the impact start as the incident time, so the run's RTO counts from it); ``approve``
+waits until two distinct people approve the incident (``dr incidents approve``), then runs it;
+``notify`` only records and tells. Each step is an incident event in the evidence chain.
+
+A site going down takes precedence over its services: a service whose serving site is itself
+suspect waits (at most ``site_grace_s``) for the site's verdict, so a site loss runs the site
+runbook once instead of one runbook per service.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dr_orchestrator.watch.agreement import Agreement
+from dr_orchestrator.watch.observations import Observation, Target, Transition
+
+log = logging.getLogger(__name__)
+
+WATCH_ACTOR = "dr watch"
+
+
+@dataclass
+class PendingService:
+    """A service found down while its serving site was suspect: decided once the site's verdict is in."""
+
+    transition: Transition
+    site: str
+    until: float  # monotonic deadline
+
+
+@dataclass
+class ActiveRun:
+    incident_id: str
+    run_id: str
+    thread: threading.Thread
+    targets: set[Target] = field(default_factory=set)
+
+
+class Watch:
+    """``run(stop)`` until ``stop`` is set; ``round()`` once (tests drive it)."""
+
+    def __init__(self, inventory_path: str, sessions: sessionmaker[Session], *,
+                 probe: Callable[[], list[Observation]] | None = None,
+                 execute: Callable[..., Any] | None = None,
+                 confirm_s: float | None = None) -> None:
+        from dr_orchestrator.loading import load_inventory
+        from dr_orchestrator.watch import observers, policy
+
+        self.inventory_path = inventory_path
+        self.inventory, _ = load_inventory(inventory_path)
+        self.settings = policy.settings_of(self.inventory)
+        self.sessions = sessions
+        self.interval_s = self.settings.interval
+        self.agreement = Agreement(confirm_s=self.settings.confirm if confirm_s is None else confirm_s)
+        self.site_grace_s = 2 * self.agreement.confirm_s
+        # The resident prober: warm clients, and a slow probe never holds a round back.
+        self.prober: observers.Prober | None = None
+        if probe is None:
+            self.prober = probe = observers.Prober(self.inventory)
+        self.probe = probe
+        self.execute = execute or _execute_plan
+        self.pending: list[PendingService] = []
+        self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
+        self.serving: dict[str, str] = {}  # service -> the site that served it at its newest observation
+        self.active: list[ActiveRun] = []
+        self.last_automatic: dict[Target, datetime] = {}
+        self.rounds = 0
+        self.lock = threading.Lock()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        log.info("watching %s every %.0f ms", self.inventory.name, self.interval_s * 1000)
+        next_at = time.monotonic()
+        while not stop.is_set():
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 - one bad round must not end the watch
+                log.exception("watch round failed")
+            next_at += self.interval_s
+            delay = next_at - time.monotonic()
+            if delay < 0:
+                next_at = time.monotonic()
+            else:
+                stop.wait(delay)
+        for active in list(self.active):
+            active.thread.join()
+        if self.prober is not None:
+            self.prober.close()
+
+    def round(self) -> None:
+        transitions: list[Transition] = []
+        observations = self.probe()
+        if self.rounds == 0:
+            log.info("first round: %d observations, %d failing", len(observations),
+                     sum(not o.ok for o in observations))
+        self.rounds += 1
+        for observation in observations:
+            if observation.ok and observation.target.kind == "service" and observation.observer == "front-door":
+                site = _site_in(observation.detail)
+                if site:
+                    self.serving[observation.target.name] = site
+            transitions += self.agreement.feed(observation)
+        # Sites first: a site's verdict decides what happens to the services it serves.
+        for transition in sorted(transitions, key=lambda t: t.target.kind != "site"):
+            self.on_transition(transition)
+        self.decide_pending()
+        self.active = [active for active in self.active if active.thread.is_alive()]
+
+    # -- transitions ---------------------------------------------------------------------------------
+
+    def on_transition(self, transition: Transition) -> None:
+        target = transition.target
+        if transition.state == "recovered":
+            self.states.pop(target, None)
+            return
+        self.states[target] = transition.state
+        if transition.state != "down":
+            return
+        if target.kind == "service":
+            site = self.serving.get(target.name)
+            if site is not None and self.states.get(Target("site", site)) == "down":
+                return  # the site's incident covers it
+            if site is not None and self.states.get(Target("site", site)) == "suspect":
+                self.pending.append(PendingService(transition, site, time.monotonic() + self.site_grace_s))
+                return
+        self.handle_down(transition)
+
+    def decide_pending(self) -> None:
+        still: list[PendingService] = []
+        for pending in self.pending:
+            site_state = self.states.get(Target("site", pending.site))
+            if site_state == "down":
+                continue  # covered by the site's incident
+            if site_state == "suspect" and time.monotonic() < pending.until:
+                still.append(pending)
+                continue
+            if self.states.get(pending.transition.target) == "down":
+                self.handle_down(pending.transition)
+        self.pending = still
+
+    def busy(self, target: Target) -> bool:
+        return any(target in active.targets for active in self.active if active.thread.is_alive())
+
+    def handle_down(self, transition: Transition) -> None:
+        from dr_orchestrator.evidence import incidents
+        from dr_orchestrator.watch import automation, policy
+
+        target = transition.target
+        if self.busy(target):
+            return
+        with self.sessions() as session, session.begin():
+            site = self.serving.get(target.name) if target.kind == "service" else None
+            decision = policy.decide(self.settings, self.inventory, target, now=transition.at,
+                                     labels={"site": site} if site else {},
+                                     last_automatic_run=self.last_automatic.get(target),
+                                     automation=automation.automation_state(session, self.settings.automation),
+                                     inventory_dir=Path(self.inventory_path).parent)
+            covered = [target.name] if target.kind == "service" else \
+                sorted(name for name, serving in self.serving.items() if serving == target.name)
+            incident_id = incidents.open_or_update_incident(
+                session, target_kind=target.kind, target_name=target.name, impact_start=transition.impact_start,
+                detected_at=transition.at, source="watch", level=decision.level,
+                title=f"{target.kind} {target.name} down", actor=WATCH_ACTOR, services=covered,
+                impact_start_method="first failed observation",
+                detail={"observers": list(transition.observers), "details": list(transition.details)})
+            incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, {
+                "level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
+                "parameters": dict(decision.parameters), "reasons": list(decision.reasons)})
+        log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
+                    transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons))
+        if decision.policy == "auto" and decision.runbook is not None:
+            self.last_automatic[target] = transition.at
+            self.start_run(incident_id, target, decision.runbook, decision.parameters, transition.impact_start,
+                           f"dr watch: {target.kind} {target.name} down ({decision.level}, policy auto)")
+
+    def start_run(self, incident_id: str, target: Target, runbook: str, parameters: Mapping[str, Any],
+                  impact_start: datetime, reason: str) -> None:
+        targets = {target}
+        if target.kind == "site":
+            targets |= {Target("service", name) for name, site in self.serving.items() if site == target.name}
+        holder: dict[str, str] = {}
+        ready = threading.Event()
+
+        def run() -> None:
+            self.execute(self, incident_id, runbook, dict(parameters), impact_start, reason, holder, ready)
+
+        thread = threading.Thread(target=run, name=f"watch-run-{target.name}", daemon=False)
+        thread.start()
+        ready.wait(5.0)
+        self.active.append(ActiveRun(incident_id, holder.get("run_id", "?"), thread, targets))
+
+
+def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict[str, Any], impact_start: datetime,
+                  reason: str, holder: dict[str, str], ready: threading.Event) -> None:
+    """Build the plan, record ``executing``, run it through the one run composition, record the end."""
+    import uuid
+
+    from dr_orchestrator import runner
+    from dr_orchestrator.evidence import incidents
+    from dr_orchestrator.plans import build_plan
+
+    run_id = str(uuid.uuid4())
+    holder["run_id"] = run_id
+    try:
+        plan = build_plan(runbook, watch.inventory_path, parameters, incident_at=impact_start, started_by=WATCH_ACTOR,
+                          reason=reason, trigger="automatic")
+        plan = plan.model_copy(update={"incident_id": incident_id})
+    except Exception as exc:  # noqa: BLE001 - recorded on the incident; the watch goes on
+        ready.set()
+        with watch.sessions() as session, session.begin():
+            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
+                                            {"error": f"the runbook {runbook} could not be planned: {exc}"})
+        return
+    with watch.sessions() as session, session.begin():
+        incidents.record_incident_event(session, incident_id, "executing", _now(), WATCH_ACTOR,
+                                        {"run_id": run_id, "runbook": runbook})
+    ready.set()
+    outcome = runner.execute(watch.sessions, plan, run_id=run_id)
+    with watch.sessions() as session, session.begin():
+        restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
+        if restored_at is not None:
+            incidents.record_incident_event(session, incident_id, "restored", restored_at, WATCH_ACTOR,
+                                            {"run_id": run_id})
+        else:
+            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
+                                            {"run_id": run_id, "run_state": str(outcome.state),
+                                             "error": outcome.error})
+
+
+def _site_in(detail: str) -> str | None:
+    """The serving site a front-door observation names ("... site=backup ...")."""
+    for part in detail.split():
+        if part.startswith("site="):
+            return part[5:]
+    return None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

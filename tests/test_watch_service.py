@@ -1,0 +1,147 @@
+"""The watch service's decisions, driven by synthetic observations: what runs (and what does not) when
+a site or a service goes down, and what the incident records. No lab: the runs are recorded, not made."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from dr_orchestrator.evidence.incidents import incident_detail, incident_timeline, list_incidents
+from dr_orchestrator.watch.automation import switch_automation
+from dr_orchestrator.watch.observations import Observation, Target
+from dr_orchestrator.watch.service import Watch
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_INVENTORY = str(REPO / "inventories" / "lab.yml")
+T0 = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
+SERVICES = ("trading", "contract-signing", "quotation")
+
+
+@dataclass
+class Script:
+    """Rounds of observations the watch will see, one list per round."""
+
+    rounds: list[list[Observation]] = field(default_factory=list)
+
+    def __call__(self) -> list[Observation]:
+        return self.rounds.pop(0) if self.rounds else []
+
+
+@dataclass
+class Executed:
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, watch: Watch, incident_id: str, runbook: str, parameters: dict[str, Any],
+                 impact_start: datetime, reason: str, holder: dict[str, str], ready: threading.Event) -> None:
+        holder["run_id"] = f"run-{len(self.calls)}"
+        self.calls.append({"incident": incident_id, "runbook": Path(runbook).name, "parameters": parameters,
+                           "impact_start": impact_start})
+        ready.set()
+
+
+def seen(observer: str, kind: str, name: str, ok: bool, at_s: float, detail: str = "") -> Observation:
+    return Observation(observer=observer, target=Target(kind, name), ok=ok,  # type: ignore[arg-type]
+                       at=T0 + timedelta(seconds=at_s), latency_s=0.001,
+                       detail=detail or ("HTTP 200 site=primary" if ok else "connection refused"))
+
+
+def healthy_round(at_s: float) -> list[Observation]:
+    observations = [seen("front-door", "service", s, True, at_s) for s in SERVICES]
+    observations += [seen("direct:primary", "service", s, True, at_s) for s in SERVICES]
+    observations += [seen(o, "site", "primary", True, at_s) for o in ("direct:primary", "store-host:primary")]
+    return observations
+
+
+def site_lost_round(at_s: float) -> list[Observation]:
+    """Everything at the primary site refuses connections."""
+    observations = [seen("front-door", "service", s, False, at_s) for s in SERVICES]
+    observations += [seen("direct:primary", "service", s, False, at_s) for s in SERVICES]
+    observations += [seen(o, "site", "primary", False, at_s) for o in ("direct:primary", "store-host:primary")]
+    return observations
+
+
+def trading_lost_round(at_s: float) -> list[Observation]:
+    """Only trading's process at the primary site is gone; the site itself answers."""
+    observations = healthy_round(at_s)
+    return [seen(o.observer, "service", "trading", False, at_s)
+            if o.target == Target("service", "trading") else o for o in observations]
+
+
+@pytest.fixture
+def watch_of(sqlite_sessions: sessionmaker[Session]) -> Iterator[Any]:
+    def make(rounds: list[list[Observation]]) -> tuple[Watch, Executed]:
+        executed = Executed()
+        return Watch(LAB_INVENTORY, sqlite_sessions, probe=Script(rounds), execute=executed), executed
+    yield make
+
+
+def drive(watch: Watch, rounds: int) -> None:
+    for _ in range(rounds):
+        watch.round()
+    for active in watch.active:
+        active.thread.join(timeout=10)
+
+
+def steps(start_s: float, end_s: float, every_s: float = 0.1) -> list[float]:
+    count = round((end_s - start_s) / every_s)
+    return [round(start_s + i * every_s, 3) for i in range(count + 1)]
+
+
+def test_a_lost_site_runs_the_site_runbook_once_and_no_service_runbook(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session]) -> None:
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [site_lost_round(t) for t in steps(1.0, 2.0)]
+    watch, executed = watch_of(rounds)
+    drive(watch, len(rounds))
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]
+    # the first failed observation is the impact start, and the run counts its RTO from it
+    assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=1.0)
+    with sqlite_sessions() as session:
+        (incident,) = list_incidents(session)
+        timeline = incident_timeline(session, incident["id"])
+    assert timeline["impact_start"] == (T0 + timedelta(seconds=1.0)).isoformat()
+    assert timeline["detected"] is not None and timeline["decided"] is not None
+
+
+def test_a_lost_service_on_a_healthy_site_runs_its_own_runbook(watch_of: Any) -> None:
+    rounds = [healthy_round(t) for t in steps(0, 0.5)] + [trading_lost_round(t) for t in steps(0.6, 1.6)]
+    watch, executed = watch_of(rounds)
+    drive(watch, len(rounds))
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("failover-trading.yml", "primary")]
+
+
+def test_one_observer_failing_alone_or_a_short_stall_runs_nothing(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session]) -> None:
+    alone = [[*(o for o in healthy_round(t) if o.observer != "front-door"),
+              *(seen("front-door", "service", s, s != "trading", t) for s in SERVICES)] for t in steps(0, 3.0)]
+    stall = [site_lost_round(t) for t in steps(3.1, 3.3)] + [healthy_round(t) for t in steps(3.4, 4.0)]
+    watch, executed = watch_of(alone + stall)
+    drive(watch, len(alone) + len(stall))
+    assert executed.calls == []
+    with sqlite_sessions() as session:
+        assert list_incidents(session) == []
+
+
+def test_with_automation_switched_off_an_outage_is_recorded_and_nothing_runs(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session]) -> None:
+    with sqlite_sessions() as session, session.begin():
+        switch_automation(session, False, "alice (os alice)", "change freeze")
+    rounds = [healthy_round(t) for t in steps(0, 0.5)] + [site_lost_round(t) for t in steps(0.6, 1.6)]
+    watch, executed = watch_of(rounds)
+    drive(watch, len(rounds))
+    assert executed.calls == []
+    with sqlite_sessions() as session:
+        (incident,) = list_incidents(session)
+        detail = incident_detail(session, incident["id"])
+    assert detail is not None
+    decided = [e for e in detail["events"] if e["kind"] == "decided"]
+    assert decided and decided[0]["data"]["policy"] == "notify"
+    assert any("alice" in reason for reason in decided[0]["data"]["reasons"]), decided
