@@ -65,6 +65,11 @@ def watch_run(ctx: click.Context, inventory_path: str) -> None:
     problems = watch_runbook_problems(inventory, document)
     if problems:
         raise UserError("; ".join(str(problem) for problem in problems))
+    from dr_orchestrator.watch.notify import setup_problems
+    from dr_orchestrator.watch.policy import settings_of
+
+    if notify_problems := setup_problems(settings_of(inventory)):
+        raise UserError("; ".join(notify_problems))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -81,3 +86,43 @@ def watch_run(ctx: click.Context, inventory_path: str) -> None:
     except KeyboardInterrupt:
         stop.set()
     click.echo("watch stopped")
+
+
+@watch.command("warnings")
+@click.option("-i", "--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False),
+              help="the inventory to probe")
+@click.option("--drills", "drills_dir", default="failover_tests", show_default=True,
+              help="the drill files whose schedules say when a drill is overdue")
+@output_option
+@click.pass_context
+def watch_warnings(ctx: click.Context, inventory_path: str, drills_dir: str, output: str) -> None:
+    """Early warnings now, from one round of probes and the evidence: replication behind a service's RPO
+    target or not streaming, a recovery site unreachable, a certificate near expiry, a host missing from
+    known_hosts, a drill overdue. Exit code 0 when there is none, 1 when there is any."""
+    from datetime import UTC, datetime
+
+    from dr_orchestrator.loading import load_inventory
+    from dr_orchestrator.watch.observers import ObserverSetupError, Prober
+    from dr_orchestrator.watch.warnings import active_warnings, gather_facts
+    from dr_orchestrator.yamlsource import LoadError
+
+    try:
+        inventory, _ = load_inventory(inventory_path)
+        prober = Prober(inventory, wait_s=1.0)
+    except LoadError as exc:
+        raise UserError("; ".join(str(problem) for problem in exc.problems)) from None
+    except ObserverSetupError as exc:
+        raise UserError(str(exc)) from None
+    with prober:
+        prober.round()
+    now = datetime.now(UTC)
+    with session_factory(ctx)() as session:
+        facts = gather_facts(inventory, inventory_path, session, drills_dir=drills_dir, now=now)
+    found = active_warnings(inventory, prober.readings, facts, now)
+    if output == "json":
+        click.echo(json.dumps({"warnings": [warning.as_dict() for warning in found]}, indent=2))
+    elif not found:
+        click.echo(f"no early warnings for {inventory.name}")
+    for warning in found if output != "json" else ():
+        click.echo(f"{warning.severity:8}  {warning.target}: {warning.message}")
+    ctx.exit(1 if found else 0)

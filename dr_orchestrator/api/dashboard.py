@@ -104,6 +104,8 @@ def dashboard(request: Request, token: str | None = Query(
 
 
 def _content(request: Request, principal: Principal) -> dict[str, Any]:
+    from dr_orchestrator.watch.warnings import recorded_warnings
+
     listing = metrics.drill_schedules(request.app.state.settings.drills_dir)
     with request.app.state.sessions() as session:
         trends = views.rto_trend(session)
@@ -114,9 +116,10 @@ def _content(request: Request, principal: Principal) -> dict[str, Any]:
         drill_runs = [drill_records.summary(r) for r in views.latest_drill_runs(session, 10)]
         runs = views.filtered_runs(session, limit=15)
         overdue = overdue_findings(session)
+        warnings = recorded_warnings(session)
     return {"principal": principal, "trends": [_chart(trend) for trend in trends], "approvals": approvals,
             "quarter": this_quarter.label, "standings": [s.as_dict() for s in standings.values()],
-            "drill_runs": drill_runs, "runs": runs, "overdue_findings": overdue,
+            "drill_runs": drill_runs, "runs": runs, "overdue_findings": overdue, "warnings": warnings,
             "schedules": [entry for entry in listing["drills"] if entry["schedule"]]}
 
 

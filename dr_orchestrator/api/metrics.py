@@ -53,6 +53,8 @@ def _timestamp(moment: datetime) -> float:
 
 def render(session: Session, drills: dict[str, Any]) -> str:
     """The exposition; ``drills`` is what ``scheduling.service.schedules`` returns."""
+    from dr_orchestrator.watch.warnings import recorded_warnings
+
     out = Exposition()
     targets = views.current_targets(session)
     tests = qualifying.period(session)  # what counts, as in the quarterly report: drills once, no failbacks
@@ -98,6 +100,9 @@ def render(session: Session, drills: dict[str, Any]) -> str:
     out.gauge("dr_findings_overdue", "Open findings past their due date, by severity.",
               (({"severity": severity}, float(sum(1 for f in overdue if f["severity"] == severity)))
                for severity in SEVERITIES))
+    out.gauge("dr_watch_warning", "Early warnings the watch raised and has not cleared, 1 each (kind, target, "
+              "severity; the message is on the dashboard and in `dr watch warnings`).",
+              (({"kind": w.kind, "target": w.target, "severity": w.severity}, 1.0) for w in recorded_warnings(session)))
     return out.text()
 
 

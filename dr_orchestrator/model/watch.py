@@ -24,6 +24,11 @@ watch:
   anti_flapping: 30m
   maintenance: [{services: [quotation], start: "2026-12-24T00:00:00Z", end: "2026-12-26T00:00:00Z", reason: ...}]
   silences: [{target: "service:quotation", until: "2026-12-08T00:00:00Z", reason: ...}]
+  notify:                  # structured notifications at each incident transition and new or cleared warning
+    - webhook: {url: env:DR_CHAT_WEBHOOK, secret: env:DR_WEBHOOK_KEY}
+    - email: {to: [dr-team@example.com], from: dr@example.com, host: smtp.example.com}
+      events: [detected, restored, warning]
+  base_url: https://dr.example.com   # where `dr serve` answers: notifications link to its dashboard
 ```
 """
 
@@ -32,7 +37,7 @@ from __future__ import annotations
 import difflib
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
@@ -162,6 +167,34 @@ class Silence(Frozen):
         return self.target.partition(":")[2]
 
 
+NoticeEvent = Literal["detected", "decided", "executing", "restored", "closed", "warning", "warning-cleared"]
+NOTICE_EVENTS: tuple[NoticeEvent, ...] = get_args(NoticeEvent)
+
+
+class NotificationTarget(Frozen):
+    """One of ``webhook`` (notify.webhook's parameters: url, secret - the HMAC key - by reference, headers)
+    or ``email`` (notify.email's: to, from, host, ...), without the message; checked against those
+    actions when the watch starts (``watch.notify.setup_problems``)."""
+
+    webhook: dict[str, Any] | None = None
+    email: dict[str, Any] | None = None
+    events: tuple[NoticeEvent, ...] = Field(default=NOTICE_EVENTS, description="what it is told (default: all)")
+
+    @model_validator(mode="after")
+    def _one_channel(self) -> NotificationTarget:
+        if (self.webhook is None) == (self.email is None):
+            raise ValueError("a target names exactly one of webhook or email, e.g. - webhook: {url: env:DR_HOOK}")
+        return self
+
+    @property
+    def channel(self) -> Literal["webhook", "email"]:
+        return "webhook" if self.webhook is not None else "email"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.webhook if self.webhook is not None else self.email or {})
+
+
 class WatchSettings(Frozen):
     interval: Duration = Field(default=1.0, gt=0, description="one probe round")
     confirm: Duration = Field(default=3.0, gt=0, description="how long observers must agree before down")
@@ -174,6 +207,8 @@ class WatchSettings(Frozen):
     anti_flapping: Duration = Field(default=1800.0, description="no second automatic run of a target within it")
     maintenance: tuple[MaintenanceWindow, ...] = ()
     silences: tuple[Silence, ...] = ()
+    notify: tuple[NotificationTarget, ...] = ()
+    base_url: str | None = Field(default=None, description="where `dr serve` answers, for links in notifications")
 
     @field_validator("levels")
     @classmethod

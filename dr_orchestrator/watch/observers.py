@@ -63,6 +63,11 @@ POSTGRES_STATE = (
     "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', "
     "(SELECT status FROM pg_stat_wal_receiver), (SELECT sender_host FROM pg_stat_wal_receiver)"
 )
+# A primary's standbys as it sees them: the sync state and the flush lag (what a failover now would lose).
+POSTGRES_STANDBYS = (
+    "SELECT application_name, state, sync_state, EXTRACT(EPOCH FROM flush_lag)::float, "
+    "pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint FROM pg_stat_replication"
+)
 T = TypeVar("T")
 
 
@@ -107,6 +112,17 @@ class Health:
 
 
 @dataclass(frozen=True)
+class StandbyLink:
+    """A standby or replica as its primary reports it (for the early warnings)."""
+
+    name: str  # PostgreSQL's application_name; Redis: the replica's address:port
+    state: str | None  # "streaming" / "online" while replicating; None when the server hides it
+    sync_state: str | None = None  # PostgreSQL: "sync", "async", "potential", "quorum"
+    lag_s: float | None = None  # PostgreSQL: flush lag; Redis: seconds since the replica's last ack
+    behind_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class StoreState:
     """A store's server: its role, and for a standby or replica, its link to its primary."""
 
@@ -115,6 +131,7 @@ class StoreState:
     writable: bool
     upstream: str | None = None  # the site it replicates from
     link: str | None = None  # "streaming" / "up" while replicating; otherwise what the server says
+    standbys: tuple[StandbyLink, ...] = ()  # a primary's view of its standbys or replicas
 
     @property
     def streaming(self) -> bool:
@@ -311,10 +328,12 @@ def _health(client: httpx.Client, url: str) -> Health:
 def _postgres(database: pgdb.Database, site: str) -> StoreState:
     with psycopg.connect(database.conninfo(site), autocommit=True) as connection:
         row = connection.execute(POSTGRES_STATE).fetchone()
-    assert row is not None  # the query returns one row
-    in_recovery, read_only, link, sender = row
-    if not in_recovery:
-        return StoreState("database", "primary", not read_only)
+        assert row is not None  # the query returns one row
+        in_recovery, read_only, link, sender = row
+        if not in_recovery:
+            standbys = tuple(StandbyLink(str(name), state, sync, lag, behind)
+                             for name, state, sync, lag, behind in connection.execute(POSTGRES_STANDBYS))
+            return StoreState("database", "primary", not read_only, standbys=standbys)
     senders = [other for other, host in database.hosts.items() if host == sender and other != site]
     others = database.other_sites(site)
     upstream = senders[0] if len(senders) == 1 else others[0] if len(others) == 1 else None
@@ -332,7 +351,11 @@ def _redis(cache: redis_actions.Instance, site: str, timeout_s: float) -> StoreS
     finally:
         client.close()
     if info.get("role") == "master":
-        return StoreState("cache", "primary", True)
+        replicas = tuple(StandbyLink(f"{value.get('ip')}:{value.get('port')}", value.get("state"),
+                                     lag_s=float(value.get("lag", 0)),
+                                     behind_bytes=int(info.get("master_repl_offset", 0)) - int(value.get("offset", 0)))
+                         for key, value in info.items() if re.fullmatch(r"slave\d+", key) and isinstance(value, dict))
+        return StoreState("cache", "primary", True, standbys=replicas)
     upstream = cache.site_at(str(info.get("master_host")), int(info.get("master_port") or 0), besides=site)
     return StoreState("cache", "replica", False, upstream, str(info.get("master_link_status")))
 

@@ -59,7 +59,7 @@ class Watch:
                  execute: Callable[..., Any] | None = None,
                  confirm_s: float | None = None) -> None:
         from dr_orchestrator.loading import load_inventory
-        from dr_orchestrator.watch import observers, policy
+        from dr_orchestrator.watch import notify, observers, policy, warnings
 
         self.inventory_path = inventory_path
         self.inventory, _ = load_inventory(inventory_path)
@@ -81,12 +81,20 @@ class Watch:
         self.last_automatic: dict[Target, datetime] = {}
         self.rounds = 0
         self.lock = threading.Lock()
+        # Structured notifications of every incident transition, and early warnings off the round.
+        self.notifier = notify.Notifier(self.settings, self.inventory, sessions, WATCH_ACTOR) \
+            if self.settings.notify else None
+        self.warnings = warnings.EarlyWarnings(
+            self.inventory, inventory_path, sessions, WATCH_ACTOR,
+            changed=self.notifier.warning_changed if self.notifier else None) if self.prober is not None else None
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         log.info("watching %s every %.0f ms", self.inventory.name, self.interval_s * 1000)
         next_at = time.monotonic()
+        if self.notifier is not None:
+            self.notifier.start()
         while not stop.is_set():
             try:
                 self.round()
@@ -102,6 +110,10 @@ class Watch:
             active.thread.join()
         if self.prober is not None:
             self.prober.close()
+        if self.warnings is not None:
+            self.warnings.close()
+        if self.notifier is not None:
+            self.notifier.close()
 
     def round(self) -> None:
         transitions: list[Transition] = []
@@ -121,6 +133,8 @@ class Watch:
             self.on_transition(transition)
         self.decide_pending()
         self.active = [active for active in self.active if active.thread.is_alive()]
+        if self.warnings is not None and self.prober is not None:
+            self.warnings.round(self.rounds, self.prober.readings)
 
     # -- transitions ---------------------------------------------------------------------------------
 
