@@ -77,15 +77,15 @@ def record_lifecycle(sessions: sessionmaker[Session]) -> str:
 
 
 def test_each_transition_reaches_the_webhook_as_signed_structured_fields(
-        tmp_path: Path, sqlite_sessions: sessionmaker[Session], receivers: list[WebhookReceiver],
+        tmp_path: Path, sessions: sessionmaker[Session], receivers: list[WebhookReceiver],
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DR_TEST_HOOK_KEY", "s3cret")
     everything, restored_only = receivers
     inventory = loaded(inventory_with(tmp_path, [
         {"webhook": {"url": everything.url, "secret": "env:DR_TEST_HOOK_KEY"}},
         {"webhook": {"url": restored_only.url}, "events": ["restored"]}]))
-    notifier = Notifier(settings_of(inventory), inventory, sqlite_sessions, "dr watch")
-    incident = record_lifecycle(sqlite_sessions)
+    notifier = Notifier(settings_of(inventory), inventory, sessions, "dr watch")
+    incident = record_lifecycle(sessions)
     assert notifier.poll() == 5
     calls = everything.wait_for(5)
     bodies = [json.loads(call.body) for call in calls]

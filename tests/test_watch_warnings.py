@@ -299,8 +299,8 @@ def test_a_scheduled_drill_of_the_inventory_is_judged_by_its_newest_finished_run
 
 
 def test_the_watch_records_a_warning_held_twice_shows_it_in_metrics_and_clears_it_after_three_clean_rounds(
-        tmp_path: Path) -> None:
-    url = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
+        database_url: str, tmp_path: Path) -> None:
+    url = prepared(database_url)
     sessions = session_factory_for(url)
     told: list[tuple[str, bool]] = []
     early = EarlyWarnings(lab_inventory(), str(LAB_INVENTORY), sessions, "dr watch", drills_dir=None,

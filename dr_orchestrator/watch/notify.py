@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -162,18 +162,25 @@ class Notifier:
             self.last_event_id = session.scalar(select(func.max(IncidentEvent.id))) or 0
         self.stopping = threading.Event()
         self.poller: threading.Thread | None = None
+        self.queued: set[Future[None]] = set()
 
     def start(self) -> None:
         self.poller = threading.Thread(target=self._poll_until_stopped, name="watch-notify-poll", daemon=True)
         self.poller.start()
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop polling, send what was recorded last, and wait at most ``timeout`` for the deliveries
+        queued (a dead target's retries do not hold the watch's stop up longer)."""
         self.stopping.set()
         if self.poller is not None:
             self.poller.join(timeout)
-        self.poll()  # what was recorded last
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - the watch is stopping; the log has it
+            log.exception("reading the last incident events to notify failed")
+        wait(list(self.queued), timeout=timeout)
         for sender in self.senders:
-            sender.shutdown(wait=True)
+            sender.shutdown(wait=False, cancel_futures=True)
 
     def _poll_until_stopped(self) -> None:
         while not self.stopping.wait(self.poll_s):
@@ -201,7 +208,9 @@ class Notifier:
         for notice in notices:
             for target, sender in zip(self.targets, self.senders, strict=True):
                 if notice.event in target.events:
-                    sender.submit(self._deliver, target, notice)
+                    queued = sender.submit(self._deliver, target, notice)
+                    self.queued.add(queued)
+                    queued.add_done_callback(self.queued.discard)
 
     def _deliver(self, target: NotificationTarget, notice: Notice) -> None:
         try:
