@@ -90,3 +90,36 @@ def incidents_close(ctx: click.Context, incident_id: str, reason: str) -> None:
         except IncidentError as exc:
             raise UserError(str(exc)) from None
     click.echo(f"incident {incident_id} closed")
+
+
+def _answer(ctx: click.Context, incident_id: str, answer: str, reason: str) -> None:
+    from dr_orchestrator.evidence.incidents import IncidentError, answer_incident
+    from dr_orchestrator.model.events import utcnow
+    from dr_orchestrator.plans import default_actor
+
+    actor = default_actor()
+    try:
+        with session_factory(ctx)() as session, session.begin():
+            answer_incident(session, incident_id, answer, actor, reason, utcnow())
+    except IncidentError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"incident {incident_id}: {answer} by {actor}")
+
+
+@incidents.command("approve")
+@click.argument("incident_id")
+@click.option("--reason", default="", help="why (recorded)")
+@click.pass_context
+def incidents_approve(ctx: click.Context, incident_id: str, reason: str) -> None:
+    """Approve what the watch proposes for an incident whose policy asks for approvals: it runs once
+    enough distinct people approved (dr.watch.approval.approvers)."""
+    _answer(ctx, incident_id, "approved", reason)
+
+
+@incidents.command("reject")
+@click.argument("incident_id")
+@click.option("--reason", required=True, help="why (recorded)")
+@click.pass_context
+def incidents_reject(ctx: click.Context, incident_id: str, reason: str) -> None:
+    """Reject what the watch proposes for an incident: nothing runs."""
+    _answer(ctx, incident_id, "rejected", reason)

@@ -156,7 +156,7 @@ def test_mistakes_are_one_sentence(sessions: sessionmaker[Session]) -> None:
          "the message has 2001 characters; at most 2000 are published"),
         (lambda s: incidents.record_incident_event(s, incident_id, "fixed", at(1), "alice", {}),
          "incident event kind 'fixed' is not one of suspected, detected, decided, executing, restored, closed, "
-         "message, updated"),
+         "message, updated, approved, rejected"),
         (lambda s: incidents.record_incident_event(s, incident_id, "decided", datetime(2026, 12, 7), "alice", {}),
          "the moment 2026-12-07T00:00:00 has no time zone: incidents are timed in UTC"),
         (lambda s: open_incident(s, kind="host"), "target kind 'host' is not one of service, site"),

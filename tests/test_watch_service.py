@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence.incidents import incident_detail, incident_timeline, list_incidents
+from dr_orchestrator.evidence.incidents import (
+    IncidentError,
+    answer_incident,
+    incident_detail,
+    incident_timeline,
+    list_incidents,
+)
 from dr_orchestrator.watch.automation import switch_automation
 from dr_orchestrator.watch.observations import Observation, Target
 from dr_orchestrator.watch.service import Watch
@@ -145,3 +151,63 @@ def test_with_automation_switched_off_an_outage_is_recorded_and_nothing_runs(
     decided = [e for e in detail["events"] if e["kind"] == "decided"]
     assert decided and decided[0]["data"]["policy"] == "notify"
     assert any("alice" in reason for reason in decided[0]["data"]["reasons"]), decided
+
+
+def test_an_approve_policy_runs_only_once_two_distinct_people_approved(
+        tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
+    text = Path(LAB_INVENTORY).read_text().replace("major: auto", "major: approve")
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(text.replace("../runbooks/", f"{REPO / 'runbooks'}/"))
+    rounds = [healthy_round(t) for t in steps(0, 0.5)] + [trading_lost_round(t) for t in steps(0.6, 4.6)]
+    executed = Executed()
+    watch = Watch(str(inventory), sqlite_sessions, probe=Script(rounds), execute=executed)
+    drive(watch, 20)
+    with sqlite_sessions() as session:
+        (incident,) = list_incidents(session)
+    assert executed.calls == [] and incident["state"] == "detected"  # waiting: nothing changes
+
+    def answer(actor: str, answer: str = "approved") -> None:
+        with sqlite_sessions() as session, session.begin():
+            answer_incident(session, incident["id"], answer, actor, "go", datetime.now(UTC))
+
+    answer("alice (os alice)")
+    answer("Alice again (os alice, ssh 10.0.0.9)")  # the same person twice counts once
+    drive(watch, 10)
+    assert executed.calls == []
+    with pytest.raises(IncidentError, match="root without sudo"):
+        answer("anyone (os root)")
+    answer("bob (os bob)")
+    drive(watch, 10)
+    assert [c["runbook"] for c in executed.calls] == ["failover-trading.yml"]
+    with sqlite_sessions() as session:
+        timeline = incident_timeline(session, incident["id"])
+        detail = incident_detail(session, incident["id"])
+    assert detail is not None
+    (decided,) = [e for e in detail["events"] if e["kind"] == "decided"]
+    assert decided["data"]["approved_by"] == ["alice (os alice)", "bob (os bob)"]
+    bob_at = next(e["at"] for e in detail["events"] if e["kind"] == "approved" and e["actor"] == "bob (os bob)")
+    assert timeline["decided"] == bob_at  # the wait for the approvals is the recorded decision time
+
+
+def test_one_rejection_stops_an_approve_policy(tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
+    text = Path(LAB_INVENTORY).read_text().replace("major: auto", "major: approve")
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text(text.replace("../runbooks/", f"{REPO / 'runbooks'}/"))
+    rounds = [healthy_round(t) for t in steps(0, 0.5)] + [trading_lost_round(t) for t in steps(0.6, 4.6)]
+    executed = Executed()
+    watch = Watch(str(inventory), sqlite_sessions, probe=Script(rounds), execute=executed)
+    drive(watch, 20)
+    with sqlite_sessions() as session:
+        (incident,) = list_incidents(session)
+    with sqlite_sessions() as session, session.begin():
+        answer_incident(session, incident["id"], "approved", "alice (os alice)", "go", datetime.now(UTC))
+        answer_incident(session, incident["id"], "rejected", "carol (os carol)", "the backup is stale",
+                        datetime.now(UTC))
+        answer_incident(session, incident["id"], "approved", "bob (os bob)", "go", datetime.now(UTC))
+    drive(watch, 10)
+    assert executed.calls == []
+    with sqlite_sessions() as session:
+        detail = incident_detail(session, incident["id"])
+    assert detail is not None
+    (decided,) = [e for e in detail["events"] if e["kind"] == "decided"]
+    assert decided["data"]["outcome"] == "rejected" and decided["data"]["by"] == "carol (os carol)"

@@ -41,6 +41,7 @@ from dr_orchestrator.evidence.models import (
     StepRecord,
 )
 from dr_orchestrator.evidence.queries import as_dict, plain
+from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunKind, RunPlan
 
@@ -59,7 +60,10 @@ EXECUTING = "executing"
 CLOSED = "closed"
 # An event of these kinds moves the incident to the state of the same name.
 STATE_EVENTS = ("detected", "decided", EXECUTING, "restored", CLOSED)
-EVENT_KINDS = ("suspected", *STATE_EVENTS, "message", "updated")
+# approved / rejected: a person's answer to a policy that asks for approvals (the watch decides once
+# enough distinct people approved, or anyone rejected).
+APPROVAL_KINDS = ("approved", "rejected")
+EVENT_KINDS = ("suspected", *STATE_EVENTS, "message", "updated", *APPROVAL_KINDS)
 ACTIVE_STATES = (OPEN, "detected", "decided", EXECUTING)  # not restored yet: an incident of its target is reused
 MESSAGE_MAX_CHARS = 2000
 
@@ -312,6 +316,24 @@ def say(session: Session, incident_id: str, text: str, actor: str, at: datetime)
     if not text.strip():
         raise IncidentError("the message is blank: write what customers should know")
     record_incident_event(session, incident_id, "message", at, actor, {"text": text.strip()})
+
+
+def answer_incident(session: Session, incident_id: str, answer: str, actor: str, reason: str, at: datetime) -> None:
+    """``approved`` or ``rejected`` by ``actor`` for an incident waiting for approvals. The caller commits."""
+    if answer not in APPROVAL_KINDS:
+        raise IncidentError(f"answer {answer!r} is not one of {', '.join(APPROVAL_KINDS)}")
+    incident = _incident(session, incident_id)
+    waiting = any(e.kind == "updated" and e.data.get("awaiting_approval") for e in _events(session, incident_id))
+    if incident.state != "detected" or not waiting:
+        raise IncidentError(f"incident {incident_id!r} is not waiting for approvals (it is {incident.state})")
+    if Identity.parse(actor).anonymous:
+        raise IncidentError("root without sudo does not say which person you are: approve through sudo or a token")
+    record_incident_event(session, incident_id, answer, at, actor, {"reason": reason})
+
+
+def incident_answers(session: Session, incident_id: str) -> list[tuple[str, str, datetime]]:
+    """Every approval answer of the incident in order: (approved|rejected, actor, at)."""
+    return [(e.kind, e.actor, e.at) for e in _events(session, incident_id) if e.kind in APPROVAL_KINDS]
 
 
 def _add_event(session: Session, incident: Incident, kind: str, at: datetime, actor: str,

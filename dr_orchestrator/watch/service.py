@@ -32,6 +32,7 @@ from dr_orchestrator.watch.observations import Observation, Target, Transition
 log = logging.getLogger(__name__)
 
 WATCH_ACTOR = "dr watch"
+APPROVALS_EVERY_ROUNDS = 5  # how often waiting incidents look for new approvals (rounds)
 
 
 @dataclass
@@ -41,6 +42,19 @@ class PendingService:
     transition: Transition
     site: str
     until: float  # monotonic deadline
+
+
+@dataclass
+class Awaiting:
+    """An incident whose policy asks for approvals: it runs once enough distinct people approved."""
+
+    target: Target
+    runbook: str
+    parameters: Mapping[str, Any]
+    impact_start: datetime
+    reason: str
+    escalate_at: float  # monotonic
+    escalated: bool = False
 
 
 @dataclass
@@ -80,6 +94,7 @@ class Watch:
         self.active: list[ActiveRun] = []
         self.last_automatic: dict[Target, datetime] = {}
         self.rounds = 0
+        self.awaiting: dict[str, Awaiting] = {}
         self.lock = threading.Lock()
         # Structured notifications of every incident transition, and early warnings off the round.
         self.notifier = notify.Notifier(self.settings, self.inventory, sessions, WATCH_ACTOR) \
@@ -132,6 +147,8 @@ class Watch:
         for transition in sorted(transitions, key=lambda t: t.target.kind != "site"):
             self.on_transition(transition)
         self.decide_pending()
+        if self.awaiting and self.rounds % APPROVALS_EVERY_ROUNDS == 0:
+            self.check_approvals()
         self.active = [active for active in self.active if active.thread.is_alive()]
         if self.warnings is not None and self.prober is not None:
             self.warnings.round(self.rounds, self.prober.readings)
@@ -193,15 +210,67 @@ class Watch:
                 title=f"{target.kind} {target.name} down", actor=WATCH_ACTOR, services=covered,
                 impact_start_method="first failed observation",
                 detail={"observers": list(transition.observers), "details": list(transition.details)})
-            incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, {
-                "level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
-                "parameters": dict(decision.parameters), "reasons": list(decision.reasons)})
+            decided = {"level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
+                       "parameters": dict(decision.parameters), "reasons": list(decision.reasons)}
+            asking = decision.policy == "approve" and decision.runbook is not None
+            if asking:  # the decision is the approvals': its time is when they are in
+                needed = self.settings.approval.approvers
+                incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, {
+                    **decided, "awaiting_approval": True, "approvers": needed,
+                    "how": f"`dr incidents approve {incident_id}` by {needed} distinct people"})
+            else:
+                incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, decided)
         log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
                     transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons))
+        reason = f"dr watch: {target.kind} {target.name} down ({decision.level}, policy {decision.policy})"
         if decision.policy == "auto" and decision.runbook is not None:
             self.last_automatic[target] = transition.at
-            self.start_run(incident_id, target, decision.runbook, decision.parameters, transition.impact_start,
-                           f"dr watch: {target.kind} {target.name} down ({decision.level}, policy auto)")
+            self.start_run(incident_id, target, decision.runbook, decision.parameters, transition.impact_start, reason)
+        elif asking and decision.runbook is not None:
+            self.awaiting[incident_id] = Awaiting(
+                target, decision.runbook, decision.parameters, transition.impact_start, reason,
+                time.monotonic() + self.settings.approval.timeout)
+
+    def check_approvals(self) -> None:
+        """Start what enough distinct people approved; stop at the first rejection; escalate once
+        when nobody decided in time."""
+        from dr_orchestrator.evidence import incidents
+        from dr_orchestrator.model.approval import Identity
+
+        needed = self.settings.approval.approvers
+        for incident_id, waiting in list(self.awaiting.items()):
+            with self.sessions() as session, session.begin():
+                answers = incidents.incident_answers(session, incident_id)
+                rejected = next(((actor, at) for kind, actor, at in answers if kind == "rejected"), None)
+                counted: list[tuple[str, datetime]] = []
+                people: set[str] = set()
+                for kind, actor, at in answers:
+                    identity = Identity.parse(actor)
+                    if kind == "approved" and not identity.anonymous and not identity.people & people:
+                        people |= identity.people
+                        counted.append((actor, at))
+                if rejected is not None:
+                    incidents.record_incident_event(session, incident_id, "decided", rejected[1], WATCH_ACTOR, {
+                        "policy": "approve", "outcome": "rejected", "by": rejected[0]})
+                    del self.awaiting[incident_id]
+                    continue
+                if len(counted) >= needed:
+                    incidents.record_incident_event(session, incident_id, "decided", counted[needed - 1][1],
+                                                    WATCH_ACTOR, {"policy": "approve", "outcome": "approved",
+                                                                  "approved_by": [a for a, _ in counted[:needed]]})
+                    del self.awaiting[incident_id]
+                    start = True
+                else:
+                    start = False
+                    if not waiting.escalated and time.monotonic() >= waiting.escalate_at:
+                        waiting.escalated = True
+                        incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, {
+                            "escalated_to": list(self.settings.approval.escalate),
+                            "approved_so_far": [a for a, _ in counted], "approvers": needed})
+            if start:
+                self.last_automatic[waiting.target] = _now()
+                self.start_run(incident_id, waiting.target, waiting.runbook, waiting.parameters,
+                               waiting.impact_start, waiting.reason)
 
     def start_run(self, incident_id: str, target: Target, runbook: str, parameters: Mapping[str, Any],
                   impact_start: datetime, reason: str) -> None:
