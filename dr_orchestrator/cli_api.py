@@ -20,8 +20,13 @@ from dr_orchestrator.cli import UserError, database_of, output_option, session_f
               type=click.Path(file_okay=False), help="inventories the API may use (paths relative to it)")
 @click.option("--drills", "drills_dir", default="failover_tests", show_default=True,
               type=click.Path(file_okay=False), help="directory of drill files")
+@click.option("-i", "--inventory", "inventory_path", type=click.Path(dir_okay=False),
+              help="the inventory whose services and sites alerts name (/api/alerts/...) and /status lists")
+@click.option("--alert-webhook-secret", metavar="REF",
+              help="the key signing /api/alerts/webhook requests, by reference: env:NAME or file:PATH")
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventories_dir: str, drills_dir: str) -> None:
+def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventories_dir: str, drills_dir: str,
+          inventory_path: str | None, alert_webhook_secret: str | None) -> None:
     """Serve the HTTP API (its OpenAPI spec at /openapi.json), /metrics and the dashboard until stopped.
 
     Every request needs an API token (`dr tokens create`): `Authorization: Bearer TOKEN`; the
@@ -32,10 +37,26 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     import uvicorn
 
     from dr_orchestrator.api.app import ApiSettings, create_app
+    from dr_orchestrator.secrets import SecretError, read_reference
 
     session_factory(ctx)  # the schema must be current
+    services: tuple[str, ...] = ()
+    if inventory_path is not None:
+        from dr_orchestrator.loading import load_inventory
+        from dr_orchestrator.yamlsource import LoadError
+
+        try:
+            services = tuple(load_inventory(inventory_path)[0].services)
+        except LoadError as exc:
+            raise UserError("; ".join(str(problem) for problem in exc.problems)) from None
+    if alert_webhook_secret is not None:
+        try:
+            read_reference(alert_webhook_secret)
+        except SecretError as exc:
+            raise UserError(f"--alert-webhook-secret: {exc}") from None
     settings = ApiSettings(database_url=database_of(ctx), runbooks_dir=runbooks_dir,
-                           inventories_dir=inventories_dir, drills_dir=drills_dir)
+                           inventories_dir=inventories_dir, drills_dir=drills_dir, inventory=inventory_path,
+                           status_services=services, alert_webhook_secret=alert_webhook_secret)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
     # uvicorn's access log prints query strings, and a dashboard login link carries a token: the
@@ -45,14 +66,14 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
 
 @click.group()
 def tokens() -> None:
-    """API tokens for `dr serve` (roles: compliance, engineer, admin)."""
+    """API tokens for `dr serve` (roles: compliance, engineer, admin; alerts)."""
 
 
 @tokens.command("create")
 @click.option("--name", required=True, help="who holds it: the actor the audit chain records")
-@click.option("--role", required=True, type=click.Choice(["compliance", "engineer", "admin"]),
+@click.option("--role", required=True, type=click.Choice(["compliance", "engineer", "admin", "alerts"]),
               help="compliance: read evidence and reports; engineer: also start runs and drills, approve; "
-                   "admin: also manage tokens")
+                   "admin: also manage tokens; alerts: only post alerts (for Alertmanager), nothing else")
 @click.option("--expires", metavar="DURATION", help="lifetime, e.g. 90d or 12h (default: until revoked)")
 @output_option
 @click.pass_context

@@ -31,7 +31,8 @@ DESCRIPTION = """RTO/RPO evidence, reports and packs for compliance; runs, drill
 Every request needs an API token (`dr tokens create --name N --role R`) as `Authorization: Bearer TOKEN`,
 except the public status page (`/status`, `/status.json`: read-only) and the dashboard's sign-in pages.
 Roles: **compliance** reads evidence, reports, packs and metrics; **engineer** may also start runs and
-drills and approve or reject waiting steps; **admin** may also manage tokens. Missing, unknown, expired
+drills and approve or reject waiting steps; **admin** may also manage tokens; **alerts** (an alerting
+system's token) may only post alerts, and only it may (`/api/alerts/...`). Missing, unknown, expired
 or revoked token: 401; a role too low: 403; a malformed value in the path, query or body: 422 naming it.
 Every refusal has the body `{"error": "...", "status": N}`. Requests that change something, every
 refusal of one, every malformed request (422) and every request for a route or method that does not
@@ -46,10 +47,12 @@ class ApiSettings:
     drills_dir: str = "failover_tests"
     signing_key: str | None = None  # reference to the pack signing key; default $DR_PACK_SIGNING_KEY
     status_services: tuple[str, ...] = ()  # what /status lists; default: the services the evidence knows
+    inventory: str | None = None  # the inventory alerts are matched against and classified by (`dr serve -i`)
+    alert_webhook_secret: str | None = None  # reference (env:NAME, file:PATH) to the generic webhook's HMAC key
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
-    from dr_orchestrator.api import dashboard, routes_read, routes_write, status
+    from dr_orchestrator.api import alerts, dashboard, routes_read, routes_write, status
 
     sessions = session_factory_for(settings.database_url)
     launcher = Launcher(sessions, settings.runbooks_dir, settings.inventories_dir)
@@ -74,6 +77,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(routes_write.router)
     app.include_router(dashboard.router)
     app.include_router(status.router)
+    app.include_router(alerts.router)
     return app
 
 

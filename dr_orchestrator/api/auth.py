@@ -10,7 +10,7 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.api.tokens import ROLES, Rejection, allows, authenticate
+from dr_orchestrator.api.tokens import ALERTS, ROLES, Rejection, allows, authenticate
 
 COOKIE = "dr_token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -86,11 +86,14 @@ class Role:
             raise ApiError(401, found.reason)
         request.state.actor = found.name
         if not allows(found.role, self.needed):
-            raise ApiError(403, f"the token {found.name!r} has the role {found.role}; this needs {self.needed} "
-                                "or above", role=found.role, needed=self.needed)
+            needs = "only an alerts token (`dr tokens create --role alerts`)" if self.needed == ALERTS \
+                else f"{self.needed} or above"
+            raise ApiError(403, f"the token {found.name!r} has the role {found.role}; this needs {needs}",
+                           role=found.role, needed=self.needed)
         return found
 
 
 reader = Role("compliance")
 engineer = Role("engineer")
 admin = Role("admin")
+alerts = Role(ALERTS)

@@ -12,12 +12,13 @@ from urllib.parse import parse_qs
 import jinja2
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.api import metrics, views
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ANONYMOUS, COOKIE, Principal, header_token, identify
 from dr_orchestrator.api.responses import MEANINGS
-from dr_orchestrator.api.tokens import Rejection
+from dr_orchestrator.api.tokens import LADDER, Rejection, allows
 from dr_orchestrator.evidence import drills as drill_records
 from dr_orchestrator.evidence import qualifying
 from dr_orchestrator.evidence.annotations import overdue_findings
@@ -56,6 +57,14 @@ def root() -> Response:
     return RedirectResponse("/dashboard", status_code=303)
 
 
+def _reader(sessions: sessionmaker[Session], token: str | None) -> Principal | Rejection:
+    """The holder of ``token`` when it may read the dashboard (an alerts token may not)."""
+    found = identify(sessions, token)
+    if isinstance(found, Principal) and not allows(found.role, LADDER[0]):
+        return Rejection(f"the token {found.name!r} has the role {found.role}: it may only post alerts", found.name)
+    return found
+
+
 @router.get("/login", response_class=HTMLResponse, summary="Sign-in form of the dashboard")
 def login_form() -> HTMLResponse:
     return _page("login.html.j2", error=None)
@@ -68,7 +77,7 @@ async def login(request: Request) -> Response:
     body = await request.body()
     token = (parse_qs(body[:MAX_FORM_BYTES].decode(errors="replace")).get("token") or [""])[0].strip()
     sessions = request.app.state.sessions
-    found = identify(sessions, token)
+    found = _reader(sessions, token)
     if isinstance(found, Rejection):
         audit(sessions, found.name or ANONYMOUS, "api.refused", "POST /login", {"status": 401, "error": found.reason})
         return _page("login.html.j2", status=401, error=found.reason)
@@ -91,12 +100,12 @@ def dashboard(request: Request, token: str | None = Query(
         None, description="one-time sign-in link: sets the cookie and redirects here without the token")) -> Response:
     sessions = request.app.state.sessions
     if token is not None:
-        found = identify(sessions, token)
+        found = _reader(sessions, token)
         if isinstance(found, Rejection):
             return _page("login.html.j2", status=401, error=found.reason)
         return _with_cookie(request, RedirectResponse("/dashboard", status_code=303), token)
     presented = header_token(request) or request.cookies.get(COOKIE)
-    found = identify(sessions, presented)
+    found = _reader(sessions, presented)
     if isinstance(found, Rejection):
         return _page("login.html.j2", status=401, error=found.reason if presented else None)
     request.state.actor = found.name

@@ -30,6 +30,7 @@ MEANINGS = {
     404: "the run, drill, step, file or token named does not exist",
     409: "the request conflicts with the current state (a run holds the service, the step is not waiting, "
          "several runs start with that id prefix, ...)",
+    413: "the body is larger than the route takes (the sentence says how large it may be)",
     422: "a value in the path, query or body is malformed or refused; `error` names the parameter",
     503: "the server cannot do this here (no pack signing key, no PDF renderer)",
 }

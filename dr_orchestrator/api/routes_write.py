@@ -77,7 +77,7 @@ class TokenView(BaseModel):
 
     id: int
     name: str
-    role: Literal["compliance", "engineer", "admin"]
+    role: Literal["compliance", "engineer", "admin", "alerts"]
     created_at: Timestamp
     created_by: str
     expires_at: Timestamp | None
@@ -92,7 +92,7 @@ class NewToken(TokenView):
 
 class TokenRequest(BaseModel):
     name: NonBlank
-    role: Literal["compliance", "engineer", "admin"]
+    role: Literal["compliance", "engineer", "admin", "alerts"]
     expires: Lifetime | None = Field(None, description="lifetime such as 90d or 12h; default: until revoked")
 
 

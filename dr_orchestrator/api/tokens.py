@@ -21,8 +21,12 @@ from dr_orchestrator.evidence.models import ApiToken
 from dr_orchestrator.model.events import utcnow
 
 PREFIX = "drt_"
-# Each role may do what the roles before it may.
-ROLES = ("compliance", "engineer", "admin")
+# Each role of the ladder may do what the roles before it may.
+LADDER = ("compliance", "engineer", "admin")
+# Off the ladder: an alerting system's token may only post alerts, and only such a token may (least
+# privilege both ways: a token kept in Alertmanager's configuration can neither read nor start anything).
+ALERTS = "alerts"
+ROLES = (*LADDER, ALERTS)
 
 
 class TokenError(ValueError):
@@ -46,7 +50,9 @@ def digest(token: str) -> str:
 
 
 def allows(role: str, needed: str) -> bool:
-    return ROLES.index(role) >= ROLES.index(needed)
+    if ALERTS in (role, needed):
+        return role == needed
+    return LADDER.index(role) >= LADDER.index(needed)
 
 
 def create_token(session: Session, name: str, role: str, created_by: str,
