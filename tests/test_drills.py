@@ -300,7 +300,7 @@ def test_a_failed_failover_skips_the_failback_but_the_cleanup_runs_and_reports_w
     assert outcome["cleanup_state"] == "incomplete"
     # every cleanup step is tried; what did not succeed is what is left
     assert outcome["cleanup_left"] == ["restore-primary (failed)", "after-restore (skipped)"]
-    assert "the failover runbook did not succeed" in outcome["error"]
+    assert "the failover runbook did not succeed: verify-backup failed: " in outcome["error"]  # which step, why
     assert (tmp_path / "work" / "primary-down").exists() is False  # the first cleanup step ran
     # the service the failed failover started is still running: stop it
     pid = (tmp_path / "work" / "backup.pid").read_text().strip()

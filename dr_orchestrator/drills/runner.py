@@ -73,6 +73,12 @@ class _StepLog:
         elif isinstance(event, MarkerReached):
             self.markers.setdefault(event.run_id, []).append(event)
 
+    def why_failed(self, run_id: str) -> str | None:
+        """The steps of the run that failed or timed out, with their errors (what an operator reads first)."""
+        failed = [f"{step_id} {event.state}: {event.error}" for (rid, step_id), event in self.finished.items()
+                  if rid == run_id and event.state in ("failed", "timed_out") and event.error]
+        return "; ".join(failed) or None
+
     def fault_time(self, run_id: str) -> datetime | None:
         marked = [m.at for m in self.markers.get(run_id, []) if m.marker == FAULT_MARKER]
         if marked:
@@ -197,7 +203,8 @@ class _DrillRun:
             self.outcome.state = "aborted"
             self.failures.append(f"{failure}: stopped ({outcome.error or 'interrupted'})")
         else:
-            self.failures.append(f"{failure}: {outcome.error or outcome.state.value}")
+            why = outcome.error or self.steps.why_failed(outcome.run_id) or outcome.state.value
+            self.failures.append(f"{failure}: {why}")
         raise _Stop
 
     def run_stage(self, stage: str, plan: RunPlan, stop: threading.Event | None = None) -> RunOutcome:
