@@ -24,19 +24,23 @@ from dr_orchestrator.cli import UserError, database_of, output_option, session_f
               help="the inventory whose services and sites alerts name (/api/alerts/...) and /status lists")
 @click.option("--alert-webhook-secret", metavar="REF",
               help="the key signing /api/alerts/webhook requests, by reference: env:NAME or file:PATH")
+@click.option("--watch", "watching", is_flag=True,
+              help="also run the watch (`dr watch run`) on the inventory given with -i, in this process")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventories_dir: str, drills_dir: str,
-          inventory_path: str | None, alert_webhook_secret: str | None) -> None:
+          inventory_path: str | None, alert_webhook_secret: str | None, watching: bool) -> None:
     """Serve the HTTP API (its OpenAPI spec at /openapi.json), /metrics and the dashboard until stopped.
 
     Every request needs an API token (`dr tokens create`): `Authorization: Bearer TOKEN`; the
     dashboard also takes it once from its login form and keeps it in an HttpOnly cookie.
     """
     import logging
+    import threading
 
     import uvicorn
 
     from dr_orchestrator.api.app import ApiSettings, create_app
+    from dr_orchestrator.cli_watch import prepared_watch
     from dr_orchestrator.secrets import SecretError, read_reference
 
     session_factory(ctx)  # the schema must be current
@@ -57,11 +61,23 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     settings = ApiSettings(database_url=database_of(ctx), runbooks_dir=runbooks_dir,
                            inventories_dir=inventories_dir, drills_dir=drills_dir, inventory=inventory_path,
                            status_services=services, alert_webhook_secret=alert_webhook_secret)
+    if watching and inventory_path is None:
+        raise UserError("--watch watches the inventory given with -i INVENTORY; give one")
+    watcher = prepared_watch(ctx, inventory_path) if watching and inventory_path is not None else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
-    # uvicorn's access log prints query strings, and a dashboard login link carries a token: the
-    # app logs requests itself, without them.
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info")
+    stop = threading.Event()
+    watching_thread = threading.Thread(target=watcher.run, args=(stop,), name="watch") if watcher else None
+    if watching_thread is not None:
+        watching_thread.start()
+    try:
+        # uvicorn's access log prints query strings, and a dashboard login link carries a token: the
+        # app logs requests itself, without them.
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info")
+    finally:  # uvicorn returns on SIGINT/SIGTERM: the watch stops with it (its runs end first)
+        stop.set()
+        if watching_thread is not None:
+            watching_thread.join()
 
 
 @click.group()

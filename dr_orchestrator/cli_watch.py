@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -54,31 +55,11 @@ def watch_run(ctx: click.Context, inventory_path: str) -> None:
     import signal
     import threading
 
-    from dr_orchestrator.loading import load_inventory, watch_runbook_problems
-    from dr_orchestrator.watch.service import Watch
-    from dr_orchestrator.yamlsource import LoadError
-
-    try:
-        inventory, document = load_inventory(inventory_path)
-    except LoadError as exc:
-        raise UserError("; ".join(str(problem) for problem in exc.problems)) from None
-    problems = watch_runbook_problems(inventory, document)
-    if problems:
-        raise UserError("; ".join(str(problem) for problem in problems))
-    from dr_orchestrator.watch.notify import setup_problems
-    from dr_orchestrator.watch.policy import settings_of
-
-    if notify_problems := setup_problems(settings_of(inventory)):
-        raise UserError("; ".join(notify_problems))
+    watcher = prepared_watch(ctx, inventory_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    from dr_orchestrator.watch.observers import ObserverSetupError
-
-    try:
-        watcher = Watch(inventory_path, session_factory(ctx))
-    except ObserverSetupError as exc:
-        raise UserError(str(exc)) from None
+    inventory = watcher.inventory
     click.echo(f"watching {inventory.name}: {len(inventory.services)} services, {len(inventory.sites)} sites "
                f"(Ctrl-C to stop)")
     try:
@@ -126,3 +107,27 @@ def watch_warnings(ctx: click.Context, inventory_path: str, drills_dir: str, out
     for warning in found if output != "json" else ():
         click.echo(f"{warning.severity:8}  {warning.target}: {warning.message}")
     ctx.exit(1 if found else 0)
+
+
+def prepared_watch(ctx: click.Context, inventory_path: str) -> Any:
+    """A Watch of the inventory, or UserError naming what is wrong with it (exit code 2)."""
+    from dr_orchestrator.loading import load_inventory, watch_runbook_problems
+    from dr_orchestrator.watch.notify import setup_problems
+    from dr_orchestrator.watch.observers import ObserverSetupError
+    from dr_orchestrator.watch.policy import settings_of
+    from dr_orchestrator.watch.service import Watch
+    from dr_orchestrator.yamlsource import LoadError
+
+    try:
+        inventory, document = load_inventory(inventory_path)
+    except LoadError as exc:
+        raise UserError("; ".join(str(problem) for problem in exc.problems)) from None
+    problems = watch_runbook_problems(inventory, document)
+    if problems:
+        raise UserError("; ".join(str(problem) for problem in problems))
+    if notify_problems := setup_problems(settings_of(inventory)):
+        raise UserError("; ".join(notify_problems))
+    try:
+        return Watch(inventory_path, session_factory(ctx))
+    except ObserverSetupError as exc:
+        raise UserError(str(exc)) from None

@@ -211,3 +211,22 @@ def test_one_rejection_stops_an_approve_policy(tmp_path: Path, sqlite_sessions: 
     assert detail is not None
     (decided,) = [e for e in detail["events"] if e["kind"] == "decided"]
     assert decided["data"]["outcome"] == "rejected" and decided["data"]["by"] == "carol (os carol)"
+
+
+def test_serve_with_watch_needs_an_inventory_and_refuses_a_broken_one(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DR_DATABASE_URL": f"sqlite:///{tmp_path / 'evidence.db'}"}
+    upgraded = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "db", "upgrade"], env=env,
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    command = [sys.executable, "-m", "dr_orchestrator.cli", "serve", "--port", "0", "--watch"]
+    without = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert without.returncode == 2 and "give one" in without.stderr, without.stderr
+    broken = tmp_path / "inventory.yml"
+    broken.write_text(Path(LAB_INVENTORY).read_text().replace("major: auto", "major: autp"))
+    refused = subprocess.run([*command, "-i", str(broken)], env=env, capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+    assert refused.returncode == 2 and "did you mean 'auto'" in refused.stderr, refused.stderr
