@@ -44,7 +44,9 @@ class Prober:
 
     def __init__(self, lab: Any) -> None:
         self.lab = lab
-        self.seen: dict[str, list[tuple[datetime, bool, str | None]]] = {s: [] for s in SERVICES}
+        # (sent, answered, ok, site): a failure counts from when its request was sent, a good answer
+        # from when it arrived (a request caught by the switch may be sent before it and served after)
+        self.seen: dict[str, list[tuple[datetime, datetime, bool, str | None]]] = {s: [] for s in SERVICES}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self.probe, args=(s,), daemon=True) for s in SERVICES]
 
@@ -67,16 +69,17 @@ class Prober:
                     ok, site = response.status_code == 200, response.json().get("site")
                 except (httpx.HTTPError, ValueError):
                     ok, site = False, None
-                self.seen[service].append((at, ok, site))
+                self.seen[service].append((at, datetime.now(UTC), ok, site))
                 self.stop.wait(0.02)
 
     def outage(self, service: str, after: datetime, site: str) -> tuple[datetime, datetime] | None:
         """First failure after ``after`` and the first good answer from ``site`` after it."""
         readings = [r for r in self.seen[service] if r[0] >= after]
-        first_bad = next((at for at, ok, _ in readings if not ok), None)
+        first_bad = next((sent for sent, _, ok, _ in readings if not ok), None)
         if first_bad is None:
             return None
-        back = next((at for at, ok, where in readings if at > first_bad and ok and where == site), None)
+        back = next((answered for sent, answered, ok, where in readings
+                     if sent > first_bad and ok and where == site), None)
         return (first_bad, back) if back else None
 
 

@@ -679,8 +679,12 @@ class _Run:
         with self.before_lock:  # not self.lock: the probes being waited for take that one
             if self.before is not None or not self.before_reading:
                 return
-            wait(list(self.before_reading.values()),
-                 timeout=max(0.0, self.before_reading_started + blast_radius.BEFORE_WINDOW_S - time.monotonic()))
+            # Only the services outside the run's scope are waited for: what the run may do to them is the
+            # question; those in scope are meant to change (and at a dead site would hold the first change up).
+            scope = self.scope()
+            outside = [reading for name, reading in self.before_reading.items() if name not in scope]
+            window_left = self.before_reading_started + blast_radius.BEFORE_WINDOW_S - time.monotonic()
+            wait(outside, timeout=max(0.0, window_left))
             before = []
             for name, reading in self.before_reading.items():
                 try:

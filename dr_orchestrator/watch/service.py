@@ -15,7 +15,9 @@ runbook once instead of one runbook per service.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +28,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.watch.agreement import Agreement
 from dr_orchestrator.watch.observations import Observation, Target, Transition
 
@@ -96,6 +99,7 @@ class Watch:
         self.rounds = 0
         self.awaiting: dict[str, Awaiting] = {}
         self.lock = threading.Lock()
+        self.plans: dict[tuple[str, str, tuple[float, ...]], RunPlan] = {}
         # Structured notifications of every incident transition, and early warnings off the round.
         self.notifier = notify.Notifier(self.settings, self.inventory, sessions, WATCH_ACTOR) \
             if self.settings.notify else None
@@ -107,6 +111,7 @@ class Watch:
 
     def run(self, stop: threading.Event) -> None:
         log.info("watching %s every %.0f ms", self.inventory.name, self.interval_s * 1000)
+        threading.Thread(target=self.warm_plans, name="watch-plans", daemon=True).start()
         next_at = time.monotonic()
         if self.notifier is not None:
             self.notifier.start()
@@ -272,6 +277,37 @@ class Watch:
                 self.start_run(incident_id, waiting.target, waiting.runbook, waiting.parameters,
                                waiting.impact_start, waiting.reason)
 
+    def plan_for(self, runbook: str, parameters: Mapping[str, Any]) -> RunPlan:
+        """The checked plan of ``runbook`` with ``parameters``, built once per version of its files: a
+        decided run starts acting at once instead of loading and checking YAML first."""
+        from dr_orchestrator.plans import build_plan
+
+        versions = tuple(_mtime(path) for path in (runbook, self.inventory_path))
+        key = (runbook, json.dumps(dict(parameters), sort_keys=True, default=str), versions)
+        with self.lock:
+            plan = self.plans.get(key)
+        if plan is None:
+            plan = build_plan(runbook, self.inventory_path, dict(parameters), started_by=WATCH_ACTOR,
+                              trigger="automatic")
+            with self.lock:
+                self.plans[key] = plan
+        return plan
+
+    def warm_plans(self) -> None:
+        """Build the plans of every runbook the policies map, for each site and service, ahead of need."""
+        from dr_orchestrator.watch import policy
+
+        targets = [Target("site", name) for name in self.inventory.sites] + \
+            [Target("service", name) for name in self.inventory.services]
+        for target in targets:
+            try:
+                decision = policy.decide(self.settings, self.inventory, target, now=_now(),
+                                         inventory_dir=Path(self.inventory_path).parent)
+                if decision.runbook is not None:
+                    self.plan_for(decision.runbook, decision.parameters)
+            except Exception as exc:  # noqa: BLE001 - a plan that cannot be built is built (and fails) when needed
+                log.warning("no plan ready for %s: %s", target, exc)
+
     def start_run(self, incident_id: str, target: Target, runbook: str, parameters: Mapping[str, Any],
                   impact_start: datetime, reason: str) -> None:
         targets = {target}
@@ -296,14 +332,12 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
 
     from dr_orchestrator import runner
     from dr_orchestrator.evidence import incidents
-    from dr_orchestrator.plans import build_plan
 
     run_id = str(uuid.uuid4())
     holder["run_id"] = run_id
     try:
-        plan = build_plan(runbook, watch.inventory_path, parameters, incident_at=impact_start, started_by=WATCH_ACTOR,
-                          reason=reason, trigger="automatic")
-        plan = plan.model_copy(update={"incident_id": incident_id})
+        plan = watch.plan_for(runbook, parameters).model_copy(
+            update={"incident_id": incident_id, "incident_at": impact_start, "reason": reason})
     except Exception as exc:  # noqa: BLE001 - recorded on the incident; the watch goes on
         ready.set()
         with watch.sessions() as session, session.begin():
@@ -324,6 +358,13 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
             incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
                                             {"run_id": run_id, "run_state": str(outcome.state),
                                              "error": outcome.error})
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _site_in(detail: str) -> str | None:
