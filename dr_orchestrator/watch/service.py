@@ -327,7 +327,7 @@ class Watch:
 
 def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict[str, Any], impact_start: datetime,
                   reason: str, holder: dict[str, str], ready: threading.Event) -> None:
-    """Build the plan, record ``executing``, run it through the one run composition, record the end."""
+    """Take the ready plan, run it through the one run composition, record its end on the incident."""
     import uuid
 
     from dr_orchestrator import runner
@@ -344,10 +344,7 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
             incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
                                             {"error": f"the runbook {runbook} could not be planned: {exc}"})
         return
-    with watch.sessions() as session, session.begin():
-        incidents.record_incident_event(session, incident_id, "executing", _now(), WATCH_ACTOR,
-                                        {"run_id": run_id, "runbook": runbook})
-    ready.set()
+    ready.set()  # the run records `executing` on its incident itself, with its start (evidence.incidents)
     outcome = runner.execute(watch.sessions, plan, run_id=run_id)
     with watch.sessions() as session, session.begin():
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
