@@ -230,3 +230,20 @@ def test_serve_with_watch_needs_an_inventory_and_refuses_a_broken_one(tmp_path: 
     refused = subprocess.run([*command, "-i", str(broken)], env=env, capture_output=True, text=True, timeout=60,
                              cwd=tmp_path)
     assert refused.returncode == 2 and "did you mean 'auto'" in refused.stderr, refused.stderr
+
+
+def test_a_site_that_serves_nothing_any_more_opens_no_incident(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session]) -> None:
+    """After a failover (or a restart of the watch then), the lost site stays down: nothing runs again."""
+    def served_from_backup(at_s: float) -> list[Observation]:
+        observations = [seen("front-door", "service", s, True, at_s, "HTTP 200 site=backup") for s in SERVICES]
+        observations += [seen("direct:backup", "service", s, True, at_s, "HTTP 200 site=backup") for s in SERVICES]
+        observations += [seen(o, "site", "primary", False, at_s) for o in ("direct:primary", "store-host:primary")]
+        return observations
+
+    rounds = [served_from_backup(t) for t in steps(0, 2.0)]
+    watch, executed = watch_of(rounds)
+    drive(watch, len(rounds))
+    assert executed.calls == []
+    with sqlite_sessions() as session:
+        assert list_incidents(session) == []

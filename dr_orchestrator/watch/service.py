@@ -168,6 +168,11 @@ class Watch:
         self.states[target] = transition.state
         if transition.state != "down":
             return
+        if target.kind == "site" and self.serving and target.name not in self.serving.values():
+            # Every service is served elsewhere (e.g. after its failover, or a restart of the watch):
+            # a lost redundancy is an early warning, not an outage to fail over again.
+            log.warning("site %s is down but serves nothing now: no incident", target.name)
+            return
         if target.kind == "service":
             site = self.serving.get(target.name)
             if site is not None and self.states.get(Target("site", site)) == "down":
