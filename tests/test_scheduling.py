@@ -385,4 +385,4 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
         # The service was started at the backup site through Ansible, task by task in the evidence.
         tasks = session.scalars(select(ActionEventRecord).where(
             ActionEventRecord.run_id == failover.id, ActionEventRecord.kind == "ansible.task")).all()
-        assert any(t.step_id == "start-at-backup" and t.data["host"] == "backup-app" for t in tasks), tasks
+        assert any(t.step_id == "converge-backup" and t.data["host"] == "backup-app" for t in tasks), tasks

@@ -174,33 +174,41 @@ def connect(host: Host, timeout: float) -> paramiko.SSHClient:
 
 
 class _HostSlot:
-    """One host's connection within a run; its own lock, so hosts connect in parallel."""
+    """One host's connection within a run; its own lock, so hosts connect in parallel. Parallel steps
+    share it: a connection that failed one of them is replaced for the next, but closed only at the
+    run's end, since another step's channel may still be running on it."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self.lock = threading.Lock()
         self.client: paramiko.SSHClient | None = None
+        self.retired: list[paramiko.SSHClient] = []
 
-    def transport(self, timeout: float, fresh: bool = False) -> paramiko.Transport:
+    def transport(self, timeout: float, failed: paramiko.Transport | None = None) -> paramiko.Transport:
+        """The current transport; a new one when there is none, it died, or it is ``failed``."""
         with self.lock:
             current = self.client.get_transport() if self.client is not None else None
-            if fresh or current is None or not current.is_active():
-                self.close()
+            if current is None or not current.is_active() or (failed is not None and current is failed):
+                if self.client is not None:
+                    self.retired.append(self.client)
+                self.client = None
                 self.client = connect(self.host, timeout)
                 current = self.client.get_transport()
             assert current is not None
             return current
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        for client in [*self.retired, *([self.client] if self.client is not None else [])]:
+            client.close()
+        self.retired = []
+        self.client = None
 
 
-def transport_for(ctx: ActionContext, host: Host, timeout: float, fresh: bool = False) -> paramiko.Transport:
+def transport_for(ctx: ActionContext, host: Host, timeout: float,
+                  failed: paramiko.Transport | None = None) -> paramiko.Transport:
     """The run's connection to ``host`` (opened on first use, closed when the run ends)."""
     slot: _HostSlot = ctx.resources.get_or_create(f"ssh:{host.name}", lambda: _HostSlot(host), lambda s: s.close())
-    return slot.transport(timeout, fresh)
+    return slot.transport(timeout, failed)
 
 
 def _open_channel(ctx: ActionContext, host: Host, connect_timeout: float) -> paramiko.Channel:
@@ -209,8 +217,13 @@ def _open_channel(ctx: ActionContext, host: Host, connect_timeout: float) -> par
     try:
         return transport.open_session(timeout=timeout)
     except (paramiko.SSHException, EOFError, OSError):
-        # The kept connection died since its last use (host restarted): one fresh try.
-        return transport_for(ctx, host, timeout, fresh=True).open_session(timeout=timeout)
+        pass
+    # The kept connection died since its last use (host restarted) or refused a channel: one fresh try.
+    try:
+        return transport_for(ctx, host, timeout, failed=transport).open_session(timeout=timeout)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        # Not "unreachable": it answered, so a step allowed to pass an unreachable host must not pass here.
+        raise ActionError(f"{_where(host)} did not open a session: {type(exc).__name__}: {exc}") from None
 
 
 def execute(
@@ -236,8 +249,10 @@ def execute(
                 "(sent SIGTERM, channel closed)"
             )
         status = channel.recv_exit_status()
-    except paramiko.SSHException as exc:
-        raise ActionError(f"{_where(host)}: running {command!r} failed: {exc}") from None
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        # The connection broke under the command: it may or may not have run to its end on the host.
+        raise ActionError(f"{_where(host)}: running {command!r} failed: {type(exc).__name__}: {exc} "
+                          "(the connection broke; the command may have run on the host)") from None
     finally:
         channel.close()
     return ExecResult(
