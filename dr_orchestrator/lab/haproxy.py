@@ -28,11 +28,12 @@ def render(config: LabConfig) -> str:
         "    option http-keep-alive",
         # A refused connection is retried once after a turn-around of min(timeout connect, 1 s), on
         # another usable server (redispatch): a request caught by a switch is served by the new site
-        # within a tenth of a second instead of hanging a second and failing. Loopback connects
-        # complete in the kernel in microseconds, so 100 ms never fails a slow but healthy server.
+        # within a fifth of a second instead of hanging a second and failing. Loopback connects
+        # complete in the kernel (the services keep a deep accept queue), so 200 ms is slack enough
+        # for a busy machine; it also bounds the health checks' connect.
         "    retries 1",
         "    option redispatch",
-        "    timeout connect 100ms",
+        "    timeout connect 200ms",
         "    timeout client 30s",
         "    timeout server 30s",
         "    timeout http-request 10s",

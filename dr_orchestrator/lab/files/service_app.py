@@ -247,6 +247,12 @@ def _fields(body: dict[str, Any] | None, wanted: dict[str, type]) -> dict[str, A
     return values
 
 
+class Server(ThreadingHTTPServer):
+    # A deeper accept queue than http.server's 5: on a busy machine the accepting thread may not run for a
+    # while, and a full queue drops the front door's connection attempts (its health checks then fail).
+    request_queue_size = 128
+
+
 def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -307,7 +313,7 @@ def main() -> int:
     store = settings["stores"][args.service]
     app = App(args.service, settings["site"], Cache(store) if store["kind"] == "redis" else
               Database({**store, "application_name": f"{args.service}@{settings['site']}"}))
-    server = ThreadingHTTPServer((settings["address"], settings["services"][args.service]), make_handler(app))
+    server = Server((settings["address"], settings["services"][args.service]), make_handler(app))
     server.daemon_threads = True
     # SIGTERM (servicectl stop) ends serve_forever cleanly; shutdown must come from another thread.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
