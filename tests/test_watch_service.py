@@ -153,17 +153,23 @@ def test_with_automation_switched_off_an_outage_is_recorded_and_nothing_runs(
     assert any("alice" in reason for reason in decided[0]["data"]["reasons"]), decided
 
 
-def test_an_approve_policy_runs_only_once_two_distinct_people_approved(
-        tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
+def waiting_for_approvals(tmp_path: Path, sessions: sessionmaker[Session]) -> tuple[Watch, Executed, dict[str, Any]]:
+    """A watch whose policy for trading's level is approve, after trading went down: its incident waits."""
     text = Path(LAB_INVENTORY).read_text().replace("major: auto", "major: approve")
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(text.replace("../runbooks/", f"{REPO / 'runbooks'}/"))
     rounds = [healthy_round(t) for t in steps(0, 0.5)] + [trading_lost_round(t) for t in steps(0.6, 4.6)]
     executed = Executed()
-    watch = Watch(str(inventory), sqlite_sessions, probe=Script(rounds), execute=executed)
+    watch = Watch(str(inventory), sessions, probe=Script(rounds), execute=executed)
     drive(watch, 20)
-    with sqlite_sessions() as session:
+    with sessions() as session:
         (incident,) = list_incidents(session)
+    return watch, executed, incident
+
+
+def test_an_approve_policy_runs_only_once_two_distinct_people_approved(
+        tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
+    watch, executed, incident = waiting_for_approvals(tmp_path, sqlite_sessions)
     assert executed.calls == [] and incident["state"] == "detected"  # waiting: nothing changes
 
     def answer(actor: str, answer: str = "approved") -> None:
@@ -190,15 +196,7 @@ def test_an_approve_policy_runs_only_once_two_distinct_people_approved(
 
 
 def test_one_rejection_stops_an_approve_policy(tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
-    text = Path(LAB_INVENTORY).read_text().replace("major: auto", "major: approve")
-    inventory = tmp_path / "inventory.yml"
-    inventory.write_text(text.replace("../runbooks/", f"{REPO / 'runbooks'}/"))
-    rounds = [healthy_round(t) for t in steps(0, 0.5)] + [trading_lost_round(t) for t in steps(0.6, 4.6)]
-    executed = Executed()
-    watch = Watch(str(inventory), sqlite_sessions, probe=Script(rounds), execute=executed)
-    drive(watch, 20)
-    with sqlite_sessions() as session:
-        (incident,) = list_incidents(session)
+    watch, executed, incident = waiting_for_approvals(tmp_path, sqlite_sessions)
     with sqlite_sessions() as session, session.begin():
         answer_incident(session, incident["id"], "approved", "alice (os alice)", "go", datetime.now(UTC))
         answer_incident(session, incident["id"], "rejected", "carol (os carol)", "the backup is stale",
