@@ -34,13 +34,12 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     Every request needs an API token (`dr tokens create`): `Authorization: Bearer TOKEN`; the
     dashboard also takes it once from its login form and keeps it in an HttpOnly cookie.
     """
-    import logging
     import threading
 
     import uvicorn
 
     from dr_orchestrator.api.app import ApiSettings, create_app
-    from dr_orchestrator.cli_watch import prepared_watch
+    from dr_orchestrator.cli_watch import log_to_terminal, prepared_watch
     from dr_orchestrator.secrets import SecretError, read_reference
 
     session_factory(ctx)  # the schema must be current
@@ -64,7 +63,7 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     if watching and inventory_path is None:
         raise UserError("--watch watches the inventory given with -i INVENTORY; give one")
     watcher = prepared_watch(ctx, inventory_path) if watching and inventory_path is not None else None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_terminal("%(asctime)s %(levelname)s %(name)s: %(message)s")
     click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
     stop = threading.Event()
     watching_thread = threading.Thread(target=watcher.run, args=(stop,), name="watch") if watcher else None

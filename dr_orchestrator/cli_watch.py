@@ -44,6 +44,16 @@ def watch_automation(ctx: click.Context, state: str | None, reason: str | None, 
         click.echo(current.describe())
 
 
+def log_to_terminal(line_format: str) -> None:
+    """INFO and above on stderr, without a line per HTTP request or SSH packet: the watch probes dozens
+    of times a second, and those lines would bury what it decides."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=line_format)
+    for chatty in ("httpx", "httpcore", "paramiko"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 @watch.command("run")
 @click.option("-i", "--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False),
               help="the inventory to watch (its dr.watch section says how)")
@@ -51,12 +61,11 @@ def watch_automation(ctx: click.Context, state: str | None, reason: str | None, 
 def watch_run(ctx: click.Context, inventory_path: str) -> None:
     """Watch every service and site until Ctrl-C or SIGTERM: open incidents when independent observers
     agree that something is down, and act by the inventory's policies."""
-    import logging
     import signal
     import threading
 
     watcher = prepared_watch(ctx, inventory_path)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_to_terminal("%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     inventory = watcher.inventory

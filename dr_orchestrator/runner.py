@@ -2,7 +2,8 @@
 registry, the engine, the evidence store as its first observer (nothing happens unrecorded), and
 the evidence database as where approval gates read decisions (`dr approve`, the API). Runs go
 through ``supervision.execute``: the plan's locks (``LockHeld`` when another run holds one) and
-the heartbeat that lets a crashed run be found and resumed."""
+the heartbeat that lets a crashed run be found and resumed. A resident process (the watch) keeps its
+runs' SSH connections open between them (``KeptConnections``), so a decided run starts acting at once."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator import supervision
+from dr_orchestrator.actions.base import RunResources
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.events import Observer
+from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.testhook import wrap_store
@@ -22,9 +25,50 @@ from dr_orchestrator.testhook import wrap_store
 
 def execute(sessions: sessionmaker[Session], plan: RunPlan, *, observers: Sequence[Observer] = (),
             retention_years: int | None = None, run_id: str | None = None,
-            stop: threading.Event | None = None, resume: ResumePoint | None = None) -> RunOutcome:
+            stop: threading.Event | None = None, resume: ResumePoint | None = None,
+            kept: KeptConnections | None = None) -> RunOutcome:
     """Run ``plan`` to its end (or go on with an interrupted run: ``resume`` and its ``run_id``),
     recording it in the evidence database of ``sessions``. Raises supervision.LockHeld, before
     anything ran, when another live run holds a service or site of the plan."""
     store = wrap_store(EvidenceStore(sessions, retention=retention_years))
-    return supervision.execute(sessions, plan, [store, *observers], run_id=run_id, stop=stop, resume=resume)
+    return supervision.execute(sessions, plan, [store, *observers], run_id=run_id, stop=stop, resume=resume,
+                               kept=kept.pool if kept is not None else None)
+
+
+def prepare(plan: RunPlan) -> None:
+    """Do now what the first run of a process would otherwise pay at its start (~0.1 s): import the
+    plan's actions, set up the evidence models' mappers."""
+    from sqlalchemy.orm import configure_mappers
+
+    from dr_orchestrator.actions import default_registry
+    from dr_orchestrator.engine import Engine
+
+    Engine(default_registry()).load_actions(plan)
+    configure_mappers()
+
+
+class KeptConnections:
+    """The SSH connections of an inventory's hosts, opened ahead of need and kept open across runs.
+    ``refresh`` (re)opens any that is closed or died, each bounded by ``timeout``; a host that does not
+    answer stays closed until the next refresh (a run then connects itself, as it always did)."""
+
+    def __init__(self) -> None:
+        self.pool = RunResources()
+
+    def refresh(self, inventory: Inventory, timeout: float = 2.0) -> dict[str, str]:
+        """Open what is not open; returns the hosts that could not be reached, with why."""
+        from dr_orchestrator.actions import ssh
+        from dr_orchestrator.actions.base import ActionError
+
+        failed: dict[str, str] = {}
+        for host in inventory.hosts.values():
+            if not (host.key_file and host.known_hosts):
+                continue  # not an SSH host of ours (the runs would refuse it too)
+            try:
+                ssh.keep_open(self.pool, host, timeout)
+            except ActionError as exc:
+                failed[host.name] = str(exc)
+        return failed
+
+    def close(self) -> None:
+        self.pool.close()

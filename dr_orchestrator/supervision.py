@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dr_orchestrator import anchoring
 from dr_orchestrator.actions import default_registry
-from dr_orchestrator.actions.base import ActionRegistry
+from dr_orchestrator.actions.base import ActionRegistry, RunResources
 from dr_orchestrator.engine import Engine, RunOutcome
 from dr_orchestrator.evidence.annotations import record_audit_event
 from dr_orchestrator.evidence.approvals import DatabaseApprovals
@@ -46,7 +46,7 @@ class ResumeRefused(ValueError):
 def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
             registry: ActionRegistry | None = None, run_id: str | None = None, resume: ResumePoint | None = None,
             stop: threading.Event | None = None, host: str | None = None,
-            heartbeat_s: float = HEARTBEAT_S) -> RunOutcome:
+            heartbeat_s: float = HEARTBEAT_S, kept: RunResources | None = None) -> RunOutcome:
     """Take the plan's locks, beat, run (or resume) it, free the locks. ``observers`` must include the
     evidence store. LockHeld, before anything ran, when another live run holds a lock; the refusal is
     an audit event."""
@@ -64,7 +64,7 @@ def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
     try:
         with Heartbeat(sessions, run_id, host, heartbeat_s):
             engine = Engine(registry or default_registry(), list(observers), host=host,
-                            approvals=DatabaseApprovals(sessions))
+                            approvals=DatabaseApprovals(sessions), kept=kept)
             return engine.run(plan, run_id, stop, resume)
     finally:
         locks.release()

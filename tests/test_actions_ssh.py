@@ -13,7 +13,7 @@ import pytest
 from actionctx import Harness, lab_inventory
 
 from dr_orchestrator.actions import default_registry
-from dr_orchestrator.actions.base import ActionCancelled, ActionError
+from dr_orchestrator.actions.base import ActionCancelled, ActionError, RunResources
 from dr_orchestrator.actions.ssh import SshRun, SshRunParams, SshUnreachable, execute, transport_for
 from dr_orchestrator.lab import Lab
 from dr_orchestrator.model.inventory import Host, Inventory
@@ -201,3 +201,72 @@ def test_is_registered_and_declares_hosts_for_validation() -> None:
     assert SshRun().hosts(params) == ["a", "b"]
     with pytest.raises(ValueError, match="either argv"):
         SshRunParams.model_validate({"hosts": ["a"], "argv": ["true"], "command": "true"})
+
+
+def test_a_kept_connection_outlives_the_run_and_serves_the_next(lab: Lab) -> None:
+    """The warm path: a resident process (the watch) keeps its runs' SSH connections, so a decided run
+    does not connect first; each run's own resources still close at its end."""
+    from dr_orchestrator.runner import KeptConnections
+
+    kept = KeptConnections()
+    try:
+        assert kept.refresh(lab_inventory(lab)) == {}
+        host = lab_inventory(lab).hosts["backup-app"]
+        first_run, second_run = Harness(lab_inventory(lab)), Harness(lab_inventory(lab))
+        first_run.resources = RunResources(kept.pool)
+        second_run.resources = RunResources(kept.pool)
+        warm = transport_for(first_run.ctx(), host, 5.0)
+        assert execute(first_run.ctx(), host, "echo one").stdout == "one\n"
+        first_run.close()  # the first run ends
+        assert warm.is_active()
+        assert transport_for(second_run.ctx(), host, 5.0) is warm
+        assert execute(second_run.ctx(), host, "echo two").stdout == "two\n"
+
+        # The host restarted between runs: the next run reconnects once, quietly, and refresh too.
+        warm.close()
+        assert execute(second_run.ctx(), host, "echo three").stdout == "three\n"
+        replaced = transport_for(second_run.ctx(), host, 5.0)
+        assert replaced is not warm and replaced.is_active()
+        replaced.close()
+        assert kept.refresh(lab_inventory(lab)) == {}
+        reopened = transport_for(second_run.ctx(), host, 5.0)
+        assert reopened.is_active()
+    finally:
+        kept.close()
+    assert not reopened.is_active()  # the pool's owner closes what it kept
+
+
+def test_refresh_names_the_hosts_it_cannot_reach_and_a_run_still_connects_itself(lab: Lab) -> None:
+    from dr_orchestrator.runner import KeptConnections
+
+    inventory = lab_inventory(lab)
+    gone = inventory.hosts["primary-app"].model_copy(update={"port": closed_port()})
+    kept = KeptConnections()
+    try:
+        failed = kept.refresh(with_hosts(inventory, **{"primary-app": gone}), timeout=1.0)
+        assert list(failed) == ["primary-app"]
+        assert "unreachable" in failed["primary-app"] and str(gone.port) in failed["primary-app"]
+        run = Harness(inventory)
+        run.resources = RunResources(kept.pool)
+        assert execute(run.ctx(), inventory.hosts["primary-app"], "echo here").stdout == "here\n"
+    finally:
+        kept.close()
+
+
+def test_a_kept_connection_is_keyed_by_how_it_was_made(lab: Lab) -> None:
+    """A host whose address or key changed in a reloaded inventory gets a connection of its own."""
+    from dr_orchestrator.runner import KeptConnections
+
+    inventory = lab_inventory(lab)
+    host = inventory.hosts["backup-app"]
+    kept = KeptConnections()
+    try:
+        kept.refresh(inventory)
+        run = Harness(inventory)
+        run.resources = RunResources(kept.pool)
+        moved = host.model_copy(update={"port": closed_port()})
+        with pytest.raises(SshUnreachable, match=str(moved.port)):
+            execute(run.ctx(), moved, "true", connect_timeout=1.0)
+        assert execute(run.ctx(), host, "echo same").stdout == "same\n"
+    finally:
+        kept.close()

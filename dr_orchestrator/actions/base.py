@@ -47,14 +47,20 @@ class ActionResult:
 
 
 class RunResources:
-    """Per-run shared things (SSH transports, HTTP clients), closed when the run ends."""
+    """Per-run shared things (SSH transports, HTTP clients), closed when the run ends. With ``kept``,
+    the pool of a resident process (the watch), what an action asks to keep (``keep=True``: its SSH
+    connections) comes from that pool and outlives the run, so a decided run does not wait for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: RunResources | None = None) -> None:
         self._lock = threading.Lock()
         self._items: dict[str, Any] = {}
         self._closers: list[Callable[[], None]] = []
+        self._kept = kept
 
-    def get_or_create(self, key: str, factory: Callable[[], Any], close: Callable[[Any], None] | None = None) -> Any:
+    def get_or_create(self, key: str, factory: Callable[[], Any], close: Callable[[Any], None] | None = None,
+                      *, keep: bool = False) -> Any:
+        if keep and self._kept is not None:
+            return self._kept.get_or_create(key, factory, close)
         with self._lock:
             if key not in self._items:
                 item = factory()

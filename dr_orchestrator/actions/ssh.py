@@ -22,7 +22,15 @@ from typing import Any
 import paramiko
 from pydantic import Field, model_validator
 
-from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
+from dr_orchestrator.actions.base import (
+    Action,
+    ActionCancelled,
+    ActionContext,
+    ActionError,
+    ActionResult,
+    Params,
+    RunResources,
+)
 from dr_orchestrator.actions.shell import BoundedOutput, last_line
 from dr_orchestrator.model.durations import Duration, format_duration
 from dr_orchestrator.model.inventory import Host
@@ -174,9 +182,9 @@ def connect(host: Host, timeout: float) -> paramiko.SSHClient:
 
 
 class _HostSlot:
-    """One host's connection within a run; its own lock, so hosts connect in parallel. Parallel steps
-    share it: a connection that failed one of them is replaced for the next, but closed only at the
-    run's end, since another step's channel may still be running on it."""
+    """One host's connection within a run (or kept across runs); its own lock, so hosts connect in
+    parallel. Parallel steps share it: a connection that failed one of them is replaced for the next,
+    but closed only once nothing can be using it, since another step's channel may still run on it."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -190,12 +198,30 @@ class _HostSlot:
             current = self.client.get_transport() if self.client is not None else None
             if current is None or not current.is_active() or (failed is not None and current is failed):
                 if self.client is not None:
-                    self.retired.append(self.client)
+                    # A kept slot lives for days: close retired connections nothing uses any more.
+                    self.retired = [c for c in [*self.retired, self.client] if _in_use(c)]
                 self.client = None
                 self.client = connect(self.host, timeout)
                 current = self.client.get_transport()
             assert current is not None
             return current
+
+    def warm(self, timeout: float) -> None:
+        """Open a connection unless the current one is alive; connecting outside the lock, so a run
+        never waits for a warm-up stuck on a silent host."""
+        with self.lock:
+            current = self.client.get_transport() if self.client is not None else None
+            if current is not None and current.is_active():
+                return
+        fresh = connect(self.host, timeout)
+        with self.lock:
+            current = self.client.get_transport() if self.client is not None else None
+            if current is not None and current.is_active():
+                fresh.close()  # a run connected meanwhile
+                return
+            if self.client is not None:
+                self.retired = [c for c in [*self.retired, self.client] if _in_use(c)]
+            self.client = fresh
 
     def close(self) -> None:
         for client in [*self.retired, *([self.client] if self.client is not None else [])]:
@@ -204,11 +230,32 @@ class _HostSlot:
         self.client = None
 
 
+def _in_use(client: paramiko.SSHClient) -> bool:
+    """False (and closed) when its connection is gone; an open one may still carry another step's channel."""
+    transport = client.get_transport()
+    if transport is not None and transport.is_active():
+        return True
+    client.close()
+    return False
+
+
+def _slot(resources: RunResources, host: Host) -> _HostSlot:
+    # Keyed by everything the connection was made with: a kept one must not serve a changed host.
+    key = f"ssh:{host.name}:{host.user}@{host.address}:{host.port}:{host.key_file}:{host.known_hosts}"
+    slot: _HostSlot = resources.get_or_create(key, lambda: _HostSlot(host), lambda s: s.close(), keep=True)
+    return slot
+
+
 def transport_for(ctx: ActionContext, host: Host, timeout: float,
                   failed: paramiko.Transport | None = None) -> paramiko.Transport:
-    """The run's connection to ``host`` (opened on first use, closed when the run ends)."""
-    slot: _HostSlot = ctx.resources.get_or_create(f"ssh:{host.name}", lambda: _HostSlot(host), lambda s: s.close())
-    return slot.transport(timeout, failed)
+    """The run's connection to ``host``: opened on first use and closed when the run ends, or the one
+    a resident process keeps open across its runs (``RunResources(kept)``)."""
+    return _slot(ctx.resources, host).transport(timeout, failed)
+
+
+def keep_open(resources: RunResources, host: Host, timeout: float) -> None:
+    """Open the connection to ``host`` in ``resources`` unless it is open and alive (ActionError if not)."""
+    _slot(resources, host).warm(timeout)
 
 
 def _open_channel(ctx: ActionContext, host: Host, connect_timeout: float) -> paramiko.Channel:

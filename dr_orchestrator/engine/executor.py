@@ -126,6 +126,7 @@ class Engine:
         host: str | None = None,
         cancel_grace: float = CANCEL_GRACE_S,
         approvals: ApprovalSource | None = None,
+        kept: RunResources | None = None,
     ) -> None:
         self.registry = registry
         self.observers = list(observers or [])
@@ -133,6 +134,7 @@ class Engine:
         self.host = host or socket.gethostname()
         self.cancel_grace = cancel_grace
         self.approvals = approvals  # where approval gates read decisions; None: gates cannot be decided
+        self.kept = kept  # connections a resident process keeps open across its runs (RunResources)
         secrets.install_log_redaction()
 
     def run(self, plan: RunPlan, run_id: str | None = None, stop: threading.Event | None = None,
@@ -181,7 +183,7 @@ class _Run:
         self.lock = threading.Lock()
         self.emit_lock = threading.Lock()
         self.active_cancels: set[threading.Event] = set()
-        self.resources = RunResources()
+        self.resources = RunResources(engine.kept)
         self.interrupted = False  # the operator stopped the run (Ctrl-C or `stop`): it ends aborted
         # Cancel what runs and start nothing new; cleared while rollbacks run, set again by another Ctrl-C.
         self.halt = threading.Event()
