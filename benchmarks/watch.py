@@ -8,9 +8,9 @@
    incident's RTO against the prober's (within 0.25 s), detection and decision, and execution (decision
    to restored) against the site failover's critical path timed alone (target <= 1.25x).
 2. `dr lab kill trading@primary`: how long the prober saw trading fail (target < 2 s).
-3. Glitches for N minutes (a service SIGSTOPped 300 ms, a front-door server in maintenance 200 ms, one
-   refused probe: a service restarted between two rounds is not simulated): incidents and runs opened
-   per hour (target 0).
+3. Glitches for N minutes (a service SIGSTOPped 300 ms, a front-door server in maintenance 200 ms, a
+   service's port resetting every connection for 100 ms, one probe round: the dropped probe, by an
+   nftables rule, when nft can be used): incidents and runs opened per hour (target 0).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,12 +217,15 @@ def glitches(work: Path, minutes: float) -> list[Figure]:
                        env={**os.environ, "DR_DATABASE_URL": db}, capture_output=True)
         watch = start_watch(lab, db, work)
         count = 0
+        kinds = ("stop", "maint", "drop") if shutil.which("nft") and os.geteuid() == 0 else ("stop", "maint")
         try:
             end = time.monotonic() + minutes * 60
             while time.monotonic() < end:
-                kind = random.choice(("stop", "maint"))
+                kind = random.choice(kinds)
                 service = random.choice(SERVICES)
-                if kind == "stop":
+                if kind == "drop":
+                    refuse_connections(lab.config.address("primary"), lab.config.service_port(service), 0.1)
+                elif kind == "stop":
                     pid = lab.running()[f"{service}@primary"]
                     os.kill(pid, signal.SIGSTOP)
                     time.sleep(0.3)
@@ -236,7 +240,20 @@ def glitches(work: Path, minutes: float) -> list[Figure]:
             stop_watch(watch)
         opened = incidents(db)
     per_hour = len(opened) / (minutes / 60)
-    return [Figure(f"false incidents per hour ({count} glitches in {minutes:g} min)", per_hour, "/h", 0.0)]
+    return [Figure(f"false incidents per hour ({count} glitches in {minutes:g} min)", per_hour, "/h", 0.0,
+                   note="glitches: " + ", ".join(kinds))]
+
+
+def refuse_connections(address: str, port: int, seconds: float) -> None:
+    """Every packet to ``address:port`` answered by a TCP reset for ``seconds``: probes dropped."""
+    table = f"dr_bench_glitch_{os.getpid()}"
+    rule = f"ip daddr {address} tcp dport {port} reject with tcp reset"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+        f"table inet {table} {{\n chain out {{\n type filter hook output priority 0;\n {rule}\n }}\n}}\n"))
+    try:
+        time.sleep(seconds)
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
 
 
 def main() -> int:
