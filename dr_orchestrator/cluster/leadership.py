@@ -44,13 +44,16 @@ class FencingError(ClusterError):
 class Deposed(FencingError):
     """The token is not current: its term ended, or etcd's leader key is another term's."""
 
-    def __init__(self, node: str, token: FencingToken, leader: LeaderInfo | None, reason: str) -> None:
+    def __init__(self, node: str, token: FencingToken, leader: LeaderInfo | None, reason: str,
+                 leader_known: bool = True) -> None:
         self.node = node
         self.token = token
-        self.leader = leader
+        self.leader = leader  # None: nobody leads, or (leader_known False) etcd could not be asked
         self.reason = reason
-        now = f"{leader.node} leads now (token {leader.revision}, lease {leader.lease_id:x})" if leader else \
-            "no node leads now"
+        if leader is not None:
+            now = f"{leader.node} leads now (fencing token {leader.revision}, lease {leader.lease_id:x})"
+        else:
+            now = "no node leads now" if leader_known else "who leads now is unknown (etcd unreachable)"
         super().__init__(f"node {node} is not the leader under fencing token {token}: {reason}; {now}")
 
 
@@ -396,7 +399,11 @@ class Leadership:
         if not live:
             reason = f"this node's term under it ended ({ended.reason})" if ended else \
                 "this node does not lead under it"
-            raise Deposed(self.node, token, self._leader_or_none(), reason)
+            try:
+                leader, known = self.current_leader(), True
+            except ClusterError:
+                leader, known = None, False
+            raise Deposed(self.node, token, leader, reason, leader_known=known)
         key = encode(token.key)
         txn = {
             "compare": [
@@ -417,12 +424,6 @@ class Leadership:
             if term is not None:
                 self._end(term, "etcd's leader key is no longer this term's")
             raise Deposed(self.node, token, leader, "etcd's leader key is another term's")
-
-    def _leader_or_none(self) -> LeaderInfo | None:
-        try:
-            return self.current_leader()
-        except ClusterError:
-            return None
 
     def fence_check(self) -> FenceCheck:
         """A FenceCheck bound to the current term's token (NotLeader when this node does not lead)."""

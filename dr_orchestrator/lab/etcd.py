@@ -18,7 +18,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from dr_orchestrator.lab.config import SITE_ADDRESSES
-from dr_orchestrator.lab.processes import ProcessSpec, command_line, kill_now, running_pid, send, wait_gone
+from dr_orchestrator.lab.processes import ProcessSpec, command_line, kill_now, running_pid
 from dr_orchestrator.lab.system import LabSetupError
 
 ETCD = "/usr/bin/etcd"
@@ -231,13 +230,16 @@ class EtcdCluster:
         self.wait_healthy(timeout=timeout, sites=[site])
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop every member (SIGTERM, then SIGKILL after `timeout`) and any stray one under our directory."""
+        """Stop every member and any stray one under our directory. SIGKILL at once: etcd's WAL survives it,
+        and on SIGTERM a raft leader first tries to hand its leadership over to members that are stopping
+        too (seconds lost per stop)."""
         pids = {pid for pid in (self.pid(site) for site in self.members) if pid is not None}
-        send(pids, signal.SIGTERM)
-        kill_now(wait_gone(pids, timeout))
+        survivors = kill_now(pids, timeout)
         for site in list(self._children):
             self._reap(site)
         stop_all_under(self.directory)
+        if survivors:
+            raise EtcdLabError(f"etcd processes {sorted(survivors)} survived SIGKILL for {timeout:.0f} s")
 
     def _reap(self, site: str) -> None:
         child = self._children.pop(site, None)
