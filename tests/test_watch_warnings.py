@@ -315,7 +315,7 @@ def test_the_watch_records_a_warning_held_twice_shows_it_in_metrics_and_clears_i
     scraper = token(url, "prometheus", "compliance")
     with TestClient(create_app(ApiSettings(database_url=url, drills_dir=str(tmp_path)))) as client:
         metrics = client.get("/metrics", headers={"Authorization": f"Bearer {scraper}"}).text
-        assert ('dr_watch_warning{kind="rpo-at-risk",target="service:contract-signing",severity="critical"} 1.0'
+        assert ('dr_watch_warning{kind="rpo-at-risk",severity="critical",target="service:contract-signing"} 1.0'
                 in metrics.splitlines())
         page = client.get("/dashboard", headers={"Authorization": f"Bearer {scraper}"}).text
         assert "Early warnings (1)" in page and "its standby backup is 9.0 s behind (target 5 s)" in page

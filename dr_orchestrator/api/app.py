@@ -52,7 +52,7 @@ class ApiSettings:
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
-    from dr_orchestrator.api import alerts, dashboard, routes_read, routes_write, status
+    from dr_orchestrator.api import alerts, dashboard, metrics, routes_read, routes_write, status
 
     sessions = session_factory_for(settings.database_url)
     launcher = Launcher(sessions, settings.runbooks_dir, settings.inventories_dir)
@@ -68,6 +68,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.launcher = launcher
+    app.state.metrics = metrics.Exporter(sessions, settings.drills_dir)  # a registry per app, made at first scrape
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _unrouted)  # type: ignore[arg-type]

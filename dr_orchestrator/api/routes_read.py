@@ -240,8 +240,9 @@ def approvals(_: Principal = Depends(reader), session: Session = Depends(session
 
 
 @router.get("/metrics", tags=["metrics"], summary="Prometheus metrics (any role's token)", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}}, **refusals(401)})
-def prometheus(request: Request, _: Principal = Depends(reader), session: Session = Depends(session_of)) -> Response:
-    """Scrape with `authorization: {credentials: TOKEN}` (a compliance token is enough)."""
-    listing = metrics.drill_schedules(request.app.state.settings.drills_dir)
-    return Response(metrics.render(session, listing), media_type=metrics.CONTENT_TYPE)
+            responses={200: {"content": {"text/plain": {}, "application/openmetrics-text": {}}}, **refusals(401)})
+def prometheus(request: Request, _: Principal = Depends(reader)) -> Response:
+    """Scrape with `authorization: {credentials: TOKEN}` (a compliance token is enough). Text format
+    0.0.4, or OpenMetrics when the scraper asks for it (`Accept`)."""
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -127,3 +128,40 @@ def leader_lock(url: str | None) -> LeaderLock:
     if make_url(resolved).get_backend_name() == "sqlite":
         return SqliteFileLock(resolved)
     raise SchedulerRefused(f"the scheduler supports PostgreSQL and SQLite evidence databases, not {resolved!r}")
+
+
+def leader_present(connection: Connection) -> bool | None:
+    """Whether some scheduler holds the leader lock of the evidence database behind ``connection``
+    (read-only: it never takes the lock); None when that cannot be told (not Linux, another backend).
+
+    PostgreSQL: the advisory lock in ``pg_locks``, held by any session. SQLite: a ``flock`` on the
+    lock file next to the database, read from ``/proc/locks`` (trying the lock would make a
+    scheduler starting at that moment refuse)."""
+    backend = connection.engine.url.get_backend_name()
+    if backend == "postgresql":
+        held = connection.execute(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+                 "AND ((classid::bigint << 32) | objid::bigint) = :key AND granted"), {"key": LOCK_KEY}).scalar()
+        return bool(held)
+    if backend != "sqlite":
+        return None
+    database = connection.engine.url.database or ""
+    if not database or database == ":memory:":
+        return False  # no scheduler runs on an in-memory database
+    try:
+        status = Path(database + ".scheduler.lock").stat()
+    except FileNotFoundError:
+        return False  # no scheduler ever ran on this file
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
+    for line in table.splitlines():
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->" second
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        major, minor, inode = fields[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+            return True
+    return False
