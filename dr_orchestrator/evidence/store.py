@@ -8,6 +8,12 @@ finishes, and for approval gates. Other events (a step or attempt ending, probes
 marks, measurements) are committed a few milliseconds later, in order; a crash in between leaves the
 step in flight in the evidence, which resume treats as such: repeated when idempotent, else decided
 by an engineer. Across processes, writes are serialised by the database (BEGIN IMMEDIATE on SQLite).
+
+With a ``fallback`` (a node's local evidence journal, dr_orchestrator.cluster.journal), the database is
+never waited on for more than ``db_wait_s``: a transaction that finds it unreachable (or no answer in
+time) journals its events instead, and every later event of those runs goes to the journal too, in
+order, until the journal is delivered; then the runs write to the database again. A journaled event
+is durable once fsynced there. A run never stops because the evidence database is down.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import enum
 import logging
 import math
 import os
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
 
@@ -74,6 +83,7 @@ DURABLE_BEFORE_RETURN = (RunStarted, RunResumed, RunFinished, ApprovalRequested,
 WRITER_IDLE_S = 5.0  # the writer thread ends after this long without events (a new one starts on the next)
 RETENTION_ENV = "DR_RETENTION_YEARS"
 DEFAULT_RETENTION_YEARS = 6
+DB_WAIT_S = 2.0  # with a fallback: how long a transaction may take before its events are journaled
 TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "planned switchover (production)",
               "real failover", "failback")
 
@@ -202,13 +212,83 @@ def run_service_row(run_id: str, service: str, targets: dict[str, Any]) -> RunSe
     )
 
 
+class DatabaseTimeout(TimeoutError):
+    """The evidence database gave no answer in time; the transaction was abandoned before its commit."""
+
+
+class EvidenceInDoubt(RuntimeError):
+    """A commit was sent and no answer came in time: its events may or may not be in the database."""
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the evidence database cannot be reached or does not answer (connection
+    refused or lost, timeouts, a SQLite file that cannot be opened or written), as opposed to a record
+    the database refuses or a programming error."""
+    if isinstance(exc, (TimeoutError, ConnectionError, sa_exc.TimeoutError, sa_exc.DisconnectionError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    return isinstance(exc, OSError)
+
+
+class EvidenceFallback(Protocol):
+    """Where a store keeps events while the database is unreachable (dr_orchestrator.cluster.journal)."""
+
+    def append(self, events: Sequence[Event], rollbacks: Mapping[str, Mapping[str, str]]) -> None:
+        """Keep ``events`` durably, in order, before returning. ``rollbacks``: the rollback actions of
+        runs that start journaling here (their delivery needs them when the run's start is not journaled)."""
+
+    def pending(self) -> bool:
+        """Whether some record appended is not delivered yet."""
+
+
+class _Ticket:
+    """One bounded transaction: abandoned by the writer before its commit starts, or committed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"  # waiting | committing | abandoned
+
+    def committing(self) -> bool:
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "committing"
+            return True
+
+    def abandon(self) -> bool:
+        """True when the transaction will not commit (it had not started to)."""
+        with self._lock:
+            if self._state == "committing":
+                return False
+            self._state = "abandoned"
+            return True
+
+    @property
+    def abandoned(self) -> bool:
+        with self._lock:
+            return self._state == "abandoned"
+
+
+class _Abandoned(Exception):
+    pass
+
+
 class EvidenceStore:
     """``store(event)`` (or call the store itself: it is an ``Observer``) for every engine event."""
 
-    def __init__(self, session_factory: Callable[[], Session], retention: int | None = None) -> None:
-        """``retention``: years to keep each run's record (default: ``retention_years()``)."""
+    def __init__(self, session_factory: Callable[[], Session], retention: int | None = None, *,
+                 fallback: EvidenceFallback | None = None, db_wait_s: float = DB_WAIT_S) -> None:
+        """``retention``: years to keep each run's record (default: ``retention_years()``). ``fallback``:
+        where events go while the database is unreachable; then no transaction is waited on for more
+        than ``db_wait_s`` (see the module's docstring)."""
         self._sessions = session_factory
         self._retention_years = retention_years(retention)
+        self._fallback = fallback
+        self._db_wait_s = db_wait_s
+        self._journaling: set[str] = set()  # runs whose events go to the fallback until it is delivered
+        self._db_tasks: queue.SimpleQueue[tuple[Callable[[], None], Future[None]]] = queue.SimpleQueue()
+        self._db_worker: threading.Thread | None = None
         # Done now, not on the first event: it takes ~80 ms, which would delay the run's start.
         configure_mappers()
         self._lock = threading.Lock()  # one transaction at a time from this store
@@ -242,7 +322,14 @@ class EvidenceStore:
         """The observer: queue ``event``; wait for its commit when a crash must not lose it."""
         written = self._queue(event)
         if isinstance(event, DURABLE_BEFORE_RETURN) or (isinstance(event, AttemptStarted) and not event.repeatable):
-            written.result()
+            if self._fallback is None:
+                written.result()
+                return
+            try:  # the database is given db_wait_s (twice when its commit was sent), then the journal its fsync
+                written.result(timeout=2 * self._db_wait_s + 5.0)
+            except FutureTimeout:
+                log.error("evidence of %s for run %s not confirmed durable in time; the run goes on",
+                          type(event).__name__, event.run_id)
 
     def store(self, event: Event) -> None:
         """Write ``event`` and return once it is committed; database errors propagate to the caller."""
@@ -291,6 +378,9 @@ class EvidenceStore:
     def _write(self, batch: list[tuple[Event, Future[None]]]) -> None:
         """All of ``batch`` in one transaction; if that fails, each event in its own, so that one bad
         record loses nothing else (its error goes to whoever waits for it, or to the log)."""
+        if self._fallback is not None:
+            self._write_or_journal(batch, self._fallback)
+            return
         try:
             self._transaction(event for event, _written in batch)
         except Exception:  # noqa: BLE001 - retried one by one below, where each error is reported
@@ -310,12 +400,155 @@ class EvidenceStore:
             else:
                 written.set_result(None)
 
-    def _transaction(self, events: Any) -> None:
-        with self._lock, self._sessions() as session, session.begin():
-            session.info[HASH_FROM_INSTANCES] = True  # handlers write JSON-ready values and aware datetimes
-            session.connection(execution_options=WRITE_TRANSACTION)
-            for event in events:
-                self._handlers[type(event)](session, event)
+    def _transaction(self, events: Any, also: Callable[[Session], None] | None = None,
+                     ticket: _Ticket | None = None) -> None:
+        with self._lock:
+            if ticket is not None and ticket.abandoned:
+                return  # the writer journaled these events meanwhile
+            try:
+                with self._sessions() as session, session.begin():
+                    session.info[HASH_FROM_INSTANCES] = True  # handlers write JSON-ready values and aware datetimes
+                    session.connection(execution_options=WRITE_TRANSACTION)
+                    for event in events:
+                        self._handlers[type(event)](session, event)
+                    if also is not None:
+                        also(session)
+                    if ticket is not None:
+                        session.flush()
+                        if not ticket.committing():
+                            raise _Abandoned()
+            except BaseException:
+                if ticket is not None:  # forgotten here, under the lock: the writer may have gone on
+                    self._forget_rows()
+                raise
+
+    # -- with a fallback: bounded transactions, and the journal while the database is unreachable --
+
+    def replay(self, events: Sequence[Event], also: Callable[[Session], None] | None = None) -> None:
+        """Write ``events`` in one transaction, as the writer does (a journal's delivery), and call
+        ``also(session)`` in that transaction. Raises when it fails; then nothing of it was written."""
+        try:
+            self._transaction(events, also)
+        except BaseException:
+            self._forget_rows()
+            raise
+
+    def rollback_actions(self, run_id: str) -> dict[str, str]:
+        """The rollback action of each step of ``run_id`` that has one, as this store knows them."""
+        return dict(self._rollback_actions.get(run_id, {}))
+
+    def remember_rollback_actions(self, run_id: str, actions: Mapping[str, str]) -> None:
+        """For a delivery that goes on with a run whose start it did not replay."""
+        self._rollback_actions[run_id] = dict(actions)
+
+    def _bounded_transaction(self, events: list[Event]) -> None:
+        """A transaction on the database worker thread, waited on for ``db_wait_s``: abandoned
+        (DatabaseTimeout) when its commit has not started by then, EvidenceInDoubt when the commit
+        was sent and no answer came in twice that time."""
+        ticket = _Ticket()
+        done: Future[None] = Future()
+        with self._wakeup:
+            if self._db_worker is None or not self._db_worker.is_alive():
+                self._db_worker = threading.Thread(target=self._run_db_tasks, name="evidence-db", daemon=True)
+                self._db_worker.start()
+            # Under the lock: the worker ends only when it finds no task under it.
+            self._db_tasks.put((lambda: self._transaction(events, ticket=ticket), done))
+        try:
+            done.result(timeout=self._db_wait_s)
+            return
+        except FutureTimeout:
+            if ticket.abandon():
+                raise DatabaseTimeout(f"no answer from the evidence database in {self._db_wait_s} s") from None
+        try:
+            done.result(timeout=self._db_wait_s)
+        except FutureTimeout:
+            raise EvidenceInDoubt(f"the evidence database did not answer a commit in {2 * self._db_wait_s} s: "
+                                  "its events may or may not be recorded") from None
+
+    def _run_db_tasks(self) -> None:
+        while True:
+            try:
+                task, done = self._db_tasks.get(timeout=WRITER_IDLE_S)
+            except queue.Empty:
+                with self._wakeup:
+                    if self._db_tasks.empty():
+                        self._db_worker = None
+                        return
+                continue
+            try:
+                task()
+            except BaseException as exc:  # noqa: BLE001 - handed to the writer
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+    def _write_or_journal(self, batch: list[tuple[Event, Future[None]]], fallback: EvidenceFallback) -> None:
+        """``batch`` in order: the events of runs that journal to the fallback, the others to the database
+        (all in one transaction, else one by one); a run whose database write finds it unreachable
+        journals from that event on. Runs journal until the fallback has delivered everything."""
+        if self._journaling and not fallback.pending():
+            self._journaling.clear()
+            self._forget_rows()  # the delivery changed rows this store may hold
+        started: list[str] = []
+
+        def journal_from_now(run_id: str) -> None:
+            if run_id not in self._journaling:
+                self._journaling.add(run_id)
+                started.append(run_id)
+
+        to_db = [(event, written) for event, written in batch if event.run_id not in self._journaling]
+        if to_db:
+            try:
+                self._bounded_transaction([event for event, _written in to_db])
+            except Exception as exc:  # noqa: BLE001 - journaled, or retried one by one below
+                self._forget_rows()
+                if database_unreachable(exc) or isinstance(exc, EvidenceInDoubt):
+                    log.warning("evidence database unreachable (%s: %s): journaling", type(exc).__name__, exc)
+                    for event, written in to_db:
+                        journal_from_now(event.run_id)
+                        if isinstance(exc, EvidenceInDoubt):
+                            written.set_exception(exc)
+                else:
+                    self._write_one_by_one(to_db, journal_from_now)
+            else:
+                for _event, written in to_db:
+                    written.set_result(None)
+        journaled = [(event, written) for event, written in batch
+                     if event.run_id in self._journaling and not written.done()]
+        if not journaled:
+            return
+        rollbacks = {run_id: self.rollback_actions(run_id) for run_id in started}
+        try:
+            fallback.append([event for event, _written in journaled], rollbacks)
+        except Exception as exc:  # noqa: BLE001 - handed to the waiter, or logged
+            log.error("evidence of run(s) %s neither written nor journaled: %s",
+                      ", ".join(sorted({event.run_id for event, _ in journaled})), exc)
+            for _event, written in journaled:
+                written.set_exception(exc)
+            return
+        for event, written in journaled:
+            if isinstance(event, RunFinished):
+                self._rollback_actions.pop(event.run_id, None)
+            written.set_result(None)
+
+    def _write_one_by_one(self, events: list[tuple[Event, Future[None]]],
+                          journal_from_now: Callable[[str], None]) -> None:
+        for event, written in events:
+            if event.run_id in self._journaling:
+                continue  # journaled after the loop, in order
+            try:
+                self._bounded_transaction([event])
+            except Exception as exc:  # noqa: BLE001 - journaled, handed to the waiter, or logged
+                self._forget_rows()
+                if database_unreachable(exc) or isinstance(exc, EvidenceInDoubt):
+                    journal_from_now(event.run_id)
+                    if isinstance(exc, EvidenceInDoubt):
+                        written.set_exception(exc)
+                    continue
+                log.error("evidence of %s for run %s not written: %s", type(event).__name__, event.run_id, exc)
+                written.set_exception(exc)
+            else:
+                written.set_result(None)
 
     def _forget_rows(self) -> None:
         self._step_rows.clear()
