@@ -150,7 +150,9 @@ def test_lease_revoked_the_other_node_takes_over_and_the_old_token_is_refused(
     took = wait_for(second.is_leader, 5, "the backup node leading")
     assert took < 1.0  # it polls the key every 0.1 s
     wait_for(first.lost.is_set, TTL_S, "the primary node noticing its loss")
-    assert not first.is_leader() and lost and lost[0][0] == old
+    assert not first.is_leader()
+    wait_for(lambda: lost, 1, "the on_lost callback")  # it runs just after the event is set
+    assert lost[0][0] == old
 
     new = second.token()
     assert new.revision > old.revision
@@ -177,6 +179,19 @@ def test_a_new_term_of_the_same_node_never_honours_the_old_token(shared_cluster:
     with pytest.raises(Deposed, match="term under it ended"):
         old_fence()
     assert node.fence_check()().revision > old.revision
+
+
+def test_assert_current_asks_etcd_not_only_the_local_term(shared_cluster: EtcdCluster, nodes: NodeFactory) -> None:
+    key = new_key()
+    node = nodes(shared_cluster.endpoints, "primary", key, start=False)  # no keep-alive: its term lives locally
+    token = node.campaign_once()
+    assert token is not None and node.is_leader() and node.token() == token
+    node.assert_current(token)
+    Gateway(shared_cluster.endpoints).post("/lease/revoke", {"ID": token.lease_id}, "revoke")
+    assert node.is_leader()  # it cannot know yet; etcd can
+    with pytest.raises(Deposed, match="etcd's leader key is another term's; no node leads now"):
+        node.assert_current(token)
+    assert not node.is_leader() and node.terms()[0].reason == "etcd's leader key is no longer this term's"
 
 
 def test_resigning_on_stop_hands_over_at_once(shared_cluster: EtcdCluster, nodes: NodeFactory) -> None:
@@ -303,7 +318,7 @@ def test_unreachable_etcd_and_bad_settings_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="TTL must be at least 2 s"):
         Leadership(closed, "primary", ttl_s=1)
     with pytest.raises(ValueError, match="an etcd endpoint must look like"):
-        Leadership(["http://no-port"], "primary")
+        Leadership(["http://no-port"], "primary", ttl_s=TTL_S)
     status = cluster_status(closed, timeout_s=0.2)
     assert status["healthy_members"] == 0 and not status["quorum"] and status["leader"] is None
     assert len(status["errors"]) == 2

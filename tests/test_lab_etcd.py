@@ -37,7 +37,7 @@ def etcd_pids_under(directory: Path) -> set[int]:
 
 def client(url: str) -> Etcd3Client:
     host, port = url.removeprefix("http://").split(":")
-    return Etcd3Client(host=host, port=int(port), timeout=2, api_path="/v3/")
+    return Etcd3Client(host=host, port=int(port), timeout=5, api_path="/v3/")
 
 
 def test_a_member_per_site_killed_restarted_and_stopped(directory: Path) -> None:
@@ -55,7 +55,8 @@ def test_a_member_per_site_killed_restarted_and_stopped(directory: Path) -> None
         cluster.kill("witness")
         assert not cluster.running("witness") and killed not in etcd_pids_under(directory)
         assert not member_health(cluster.endpoint("witness"))
-        # two of three keep the quorum: writes go on
+        # two of three keep the quorum (after an election, when the witness led raft): writes go on
+        cluster.wait_healthy(timeout=10, sites=["primary", "backup"])
         client(cluster.endpoint("backup")).put("/probe", "while the witness is down")
 
         cluster.restart("witness")

@@ -1,7 +1,7 @@
 """Membership and leadership on etcd, and fencing tokens: one orchestrator node at a time may act.
 
     from dr_orchestrator.cluster import Leadership
-    leadership = Leadership(["http://127.0.10.1:2379", ...], node_name="primary", ttl_s=5).start()
+    leadership = Leadership(["http://127.0.10.1:2379", ...], node_name="primary", ttl_s=2).start()
     fence = leadership.fence_check()   # when a run starts; fence() before each changing step
 
 This room may import `model` and `evidence` only (and etcd3gw). Names are imported lazily so that

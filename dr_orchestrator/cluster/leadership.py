@@ -127,7 +127,7 @@ def read_leader(gateway: Gateway, key: str = DEFAULT_KEY) -> LeaderInfo | None:
 class Leadership:
     """This node's part in the election on `key_prefix` (the leader key itself: one key per election)."""
 
-    def __init__(self, endpoints: Sequence[str], node_name: str, ttl_s: int = 5, key_prefix: str = DEFAULT_KEY, *,
+    def __init__(self, endpoints: Sequence[str], node_name: str, ttl_s: int, key_prefix: str = DEFAULT_KEY, *,
                  request_timeout_s: float | None = None, poll_interval_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not node_name:
@@ -284,11 +284,16 @@ class Leadership:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            term = self.term()
-            if term is None:
-                self._follow()
-            else:
-                self._keep_alive(term)
+            try:
+                term = self.term()
+                if term is None:
+                    self._follow()
+                else:
+                    self._keep_alive(term)
+            except Exception as error:  # an answer of an unexpected shape: the watchdog still guards the term
+                log.exception("node %s: leadership loop failed; going on", self.node)
+                self.last_error = f"unexpected failure: {error!r}"
+                self._stopping.wait(self.poll_interval_s)
 
     def _follow(self) -> None:
         """Campaign when the leader key is absent, else wait a poll interval."""
@@ -331,8 +336,11 @@ class Leadership:
             self._revoke(term.token.lease_id)  # best effort: the other nodes need not wait for the TTL
 
     def _refresh(self, lease_id: int) -> int:
+        """The lease's new TTL; -1 when etcd no longer knows it (expired or revoked)."""
         answer = self.gateway.post("/lease/keepalive", {"ID": lease_id}, "refresh the leader lease")
-        return int((answer.get("result") or {}).get("TTL", -1))
+        if "result" not in answer:  # a streamed error ({"error": ...}): no verdict on the lease, retry
+            raise ClusterError(f"etcd did not refresh the leader lease: {answer.get('error') or answer}")
+        return int(answer["result"].get("TTL", -1))
 
     def _check_key(self, term: Term) -> None:
         """The leader key must still be this term's (an operator may have deleted it)."""
