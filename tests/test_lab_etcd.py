@@ -3,6 +3,7 @@ restarted and always stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -82,6 +83,21 @@ def test_members_left_by_a_killed_session_are_found_and_stopped(directory: Path)
     assert stop_all_under(directory) == {pid}
     assert etcd_pids_under(directory) == set()
     assert child.wait(timeout=5) == -9
+
+
+def test_another_process_finds_kills_and_restarts_members_from_the_state(directory: Path) -> None:
+    with EtcdCluster(directory) as cluster:
+        state = json.loads(json.dumps(cluster.state()))
+        other = EtcdCluster.from_state(state)  # e.g. `dr lab kill-site` after `dr lab up`
+        assert other.endpoints == cluster.endpoints
+        pid = cluster.pid("primary")
+        assert pid is not None and other.pid("primary") == pid
+        other.kill("primary")
+        assert not cluster.running("primary") and pid not in etcd_pids_under(directory)
+        other.restart("primary")
+        assert other.running("primary") and member_health(cluster.endpoint("primary"))
+        assert cluster.pid("primary") == other.pid("primary") != pid  # both see the new process
+    assert etcd_pids_under(directory) == set()  # the first object's stop took the restarted member too
 
 
 def test_a_site_without_an_address_is_refused(directory: Path) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from dr_orchestrator.lab.config import SITE_ADDRESSES
 from dr_orchestrator.lab.processes import ProcessSpec, command_line, kill_now, running_pid
@@ -105,6 +106,28 @@ class EtcdCluster:
         self.token = f"dr-lab-{secrets.token_hex(4)}"
         self.members: dict[str, EtcdMember] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # --- state, for a lab driven by separate commands (`dr lab up`, later `dr lab kill-site`) -------------
+
+    def state(self) -> dict[str, Any]:
+        """What another process needs to find, kill and restart these members (JSON-ready)."""
+        return {"directory": str(self.directory), "token": self.token, "heartbeat_ms": self.heartbeat_ms,
+                "election_timeout_ms": self.election_timeout_ms,
+                "members": [{"site": m.site, "client_port": m.client_port, "peer_port": m.peer_port}
+                            for m in (self.members[site] for site in self.sites)]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EtcdCluster:
+        """The cluster `state()` described; its running members are found by pidfile and command line."""
+        sites = [entry["site"] for entry in state["members"]]
+        cluster = cls(Path(state["directory"]), sites=sites, heartbeat_ms=int(state["heartbeat_ms"]),
+                      election_timeout_ms=int(state["election_timeout_ms"]))
+        cluster.token = str(state["token"])
+        for entry in state["members"]:
+            site = entry["site"]
+            cluster.members[site] = EtcdMember(site, ETCD_SITES[site], int(entry["client_port"]),
+                                               int(entry["peer_port"]), cluster.directory / f"etcd-{site}")
+        return cluster
 
     # --- what clients need ---------------------------------------------------------------------------
 
@@ -204,10 +227,10 @@ class EtcdCluster:
         if site not in self.members:
             return None
         child = self._children.get(site)
-        if child is not None:
-            # Our own child: its exit status is the truth (just after exec, /proc/PID/cmdline can read empty).
-            return child.pid if child.poll() is None else None
-        return running_pid(self.members[site].process)
+        if child is not None and child.poll() is None:
+            # Our own running child (just after exec, /proc/PID/cmdline can read empty: trust the exit status)
+            return child.pid
+        return running_pid(self.members[site].process)  # started by another process (see from_state)
 
     def running(self, site: str) -> bool:
         return self.pid(site) is not None
