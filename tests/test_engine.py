@@ -953,3 +953,33 @@ def test_second_ctrl_c_stops_the_rollback_and_the_run_still_ends() -> None:
         "steps": {"prepared": "rollback_failed", "switch": "cancelled", "verify": "cancelled"},
         "last": "RunFinished",
     }
+
+
+def test_a_branch_waiting_for_its_start_to_be_durable_does_not_hold_the_others_back(bench: Bench) -> None:
+    """The evidence store makes a changing step's start durable before it acts (``submit`` hands the
+    engine that wait); meanwhile a parallel branch goes on and is heard of, in order."""
+    plan = make_plan("""
+        name: durable-starts
+        steps:
+          - {id: left, action: echo}
+          - {id: right, action: echo, needs: []}
+    """)
+    right_ended = threading.Event()
+    waited: list[bool] = []
+
+    class SlowCommits:
+        def __call__(self, event: Event) -> None:
+            raise AssertionError("an observer with submit() is not called directly")
+
+        def submit(self, event: Event) -> Any:
+            if isinstance(event, StepFinished) and event.step_id == "right":
+                right_ended.set()
+            if isinstance(event, AttemptStarted) and event.step_id == "left":
+                return lambda: waited.append(right_ended.wait(10))
+            return None
+
+    outcome = Engine(bench.registry, [SlowCommits(), bench.observe]).run(plan)
+    check_invariants(bench.events, plan)
+    assert outcome.state is RunState.SUCCEEDED, outcome
+    assert waited == [True], "the right branch was held back while the left one waited for its commit"
+    assert bench.index(StepFinished, "right") < bench.index(StepFinished, "left")

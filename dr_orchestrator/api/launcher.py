@@ -26,15 +26,19 @@ START_S = 30.0  # how long a request waits for its run to take its locks and sta
 
 
 class _Start:
-    """Observer: set once the run has started, or once it was refused its locks (``refused``)."""
+    """Observer: set once the run's start is recorded, or once it was refused its locks (``refused``).
+    Observers hear of an event before the evidence store's commit of it is waited for; the engine
+    emits its next event only after that wait: whatever follows RunStarted says it is in the database."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.refused: LockHeld | None = None
+        self._started = False
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, RunStarted):
+        if self._started:
             self.done.set()
+        self._started = self._started or isinstance(event, RunStarted)
 
 
 def confined(root: str | Path, relative: str, what: str) -> Path:

@@ -209,16 +209,29 @@ class _Run:
     # ------------------------------------------------------------------ events
 
     def emit(self, event: Event) -> None:
+        """Every observer sees the events in one order (under the lock). One that must make an event
+        durable before the run goes on (the evidence store's ``submit``) hands back its wait, made
+        here after the lock: the emitting branch waits, the other branches go on emitting."""
         event = self.redact_event(event)
+        waits: list[tuple[Observer, Callable[[], None]]] = []
         with self.emit_lock:
             if self.closed:
                 return
             self.closed = isinstance(event, RunFinished)
             for observer in self.engine.observers:
                 try:
-                    observer(event)
+                    submit = getattr(observer, "submit", None)
+                    if submit is None:
+                        observer(event)
+                    elif (wait := submit(event)) is not None:
+                        waits.append((observer, wait))
                 except Exception:  # noqa: BLE001 - one observer's failure must not stop a failover
                     log.exception("observer %r failed on %s", observer, type(event).__name__)
+        for observer, wait in waits:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001 - as above
+                log.exception("observer %r failed on %s", observer, type(event).__name__)
 
     def redact_event(self, event: Event) -> Event:
         """``event`` with every secret the process knows masked (the plan holds only references)."""

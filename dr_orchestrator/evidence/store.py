@@ -320,16 +320,28 @@ class EvidenceStore:
 
     def __call__(self, event: Event) -> None:
         """The observer: queue ``event``; wait for its commit when a crash must not lose it."""
+        wait = self.submit(event)
+        if wait is not None:
+            wait()
+
+    def submit(self, event: Event) -> Callable[[], None] | None:
+        """Queue ``event``; for one a crash must not lose, return the wait for its commit, which the
+        caller makes before going on but outside its own locks (the engine's other branches keep
+        emitting meanwhile, queued in order behind it)."""
         written = self._queue(event)
         if isinstance(event, DURABLE_BEFORE_RETURN) or (isinstance(event, AttemptStarted) and not event.repeatable):
-            if self._fallback is None:
-                written.result()
-                return
-            try:  # the database is given db_wait_s (twice when its commit was sent), then the journal its fsync
-                written.result(timeout=2 * self._db_wait_s + 5.0)
-            except FutureTimeout:
-                log.error("evidence of %s for run %s not confirmed durable in time; the run goes on",
-                          type(event).__name__, event.run_id)
+            return lambda: self._wait_durable(event, written)
+        return None
+
+    def _wait_durable(self, event: Event, written: Future[None]) -> None:
+        if self._fallback is None:
+            written.result()
+            return
+        try:  # the database is given db_wait_s (twice when its commit was sent), then the journal its fsync
+            written.result(timeout=2 * self._db_wait_s + 5.0)
+        except FutureTimeout:
+            log.error("evidence of %s for run %s not confirmed durable in time; the run goes on",
+                      type(event).__name__, event.run_id)
 
     def store(self, event: Event) -> None:
         """Write ``event`` and return once it is committed; database errors propagate to the caller."""
