@@ -16,7 +16,7 @@ from dr_orchestrator import supervision
 from dr_orchestrator.actions.base import RunResources
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence.store import EvidenceStore
-from dr_orchestrator.model.events import Observer
+from dr_orchestrator.model.events import Event, Observer, RunResumed, RunStarted
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan
@@ -26,13 +26,35 @@ from dr_orchestrator.testhook import wrap_store
 def execute(sessions: sessionmaker[Session], plan: RunPlan, *, observers: Sequence[Observer] = (),
             retention_years: int | None = None, run_id: str | None = None,
             stop: threading.Event | None = None, resume: ResumePoint | None = None,
-            kept: KeptConnections | None = None) -> RunOutcome:
+            kept: KeptConnections | None = None, started: threading.Event | None = None) -> RunOutcome:
     """Run ``plan`` to its end (or go on with an interrupted run: ``resume`` and its ``run_id``),
     recording it in the evidence database of ``sessions``. Raises supervision.LockHeld, before
     anything ran, when another live run holds a service or site of the plan."""
-    store = wrap_store(EvidenceStore(sessions, retention=retention_years))
+    recorder = EvidenceStore(sessions, retention=retention_years)
+    store = wrap_store(recorder)
+    if started is not None:
+        observers = [*observers, _StartRecorded(recorder, started)]
     return supervision.execute(sessions, plan, [store, *observers], run_id=run_id, stop=stop, resume=resume,
                                kept=kept.pool if kept is not None else None)
+
+
+class _StartRecorded:
+    """Sets ``started`` once the run's start (or resumption) is committed: the engine does not wait for
+    that commit before its first checks, and whoever reports the run's id must not be faster than it."""
+
+    def __init__(self, store: EvidenceStore, started: threading.Event) -> None:
+        self.store = store
+        self.started = started
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, (RunStarted, RunResumed)):
+            def wait() -> None:
+                try:
+                    self.store.flush()  # what was queued so far, the start included, is committed
+                finally:
+                    self.started.set()
+
+            threading.Thread(target=wait, name=f"start-recorded-{event.run_id[:8]}", daemon=True).start()
 
 
 def prepare(plan: RunPlan) -> None:

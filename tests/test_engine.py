@@ -983,3 +983,38 @@ def test_a_branch_waiting_for_its_start_to_be_durable_does_not_hold_the_others_b
     assert outcome.state is RunState.SUCCEEDED, outcome
     assert waited == [True], "the right branch was held back while the left one waited for its commit"
     assert bench.index(StepFinished, "right") < bench.index(StepFinished, "left")
+
+
+def test_first_checks_run_while_the_start_is_committed_and_nothing_changes_before_it_is(bench: Bench) -> None:
+    """A run's start is not waited for before its first checks (a failover's critical path), but a
+    change never begins before it is durable: a crash must not leave a change with no run recorded."""
+    plan = make_plan("""
+        name: start-commit
+        steps:
+          - {id: check, action: echo, effect: read-only}
+          - {id: change, action: echo, needs: [check], idempotent: true}
+    """)
+    check_ended, start_recorded = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    change_began_after_start: list[bool] = []
+
+    def until_recorded() -> None:
+        waited.append(check_ended.wait(10))
+        start_recorded.set()
+
+    class SlowStartCommit:
+        def __call__(self, event: Event) -> None:
+            raise AssertionError("an observer with submit() is not called directly")
+
+        def submit(self, event: Event) -> Any:
+            if isinstance(event, StepFinished) and event.step_id == "check":
+                check_ended.set()
+            if isinstance(event, AttemptStarted) and event.step_id == "change":
+                change_began_after_start.append(start_recorded.is_set())
+            return until_recorded if isinstance(event, RunStarted) else None
+
+    outcome = Engine(bench.registry, [SlowStartCommit(), bench.observe]).run(plan)
+    check_invariants(bench.events, plan)
+    assert outcome.state is RunState.SUCCEEDED, outcome
+    assert waited == [True], "the check waited for the run's start to be committed"
+    assert change_began_after_start == [True], "the change began before the run's start was committed"

@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.api.auth import ApiError
 from dr_orchestrator.api.values import HOLDS_NUL, where_nul
-from dr_orchestrator.model.events import Event, RunStarted
 from dr_orchestrator.plans import PlanError, build_plan
 from dr_orchestrator.runner import execute
 from dr_orchestrator.supervision import LockHeld
@@ -26,19 +25,11 @@ START_S = 30.0  # how long a request waits for its run to take its locks and sta
 
 
 class _Start:
-    """Observer: set once the run's start is recorded, or once it was refused its locks (``refused``).
-    Observers hear of an event before the evidence store's commit of it is waited for; the engine
-    emits its next event only after that wait: whatever follows RunStarted says it is in the database."""
+    """``done`` once the run's start is in the database, or once it was refused its locks (``refused``)."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.refused: LockHeld | None = None
-        self._started = False
-
-    def __call__(self, event: Event) -> None:
-        if self._started:
-            self.done.set()
-        self._started = self._started or isinstance(event, RunStarted)
 
 
 def confined(root: str | Path, relative: str, what: str) -> Path:
@@ -99,7 +90,7 @@ class Launcher:
 
     def _execute(self, plan: Any, run_id: str, stop: threading.Event, start: _Start) -> None:
         try:
-            execute(self.sessions, plan, observers=[start], run_id=run_id, stop=stop)
+            execute(self.sessions, plan, run_id=run_id, stop=stop, started=start.done)
         except LockHeld as exc:  # nothing ran; the refusal is in the audit chain already
             start.refused = exc
         except Exception:  # noqa: BLE001 - the engine records the run's end; this is the server's log

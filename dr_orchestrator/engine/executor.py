@@ -184,6 +184,8 @@ class _Run:
         self.emit_lock = threading.Lock()
         self.active_cancels: set[threading.Event] = set()
         self.resources = RunResources(engine.kept)
+        self.start_lock = threading.Lock()
+        self.start_waits: list[tuple[Observer, Callable[[], None], Event]] = []  # see settle_start
         self.interrupted = False  # the operator stopped the run (Ctrl-C or `stop`): it ends aborted
         # Cancel what runs and start nothing new; cleared while rollbacks run, set again by another Ctrl-C.
         self.halt = threading.Event()
@@ -208,10 +210,11 @@ class _Run:
 
     # ------------------------------------------------------------------ events
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, *, defer_wait: bool = False) -> None:
         """Every observer sees the events in one order (under the lock). One that must make an event
         durable before the run goes on (the evidence store's ``submit``) hands back its wait, made
-        here after the lock: the emitting branch waits, the other branches go on emitting."""
+        here after the lock: the emitting branch waits, the other branches go on emitting. With
+        ``defer_wait`` (the run's start) the wait is made by ``settle_start`` instead."""
         event = self.redact_event(event)
         waits: list[tuple[Observer, Callable[[], None]]] = []
         with self.emit_lock:
@@ -223,15 +226,31 @@ class _Run:
                     submit = getattr(observer, "submit", None)
                     if submit is None:
                         observer(event)
-                    elif (wait := submit(event)) is not None:
-                        waits.append((observer, wait))
+                    elif (until_durable := submit(event)) is not None:
+                        waits.append((observer, until_durable))
                 except Exception:  # noqa: BLE001 - one observer's failure must not stop a failover
                     log.exception("observer %r failed on %s", observer, type(event).__name__)
-        for observer, wait in waits:
+        if defer_wait:
+            with self.start_lock:
+                self.start_waits += [(observer, until_durable, event) for observer, until_durable in waits]
+            return
+        self.wait_for(waits, event)
+
+    def wait_for(self, waits: list[tuple[Observer, Callable[[], None]]], event: Event) -> None:
+        for observer, until_durable in waits:
             try:
-                wait()
-            except Exception:  # noqa: BLE001 - as above
+                until_durable()
+            except Exception:  # noqa: BLE001 - one observer's failure must not stop a failover
                 log.exception("observer %r failed on %s", observer, type(event).__name__)
+
+    def settle_start(self) -> None:
+        """Wait until the run's start is durable: before anything changes (a crash must not leave a
+        change behind with no run recorded) and before the run ends. Its first checks run meanwhile:
+        that commit is tens of milliseconds of a failover's critical path otherwise."""
+        with self.start_lock:  # a second changing branch waits here until the first one's wait is over
+            waits, self.start_waits = self.start_waits, []
+            for observer, until_durable, event in waits:
+                self.wait_for([(observer, until_durable)], event)
 
     def redact_event(self, event: Event) -> Event:
         """``event`` with every secret the process knows masked (the plan holds only references)."""
@@ -300,7 +319,7 @@ class _Run:
         }
         try:
             if self.resume is None:
-                self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host))
+                self.emit(RunStarted(self.run_id, self.started_at, plan, self.engine.host), defer_wait=True)
             else:
                 resume = self.resume
                 self.emit(RunResumed(self.run_id, utcnow(), plan, self.engine.host, resume.actor, resume.reason,
@@ -336,6 +355,7 @@ class _Run:
             state = self.final_state()
             if state is RunState.ABORTED and error is None:
                 error = "interrupted by the operator"
+            self.settle_start()
             self.emit(RunFinished(self.run_id, utcnow(), state, error))
         shown_error = None if error is None else self.redactor.redact(error)
         return RunOutcome(self.run_id, state, dict(self.states), shown_error)
@@ -538,6 +558,7 @@ class _Run:
             return StepState.FAILED
         effect = self.effect(step)
         if effect.changes:
+            self.settle_start()
             self.first_change(step, effect)
         outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
                                   service, site)
