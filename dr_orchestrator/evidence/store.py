@@ -298,6 +298,7 @@ class EvidenceStore:
         self._newest: Future[None] | None = None  # the last event queued
         # Rollback actions by run and step, for naming the action on rollback step rows.
         self._rollback_actions: dict[str, dict[str, str]] = {}
+        self._git_lookups: dict[str, threading.Thread] = {}  # run id -> the lookup of its runbook's git commit
         # The newest step row per (run, step, phase) and attempt row per (run, step row, attempt) this store
         # wrote: the hot path then reads nothing back. Cleared when a transaction fails.
         self._step_rows: dict[tuple[str, str, str], StepRecord] = {}
@@ -357,6 +358,10 @@ class EvidenceStore:
     def _queue(self, event: Event) -> Future[None]:
         if type(event) not in self._handlers:
             raise KeyError(f"the evidence store has no record for {type(event).__name__}")
+        if isinstance(event, RunFinished):  # the run's provenance is part of its record: queued before its end
+            lookup = self._git_lookups.pop(event.run_id, None)
+            if lookup is not None:
+                lookup.join()
         written: Future[None] = Future()
         with self._wakeup:
             self._queued.append((event, written))
@@ -366,12 +371,17 @@ class EvidenceStore:
                 self._writer.start()
             self._wakeup.notify()
         if isinstance(event, RunStarted):
-            self._queue_git_commit(event)
+            # Two git commands take 10-20 ms, more on a busy host: not on the run's critical path.
+            lookup = threading.Thread(target=self._queue_git_commit, args=(event,), name="git-provenance",
+                                      daemon=True)
+            self._git_lookups[event.run_id] = lookup
+            lookup.start()
         return written
 
     def _queue_git_commit(self, event: RunStarted) -> None:
         """The checkout the runbook came from, as an action event of the run's start (asked of git
-        here, outside any database transaction; nothing when the runbook is in no git work tree)."""
+        beside the run, outside any database transaction, bounded by git's own timeout; nothing when
+        the runbook is in no git work tree)."""
         found = git_commit_of(event.plan.runbook_source.path)
         if found is not None:
             self._queue(ActionEvent(event.run_id, "", GIT_COMMIT_EVENT, event.at, found))
