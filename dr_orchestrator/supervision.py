@@ -22,16 +22,16 @@ from dr_orchestrator import anchoring
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry, RunResources
 from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.engine.executor import may_repeat
 from dr_orchestrator.evidence.annotations import record_audit_event
 from dr_orchestrator.evidence.approvals import DatabaseApprovals
 from dr_orchestrator.evidence.liveness import HEARTBEAT_S, Heartbeat, writing
 from dr_orchestrator.evidence.locks import LockHeld, RunLocks, resources_for
-from dr_orchestrator.evidence.resume import ROLLBACK, NotResumable, StoredRun, interrupted_run
+from dr_orchestrator.evidence.resume import NotResumable, StoredRun, interrupted_run
 from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.events import Observer
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
-from dr_orchestrator.model.runbook import Step
 from dr_orchestrator.yamlsource import LoadError
 
 Sessions = Callable[[], Session]
@@ -103,14 +103,6 @@ def plan_of(stored: StoredRun) -> RunPlan:
     )
 
 
-def idempotent(step: Step, phase: str, registry: ActionRegistry) -> bool:
-    """A step's own ``idempotent`` when it says, else its action's (the rollback's, for a rollback)."""
-    if step.idempotent is not None:
-        return step.idempotent
-    action = step.rollback.action if phase == ROLLBACK and step.rollback is not None else step.action
-    return action in registry and registry.get(action).idempotent
-
-
 def prepare_resume(sessions: Sessions, request: ResumeRequest,
                    registry: ActionRegistry | None = None) -> tuple[str, RunPlan, ResumePoint]:
     """The run's id, plan and resume point. ResumeRefused when it cannot go on as asked: a step that
@@ -134,7 +126,7 @@ def prepare_resume(sessions: Sessions, request: ResumeRequest,
         raise ResumeRefused(f"step {sorted(both)[0]!r} is given both --step-done and --retry: choose one")
     undecided = [
         step_id for step_id, phase in stored.in_flight.items()
-        if step_id not in named and not idempotent(plan.runbook.step(step_id), phase, registry)
+        if step_id not in named and not may_repeat(plan.runbook.step(step_id), phase, registry)
     ]
     if undecided:
         listed = ", ".join(repr(s) for s in undecided)

@@ -1018,3 +1018,19 @@ def test_first_checks_run_while_the_start_is_committed_and_nothing_changes_befor
     assert outcome.state is RunState.SUCCEEDED, outcome
     assert waited == [True], "the check waited for the run's start to be committed"
     assert change_began_after_start == [True], "the change began before the run's start was committed"
+
+
+def test_a_check_may_be_repeated_after_a_crash_so_its_start_is_not_waited_for(bench: Bench) -> None:
+    """Write-ahead is for attempts that may have changed something: a read-only step is repeatable
+    (resume runs it again) unless it says otherwise; a changing one is not unless it says so."""
+    plan = make_plan("""
+        name: repeatable
+        steps:
+          - {id: check, action: echo, effect: read-only}
+          - {id: strict-check, action: echo, effect: read-only, idempotent: false}
+          - {id: change, action: echo}
+          - {id: safe-change, action: echo, idempotent: true}
+    """)
+    bench.run(plan)
+    repeatable = {e.step_id: e.repeatable for e in bench.of(AttemptStarted)}
+    assert repeatable == {"check": True, "strict-check": False, "change": False, "safe-change": True}

@@ -157,6 +157,21 @@ class Engine:
             self.registry.get(blast_radius.PROBE_ACTION)
 
 
+def may_repeat(step: Step, phase: str, registry: ActionRegistry) -> bool:
+    """Whether an attempt of ``step`` that a crash left in flight may simply run again: the step's own
+    ``idempotent`` when it says; else a check (read-only) may; else its action's word (the rollback's,
+    for a rollback). An attempt that may not is made durable before it starts (write-ahead)."""
+    if step.idempotent is not None:
+        return step.idempotent
+    if phase == "rollback" and step.rollback is not None:
+        action = step.rollback.action
+    elif (step.effect or registry.effect(step.action)) is Effect.READ_ONLY:
+        return True
+    else:
+        action = step.action
+    return action in registry and registry.get(action).idempotent
+
+
 class _Run:
     def __init__(self, engine: Engine, plan: RunPlan, run_id: str, stop: threading.Event,
                  resume: ResumePoint | None = None) -> None:
@@ -584,8 +599,8 @@ class _Run:
             return self.refuse(step_id, phase, f"bad parameters for {action_name}: {problems}")
         self.emit(StepStarted(self.run_id, step_id, utcnow(), phase, params.model_dump(mode="json")))
         action = action_class()
-        declared = self.steps[step_id].idempotent if step_id in self.steps else None
-        repeatable = action_class.idempotent if declared is None else declared
+        step = self.steps.get(step_id)
+        repeatable = action_class.idempotent if step is None else may_repeat(step, phase, self.engine.registry)
         deadline = time.monotonic() + timeout  # bounds all attempts together
         outcome = _Attempt(StepState.FAILED, error="no attempt was made")
         for attempt in range(1, retries.count + 2):
