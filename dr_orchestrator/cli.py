@@ -914,6 +914,12 @@ def _mount_watch() -> None:
     cli.add_command(watch, "watch")
 
 
+def _mount_cluster() -> None:
+    from dr_orchestrator.cli_cluster import cluster
+
+    cli.add_command(cluster, "cluster")
+
+
 def _mount_api() -> None:
     from dr_orchestrator.cli_api import serve, tokens
 
@@ -928,6 +934,7 @@ def main() -> None:
     _mount_drills()
     _mount_incidents()
     _mount_watch()
+    _mount_cluster()
     _mount_api()
     _mount_lab()
     cli.main(prog_name="dr")

@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from dr_orchestrator import templating
+from dr_orchestrator.model.cluster import NodeConfig
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS, Capability, Host, Inventory, Service, Site
 from dr_orchestrator.model.runbook import Effect, OnFailure, Runbook, Step
@@ -376,6 +377,18 @@ class _ParsedRunbook:
     runbook: Runbook | None  # None when even a lenient reading of its top-level fields fails
     steps: list[tuple[int, Step]]  # the well-formed steps, with their index in the file
     problems: list[Problem]
+
+
+def load_node_config(path: str, text: str | None = None) -> NodeConfig:
+    """A cluster node's configuration file (model/cluster.py); every problem named with its line."""
+    document = read_yaml(path, text)
+    if not isinstance(document.data, dict):
+        raise LoadError([document.problem((), "a node configuration is a mapping (node, site, etcd, journal, ...)",
+                                          "see deploy/cluster/node.example.yml")])
+    try:
+        return NodeConfig.model_validate(document.data)
+    except ValidationError as exc:
+        raise LoadError(pydantic_problems(document, (), exc)) from None
 
 
 def load_runbook(path: str, text: str | None = None) -> tuple[Runbook, YamlDocument]:
