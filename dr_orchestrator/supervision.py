@@ -46,7 +46,8 @@ class ResumeRefused(ValueError):
 def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
             registry: ActionRegistry | None = None, run_id: str | None = None, resume: ResumePoint | None = None,
             stop: threading.Event | None = None, host: str | None = None,
-            heartbeat_s: float = HEARTBEAT_S, kept: RunResources | None = None) -> RunOutcome:
+            heartbeat_s: float = HEARTBEAT_S, kept: RunResources | None = None,
+            fence: Callable[[], object] | None = None) -> RunOutcome:
     """Take the plan's locks, beat, run (or resume) it, free the locks. ``observers`` must include the
     evidence store. LockHeld, before anything ran, when another live run holds a lock; the refusal is
     an audit event."""
@@ -64,7 +65,7 @@ def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
     try:
         with Heartbeat(sessions, run_id, host, heartbeat_s):
             engine = Engine(registry or default_registry(), list(observers), host=host,
-                            approvals=DatabaseApprovals(sessions), kept=kept)
+                            approvals=DatabaseApprovals(sessions), kept=kept, fence=fence)
             return engine.run(plan, run_id, stop, resume)
     finally:
         locks.release()

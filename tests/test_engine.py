@@ -1034,3 +1034,39 @@ def test_a_check_may_be_repeated_after_a_crash_so_its_start_is_not_waited_for(be
     bench.run(plan)
     repeatable = {e.step_id: e.repeatable for e in bench.of(AttemptStarted)}
     assert repeatable == {"check": True, "strict-check": False, "change": False, "safe-change": True}
+
+
+def test_a_refused_fence_stops_the_run_where_it_is_and_leaves_the_rest_to_resume(bench: Bench) -> None:
+    """A cluster node that lost its leadership must not touch anything more: the changing step it was
+    about to start does not start, nothing is rolled back, the run ends interrupted (resumable)."""
+    plan = make_plan("""
+        name: fenced
+        steps:
+          - {id: check, action: echo, effect: read-only}
+          - id: fence-old
+            action: echo
+            needs: [check]
+            rollback: {action: echo}
+          - {id: promote, action: echo, needs: [fence-old]}
+          - {id: switch, action: echo, needs: [promote]}
+    """)
+    tokens = iter(["7@node-a"])
+
+    def fence() -> str:
+        try:
+            return next(tokens)
+        except StopIteration:
+            raise RuntimeError("node-a no longer leads (token 7@node-a); node-b leads now") from None
+
+    outcome = Engine(bench.registry, [bench.observe], fence=fence).run(plan)
+    assert outcome.state is RunState.INTERRUPTED, outcome
+    assert "node-b leads now" in (outcome.error or "")
+    ended = {e.step_id: e.state for e in bench.of(StepFinished)}
+    assert ended == {"check": StepState.SUCCEEDED, "fence-old": StepState.SUCCEEDED}  # the rest is left to do
+    assert not bench.of(StepStarted, "promote") and not bench.of(StepStarted, phase="rollback")
+    recorded = [(e.kind, e.step_id, e.data) for e in bench.of(ActionEvent) if e.kind.startswith("fencing.")]
+    assert recorded == [
+        ("fencing.checked", "fence-old", {"phase": "forward", "token": "7@node-a"}),
+        ("fencing.refused", "promote",
+         {"phase": "forward", "error": "node-a no longer leads (token 7@node-a); node-b leads now"}),
+    ]

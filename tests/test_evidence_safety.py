@@ -25,7 +25,15 @@ from dr_orchestrator.evidence import queries
 from dr_orchestrator.evidence.approvals import ApprovalRefused, decide, waiting_gates
 from dr_orchestrator.evidence.liveness import sweep_interrupted
 from dr_orchestrator.evidence.locks import LockHeld, Resource, RunLocks, resources_for
-from dr_orchestrator.evidence.models import Approval, Run, RunLock, RunProcess, ServiceResult, StepRecord
+from dr_orchestrator.evidence.models import (
+    ActionEventRecord,
+    Approval,
+    Run,
+    RunLock,
+    RunProcess,
+    ServiceResult,
+    StepRecord,
+)
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.approval import Decision
 from dr_orchestrator.model.events import RunStarted, StepStarted, utcnow
@@ -234,7 +242,7 @@ CRASHABLE = """
     scope: {services: [trading]}
     steps:
       - {id: fence, action: noop, with: {output: {fenced: p1}}}
-      - {id: promote, action: fail, with: {message: "would run again"}}
+      - {id: promote, action: fail, effect: irreversible, with: {message: "would run again"}}
       - {id: check, action: noop, idempotent: true, needs: [promote]}
 """
 
@@ -328,3 +336,49 @@ def test_a_live_run_is_never_marked_interrupted(sessions: sessionmaker[Session],
     assert sweep_interrupted(sessions, HOST) == []
     assert sweep_interrupted(sessions, "another-host") == []  # its heartbeat is fresh
     assert states(sessions, run_id)[0] == "running"
+
+
+def test_a_run_its_node_may_no_longer_act_on_is_resumed_by_the_leader_without_repeating_a_step(
+        sessions: sessionmaker[Session]) -> None:
+    """Takeover: the deposed node stops before its next change (the refusal in the evidence); the run is
+    interrupted, and the node that leads now resumes it: each step ran once."""
+    plan = make_plan("""
+        name: takeover
+        steps:
+          - {id: fence-old, action: noop, effect: reversible}
+          - {id: promote, action: noop, effect: irreversible, needs: [fence-old]}
+          - {id: switch, action: noop, effect: reversible, needs: [promote], marks: [service_restored]}
+    """)
+    answers = iter(["41@node-a"])
+
+    def node_a_fence() -> str:
+        token = next(answers, None)
+        if token is None:
+            raise RuntimeError("node-a was deposed: node-b leads (token 42@node-b)")
+        return token
+
+    first = supervision.execute(sessions, plan, [EvidenceStore(sessions)], host="node-a", fence=node_a_fence)
+    assert first.state == "interrupted"
+    with sessions() as session:
+        detail = queries.run_detail(session, first.run_id)
+    assert detail is not None and detail["run"]["state"] == "interrupted"
+    assert "node-b leads" in detail["run"]["error"]
+    assert [(s["step_id"], s["state"]) for s in detail["steps"] if s["state"] != "pending"] == [
+        ("fence-old", "succeeded")]
+
+    the_id, resumed_plan, point = supervision.prepare_resume(sessions, supervision.ResumeRequest(
+        first.run_id, "node-b", "took over from node-a"))
+    second = supervision.execute(sessions, resumed_plan, [EvidenceStore(sessions)], run_id=the_id, resume=point,
+                                 host="node-b", fence=lambda: "42@node-b")
+    assert second.state == "succeeded", second.error
+    with sessions() as session:
+        detail = queries.run_detail(session, first.run_id)
+        kinds = [(e.kind, e.step_id, e.data.get("token") or e.data.get("error"))
+                 for e in session.scalars(select(ActionEventRecord).where(ActionEventRecord.run_id == first.run_id))
+                 if e.kind.startswith("fencing.")]
+    assert detail is not None
+    assert [(s["step_id"], s["state"]) for s in detail["steps"] if s["state"] != "pending"] == [
+        ("fence-old", "succeeded"), ("promote", "succeeded"), ("switch", "succeeded")]
+    assert kinds == [("fencing.checked", "fence-old", "41@node-a"),
+                     ("fencing.refused", "promote", "node-a was deposed: node-b leads (token 42@node-b)"),
+                     ("fencing.checked", "promote", "42@node-b"), ("fencing.checked", "switch", "42@node-b")]

@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 2.0
 _POLL_S = 0.05  # how often waiting threads look for Ctrl-C, a stop request or a cancellation
 FIRST_CHANGE = "run.first_change"  # action event: the run's first changing step is about to start
+FENCING_CHECKED = "fencing.checked"  # action event: the fencing token a changing step acted under
+FENCING_REFUSED = "fencing.refused"  # action event: this process may no longer act; the run is left to resume
 CONDITION_SKIP = "when "  # how the error of a step skipped by its `when` begins (resume tells them apart)
 
 
@@ -127,6 +129,7 @@ class Engine:
         cancel_grace: float = CANCEL_GRACE_S,
         approvals: ApprovalSource | None = None,
         kept: RunResources | None = None,
+        fence: Callable[[], object] | None = None,
     ) -> None:
         self.registry = registry
         self.observers = list(observers or [])
@@ -135,6 +138,10 @@ class Engine:
         self.cancel_grace = cancel_grace
         self.approvals = approvals  # where approval gates read decisions; None: gates cannot be decided
         self.kept = kept  # connections a resident process keeps open across its runs (RunResources)
+        # Called before every changing step; it returns the token the step acts under (recorded) or
+        # raises when this process may no longer act (a cluster node that lost its leadership): the run
+        # then stops where it is, changes nothing more, and ends interrupted for the leader to resume.
+        self.fence = fence
         secrets.install_log_redaction()
 
     def run(self, plan: RunPlan, run_id: str | None = None, stop: threading.Event | None = None,
@@ -200,6 +207,7 @@ class _Run:
         self.active_cancels: set[threading.Event] = set()
         self.resources = RunResources(engine.kept)
         self.start_lock = threading.Lock()
+        self.deposed: str | None = None  # why this process may no longer act (fencing refused)
         self.start_waits: list[tuple[Observer, Callable[[], None], Event]] = []  # see settle_start
         self.interrupted = False  # the operator stopped the run (Ctrl-C or `stop`): it ends aborted
         # Cancel what runs and start nothing new; cleared while rollbacks run, set again by another Ctrl-C.
@@ -354,7 +362,7 @@ class _Run:
             self.failed = True
         finally:
             for step_id, step_state in list(self.states.items()):  # file order: needs come first
-                if step_state.finished:
+                if step_state.finished or self.deposed is not None:  # a deposed run's rest stays to do
                     continue
                 blocker = self.blocking_need(self.steps[step_id])
                 if step_state is StepState.PENDING and blocker is not None and \
@@ -370,6 +378,9 @@ class _Run:
             state = self.final_state()
             if state is RunState.ABORTED and error is None:
                 error = "interrupted by the operator"
+            if self.deposed is not None:
+                error = (f"stopped: this orchestrator may no longer act ({self.deposed}); "
+                         "the node that leads now resumes the run")
             self.settle_start()
             self.emit(RunFinished(self.run_id, utcnow(), state, error))
         shown_error = None if error is None else self.redactor.redact(error)
@@ -385,6 +396,8 @@ class _Run:
         else:
             error = self.check_safety()  # a refusal fails the run before its first step
         self.schedule()
+        if self.deposed is not None:
+            return None  # the node that leads now resumes the run: nothing more happens here
         if self.rollback_wanted or (self.failed and self.guarded and not self.refused):
             self.roll_back()  # compensation: a failed run restores the serving state it found
         if self.watch_blast_radius and not self.refused:
@@ -415,6 +428,8 @@ class _Run:
                 self.finish_step(step_id, StepState.SUCCEEDED, output)
 
     def final_state(self) -> RunState:
+        if self.deposed is not None:
+            return RunState.INTERRUPTED
         if self.interrupted:
             return RunState.ABORTED
         if self.failed:
@@ -553,6 +568,8 @@ class _Run:
         return template_context(self.plan, self.run_info, results, service, site)
 
     def run_step(self, step: Step) -> StepState:
+        if self.deposed is not None:
+            return StepState.PENDING  # never started: left for the node that leads now
         if self.halt.is_set():  # stopped between scheduling and a worker picking the step up
             self.finish_step(step.id, StepState.CANCELLED, error="the run was stopped before this step started")
             return StepState.CANCELLED
@@ -573,6 +590,8 @@ class _Run:
             return StepState.FAILED
         effect = self.effect(step)
         if effect.changes:
+            if not self.fence_allows(step.id, "forward"):
+                return StepState.PENDING
             self.settle_start()
             self.first_change(step, effect)
         outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
@@ -713,6 +732,27 @@ class _Run:
             threading.Thread(target=read, name=f"blast-radius-{service.name}", daemon=True).start()
             self.before_reading[service.name] = reading
 
+    def fence_allows(self, step_id: str, phase: str) -> bool:
+        """Whether this process may still change the world (the engine's ``fence``); the token a step
+        acts under, or the refusal, is recorded. A refusal stops the run where it is (``deposed``)."""
+        fence = self.engine.fence
+        if fence is None:
+            return True
+        if self.deposed is not None:
+            return False
+        try:
+            token = fence()
+        except Exception as exc:  # noqa: BLE001 - whatever the fence says, this process must not act
+            why = str(exc) or type(exc).__name__
+            with self.lock:
+                first, self.deposed = self.deposed is None, self.deposed or why
+            if first:
+                self.emit(ActionEvent(self.run_id, step_id, FENCING_REFUSED, utcnow(), {"phase": phase, "error": why}))
+            self.halt.set()
+            return False
+        self.emit(ActionEvent(self.run_id, step_id, FENCING_CHECKED, utcnow(), {"phase": phase, "token": str(token)}))
+        return True
+
     def first_change(self, step: Step, effect: Effect) -> None:
         """Before the run's first changing step: fix the blast-radius reading, and record the moment
         (a run that ends before it changed nothing: reports list it as not executed, not as failed)."""
@@ -839,6 +879,8 @@ class _Run:
             self.sites[step.id] = templating.render_string(step.site, self.context(service, None))
         rollback = step.rollback
         timeout = rollback.timeout if rollback.timeout is not None else step.timeout
+        if not self.fence_allows(step.id, "rollback"):
+            return StepState.PENDING
         try:
             outcome = self.run_action(step.id, "rollback", rollback.action, rollback.with_, timeout,
                                       step.retries, service, self.sites.get(step.id))
