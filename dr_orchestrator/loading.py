@@ -881,10 +881,9 @@ def _check_steps(
                                            f"inventory {inventory.name!r}"))
     if values is None:
         values = {name: spec.default for name, spec in runbook.parameters.items() if spec.default is not None}
-    scope_service = runbook.scope.services[0] if len(runbook.scope.services) == 1 else None
     for index, step in steps:
         key: PathKey = ("steps", index)
-        service = step.service or scope_service
+        service = runbook.service_of(step)
         renderer = _Renderer(inventory, values, service)
         if step.service and step.service not in inventory.services:
             problems.append(_not_known(document, key + ("service",), "service", step.service, inventory.services))

@@ -19,7 +19,7 @@ import yaml
 from dr_orchestrator import templating
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
-from dr_orchestrator.engine.context import step_service, template_context
+from dr_orchestrator.engine.context import template_context
 from dr_orchestrator.loading import check_files, validate
 from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
@@ -159,7 +159,7 @@ def describe_plan(plan: RunPlan, registry: ActionRegistry | None = None) -> dict
         described = []
         for step_id in group:
             step = by_id[step_id]
-            service = step_service(plan, step.service)
+            service = plan.service_of(step)
             context = template_context(plan, run_info, {}, service, step.site)
             context["steps"] = steps_placeholder
             entry: dict[str, Any] = {

@@ -24,6 +24,7 @@ from dr_orchestrator.actions.base import ActionError
 from dr_orchestrator.engine import Engine
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
+from dr_orchestrator.evidence.locks import resources_for
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.loading import load_inventory
 from dr_orchestrator.model.events import ActionEvent, Event, Observer
@@ -248,6 +249,30 @@ steps:
 """)
     outcome, _ = run(runbook, inventory)
     assert outcome.error.startswith("safety rule target_ready refused the run: site primary")
+
+
+def test_a_runbook_scoped_by_sites_alone_is_checked_for_the_services_it_locks_and_records(tmp_path: Path) -> None:
+    port = closed_port()
+    runbook, inventory, marker = write(tmp_path, f"""\
+        readiness:
+          backup: [{{tcp: "127.0.0.1:{port}", timeout: 300ms, service: quotation}}]""")
+    sites_alone = Path(runbook).read_text().replace("scope: {services: [quotation]}", "scope: {sites: [backup]}")
+    Path(runbook).write_text(sites_alone)
+    plan = build_plan(runbook, inventory, started_by="alice")
+    # one scope: the services served at the runbook's sites, for the locks, the evidence and the safety checks
+    assert plan.services_in_scope() == ["quotation"]
+    assert [r.name for r in resources_for(plan)] == ["service:quotation", "site:backup"]
+    url = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(url)
+    outcome, seen = run(runbook, inventory, url=url)
+    assert outcome.state == "failed" and not marker.exists()
+    assert outcome.error.startswith(f"safety rule target_ready refused the run: site backup, where the run moves "
+                                    f"quotation, is not ready (127.0.0.1:{port}: ")
+    checks = safety_events(seen, "safety.readiness")
+    assert [(c["site"], c["service"], c["ok"]) for c in checks] == [("backup", "quotation", False)]
+    with sqlite3.connect(tmp_path / "evidence.db") as db:
+        recorded = [service for (service,) in db.execute("SELECT service FROM run_services")]
+    assert recorded == ["quotation"]
 
 
 # ---------------------------------------------------------------- during the run (actions)

@@ -27,11 +27,3 @@ def template_context(
         "service": inventory.services.get(service) if service else None,
         "site": site,
     }
-
-
-def step_service(plan: RunPlan, step_service_name: str | None) -> str | None:
-    """A step's service: its own, or the runbook's when the runbook is about exactly one."""
-    if step_service_name:
-        return step_service_name
-    services = plan.runbook.scope.services
-    return services[0] if len(services) == 1 else None

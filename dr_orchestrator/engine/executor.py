@@ -34,7 +34,7 @@ from dr_orchestrator.actions.base import (
     RunResources,
 )
 from dr_orchestrator.engine import blast_radius, preflight
-from dr_orchestrator.engine.context import step_service, template_context
+from dr_orchestrator.engine.context import template_context
 from dr_orchestrator.model.events import (
     ActionEvent,
     AttemptFinished,
@@ -573,7 +573,7 @@ class _Run:
         if self.halt.is_set():  # stopped between scheduling and a worker picking the step up
             self.finish_step(step.id, StepState.CANCELLED, error="the run was stopped before this step started")
             return StepState.CANCELLED
-        service = step_service(self.plan, step.service)
+        service = self.plan.service_of(step)
         try:
             site = templating.render_string(step.site, self.context(service, None)) if step.site else None
             with self.lock:
@@ -826,7 +826,7 @@ class _Run:
         report("blast_radius.verdict", blast_radius.verdict(before, after))
 
     def scope(self) -> set[str]:
-        return set(preflight.services_in_scope(self.plan))
+        return set(self.plan.services_in_scope())
 
     # ------------------------------------------------------------------ rollback
 
@@ -874,7 +874,7 @@ class _Run:
 
     def roll_back_step(self, step: Step) -> StepState:
         assert step.rollback is not None
-        service = step_service(self.plan, step.service)
+        service = self.plan.service_of(step)
         if step.id not in self.sites and step.site:  # completed before a resume: render it again
             self.sites[step.id] = templating.render_string(step.site, self.context(service, None))
         rollback = step.rollback

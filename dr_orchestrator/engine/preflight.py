@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dr_orchestrator import templating
-from dr_orchestrator.engine.context import step_service
 from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.model.safety import (
     RULES,
@@ -42,18 +41,13 @@ class Violation:
     problem: str
 
 
-def services_in_scope(plan: RunPlan) -> list[str]:
-    named = [*plan.runbook.scope.services, *(s.service for s in plan.runbook.steps if s.service)]
-    return [name for name in dict.fromkeys(named) if name in plan.inventory.services]
-
-
 def target_sites(plan: RunPlan, policy: SafetyPolicy, render: Callable[[str], Any]) -> dict[str, set[str]]:
     """Per service in scope, the site(s) the run moves it to (absent: the run does not say)."""
     targets: dict[str, set[str]] = {}
     for step in plan.runbook.steps:
         if RESTORED not in step.marks or not step.site:
             continue
-        service = step_service(plan, step.service)
+        service = plan.service_of(step)
         try:
             site = render(step.site)
         except templating.TemplateError:
@@ -63,7 +57,7 @@ def target_sites(plan: RunPlan, policy: SafetyPolicy, render: Callable[[str], An
     for name in policy.target_site_parameters:
         value = plan.parameters.get(name)
         if isinstance(value, str) and value in plan.inventory.sites:
-            for service in services_in_scope(plan):
+            for service in plan.services_in_scope():
                 targets.setdefault(service, {value})
             break
     return targets
@@ -98,7 +92,7 @@ class _Readiness:
 def violations(plan: RunPlan, policy: SafetyPolicy, targets: dict[str, set[str]],
                readiness: _Readiness) -> list[Violation]:
     found: list[Violation] = []
-    scope = set(services_in_scope(plan))
+    scope = set(plan.services_in_scope())
     if policy.enabled(TARGET_READY):
         for site in sorted(set().union(*targets.values()) if targets else set()):
             failed = readiness.failures(site, scope)

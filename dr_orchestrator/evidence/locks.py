@@ -32,7 +32,6 @@ from sqlalchemy.pool import NullPool
 
 from dr_orchestrator.evidence.liveness import process_alive, writing
 from dr_orchestrator.evidence.models import RunLock
-from dr_orchestrator.evidence.store import services_in_scope, sites_in_scope
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunPlan
 
@@ -80,8 +79,8 @@ class LockHeld(Exception):
 def resources_for(plan: RunPlan) -> list[Resource]:
     scope = plan.runbook.scope
     site_runbook = bool(scope.sites) and not scope.services
-    found = [Resource(f"service:{name}", True) for name in services_in_scope(plan)]
-    found += [Resource(f"site:{name}", site_runbook) for name in sites_in_scope(plan)]
+    found = [Resource(f"service:{name}", True) for name in plan.services_in_scope()]
+    found += [Resource(f"site:{name}", site_runbook) for name in plan.sites_in_scope()]
     return sorted(found, key=lambda r: r.name)
 
 

@@ -154,32 +154,6 @@ def maybe_text(text: str | None) -> str | None:
     return None if text is None else clean_text(text)
 
 
-def services_in_scope(plan: RunPlan) -> list[str]:
-    """The runbook's declared services and those its steps name; for a site-scoped runbook without
-    either, the services served at those sites. Only names the inventory knows (a templated step
-    ``service`` is resolved by the engine and reaches the store through markers and measurements)."""
-    runbook, inventory = plan.runbook, plan.inventory
-    named = [*runbook.scope.services, *(step.service for step in runbook.steps if step.service)]
-    if not named and runbook.scope.sites:
-        named = [name for name, svc in inventory.services.items() if set(svc.sites) & set(runbook.scope.sites)]
-    return [name for name in dict.fromkeys(named) if name in inventory.services]
-
-
-def sites_in_scope(plan: RunPlan) -> list[str]:
-    runbook = plan.runbook
-    named = [*runbook.scope.sites, *(step.site for step in runbook.steps if step.site)]
-    return [name for name in dict.fromkeys(named) if name in plan.inventory.sites]
-
-
-def step_service(plan: RunPlan, named: str | None) -> str | None:
-    """The service a step acts for: its own, or the runbook's when the runbook has exactly one
-    (as the engine decides it for markers)."""
-    if named:
-        return named
-    services = plan.runbook.scope.services
-    return services[0] if len(services) == 1 else None
-
-
 def target_snapshot(plan: RunPlan) -> dict[str, Any]:
     return target_snapshot_of(plan.inventory)
 
@@ -615,7 +589,7 @@ class EvidenceStore:
                 inventory_text=plan.inventory_source.text,
                 parameters=jsonable(plan.parameters),
                 parameters_sha256=plan.parameters_sha256,
-                sites=sites_in_scope(plan),
+                sites=plan.sites_in_scope(),
                 targets=targets,
                 forced=list(plan.forced),
                 test_type=plan.test_type or derive_test_type(plan.kind, plan.trigger, plan.scenario),
@@ -627,13 +601,13 @@ class EvidenceStore:
             )
         )
         session.flush()  # the run row first: the rows below refer to it
-        session.add_all(run_service_row(event.run_id, name, targets) for name in services_in_scope(plan))
+        session.add_all(run_service_row(event.run_id, name, targets) for name in plan.services_in_scope())
         # One multi-row INSERT (the ORM would send one per row, to learn each id), then read back
         # once: the ids for the attempts, and the rows as stored for the audit chain.
         if plan.runbook.steps:
             session.execute(insert(StepRecord), [
                 {"run_id": event.run_id, "step_id": step.id, "phase": FORWARD, "action": step.action,
-                 "service": step_service(plan, step.service), "site": step.site, "state": StepState.PENDING.value}
+                 "service": plan.service_of(step), "site": step.site, "state": StepState.PENDING.value}
                 for step in plan.runbook.steps
             ])
         rows = session.scalars(select(StepRecord).where(StepRecord.run_id == event.run_id).order_by(StepRecord.id))

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from dr_orchestrator.model.inventory import Frozen, Inventory
-from dr_orchestrator.model.runbook import Runbook
+from dr_orchestrator.model.runbook import Runbook, Step
 
 
 class RunKind(enum.StrEnum):
@@ -89,3 +89,24 @@ class RunPlan(Frozen):
     pre_approved_by: str | None = None
     # Compensation and blast-radius checks apply (False for a drill's fault, checks, restore and cleanup).
     guarded: bool = True
+
+    def services_in_scope(self) -> list[str]:
+        """The runbook's declared services and those its steps name; for a runbook scoped by sites alone,
+        the services served at those sites. Only names the inventory knows (a templated step ``service``
+        is resolved by the engine and reaches the store through markers and measurements). The one scope
+        of the safety pre-flight, the locks, the evidence and the blast radius."""
+        runbook, inventory = self.runbook, self.inventory
+        named = [*runbook.scope.services, *(step.service for step in runbook.steps if step.service)]
+        if not named and runbook.scope.sites:
+            named = [name for name, svc in inventory.services.items() if set(svc.sites) & set(runbook.scope.sites)]
+        return [name for name in dict.fromkeys(named) if name in inventory.services]
+
+    def sites_in_scope(self) -> list[str]:
+        """The runbook's declared sites and those its steps name (untemplated), that the inventory knows."""
+        runbook = self.runbook
+        named = [*runbook.scope.sites, *(step.site for step in runbook.steps if step.site)]
+        return [name for name in dict.fromkeys(named) if name in self.inventory.sites]
+
+    def service_of(self, step: Step) -> str | None:
+        """The service a step acts for: its own, or the runbook's when the runbook is about exactly one."""
+        return self.runbook.service_of(step)

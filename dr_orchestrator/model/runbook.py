@@ -106,6 +106,12 @@ class Runbook(Frozen):
                 return step
         raise KeyError(step_id)
 
+    def service_of(self, step: Step) -> str | None:
+        """The service a step acts for: its own, or the runbook's when the runbook is about exactly one."""
+        if step.service:
+            return step.service
+        return self.scope.services[0] if len(self.scope.services) == 1 else None
+
     def execution_groups(self) -> list[list[str]]:
         """Steps grouped by depth in the DAG: every step of a group may run in parallel."""
         by_id = {step.id: step for step in self.steps}
