@@ -3,11 +3,8 @@ through the engine and the evidence store (the same composition `dr run` uses)."
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
 
 from dr_orchestrator.api.tokens import create_token
 from dr_orchestrator.evidence import migrate
@@ -21,8 +18,6 @@ API_DATA = REPO / "tests" / "data" / "api"
 RUNBOOKS = API_DATA / "runbooks"
 INVENTORIES = API_DATA / "inventories"
 INVENTORY = INVENTORIES / "two-services.yml"
-
-T = TypeVar("T")
 
 
 def prepared(url: str) -> str:
@@ -46,14 +41,3 @@ def record_run(url: str, runbook: str, incident_ago_s: float, actor: str = "alic
     outcome = execute(session_factory_for(url), plan)
     assert outcome.state == "succeeded", outcome.error
     return outcome.run_id
-
-
-def wait_for(check: Callable[[], T | None], what: str, deadline_s: float = 30.0) -> T:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {deadline_s}s")
-        time.sleep(0.05)

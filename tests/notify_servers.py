@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import socketserver
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from support.waiting import wait_for
 
 from dr_orchestrator.lab.scratch import free_port  # noqa: F401 - tests import it from here
 
@@ -37,7 +38,7 @@ class WebhookReceiver:
         return f"http://127.0.0.1:{self.port}/hooks/T0KEN"
 
     def wait_for(self, count: int, timeout: float = 20.0) -> list[WebhookCall]:
-        return wait_until(lambda: len(self.delivered()) >= count and self.delivered(), timeout,
+        return wait_for(lambda: len(self.delivered()) >= count and self.delivered(), timeout,
                           f"{count} webhook deliveries")
 
     def delivered(self) -> list[WebhookCall]:
@@ -98,7 +99,7 @@ class SmtpServer:
             with self.lock:
                 return list(self.mails) if len(self.mails) >= count else None
 
-        return wait_until(enough, timeout, f"{count} mails")
+        return wait_for(enough, timeout, f"{count} mails")
 
 
 def start_smtp_server() -> tuple[SmtpServer, Callable[[], None]]:
@@ -162,16 +163,4 @@ def start_smtp_server() -> tuple[SmtpServer, Callable[[], None]]:
         thread.join(5)
 
     return smtp, stop
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
 

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from actionctx import Harness, lab_query
 from sqlalchemy import select
+from support.waiting import wait_for
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams, bound_artifacts
@@ -567,10 +568,3 @@ def test_rebuild_standby_makes_the_old_primary_stream_from_the_new_one(
 
         assert again.state is RunState.SUCCEEDED, step_result(events).error
         assert [t["status"] for t in task_events(events) if t["status"] != "skipped"] == ["ok"]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)

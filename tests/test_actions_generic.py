@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from support.waiting import wait_for
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionCancelled, ActionContext, ActionError, ActionResult, RunResources
@@ -51,14 +52,6 @@ class Harness:
     @property
     def probes(self) -> list[ProbeResult]:
         return [e for e in self.events if isinstance(e, ProbeResult)]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -166,7 +159,7 @@ def _start_shell_with_grandchild(
     pids = tmp_path / "pids"
     command = f"{script} & echo $$ $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"
     thread, box = in_thread(lambda: run_shell(h, command=command, shell=True))
-    wait_for(pids.exists, what="the shell to start its child")
+    wait_for(pids.exists, 10, "the shell to start its child")
     shell_pid, child_pid = map(int, pids.read_text().split())
     assert alive(shell_pid) and alive(child_pid)
     return thread, box, shell_pid, child_pid
@@ -300,7 +293,7 @@ def check_http(h: Harness, **params: Any) -> ActionResult:
 def test_http_marked_at_is_the_first_probe_of_the_good_streak(health: HealthServer) -> None:
     h = Harness()
     thread, box = in_thread(lambda: check_http(h, url=health.url, consecutive=3, interval="20ms"))
-    wait_for(lambda: len(h.probes) >= 3, what="three failed probes")
+    wait_for(lambda: len(h.probes) >= 3, 10, "three failed probes")
     health.status = 200
     thread.join(10)
     result = box["result"]
@@ -323,9 +316,9 @@ def test_http_a_bad_probe_restarts_the_streak(health: HealthServer) -> None:
     health.status = 200
     h = Harness()
     thread, box = in_thread(lambda: check_http(h, url=health.url, consecutive=4, interval="30ms"))
-    wait_for(lambda: len(h.probes) >= 1, what="a first probe")
+    wait_for(lambda: len(h.probes) >= 1, 10, "a first probe")
     health.status = 500
-    wait_for(lambda: any(not p.ok for p in h.probes), what="a failed probe")
+    wait_for(lambda: any(not p.ok for p in h.probes), 10, "a failed probe")
     health.status = 200
     thread.join(10)
     probes = h.probes
@@ -344,9 +337,9 @@ def test_http_json_and_text_expectations(health: HealthServer) -> None:
         "interval": 0.02,
     }
     thread, box = in_thread(lambda: check_http(h, **params))
-    wait_for(lambda: len(h.probes) >= 2, what="probes")
+    wait_for(lambda: len(h.probes) >= 2, 10, "probes")
     health.body = {"db_role": "read-write", "ready": False}
-    wait_for(lambda: any("does not contain" in p.detail for p in h.probes), what="a text failure")
+    wait_for(lambda: any("does not contain" in p.detail for p in h.probes), 10, "a text failure")
     health.body = {"db_role": "read-write", "ready": True}
     thread.join(10)
     assert "result" in box
@@ -437,7 +430,7 @@ def test_http_reuses_one_client_and_connection_per_run(health: HealthServer) -> 
 def test_http_cancel_stops_at_once(health: HealthServer) -> None:
     h = Harness()
     thread, box = in_thread(lambda: check_http(h, url=health.url, interval="1s"))
-    wait_for(lambda: len(h.probes) >= 1, what="a probe")
+    wait_for(lambda: len(h.probes) >= 1, 10, "a probe")
     cancelled_at = time.monotonic()
     h.cancelled.set()
     thread.join(5)
@@ -486,7 +479,7 @@ def test_tcp_open_port_becomes_healthy_when_it_starts_listening() -> None:
         port = server.getsockname()[1]
         h = Harness()
         thread, box = in_thread(lambda: check_tcp(h, host="127.0.0.1", port=port, consecutive=2, interval="20ms"))
-        wait_for(lambda: len(h.probes) >= 2, what="refused probes")
+        wait_for(lambda: len(h.probes) >= 2, 10, "refused probes")
         server.listen(16)
         listening_at = datetime.now(UTC)
         thread.join(10)

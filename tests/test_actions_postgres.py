@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from actionctx import Harness, lab_inventory, lab_query, wait_for_heartbeats
+from support.waiting import wait_for
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionError
@@ -44,13 +44,6 @@ TRADING, CONTRACTS = "trading", "contract-signing"  # synchronous and asynchrono
 
 def act(harness: Harness, action: type[Action[Any]], timeout: float = 30.0, **params: Any) -> dict[str, Any]:
     return action().run(action.Params.model_validate(params), harness.ctx(timeout)).output
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _order(key: str) -> tuple[str, tuple[Any, ...]]:

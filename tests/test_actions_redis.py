@@ -22,6 +22,7 @@ import redis
 from actionctx import Harness
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from support.waiting import wait_for
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionError
@@ -34,13 +35,6 @@ pytestmark = pytest.mark.redis
 ADDRESSES = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
 KEY = "dr:heartbeat"
 PASSWORD_ENV = "DR_TEST_REDIS_PASSWORD"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def free_port(*addresses: str) -> int:

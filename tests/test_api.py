@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import INVENTORIES, INVENTORY, REPO, RUNBOOKS, prepared, record_run, token, wait_for
+from api_support import INVENTORIES, INVENTORY, REPO, RUNBOOKS, prepared, record_run, token
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from support.waiting import wait_for
 
 from dr_orchestrator.api.app import ApiSettings, create_app
 from dr_orchestrator.api.tokens import revoke_token
@@ -84,7 +85,7 @@ def finished(api: Api, who: str, run_id: str) -> str:
         state = run_state(api, who, run_id)
         return None if state in (None, "pending", "running", "waiting_approval") else state
 
-    return wait_for(ended, f"run {run_id} ends")
+    return wait_for(ended, 30, f"run {run_id} ends")
 
 
 # ---------------------------------------------------------------- roles
@@ -136,7 +137,7 @@ def test_missing_unknown_revoked_and_expired_tokens_get_401(api: Api) -> None:
     assert started.status_code == 401
 
     brief = token(api.url, "brief", "admin", expires_in=timedelta(milliseconds=200))
-    expired = wait_for(lambda: (r := api.get("/api/runs", brief)).status_code == 401 and r, "the token expires", 10)
+    expired = wait_for(lambda: (r := api.get("/api/runs", brief)).status_code == 401 and r, 10, "the token expires")
     assert expired.json()["error"].startswith("the token 'brief' expired at ")
     assert api.post("/api/runs", json={}).status_code == 401
 
@@ -409,7 +410,7 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
     carol = token(api.url, "carol", "compliance")
     run_id = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"}
                       ).json()["run_id"]
-    (gate,) = wait_for(lambda: api.get("/api/approvals", carol).json(), "the gate waits")
+    (gate,) = wait_for(lambda: api.get("/api/approvals", carol).json(), 30, "the gate waits")
     assert (gate["run_id"], gate["step_id"]) == (run_id, "go-ahead")
     assert gate["message"] == "Switch trading to the backup site?"
     approve = f"/api/runs/{run_id}/steps/go-ahead/approve"
@@ -442,7 +443,7 @@ def test_a_waiting_step_is_approved_by_another_engineer(api: Api) -> None:
 def test_a_run_is_refused_while_another_holds_its_service(api: Api) -> None:
     erin = token(api.url, "erin", "engineer")
     holder = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"})
-    wait_for(lambda: api.get("/api/approvals", erin).json(), "the first run waits, holding trading")
+    wait_for(lambda: api.get("/api/approvals", erin).json(), 30, "the first run waits, holding trading")
     refused = api.post("/api/runs", erin, json={"runbook": "restore-trading.yml", "inventory": "two-services.yml"})
     assert refused.status_code == 409, refused.text
     assert holder.json()["run_id"] in refused.json()["error"] and "one failover at a time" in refused.json()["error"]
@@ -458,7 +459,7 @@ def test_runs_started_by_a_server_stop_with_it(database_url: str, tmp_path: Path
         erin = token(url, "erin", "engineer")
         run_id = api.post("/api/runs", erin, json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"}
                           ).json()["run_id"]
-        wait_for(lambda: api.get("/api/approvals", erin).json(), "the run waits for approval")
+        wait_for(lambda: api.get("/api/approvals", erin).json(), 30, "the run waits for approval")
     # The server stopped (the with block ran its shutdown): its run was stopped, not left waiting.
     with session_factory_for(url)() as session:
         run = find_run(session, run_id)
@@ -519,7 +520,7 @@ def test_drills_are_listed_with_next_fire_times_and_started_by_engineers(api: Ap
     assert started.status_code == 202, started.text
     drill_run_id = started.json()["drill_run_id"]
     done = wait_for(lambda: (d := api.get(f"/api/drill-runs/{drill_run_id}", carol).json())["drill_run"]["verdict"]
-                    and d, "the drill ends", 60)
+                    and d, 60, "the drill ends")
     assert done["drill_run"]["verdict"] == "passed" and done["expectations"][0]["met"] is True
     assert api.get("/api/drills", carol).json()["drills"][0]["last_run"]["id"] == drill_run_id
     assert [(e.actor, e.target) for e in api.audit_events("drill.start")] == [("erin", drill_run_id)]

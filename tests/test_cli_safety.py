@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_INVENTORY = str(REPO / "inventories" / "local.yml")
@@ -122,15 +122,6 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         made.close()
 
 
-def wait_for(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
 def query(db: str, sql: str, **params: Any) -> list[Any]:
     engine = create_engine(db.replace("postgresql://", "postgresql+psycopg://"))
     try:
@@ -184,7 +175,7 @@ def test_a_gate_waits_for_another_person_from_another_process(migrated: str, tmp
     runbook.write_text(GATED)
     run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice",
                           env=person("alice"))
-    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    run_id = wait_for(lambda: waiting_gate(migrated), WAIT_S, "the gate to wait")
     shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
     assert (shown["run"]["state"], shown["run"]["started_by"]) == ("waiting_approval", "alice (os root, sudo alice)")
     listed = json.loads(dr("approvals", "-o", "json", db=migrated, cwd=tmp_path, check=True).stdout)
@@ -221,7 +212,7 @@ def test_one_person_decides_a_gate_once_whatever_label_they_give(migrated: str, 
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)
     run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, env=person("alice"))
-    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    run_id = wait_for(lambda: waiting_gate(migrated), WAIT_S, "the gate to wait")
     engine = make_engine(migrated)
     try:
         # Both decisions in one transaction: the gate cannot take the first before the second is tried.
@@ -242,7 +233,7 @@ def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes:
     runbook.write_text(GATED)
     run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated, actor="alice",
                           env=person("alice"))
-    run_id = wait_for(lambda: waiting_gate(migrated), "the gate to wait")
+    run_id = wait_for(lambda: waiting_gate(migrated), WAIT_S, "the gate to wait")
     dr("reject", run_id, "go-ahead", "--reason", "the primary is back", db=migrated, cwd=tmp_path, actor="bob",
        env=person("bob"), check=True)
     run.communicate(timeout=WAIT_S)
@@ -261,11 +252,12 @@ def test_two_runs_on_one_service_at_once_exactly_one_runs(migrated: str, tmp_pat
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED.replace("approvals: {two_person: true}\n", ""))
     both = [processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=migrated) for _ in range(2)]
-    loser = wait_for(lambda: next((p for p in both if p.poll() is not None), None), "one of the runs to be refused")
+    loser = wait_for(lambda: next((p for p in both if p.poll() is not None), None), WAIT_S,
+                     "one of the runs to be refused")
     winner = next(p for p in both if p is not loser)
     _, refusal = loser.communicate(timeout=WAIT_S)
     assert loser.returncode == 3, refusal
-    run_id = wait_for(lambda: waiting_gate(migrated), "the other run to reach its gate")
+    run_id = wait_for(lambda: waiting_gate(migrated), WAIT_S, "the other run to reach its gate")
     assert winner.poll() is None
     assert f"refused: service quotation is held by run {run_id}" in refusal
     assert "Traceback" not in refusal
@@ -318,7 +310,7 @@ def test_killed_at_any_point_and_resumed_every_step_ran_once(kill_at: str, crash
     else:
         env = {"DR_TEST_PAUSE_AT": kill_at, "DR_TEST_PAUSE_DIR": str(pause_dir)}
     run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", *params, db=crash_db, env=env)
-    wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, f"the run to reach {kill_at}")
+    wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, WAIT_S, f"the run to reach {kill_at}")
     assert run.poll() is None, run.communicate()
     processes.kill(run)
     run_id = str(query(crash_db, "SELECT id FROM runs ORDER BY started_at DESC LIMIT 1")[0][0])
@@ -366,12 +358,11 @@ def test_a_run_that_is_alive_cannot_be_resumed(crash_db: str, tmp_path: Path, pr
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)
     run = processes.start("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=crash_db, actor="alice")
-    run_id = wait_for(lambda: waiting_gate(crash_db), "the gate to wait")
+    run_id = wait_for(lambda: waiting_gate(crash_db), WAIT_S, "the gate to wait")
     refused = dr("resume", run_id, db=crash_db, cwd=tmp_path)
     assert refused.returncode == 2
     assert f"run {run_id} is still waiting_approval (pid {run.pid}" in refused.stderr
     processes.kill(run)
-
 
 
 # ---------------------------------------------------------------- the lab's site failover, killed mid-promotion
@@ -399,7 +390,7 @@ def test_lab_site_failover_killed_inside_the_promotion_is_resumed_with_the_engin
         run = processes.start("run", "-q", str(REPO / "runbooks" / "site-failover.yml"), "-i",
                               str(lab.config.inventory_path), "--incident-at", incident, db=db,
                               env={"DR_TEST_PAUSE_AT": "promote-trading:ending", "DR_TEST_PAUSE_DIR": str(pause_dir)})
-        wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, "the promotion to happen")
+        wait_for(lambda: (pause_dir / "paused").exists() or run.poll() is not None, WAIT_S, "the promotion to happen")
         assert run.poll() is None, run.communicate()
         processes.kill(run)
         run_id = str(query(db, "SELECT id FROM runs")[0][0])

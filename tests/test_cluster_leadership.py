@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_for
 
 from dr_orchestrator.cluster import (
     Deposed,
@@ -44,13 +45,10 @@ TTL_S = 2  # etcd's smallest lease with the lab's raft timing
 _keys = itertools.count()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> float:
-    """Poll `condition` until it is true; the seconds that took. Fails the test after `timeout`."""
+def seconds_until(condition: Callable[[], object], timeout: float, what: str) -> float:
+    """The seconds `condition` took to become true (polled every 10 ms); fails the test after `timeout`."""
     start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
+    wait_for(condition, timeout, what, interval=0.01)
     return time.monotonic() - start
 
 
@@ -147,7 +145,7 @@ def test_lease_revoked_the_other_node_takes_over_and_the_old_token_is_refused(
     first.on_lost(lambda token, reason: lost.append((token, reason)))
 
     Gateway(shared_cluster.endpoints).post("/lease/revoke", {"ID": old.lease_id}, "revoke")  # expiry, at once
-    took = wait_for(second.is_leader, 5, "the backup node leading")
+    took = seconds_until(second.is_leader, 5, "the backup node leading")
     assert took < 1.0  # it polls the key every 0.1 s
     wait_for(first.lost.is_set, TTL_S, "the primary node noticing its loss")
     assert not first.is_leader()
@@ -203,7 +201,7 @@ def test_resigning_on_stop_hands_over_at_once(shared_cluster: EtcdCluster, nodes
     first.on_lost(lambda token, reason: reasons.append(reason))
     first.stop()
     assert reasons == ["resigned"]
-    assert wait_for(second.is_leader, 5, "the backup node leading") < 1.0  # no wait for the lease's TTL
+    assert seconds_until(second.is_leader, 5, "the backup node leading") < 1.0  # no wait for the lease's TTL
     assert_one_leader_at_a_time(first, second)
 
 
@@ -232,7 +230,7 @@ def test_a_killed_leader_process_is_replaced_after_its_lease(shared_cluster: Etc
 
         killed_at = time.monotonic()
         process.send_signal(signal.SIGKILL)
-        took = wait_for(follower.is_leader, TTL_S + 3, "the backup node leading")
+        took = seconds_until(follower.is_leader, TTL_S + 3, "the backup node leading")
         # it waited for the dead leader's lease (refreshed at most ttl/3 before the kill), no longer than
         # the TTL plus etcd's expiry check (every 0.5 s) plus a poll
         assert TTL_S * 2 / 3 - 0.1 <= took <= TTL_S + 2.0
@@ -322,4 +320,3 @@ def test_unreachable_etcd_and_bad_settings_are_clear_errors() -> None:
     status = cluster_status(closed, timeout_s=0.2)
     assert status["healthy_members"] == 0 and not status["quorum"] and status["leader"] is None
     assert len(status["errors"]) == 2
-

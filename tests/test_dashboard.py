@@ -19,15 +19,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import INVENTORIES, RUNBOOKS, prepared, record_run, token, wait_for
+from api_support import INVENTORIES, RUNBOOKS, prepared, record_run, token
+from support.waiting import wait_for
 from test_api import write_drill
 
 from dr_orchestrator.lab.scratch import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.browser
-
-
 
 
 @dataclass
@@ -52,7 +51,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Server, str]]:
                  "--runbooks", str(RUNBOOKS), "--inventories", str(INVENTORIES), "--drills", str(drills)],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_for(partial(_up_or_gone, process, f"http://127.0.0.1:{port}/login"), "dr serve answers", 60)
+            wait_for(partial(_up_or_gone, process, f"http://127.0.0.1:{port}/login"), 60, "dr serve answers")
             if process.poll() is None:
                 yield Server(f"http://127.0.0.1:{port}", log), url
                 return
@@ -109,10 +108,10 @@ def test_the_dashboard_renders_in_chromium_with_rto_charts_drills_and_pending_ap
     erin, frank = token(url, "erin", "engineer"), token(url, "frank", "compliance")
     with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {erin}"}, timeout=30) as api:
         drill = api.post("/api/drills/api-quick-drill/runs").json()["drill_run_id"]
-        wait_for(lambda: api.get(f"/api/drill-runs/{drill}").json()["drill_run"]["verdict"], "the drill ends", 60)
+        wait_for(lambda: api.get(f"/api/drill-runs/{drill}").json()["drill_run"]["verdict"], 60, "the drill ends")
         gated = api.post("/api/runs", json={"runbook": "gated-trading.yml", "inventory": "two-services.yml"})
         waiting = gated.json()["run_id"]
-        wait_for(lambda: api.get("/api/approvals").json(), "the run waits for approval")
+        wait_for(lambda: api.get("/api/approvals").json(), 30, "the run waits for approval")
 
         # The one-time link signs in (cookie), then the page renders from the cookie alone.
         page = f"{server.base}/dashboard?token={frank}"

@@ -23,9 +23,9 @@ from notify_servers import (
     free_port,
     start_smtp_server,
     start_webhook_receiver,
-    wait_until,
 )
 from sqlalchemy import select
+from support.waiting import wait_for
 
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence import migrate
@@ -325,7 +325,7 @@ def test_ctrl_c_during_the_failover_stops_the_drill_and_the_cleanup_still_runs(
                 run = session.get(Run, rows[0].failover_run_id) if rows and rows[0].failover_run_id else None
                 return run is not None and run.state == "running"
 
-        wait_until(failover_running, 30, "the failover run to start")
+        wait_for(failover_running, 30, "the failover run to start")
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:

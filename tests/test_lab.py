@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -27,6 +26,7 @@ import paramiko
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from support.waiting import wait_for
 
 from dr_orchestrator.lab import haproxy, redis, system
 from dr_orchestrator.lab.cli import lab_group
@@ -41,17 +41,6 @@ from dr_orchestrator.loading import load_inventory
 
 REPO = Path(__file__).resolve().parent.parent
 LabFactory = Callable[..., AbstractContextManager[Lab]]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from support.waiting import wait_for
 from test_lab import set_read_only
 
 from dr_orchestrator.lab import haproxy
@@ -309,14 +310,6 @@ def fake_lab(tmp_path: Path) -> Iterator[tuple[LabConfig, FakeFrontDoor]]:
     finally:
         stop_load(config)
         door.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def ledger(config: LabConfig) -> list[LedgerEntry]:

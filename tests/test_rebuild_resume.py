@@ -20,7 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from test_cli_safety import Processes, dr, processes, query, recorded, wait_for  # noqa: F401 (processes: a fixture)
+from support.waiting import wait_for
+from test_cli_safety import Processes, dr, processes, query, recorded  # noqa: F401 (processes: a fixture)
 
 from dr_orchestrator.actions.postgres_rebuild import WORK_SUFFIX
 from dr_orchestrator.lab import scratch
@@ -188,7 +189,7 @@ def killed_inside(bench: RebuildBench, runbook: Path, requests: list[str], start
     bench.request(*requests)
     point = next(name for name in requests if not name.startswith("fail-"))
     run = started.start("run", str(runbook), "-i", str(bench.inventory), "-q", db=bench.db)
-    wait_for(lambda: point in bench.paused() or run.poll() is not None, f"the rebuild to reach {point}")
+    wait_for(lambda: point in bench.paused() or run.poll() is not None, 60, f"the rebuild to reach {point}")
     assert run.poll() is None, run.communicate()
     started.kill(run)
     assert (bench.work / "config" / "postgresql.conf").exists()  # the site's own settings, kept across attempts
@@ -259,7 +260,7 @@ def leave_attempt(bench: RebuildBench, marks: dict[str, str], data_dir_to: str |
         # As the killed attempt found it: the old server stopped and gone (its socket's lock file
         # names its pid); the copy, a base backup, without a postmaster.pid.
         postmaster = (data_dir / "postmaster.pid").read_text().split()[0]
-        wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), "the killed postmaster to be reaped")
+        wait_for(lambda: not Path(f"/proc/{postmaster}").exists(), 60, "the killed postmaster to be reaped")
         (data_dir / "postmaster.pid").unlink()
         data_dir.rename(work / data_dir_to)
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select
+from support.waiting import wait_for
 
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
@@ -32,6 +32,7 @@ from dr_orchestrator.scheduling.triggers import WallClockCronTrigger, fire_times
 REPO = Path(__file__).resolve().parent.parent
 DRILL_DATA = REPO / "tests" / "data" / "drills"
 LOCAL_INVENTORY = REPO / "inventories" / "local.yml"
+POLL_S = 0.2  # each poll of the evidence database opens an engine of its own
 
 
 # ---------------------------------------------------------------- fire times across DST changes
@@ -180,12 +181,6 @@ def finished_runs(db: str, at_least: int) -> list[DrillRun] | None:
     return rows if len(done) >= at_least and len(done) == len(rows) else None
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    from notify_servers import wait_until as wait
-
-    return wait(condition, timeout, what, interval=0.2)
-
-
 def assert_each_fire_time_once(rows: list[DrillRun], cron: str) -> None:
     """Every fire time from the first to the last has exactly one record: run, or missed with a reason."""
     times = [r.scheduled_for for r in rows]
@@ -214,7 +209,7 @@ def test_the_scheduler_runs_a_drill_seconds_away_and_writes_its_evidence(
     assert entry["name"] == "quick-drill" and len(entry["next"]) == 3
     scheduler = Scheduler(db, tmp_path / "drills", tmp_path / "scheduler.log")
     schedulers.append(scheduler)
-    rows = wait_until(lambda: finished_runs(db, 2), 60, "two scheduled drill runs")
+    rows = wait_for(lambda: finished_runs(db, 2), 60, "two scheduled drill runs", interval=POLL_S)
     assert scheduler.stop() == 0
     assert "leader on" in scheduler.output() and "scheduler stopped" in scheduler.output()
     rows = drill_runs(db)
@@ -233,14 +228,14 @@ def test_a_restart_between_fire_times_loses_and_doubles_nothing(tmp_path: Path, 
     quick_drill(tmp_path / "drills")
     first = Scheduler(db, tmp_path / "drills", tmp_path / "first.log")
     schedulers.append(first)
-    before = wait_until(lambda: finished_runs(db, 2), 60, "two scheduled drill runs")
+    before = wait_for(lambda: finished_runs(db, 2), 60, "two scheduled drill runs", interval=POLL_S)
     assert first.stop() == 0
     last_before = max(r.scheduled_for for r in before if r.scheduled_for)
     # down across at least one fire time
-    wait_until(lambda: datetime.now(UTC) > last_before + timedelta(seconds=4), 30, "a fire time to pass")
+    wait_for(lambda: datetime.now(UTC) > last_before + timedelta(seconds=4), 30, "a fire time to pass", interval=POLL_S)
     second = Scheduler(db, tmp_path / "drills", tmp_path / "second.log")
     schedulers.append(second)
-    wait_until(lambda: finished_runs(db, len(before) + 3), 60, "three more drill runs after the restart")
+    wait_for(lambda: finished_runs(db, len(before) + 3), 60, "three more drill runs after the restart", interval=POLL_S)
     assert second.stop() == 0
     rows = drill_runs(db)
     assert_each_fire_time_once(rows, "*/3 * * * * *")
@@ -255,7 +250,7 @@ def test_a_second_scheduler_on_one_sqlite_file_refuses(tmp_path: Path, scheduler
     quick_drill(tmp_path / "drills", cron="0 0 1 1 *")
     first = Scheduler(db, tmp_path / "drills", tmp_path / "first.log")
     schedulers.append(first)
-    wait_until(lambda: "leader on" in first.output(), 60, "the first scheduler to lead")
+    wait_for(lambda: "leader on" in first.output(), 60, "the first scheduler to lead", interval=POLL_S)
     second = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "scheduler", "run", "--drills",
                              str(tmp_path / "drills")], env={**os.environ, "DR_DATABASE_URL": db},
                             capture_output=True, text=True, timeout=60)
@@ -272,14 +267,15 @@ def test_two_schedulers_on_one_postgresql_database_run_each_fire_time_once_and_t
     one = Scheduler(db, tmp_path / "drills", tmp_path / "one.log")
     two = Scheduler(db, tmp_path / "drills", tmp_path / "two.log")
     schedulers.extend([one, two])
-    rows = wait_until(lambda: finished_runs(db, 3), 90, "three scheduled drill runs")
+    rows = wait_for(lambda: finished_runs(db, 3), 90, "three scheduled drill runs", interval=POLL_S)
     leaders = [s for s in (one, two) if "leader on" in s.output()]
     (leader,) = leaders
     follower = two if leader is one else one
     assert "follower on" in follower.output()
     leader.kill()  # the leader dies (SIGKILL): its session ends, the follower takes the lock
-    wait_until(lambda: "leader on" in follower.output(), 60, "the follower to take over")
-    wait_until(lambda: finished_runs(db, len(rows) + 3), 90, "three more drill runs under the new leader")
+    wait_for(lambda: "leader on" in follower.output(), 60, "the follower to take over", interval=POLL_S)
+    wait_for(lambda: finished_runs(db, len(rows) + 3), 90, "three more drill runs under the new leader",
+             interval=POLL_S)
     assert follower.stop() == 0
     assert_each_fire_time_once(drill_runs(db), "*/3 * * * * *")
 
@@ -301,13 +297,14 @@ def test_a_drill_interrupted_by_a_crash_is_marked_interrupted_on_restart(
             run = session.get(Run, rows[0].failover_run_id)
             return run is not None and run.state == "running"
 
-    wait_until(failover_running, 60, "the scheduled drill's failover to be running")
+    wait_for(failover_running, 60, "the scheduled drill's failover to be running", interval=POLL_S)
     first.kill()  # a crash: nothing gets to clean up
     (row,) = drill_runs(db)
     assert row.state == "running"
     second = Scheduler(db, tmp_path / "drills", tmp_path / "second.log")
     schedulers.append(second)
-    wait_until(lambda: drill_runs(db)[0].state == "interrupted", 60, "the crashed drill run to be closed")
+    wait_for(lambda: drill_runs(db)[0].state == "interrupted", 60, "the crashed drill run to be closed",
+             interval=POLL_S)
     assert second.stop() == 0
     (row,) = drill_runs(db)
     assert row.verdict == "failed" and "died" in (row.error or "")
@@ -369,7 +366,7 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
         scheduler = Scheduler(db, tmp_path / "drills", tmp_path / "scheduler.log")
         schedulers.append(scheduler)
         try:
-            (row,) = wait_until(lambda: finished_runs(db, 1), 300, "the scheduled lab drill to finish")
+            (row,) = wait_for(lambda: finished_runs(db, 1), 300, "the scheduled lab drill to finish", interval=POLL_S)
         finally:
             stopped = scheduler.stop()  # before the lab goes down, whatever happened
         assert stopped == 0, scheduler.output()

@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from notify_servers import wait_until
 from runbook_support import (
     SERVICES,
     evidence_db,
@@ -18,6 +17,7 @@ from runbook_support import (
     run_runbook,
     wait_for_replicated_heartbeat,
 )
+from support.waiting import wait_for
 
 from dr_orchestrator.demo import RPO_AGREEMENT_S
 from dr_orchestrator.lab.load import load_report, start_load, stop_load
@@ -35,11 +35,11 @@ def test_failing_trading_over_leaves_the_other_services_writing_throughout(
         wait_for_replicated_heartbeat(lab.config)
         start_load(lab.config)
         try:
-            wait_until(lambda: all(load_report(lab.config)["services"][s]["ok"] >= 20 for s in SERVICES),
+            wait_for(lambda: all(load_report(lab.config)["services"][s]["ok"] >= 20 for s in SERVICES),
                        60, "the load's first answers")
             code, detail = run_runbook("failover-trading.yml", lab, evidence_db, tmp_path)
             ok_at_end = {s: load_report(lab.config)["services"][s]["ok"] for s in SERVICES}
-            wait_until(lambda: all(load_report(lab.config)["services"][s]["ok"] > ok_at_end[s] + 5 for s in SERVICES),
+            wait_for(lambda: all(load_report(lab.config)["services"][s]["ok"] > ok_at_end[s] + 5 for s in SERVICES),
                        60, "more answers after the run")
         finally:
             stop_load(lab.config)
@@ -67,7 +67,7 @@ def test_asynchronous_contract_signing_loses_no_more_than_its_recorded_rpo(
         wait_for_replicated_heartbeat(lab.config, "contract-signing")
         start_load(lab.config, rate=100)
         try:
-            wait_until(lambda: load_report(lab.config)["services"]["contract-signing"]["ok"] >= 50, 60,
+            wait_for(lambda: load_report(lab.config)["services"]["contract-signing"]["ok"] >= 50, 60,
                        "the load's first contracts")
             lab.kill_service("postgres-contract-signing", "primary")
             killed_at = datetime.now(UTC)

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from notify_servers import wait_until
+from support.waiting import wait_for
 
 from dr_orchestrator.lab import Lab
 
@@ -49,11 +49,11 @@ def test_the_watch_fails_a_killed_site_over_by_itself_and_records_the_incident(
             cwd=tmp_path, env={**os.environ, "DR_DATABASE_URL": db}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         try:
-            wait_until(lambda: "first round" in (tmp_path / "watch.log").read_text(), 30, "the watch's first round")
+            wait_for(lambda: "first round" in (tmp_path / "watch.log").read_text(), 30, "the watch's first round")
             assert {site_of(lab, s) for s in SERVICES} == {"primary"}
             lab.kill_site("primary")
             killed = time.monotonic()
-            wait_until(lambda: all(site_of(lab, s) == "backup" for s in SERVICES), 60,
+            wait_for(lambda: all(site_of(lab, s) == "backup" for s in SERVICES), 60,
                        "every service to answer from the backup site")
             print(f"all services answered from the backup site {time.monotonic() - killed:.2f} s after the kill")
         finally:

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from api_support import prepared
 from click.testing import CliRunner
-from notify_servers import WebhookReceiver, free_port, start_webhook_receiver, wait_until
+from notify_servers import WebhookReceiver, free_port, start_webhook_receiver
 from sqlalchemy.orm import Session, sessionmaker
+from support.waiting import wait_for
 from test_watch_service import Executed, Script, healthy_round, site_lost_round, steps
 
 from dr_orchestrator.actions.notify import SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signature
@@ -159,7 +160,7 @@ def test_a_failing_target_is_recorded_on_the_incident_and_the_watch_goes_on(
                      if e["kind"] == "updated" and "notification_failed" in e["data"]]
             return found if len(found) >= 2 else None
 
-        failed = wait_until(failures, 20.0, "both failed deliveries recorded on the incident")
+        failed = wait_for(failures, 20.0, "both failed deliveries recorded on the incident")
     finally:
         stop.set()
         thread.join(30)

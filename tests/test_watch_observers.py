@@ -3,7 +3,6 @@ readings and against the two-site lab (a healthy lab, a killed service, a killed
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.waiting import wait_for
 
 from dr_orchestrator.lab.config import SERVICES
 from dr_orchestrator.lab.lab import Lab
@@ -43,14 +43,6 @@ def by_key(observations: list[Observation]) -> dict[tuple[Target, str], Observat
 
 def observers_of(observations: list[Observation], target: Target) -> set[str]:
     return {item.observer for item in observations if item.target == target}
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-    return value
 
 
 # --- synthetic readings --------------------------------------------------------------------------
