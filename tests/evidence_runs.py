@@ -6,7 +6,7 @@ import hashlib
 from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
-from test_evidence_store import INVENTORY
+from support.evidence import INVENTORY
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionContext, ActionResult, Params

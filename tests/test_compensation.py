@@ -4,9 +4,7 @@ that bars the way back (a promotion), and every run checks every service before 
 
 from __future__ import annotations
 
-import hashlib
 import http.server
-import json
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -15,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from support.plans import make_plan
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionRegistry, ActionResult, Params
@@ -22,9 +21,8 @@ from dr_orchestrator.engine import Engine
 from dr_orchestrator.evidence.models import ActionEventRecord, Finding
 from dr_orchestrator.evidence.reports import after_action_html
 from dr_orchestrator.evidence.store import EvidenceStore
-from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.events import ActionEvent, Event, StepFinished
-from dr_orchestrator.model.run import RunPlan, RunState, SourceDocument, StepState
+from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import Effect
 
 
@@ -79,20 +77,6 @@ def inventory_text(trading_health: str = "", quotation_health: str = "") -> str:
             primary: {{hosts: {{p1: {{ansible_host: 127.0.0.1}}}}}}
             backup: {{hosts: {{b1: {{ansible_host: 127.0.0.1}}}}}}
         """)
-
-
-def make_plan(runbook_yaml: str, inventory: str | None = None, guarded: bool = True) -> RunPlan:
-    text = textwrap.dedent(runbook_yaml)
-    inventory = inventory or inventory_text()
-    runbook, _ = load_runbook("runbook.yml", text)
-    loaded, _ = load_inventory("inventory.yml", inventory)
-
-    def source(path: str, body: str) -> SourceDocument:
-        return SourceDocument(path=path, sha256=hashlib.sha256(body.encode()).hexdigest(), text=body)
-
-    return RunPlan(runbook=runbook, inventory=loaded, parameters={}, runbook_source=source("runbook.yml", text),
-                   inventory_source=source("inventory.yml", inventory), guarded=guarded,
-                   parameters_sha256=hashlib.sha256(json.dumps({}).encode()).hexdigest())
 
 
 class ChangeParams(Params):
@@ -170,7 +154,7 @@ FENCE_THEN_FAILED_SWITCH = """
 
 def test_a_failed_failover_restores_what_it_changed_newest_first_without_being_asked() -> None:
     world = World()
-    outcome, _ = run(make_plan(FENCE_THEN_FAILED_SWITCH), world)
+    outcome, _ = run(make_plan(FENCE_THEN_FAILED_SWITCH, inventory_text()), world)
 
     assert outcome.state is RunState.FAILED
     # The switch failed (on_failure: abort): the fence is undone anyway; the failed switch itself is not
@@ -181,7 +165,7 @@ def test_a_failed_failover_restores_what_it_changed_newest_first_without_being_a
 
 def test_a_drill_stage_that_is_not_guarded_is_not_compensated() -> None:
     world = World()
-    outcome, _ = run(make_plan(FENCE_THEN_FAILED_SWITCH, guarded=False), world)
+    outcome, _ = run(make_plan(FENCE_THEN_FAILED_SWITCH, inventory_text(), guarded=False), world)
 
     assert outcome.state is RunState.FAILED
     assert world.done == ["fence", "start-backup", "switch"]  # a fault stage degrades on purpose
@@ -205,7 +189,7 @@ def test_compensation_never_undoes_the_fencing_once_a_promotion_ran_or_may_have(
             with: {{what: switch}}
             rollback: {{action: test.change, with: {{what: switch-back}}}}
           - {{id: verify, action: fail, with: {{message: the backup does not answer}}}}
-    """)
+    """, inventory_text())
     outcome, events = run(plan, world)
 
     assert outcome.state is RunState.FAILED
@@ -258,7 +242,7 @@ def test_a_refused_rollback_is_tried_again_after_the_older_ones() -> None:
             with: {what: switch}
             rollback: {action: test.switch_back, with: {what: switch-back}}
           - {id: verify, action: fail, with: {message: no answer}}
-    """)
+    """, inventory_text())
     events: list[Event] = []
     outcome = Engine(registry, [events.append]).run(plan)
 
@@ -329,13 +313,13 @@ def test_a_run_that_changes_nothing_for_the_worse_says_clients_were_left_as_foun
 
 
 def test_the_first_change_is_recorded_once_and_a_run_stopped_by_its_checks_has_none() -> None:
-    changed, events = run(make_plan(FENCE_THEN_FAILED_SWITCH), World())
+    changed, events = run(make_plan(FENCE_THEN_FAILED_SWITCH, inventory_text()), World())
     firsts = [e for e in events if isinstance(e, ActionEvent) and e.kind == "run.first_change"]
     assert [(e.step_id, e.data["effect"]) for e in firsts] == [("fence", "reversible")]
 
-    stopped, events = run(make_plan(FENCE_THEN_FAILED_SWITCH.replace(
-        "      - {id: check, action: noop}", "      - {id: check, action: fail, with: {message: standby gone}}")),
-        World())
+    failing = FENCE_THEN_FAILED_SWITCH.replace(
+        "      - {id: check, action: noop}", "      - {id: check, action: fail, with: {message: standby gone}}")
+    stopped, events = run(make_plan(failing, inventory_text()), World())
     assert stopped.state is RunState.FAILED
     assert not [e for e in events if isinstance(e, ActionEvent) and e.kind == "run.first_change"]
 

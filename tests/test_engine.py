@@ -6,13 +6,11 @@ every assertion about timing waits on a condition with a deadline instead of sle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -23,6 +21,7 @@ from typing import Any
 
 import pytest
 from pydantic import Field
+from support.plans import make_plan
 
 from dr_orchestrator import templating
 from dr_orchestrator.actions.base import (
@@ -35,7 +34,6 @@ from dr_orchestrator.actions.base import (
     Params,
 )
 from dr_orchestrator.engine import Engine, RunOutcome, template_context
-from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.events import (
     ActionEvent,
     AttemptFinished,
@@ -47,44 +45,11 @@ from dr_orchestrator.model.events import (
     StepFinished,
     StepStarted,
 )
-from dr_orchestrator.model.run import RunPlan, RunState, SourceDocument, StepState
+from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import Retries
 
 WAIT_S = 10.0  # deadline for anything a test waits on; never reached when the engine works
 GRACE_S = 0.2  # cancel grace used in these tests, to keep abandoned actions cheap
-
-INVENTORY = """\
-all:
-  vars:
-    dr:
-      name: test
-      sites: {primary: {}, backup: {}}
-      services:
-        trading: {rto: 60s, rpo: 0s, sites: [primary, backup]}
-  children:
-    primary: {hosts: {p1: {ansible_host: 127.0.0.1}}}
-    backup: {hosts: {b1: {ansible_host: 127.0.0.1}}}
-"""
-
-
-def source(path: str, text: str) -> SourceDocument:
-    return SourceDocument(path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), text=text)
-
-
-def make_plan(runbook_yaml: str, parameters: dict[str, Any] | None = None) -> RunPlan:
-    text = textwrap.dedent(runbook_yaml)
-    runbook, _ = load_runbook("runbook.yml", text)
-    inventory, _ = load_inventory("inventory.yml", INVENTORY)
-    params = {name: p.default for name, p in runbook.parameters.items()} | (parameters or {})
-    return RunPlan(
-        runbook=runbook,
-        inventory=inventory,
-        parameters=params,
-        runbook_source=source("runbook.yml", text),
-        inventory_source=source("inventory.yml", INVENTORY),
-        parameters_sha256=hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest(),
-    )
-
 
 def check_invariants(events: list[Event], plan: RunPlan) -> None:
     """What every observer relies on, whatever happened in the run."""
@@ -630,7 +595,7 @@ def test_templates_render_step_outputs_and_parameters_natively(bench: Bench) -> 
                 rto: "{{ service.rto }}"
                 run_kind: "{{ run.kind }}"
         """,
-        {"target": "dr-site"},
+        parameters={"target": "dr-site"},
     )
     outcome = bench.run(plan)
     assert outcome.state is RunState.SUCCEEDED
@@ -869,7 +834,7 @@ SIGINT_SCRIPT = """
 import json, sys
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionRegistry, ActionResult, Params
 from dr_orchestrator.engine import Engine
-from tests.test_engine import make_plan
+from support.plans import make_plan
 
 class Hold(Action[Params]):
     name = "hold"
@@ -913,7 +878,7 @@ def run_interrupted(rollback_action: str, interrupt_when: tuple[str, ...]) -> tu
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": str(root / "tests")},
     )
     try:
         assert process.stdout is not None

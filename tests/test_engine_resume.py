@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from test_engine import Bench, make_plan
+from support.plans import make_plan
+from test_engine import Bench
 
 from dr_orchestrator.engine import Engine
 from dr_orchestrator.model.events import RunResumed, RunStarted, StepFinished, StepStarted

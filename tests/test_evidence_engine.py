@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
-from test_evidence_store import INVENTORY
+from support.evidence import INVENTORY
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params

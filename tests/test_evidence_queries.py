@@ -5,15 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
-from test_evidence_store import make_plan
+from support.evidence import rehearsal_plan
 
-from dr_orchestrator.evidence import auditor, migrate, queries
-from dr_orchestrator.evidence.database import make_engine, make_session_factory
+from dr_orchestrator.evidence import auditor, queries
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.events import (
     AttemptFinished,
@@ -35,22 +33,18 @@ B = "aaaa2222-0000-4000-8000-000000000002"
 
 
 @pytest.fixture
-def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    migrate.upgrade(database_url)
-    engine = make_engine(database_url)
-    try:
-        store = EvidenceStore(make_session_factory(engine))
-        record_run(store, A, DAY1, RunKind.REHEARSAL, restored_after=12.5, rpo=0.0)
-        record_run(store, B, DAY2, RunKind.FAILOVER, restored_after=None, rpo=None)
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
+def recorded(sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    """The shared ``sessions`` (each database) holding two runs: a rehearsal on DAY1, a failed failover on DAY2."""
+    store = EvidenceStore(sessions)
+    record_run(store, A, DAY1, RunKind.REHEARSAL, restored_after=12.5, rpo=0.0)
+    record_run(store, B, DAY2, RunKind.FAILOVER, restored_after=None, rpo=None)
+    return sessions
 
 
 def record_run(
     store: EvidenceStore, run_id: str, start: datetime, kind: RunKind, restored_after: float | None, rpo: float | None
 ) -> None:
-    plan = make_plan(incident_at=None).model_copy(update={"kind": kind})
+    plan = rehearsal_plan(incident_at=None).model_copy(update={"kind": kind})
     store(RunStarted(run_id, start, plan, "orchestrator-1"))
     store(StepStarted(run_id, "verify-trading", start + timedelta(seconds=1)))
     store(AttemptStarted(run_id, "verify-trading", 1, start + timedelta(seconds=1)))
@@ -87,8 +81,8 @@ def record_run(
     store(RunFinished(run_id, end, RunState.SUCCEEDED if ok else RunState.FAILED, None if ok else "verify failed"))
 
 
-def test_list_runs_newest_first_with_filters(sessions: sessionmaker[Session]) -> None:
-    with sessions() as s:
+def test_list_runs_newest_first_with_filters(recorded: sessionmaker[Session]) -> None:
+    with recorded() as s:
         rows = queries.list_runs(s)
         assert [r["id"] for r in rows] == [B, A]
         assert rows[0]["services"] == ["trading", "quotation"]
@@ -109,8 +103,8 @@ def test_list_runs_newest_first_with_filters(sessions: sessionmaker[Session]) ->
     json.dumps(rows)  # plain data
 
 
-def test_run_detail_has_the_whole_record(sessions: sessionmaker[Session]) -> None:
-    with sessions() as s:
+def test_run_detail_has_the_whole_record(recorded: sessionmaker[Session]) -> None:
+    with recorded() as s:
         detail = queries.run_detail(s, A)
         assert queries.run_detail(s, "aaaa1") == detail  # a unique prefix will do
         assert queries.run_detail(s, "bbbb") is None
@@ -133,8 +127,8 @@ def test_run_detail_has_the_whole_record(sessions: sessionmaker[Session]) -> Non
     assert trading["restored_at"] == (DAY1 + timedelta(seconds=12.5)).isoformat()
 
 
-def test_export_json_and_csv(sessions: sessionmaker[Session]) -> None:
-    with sessions() as s:
+def test_export_json_and_csv(recorded: sessionmaker[Session]) -> None:
+    with recorded() as s:
         rows = json.loads(queries.export_evidence(s, fmt="json", service="trading"))
         text = queries.export_evidence(s, fmt="csv")
         recent = json.loads(queries.export_evidence(s, fmt="json", since=DAY2))

@@ -9,15 +9,14 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from test_engine import make_plan
+from support.plans import make_plan
+from support.waiting import wait_for
 
 from dr_orchestrator import supervision
 from dr_orchestrator.engine import RunOutcome
@@ -52,15 +51,6 @@ GATED = """
         timeout: 90s
       - {id: switch, action: noop, marks: [service_restored]}
 """
-
-
-def wait_for(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def dead_pid() -> int:
@@ -133,7 +123,7 @@ def test_a_lock_dies_with_its_process(database_url: str, sessions: sessionmaker[
         holder.kill()
         holder.wait()
         # PostgreSQL notices the dropped connection a moment later: wait for it, never longer.
-        wait_for(lambda: _try(locks, "run-b"), "the dead holder's lock to be freed")
+        wait_for(lambda: _try(locks, "run-b"), WAIT_S, "the dead holder's lock to be freed")
         with sessions() as session:  # the dead holder's row is gone, ours named instead
             assert [r.run_id for r in session.scalars(select(RunLock))] == ["run-b"]
         locks.release()
@@ -179,7 +169,7 @@ def test_a_gate_waits_visibly_until_another_person_approves(sessions: sessionmak
     run_id = box["run_id"]
     try:
         wait_for(lambda: states(sessions, run_id) == ("waiting_approval", {
-            "prepare": "succeeded", "go-ahead": "waiting_approval", "switch": "pending"}), "the gate to wait")
+            "prepare": "succeeded", "go-ahead": "waiting_approval", "switch": "pending"}), WAIT_S, "the gate to wait")
         with sessions() as session:
             gates = waiting_gates(session)
         assert [(g["run_id"], g["step_id"], g["message"], g["started_by"], g["two_person"]) for g in gates] == [

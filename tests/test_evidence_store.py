@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
+from support.evidence import at, rehearsal_plan
 
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import (
@@ -37,85 +38,14 @@ from dr_orchestrator.model.events import (
     StepFinished,
     StepStarted,
 )
-from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
-from dr_orchestrator.model.run import RunKind, RunPlan, RunState, SourceDocument, StepState
-from dr_orchestrator.model.runbook import OnFailure, RollbackSpec, Runbook, Scope, Step
+from dr_orchestrator.model.run import RunState, StepState
 
-T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
 RUN = "6f1c2a9e-0000-4000-8000-000000000001"
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-def document(path: str, text: str) -> SourceDocument:
-    return SourceDocument(path=path, sha256=hashlib.sha256(text.encode()).hexdigest(), text=text)
-
-
-INVENTORY = Inventory(
-    name="lab",
-    sites={"primary": Site(name="primary"), "backup": Site(name="backup")},
-    hosts={"backup-app": Host(name="backup-app", site="backup", address="127.0.20.1")},
-    services={
-        "trading": Service(name="trading", rto=60, rpo=0, tier="critical", sites=("primary", "backup")),
-        "quotation": Service(name="quotation", rto=30, rpo=60, sites=("primary", "backup")),
-        "contract-signing": Service(name="contract-signing", rto=300, rpo=5, sites=("primary", "backup")),
-    },
-)
-
-
-def make_plan(incident_at: datetime | None = at(-10)) -> RunPlan:
-    runbook = Runbook(
-        name="fail-over-trading",
-        scope=Scope(services=("trading", "quotation"), sites=("backup",)),
-        steps=(
-            Step(id="approve", action="approval"),
-            Step(
-                id="promote",
-                action="shell.run",
-                needs=("approve",),
-                service="trading",
-                site="backup",
-                rollback=RollbackSpec(action="shell.run", with_={"argv": ["demote"]}),
-            ),
-            Step(
-                id="verify-trading",
-                action="http.check",
-                needs=("promote",),
-                service="trading",
-                marks=("service_restored",),
-            ),
-            Step(
-                id="verify-quotation",
-                action="http.check",
-                needs=("approve",),
-                service="quotation",
-                marks=("service_restored",),
-                on_failure=OnFailure.CONTINUE,
-            ),
-            Step(id="cleanup", action="noop", needs=("verify-trading",), when="false"),
-        ),
-    )
-    return RunPlan(
-        runbook=runbook,
-        inventory=INVENTORY,
-        parameters={"dry": False, "when": at(0)},
-        kind=RunKind.REHEARSAL,
-        incident_at=incident_at,
-        started_by="alice",
-        reason="quarterly rehearsal",
-        trigger="schedule",
-        runbook_source=document("runbooks/trading.yml", "name: fail-over-trading\n"),
-        inventory_source=document("inventories/lab.yml", "all: {}\n"),
-        parameters_sha256="0" * 64,
-        forced=("replication-lag",),
-    )
 
 
 def successful_run_events() -> list[object]:
     return [
-        RunStarted(RUN, at(0), make_plan(), "orchestrator-1"),
+        RunStarted(RUN, at(0), rehearsal_plan(), "orchestrator-1"),
         StepStarted(RUN, "approve", at(0.5), rendered={}),
         AttemptStarted(RUN, "approve", 1, at(0.5)),
         AttemptFinished(RUN, "approve", 1, at(5.5), StepState.SUCCEEDED, 5.0, {"approver": "bob"}),
@@ -303,7 +233,7 @@ def test_each_event_is_committed_as_it_arrives(sessions: sessionmaker[Session]) 
 def test_failed_run_with_rollback(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
     for event in [
-        RunStarted(RUN, at(0), make_plan(incident_at=None), "orchestrator-1"),
+        RunStarted(RUN, at(0), rehearsal_plan(incident_at=None), "orchestrator-1"),
         StepStarted(RUN, "approve", at(1)),
         StepFinished(RUN, "approve", at(2), StepState.SUCCEEDED),
         StepStarted(RUN, "promote", at(3)),
@@ -358,7 +288,7 @@ def test_failed_run_with_rollback(sessions: sessionmaker[Session]) -> None:
 
 def test_marker_for_a_service_outside_the_declared_scope_joins_the_scope(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
-    store(RunStarted(RUN, at(0), make_plan(), "h"))
+    store(RunStarted(RUN, at(0), rehearsal_plan(), "h"))
     store(MarkerReached(RUN, "verify-trading", "service_restored", "contract-signing", None, at(3)))
     store(Measurement(RUN, "promote", None, "rpo_s", 1.5, "lsn diff", {}, at(2)))  # run-wide
     store(RunFinished(RUN, at(4), RunState.SUCCEEDED))
@@ -374,7 +304,7 @@ def test_marker_for_a_service_outside_the_declared_scope_joins_the_scope(session
 
 def test_timestamps_keep_microseconds_and_come_back_aware_utc(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
-    store(RunStarted(RUN, at(0), make_plan(), "h"))
+    store(RunStarted(RUN, at(0), rehearsal_plan(), "h"))
     paris = timezone(timedelta(hours=1))
     sent = [
         datetime(2026, 11, 28, 11, 0, 0, 999999, tzinfo=paris),  # 10:00:00.999999 UTC
@@ -393,7 +323,7 @@ def test_timestamps_keep_microseconds_and_come_back_aware_utc(sessions: sessionm
 
 def test_naive_timestamps_are_refused(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
-    store(RunStarted(RUN, at(0), make_plan(), "h"))
+    store(RunStarted(RUN, at(0), rehearsal_plan(), "h"))
     with pytest.raises(StatementError, match="naive datetime"):  # store() waits for the commit, and raises
         store.store(ProbeResult(RUN, "verify-trading", 1, datetime(2026, 11, 28, 10, 0), "http://t", True, 1.0))
 
@@ -402,7 +332,7 @@ def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmak
     """Several engine threads through one store, and a second store on its own engine (as another
     process would be): every probe is recorded."""
     first = EvidenceStore(sessions)
-    first(RunStarted(RUN, at(0), make_plan(), "h"))
+    first(RunStarted(RUN, at(0), rehearsal_plan(), "h"))
     other_engine = make_engine(database_url)
     second = EvidenceStore(make_session_factory(other_engine))
     errors: list[BaseException] = []
@@ -436,7 +366,7 @@ def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmak
 def test_awkward_outputs_are_kept_as_text_on_every_backend(sessions: sessionmaker[Session]) -> None:
     """Command output can hold NUL bytes and NaN; PostgreSQL refuses both in text and JSON."""
     store = EvidenceStore(sessions)
-    store(RunStarted(RUN, at(0), make_plan(), "h"))
+    store(RunStarted(RUN, at(0), rehearsal_plan(), "h"))
     output = {"stdout": "a\x00b", "ratio": float("nan"), "raw": b"\x01", "state": StepState.FAILED, 7: (1, 2)}
     store(StepStarted(RUN, "promote", at(1), rendered={"argv": ["x\x00"]}))
     store(StepFinished(RUN, "promote", at(2), StepState.FAILED, output, error="exit 1: a\x00b"))
