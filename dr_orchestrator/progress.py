@@ -25,6 +25,7 @@ from dr_orchestrator.model.events import (
     StepFinished,
     StepStarted,
 )
+from dr_orchestrator.model.run import Phase
 
 _STYLE = {
     "succeeded": "green", "failed": "red", "timed_out": "red", "skipped": "yellow", "cancelled": "yellow",
@@ -74,7 +75,7 @@ class ProgressPrinter:
                                + (f": {event.reason}" if event.reason else ""))
         elif isinstance(event, StepStarted):
             self.step_started[(event.step_id, event.phase)] = now
-            label = "rolling back" if event.phase == "rollback" else "started"
+            label = "rolling back" if event.phase == Phase.ROLLBACK else "started"
             self.console.print(f"{elapsed}  {event.step_id:<28} {label}")
         elif isinstance(event, AttemptFinished) and event.state != "succeeded":
             self.console.print(f"{elapsed}  {event.step_id:<28} attempt {event.attempt} {_state(event.state)}: "

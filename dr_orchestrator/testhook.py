@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from dr_orchestrator.model.events import Event, Observer, RunFinished, RunResumed, RunStarted, StepFinished, StepStarted
+from dr_orchestrator.model.run import Phase
 
 PAUSE_AT_ENV = "DR_TEST_PAUSE_AT"
 PAUSE_DIR_ENV = "DR_TEST_PAUSE_DIR"
@@ -44,7 +45,7 @@ class PauseHook:
         if self.step == "run":
             return (phase == "started" and isinstance(event, (RunStarted, RunResumed))) or (
                 phase == "finishing" and isinstance(event, RunFinished))
-        if getattr(event, "step_id", None) != self.step or getattr(event, "phase", "forward") != "forward":
+        if getattr(event, "step_id", None) != self.step or getattr(event, "phase", Phase.FORWARD) != Phase.FORWARD:
             return False
         ends = phase in ("ending", "finished")
         return isinstance(event, StepFinished) if ends else isinstance(event, StepStarted)

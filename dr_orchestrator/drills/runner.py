@@ -32,7 +32,7 @@ from dr_orchestrator.loading import load_inventory
 from dr_orchestrator.model.drill import Drill, NotifyEvent, Steps
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import Event, MarkerReached, Observer, StepFinished
-from dr_orchestrator.model.run import RunKind, RunPlan, RunState, SourceDocument
+from dr_orchestrator.model.run import Phase, RunKind, RunPlan, RunState, SourceDocument
 from dr_orchestrator.plans import build_plan, default_actor
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _StepLog:
         self.markers: dict[str, list[MarkerReached]] = {}
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, StepFinished) and event.phase == "forward":
+        if isinstance(event, StepFinished) and event.phase == Phase.FORWARD:
             self.finished[(event.run_id, event.step_id)] = event
         elif isinstance(event, MarkerReached):
             self.markers.setdefault(event.run_id, []).append(event)

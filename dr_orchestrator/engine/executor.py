@@ -51,7 +51,7 @@ from dr_orchestrator.model.events import (
 )
 from dr_orchestrator.model.inventory import Service
 from dr_orchestrator.model.resume import ResumePoint
-from dr_orchestrator.model.run import RunPlan, RunState, StepState
+from dr_orchestrator.model.run import Phase, RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import Effect, OnFailure, Retries, Step
 from dr_orchestrator.model.safety import PREFLIGHT, ReadinessCheck
 
@@ -164,13 +164,13 @@ class Engine:
             self.registry.get(blast_radius.PROBE_ACTION)
 
 
-def may_repeat(step: Step, phase: str, registry: ActionRegistry) -> bool:
+def may_repeat(step: Step, phase: Phase, registry: ActionRegistry) -> bool:
     """Whether an attempt of ``step`` that a crash left in flight may simply run again: the step's own
     ``idempotent`` when it says; else a check (read-only) may; else its action's word (the rollback's,
     for a rollback). An attempt that may not is made durable before it starts (write-ahead)."""
     if step.idempotent is not None:
         return step.idempotent
-    if phase == "rollback" and step.rollback is not None:
+    if phase == Phase.ROLLBACK and step.rollback is not None:
         action = step.rollback.action
     elif (step.effect or registry.effect(step.action)) is Effect.READ_ONLY:
         return True
@@ -285,13 +285,13 @@ class _Run:
         return dataclasses.replace(event, **changed) if changed else event
 
     def finish_step(self, step_id: str, state: StepState, output: dict[str, Any] | None = None,
-                    error: str | None = None, phase: str = "forward", markers: list[MarkerReached] | None = None
+                    error: str | None = None, phase: Phase = Phase.FORWARD, markers: list[MarkerReached] | None = None
                     ) -> None:
         """Record how a step ended and tell the observers. Under the lock, so that no step that needs
         this one can start, and be heard of, before this one's end is."""
         with self.lock:
             previous = self.states[step_id]
-            if phase == "forward" and previous.finished:
+            if phase == Phase.FORWARD and previous.finished:
                 return  # an abandoned action reporting after the run already ended its step
             self.states[step_id] = state
             if state.finished and not previous.finished:
@@ -299,7 +299,7 @@ class _Run:
             # Templates of later steps read this: never a secret an action let slip into its output.
             shown = self.redactor.redact_data(output or {})
             self.results[step_id] = {"state": str(state), "output": shown, "error": error}
-            if phase == "forward":
+            if phase == Phase.FORWARD:
                 self.apply_policy(self.steps[step_id], state, previous)
             # Markers first: a crash between the two leaves the mark recorded and the step in flight
             # (repeated or decided on resume), never a finished step whose mark was lost.
@@ -421,9 +421,9 @@ class _Run:
                 self.apply_policy(self.steps[step_id], done.state, previous)
         for step_id, (phase, reason) in resume.marked_done.items():
             output = {"marked_done_by": resume.actor, "reason": reason}
-            if phase == "rollback":
+            if phase == Phase.ROLLBACK:
                 self.rolled_back.add(step_id)
-                self.finish_step(step_id, StepState.ROLLED_BACK, output, phase="rollback")
+                self.finish_step(step_id, StepState.ROLLED_BACK, output, phase=Phase.ROLLBACK)
             else:
                 self.finish_step(step_id, StepState.SUCCEEDED, output)
 
@@ -590,11 +590,11 @@ class _Run:
             return StepState.FAILED
         effect = self.effect(step)
         if effect.changes:
-            if not self.fence_allows(step.id, "forward"):
+            if not self.fence_allows(step.id, Phase.FORWARD):
                 return StepState.PENDING
             self.settle_start()
             self.first_change(step, effect)
-        outcome = self.run_action(step.id, "forward", step.action, step.with_, step.timeout, step.retries,
+        outcome = self.run_action(step.id, Phase.FORWARD, step.action, step.with_, step.timeout, step.retries,
                                   service, site)
         markers = []
         if outcome.state is StepState.SUCCEEDED:
@@ -603,7 +603,7 @@ class _Run:
         self.finish_step(step.id, outcome.state, outcome.result.output, outcome.error, markers=markers)
         return outcome.state
 
-    def run_action(self, step_id: str, phase: str, action_name: str, raw_params: dict[str, Any], timeout: float,
+    def run_action(self, step_id: str, phase: Phase, action_name: str, raw_params: dict[str, Any], timeout: float,
                    retries: Retries, service: str | None, site: str | None) -> _Attempt:
         try:
             action_class = self.engine.registry.get(action_name)
@@ -641,7 +641,7 @@ class _Run:
                 break
         return outcome
 
-    def refuse(self, step_id: str, phase: str, error: str) -> _Attempt:
+    def refuse(self, step_id: str, phase: Phase, error: str) -> _Attempt:
         self.emit(StepStarted(self.run_id, step_id, utcnow(), phase, {}))
         return _Attempt(StepState.FAILED, error=error)
 
@@ -732,7 +732,7 @@ class _Run:
             threading.Thread(target=read, name=f"blast-radius-{service.name}", daemon=True).start()
             self.before_reading[service.name] = reading
 
-    def fence_allows(self, step_id: str, phase: str) -> bool:
+    def fence_allows(self, step_id: str, phase: Phase) -> bool:
         """Whether this process may still change the world (the engine's ``fence``); the token a step
         acts under, or the refusal, is recorded. A refusal stops the run where it is (``deposed``)."""
         fence = self.engine.fence
@@ -747,10 +747,12 @@ class _Run:
             with self.lock:
                 first, self.deposed = self.deposed is None, self.deposed or why
             if first:
-                self.emit(ActionEvent(self.run_id, step_id, FENCING_REFUSED, utcnow(), {"phase": phase, "error": why}))
+                self.emit(ActionEvent(self.run_id, step_id, FENCING_REFUSED, utcnow(),
+                                      {"phase": phase.value, "error": why}))
             self.halt.set()
             return False
-        self.emit(ActionEvent(self.run_id, step_id, FENCING_CHECKED, utcnow(), {"phase": phase, "token": str(token)}))
+        self.emit(ActionEvent(self.run_id, step_id, FENCING_CHECKED, utcnow(),
+                              {"phase": phase.value, "token": str(token)}))
         return True
 
     def first_change(self, step: Step, effect: Effect) -> None:
@@ -879,14 +881,14 @@ class _Run:
             self.sites[step.id] = templating.render_string(step.site, self.context(service, None))
         rollback = step.rollback
         timeout = rollback.timeout if rollback.timeout is not None else step.timeout
-        if not self.fence_allows(step.id, "rollback"):
+        if not self.fence_allows(step.id, Phase.ROLLBACK):
             return StepState.PENDING
         try:
-            outcome = self.run_action(step.id, "rollback", rollback.action, rollback.with_, timeout,
+            outcome = self.run_action(step.id, Phase.ROLLBACK, rollback.action, rollback.with_, timeout,
                                       step.retries, service, self.sites.get(step.id))
         except KeyboardInterrupt:
             self.interrupt()
             outcome = _Attempt(StepState.CANCELLED, error="the rollback was interrupted by the operator")
         state = StepState.ROLLED_BACK if outcome.state is StepState.SUCCEEDED else StepState.ROLLBACK_FAILED
-        self.finish_step(step.id, state, outcome.result.output, outcome.error, phase="rollback")
+        self.finish_step(step.id, state, outcome.result.output, outcome.error, phase=Phase.ROLLBACK)
         return state

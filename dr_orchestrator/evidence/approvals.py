@@ -19,7 +19,7 @@ from dr_orchestrator.evidence.annotations import AnnotationError, record_approva
 from dr_orchestrator.evidence.models import ActionEventRecord, Approval, Run, StepRecord
 from dr_orchestrator.evidence.queries import AmbiguousRunId, as_dict, find_run
 from dr_orchestrator.model.approval import ApprovalDecision, Decision, same_person, second_person_refusal
-from dr_orchestrator.model.run import StepState
+from dr_orchestrator.model.run import Phase, StepState
 
 Sessions = Callable[[], Session]
 REQUESTED = "approval.requested"
@@ -50,7 +50,7 @@ class DatabaseApprovals:
 def _waiting_step(session: Session, run: Run, step_id: str) -> StepRecord:
     row = session.scalars(
         select(StepRecord)
-        .where(StepRecord.run_id == run.id, StepRecord.step_id == step_id, StepRecord.phase == "forward")
+        .where(StepRecord.run_id == run.id, StepRecord.step_id == step_id, StepRecord.phase == Phase.FORWARD.value)
         .order_by(StepRecord.id.desc())
         .limit(1)
     ).first()
@@ -110,7 +110,7 @@ def waiting_gates(session: Session, run_id: str | None = None) -> list[dict[str,
     """Gates waiting for a decision now, oldest first: run, step, since, and what the gate asked."""
     query = (
         select(StepRecord)
-        .where(StepRecord.state == StepState.WAITING_APPROVAL.value, StepRecord.phase == "forward")
+        .where(StepRecord.state == StepState.WAITING_APPROVAL.value, StepRecord.phase == Phase.FORWARD.value)
         .order_by(StepRecord.started_at, StepRecord.id)
     )
     if run_id is not None:

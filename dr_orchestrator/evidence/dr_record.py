@@ -14,6 +14,7 @@ from dr_orchestrator.evidence import drills, queries
 from dr_orchestrator.evidence.annotations import list_findings, reconciliation_entry
 from dr_orchestrator.evidence.models import Approval, DrillRun, Reconciliation, Run
 from dr_orchestrator.evidence.store import derive_test_type
+from dr_orchestrator.model.run import Phase
 
 # Marks a runbook's steps may carry to pin the timeline (else the first and last step are used).
 DETECTED_MARKER = "fault_detected"
@@ -36,7 +37,7 @@ def timeline(detail: dict[str, Any], failbacks: list[dict[str, Any]]) -> list[di
     """Incident, detection, declaration, switch start and end, service verified, failback: each
     with its time (None when the run recorded nothing for it) and where the time comes from."""
     run, markers = detail["run"], detail["markers"]
-    forward = [s for s in detail["steps"] if s["phase"] == "forward" and s["started_at"]]
+    forward = [s for s in detail["steps"] if s["phase"] == Phase.FORWARD and s["started_at"]]
     events: list[dict[str, Any]] = []
 
     def add(event: str, at: str | None, source: str, service: str | None = None) -> None:
@@ -98,7 +99,7 @@ def dr_test_record(session: Session, run_id: str) -> dict[str, Any] | None:
         select(Reconciliation).where(Reconciliation.run_id == the_id).order_by(Reconciliation.id))]
     failbacks = [queries.as_dict(r, exclude=("runbook_text", "inventory_text")) for r in session.scalars(
         select(Run).where(Run.failback_of == the_id).order_by(Run.started_at))]
-    rollbacks = [s for s in detail["steps"] if s["phase"] == "rollback"]
+    rollbacks = [s for s in detail["steps"] if s["phase"] == Phase.ROLLBACK]
     failed = [s for s in detail["steps"] if s["state"] in ("failed", "timed_out", "rollback_failed")]
     detail.update(
         {

@@ -28,6 +28,7 @@ from dr_orchestrator.evidence.models import (
     StepRecord,
 )
 from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.run import Phase
 
 Sessions = Callable[[], Session]
 RUN_STAGES = ("fault", "failover", "checks", "restore", "failback", "cleanup")
@@ -173,7 +174,8 @@ def service_results(session: Session, run_id: str) -> dict[str, ServiceResult]:
 
 
 def forward_steps(session: Session, run_id: str) -> dict[str, StepRecord]:
-    rows = session.scalars(select(StepRecord).where(StepRecord.run_id == run_id, StepRecord.phase == "forward")
+    rows = session.scalars(select(StepRecord)
+                           .where(StepRecord.run_id == run_id, StepRecord.phase == Phase.FORWARD.value)
                            .order_by(StepRecord.id))
     return {row.step_id: row for row in rows}
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dr_orchestrator.evidence import drills as drill_records
 from dr_orchestrator.evidence.models import ActionEventRecord, DrillRun, Run, RunService, ServiceResult, StepRecord
 from dr_orchestrator.evidence.store import derive_test_type
+from dr_orchestrator.model.run import Phase
 
 FIRST_CHANGE = "run.first_change"  # the engine's action event (engine.executor.FIRST_CHANGE)
 FINAL_RUN_STATES = ("succeeded", "failed", "aborted")
@@ -188,7 +189,7 @@ def _why_nothing_changed(session: Session, run: Run) -> str:
     why = run.error
     if not why:
         step = session.scalars(select(StepRecord).where(
-            StepRecord.run_id == run.id, StepRecord.phase == "forward",
+            StepRecord.run_id == run.id, StepRecord.phase == Phase.FORWARD.value,
             StepRecord.state.in_(("failed", "timed_out", "cancelled"))).order_by(StepRecord.id).limit(1)).first()
         why = f"step {step.step_id!r} {step.state}" + (f": {step.error}" if step.error else "") if step else None
     return f"{run.state} before any change" + (f": {why}" if why else "")

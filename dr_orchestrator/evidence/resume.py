@@ -12,10 +12,7 @@ from sqlalchemy.orm import Session
 from dr_orchestrator.evidence.models import RunProcess, StepRecord
 from dr_orchestrator.evidence.queries import AmbiguousRunId, find_run
 from dr_orchestrator.model.resume import FinishedStep
-from dr_orchestrator.model.run import RunState, StepState
-
-FORWARD = "forward"
-ROLLBACK = "rollback"
+from dr_orchestrator.model.run import Phase, RunState, StepState
 
 
 class NotResumable(ValueError):
@@ -35,7 +32,7 @@ class StoredRun:
     fields: dict[str, Any]  # RunPlan fields kept on the run row (kind, parameters, started_by, ...)
     finished: dict[str, FinishedStep] = field(default_factory=dict)  # forward steps, in the order they ended
     rolled_back: set[str] = field(default_factory=set)
-    in_flight: dict[str, str] = field(default_factory=dict)  # step -> phase it was interrupted in
+    in_flight: dict[str, Phase] = field(default_factory=dict)  # step -> phase it was interrupted in
 
 
 def interrupted_run(session: Session, run_id: str) -> StoredRun:
@@ -63,18 +60,19 @@ def interrupted_run(session: Session, run_id: str) -> StoredRun:
     latest: dict[tuple[str, str], StepRecord] = {}
     for row in session.scalars(select(StepRecord).where(StepRecord.run_id == run.id).order_by(StepRecord.id)):
         latest[(row.step_id, row.phase)] = row
-    ended = sorted((row for (_, phase), row in latest.items() if phase == FORWARD and row.finished_at is not None),
+    ended = sorted((row for (_, phase), row in latest.items()
+                    if phase == Phase.FORWARD and row.finished_at is not None),
                    key=lambda row: (row.finished_at, row.id))
     for row in ended:
         if row.state == StepState.INTERRUPTED.value:
-            stored.in_flight[row.step_id] = FORWARD
+            stored.in_flight[row.step_id] = Phase.FORWARD
         else:
             stored.finished[row.step_id] = FinishedStep(StepState(row.state), dict(row.output or {}), row.error)
     for (step_id, phase), row in latest.items():
-        if phase != ROLLBACK or row.finished_at is None:
+        if phase != Phase.ROLLBACK or row.finished_at is None:
             continue
         if row.state == StepState.INTERRUPTED.value:
-            stored.in_flight[step_id] = ROLLBACK
+            stored.in_flight[step_id] = Phase.ROLLBACK
         else:
             stored.rolled_back.add(step_id)
     return stored

@@ -72,12 +72,10 @@ from dr_orchestrator.model.events import (
     StepStarted,
 )
 from dr_orchestrator.model.inventory import Inventory
-from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
+from dr_orchestrator.model.run import Phase, RunKind, RunPlan, RunState, StepState
 
 log = logging.getLogger(__name__)
 
-FORWARD = "forward"
-ROLLBACK = "rollback"
 # Events committed before the engine goes on (see the module's docstring); AttemptStarted when not repeatable.
 DURABLE_BEFORE_RETURN = (RunStarted, RunResumed, RunFinished, ApprovalRequested, ApprovalDecided)
 WRITER_IDLE_S = 5.0  # the writer thread ends after this long without events (a new one starts on the next)
@@ -606,14 +604,14 @@ class EvidenceStore:
         # once: the ids for the attempts, and the rows as stored for the audit chain.
         if plan.runbook.steps:
             session.execute(insert(StepRecord), [
-                {"run_id": event.run_id, "step_id": step.id, "phase": FORWARD, "action": step.action,
+                {"run_id": event.run_id, "step_id": step.id, "phase": Phase.FORWARD.value, "action": step.action,
                  "service": plan.service_of(step), "site": step.site, "state": StepState.PENDING.value}
                 for step in plan.runbook.steps
             ])
         rows = session.scalars(select(StepRecord).where(StepRecord.run_id == event.run_id).order_by(StepRecord.id))
         chained = []
         for row in rows:
-            self._step_rows[(event.run_id, row.step_id, FORWARD)] = row
+            self._step_rows[(event.run_id, row.step_id, Phase.FORWARD)] = row
             chained.append((CHAINED_TABLES[StepRecord.__tablename__], "insert", instance_row(row)))
         append_rows(session.connection(), chained)
         self._remember_rollbacks(event.run_id, plan)
@@ -740,8 +738,8 @@ class EvidenceStore:
 
     def _new_step(self, session: Session, run_id: str, step_id: str, phase: str) -> StepRecord:
         """A step row the run did not announce: a rollback, or a step run again (resume)."""
-        forward = self._latest_step(session, run_id, step_id, FORWARD)
-        if phase == ROLLBACK:
+        forward = self._latest_step(session, run_id, step_id, Phase.FORWARD)
+        if phase == Phase.ROLLBACK:
             action = self._rollback_actions.get(run_id, {}).get(step_id)
         else:
             action = forward.action if forward else None
@@ -876,7 +874,7 @@ class EvidenceStore:
     # -- approval gates -------------------------------------------------------------------------
 
     def _approval_requested(self, session: Session, event: ApprovalRequested) -> None:
-        step = self._latest_step(session, event.run_id, event.step_id, FORWARD)
+        step = self._latest_step(session, event.run_id, event.step_id, Phase.FORWARD)
         if step is not None and step.finished_at is None:
             step.state = StepState.WAITING_APPROVAL.value
         run = session.get_one(Run, event.run_id)
@@ -893,7 +891,7 @@ class EvidenceStore:
             session.add(Approval(run_id=event.run_id, step_id=event.step_id, decision=str(event.decision),
                                  actor=clean_text(event.actor), at=event.at,
                                  reason=clean_text(event.reason)))
-        step = self._latest_step(session, event.run_id, event.step_id, FORWARD)
+        step = self._latest_step(session, event.run_id, event.step_id, Phase.FORWARD)
         if step is not None and step.state == StepState.WAITING_APPROVAL.value:
             step.state = StepState.RUNNING.value
         session.flush()

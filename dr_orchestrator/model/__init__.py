@@ -2,7 +2,7 @@
 
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
-from dr_orchestrator.model.run import RunKind, RunPlan, RunState, StepState
+from dr_orchestrator.model.run import Phase, RunKind, RunPlan, RunState, StepState
 from dr_orchestrator.model.runbook import (
     OnFailure,
     Parameter,
@@ -17,6 +17,7 @@ __all__ = [
     "Inventory",
     "OnFailure",
     "Parameter",
+    "Phase",
     "Retries",
     "RollbackSpec",
     "Runbook",

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from dr_orchestrator.model.approval import Decision, DecisionSource
-from dr_orchestrator.model.run import RunPlan, RunState, StepState
+from dr_orchestrator.model.run import Phase, RunPlan, RunState, StepState
 
 
 def utcnow() -> datetime:
@@ -30,7 +30,7 @@ class StepStarted:
     run_id: str
     step_id: str
     at: datetime
-    phase: str = "forward"  # forward | rollback
+    phase: Phase = Phase.FORWARD
     rendered: dict[str, Any] = field(default_factory=dict)  # parameters after templating, redacted
 
 
@@ -40,7 +40,7 @@ class AttemptStarted:
     step_id: str
     attempt: int
     at: datetime
-    phase: str = "forward"
+    phase: Phase = Phase.FORWARD
     # Safe to repeat after a crash in the middle of it (the step or its action is idempotent). When
     # False, observers that keep durable records must have this event on disk before they return:
     # the action acts only after that, so a resumed run knows it may have acted.
@@ -57,7 +57,7 @@ class AttemptFinished:
     duration_s: float  # monotonic clock
     output: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    phase: str = "forward"
+    phase: Phase = Phase.FORWARD
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class StepFinished:
     state: StepState
     output: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    phase: str = "forward"
+    phase: Phase = Phase.FORWARD
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,14 @@ class StepState(enum.StrEnum):
         return self is StepState.SUCCEEDED
 
 
+class Phase(enum.StrEnum):
+    """Which way a step runs: its action (forward) or its rollback. The values are stored (steps,
+    attempts, events), so they never change."""
+
+    FORWARD = "forward"
+    ROLLBACK = "rollback"
+
+
 class SourceDocument(Frozen):
     """A file that shaped the run, kept whole so an auditor can see exactly what ran."""
 
