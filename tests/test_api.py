@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from api_support import INVENTORIES, INVENTORY, REPO, RUNBOOKS, prepared, record_run, token
+from api_support import (
+    INVENTORIES,
+    REPO,
+    RUNBOOKS,
+    bearer,
+    make_api,
+    prepared,
+    record_run,
+    token,
+    write_drill,
+)
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from support.waiting import wait_for
@@ -28,8 +38,6 @@ from dr_orchestrator.evidence.chain import verify_session
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.models import Approval, AuditEvent
 from dr_orchestrator.evidence.queries import find_run
-
-DRILL_RUNBOOK = REPO / "tests" / "data" / "drills" / "quick-failover.yml"
 
 
 @dataclass
@@ -54,16 +62,6 @@ class Api:
     def chain_ok(self) -> bool:
         with session_factory_for(self.url)() as session:
             return verify_session(session).ok
-
-
-def bearer(who: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {who}"} if who else {}
-
-
-def make_api(url: str, drills_dir: Path, runbooks: Path = RUNBOOKS, inventories: Path = INVENTORIES) -> TestClient:
-    settings = ApiSettings(database_url=url, runbooks_dir=str(runbooks), inventories_dir=str(inventories),
-                           drills_dir=str(drills_dir))
-    return TestClient(create_app(settings))
 
 
 @pytest.fixture
@@ -485,24 +483,6 @@ def test_tokens_over_the_api_are_for_admins(api: Api) -> None:
     assert api.client.delete("/api/tokens/99", headers=bearer(ada)).status_code == 404
     assert [(e.action, e.actor) for e in api.audit_events() if e.action.startswith("token.")][-2:] == [
         ("token.create", "ada"), ("token.revoke", "ada")]
-
-
-def write_drill(drills_dir: Path, name: str = "api-quick-drill") -> Path:
-    path = drills_dir / f"{name}.yml"
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        description: quotation moves to the backup site, planned
-        scenario: planned_maintenance
-        inventory: {INVENTORY}
-        runbook:
-          path: {DRILL_RUNBOOK}
-        expectations:
-          quotation:
-            rto: 30s
-        schedule: {{cron: "0 2 1 1,4,7,10 *", timezone: UTC}}
-        pre_approved: true
-        """))
-    return path
 
 
 def test_drills_are_listed_with_next_fire_times_and_started_by_engineers(api: Api) -> None:

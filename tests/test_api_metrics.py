@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from test_evidence_audit import tamper
+from support.evidence import tamper
 
 from dr_orchestrator.api.app import ApiSettings, create_app
 from dr_orchestrator.api.metrics import ChainCheck

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_support import INVENTORIES, RUNBOOKS, prepared, record_run, token
+from api_support import INVENTORIES, RUNBOOKS, prepared, record_run, token, write_drill
 from support.waiting import wait_for
-from test_api import write_drill
 
 from dr_orchestrator.lab.scratch import free_port
 

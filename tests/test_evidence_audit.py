@@ -11,7 +11,6 @@ import sys
 import threading
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -19,6 +18,7 @@ from evidence_runs import run_small
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+from support.evidence import tamper
 
 from dr_orchestrator import cli
 from dr_orchestrator.evidence import annotations, chain, migrate
@@ -28,19 +28,6 @@ from dr_orchestrator.evidence.store import TEST_TYPES, EvidenceStore
 from dr_orchestrator.model.approval import Identity
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def tamper(url: str, sql: str, **params: Any) -> None:
-    """Change the database behind the store's back, as someone with the database's keys could.
-    On PostgreSQL that takes a superuser switching the evidence triggers off."""
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(text("SET LOCAL session_replication_role = replica"))
-            conn.execute(text(sql), params)
-    finally:
-        engine.dispose()
 
 
 def verify(sessions: sessionmaker[Session]) -> chain.ChainReport:

@@ -298,8 +298,7 @@ def test_a_drill_that_started_no_run_is_named_as_such(sessions: sessionmaker[Ses
 
 
 def test_the_api_records_a_check_for_engineers_only(database_url: str, tmp_path: Path) -> None:
-    from api_support import prepared, record_run, token
-    from test_api import bearer, make_api
+    from api_support import bearer, make_api, prepared, record_run, token
 
     url = prepared(database_url)
     run_id = record_run(url, "restore-trading.yml", incident_ago_s=2)

@@ -26,6 +26,7 @@ import paramiko
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from support.lab import set_read_only
 from support.waiting import wait_for
 
 from dr_orchestrator.lab import haproxy, redis, system
@@ -349,13 +350,6 @@ def test_the_services_api(lab: Lab, http: httpx.Client) -> None:
     assert standby_write.headers["X-DR-Site"] == "backup"
     assert bad.status_code == 400
     assert http.get(f"{config.frontend_url('trading')}/orders/{contract_id}-missing").status_code == 404
-
-
-def set_read_only(config: LabConfig, site: str, service: str, read_only: bool) -> None:
-    """What a fence (postgres.set_read_only) does to a primary: `service`'s, no other."""
-    with psycopg.connect(config.dsn(site, service), autocommit=True) as connection:
-        connection.execute(f"ALTER SYSTEM SET default_transaction_read_only = {'on' if read_only else 'off'}".encode())
-        connection.execute("SELECT pg_reload_conf()")
 
 
 def lab_cli(lab: Lab, *arguments: str) -> Result:

@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from support.lab import set_read_only
 from support.waiting import wait_for
-from test_lab import set_read_only
 
 from dr_orchestrator.lab import haproxy
 from dr_orchestrator.lab.config import FRONTEND_PORTS, SERVICES, LabConfig

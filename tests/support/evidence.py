@@ -1,9 +1,13 @@
-"""The evidence tests' recorded rehearsal (a plan built from the model, no YAML; its clock)."""
+"""The evidence tests' recorded rehearsal (a plan built from the model, no YAML; its clock), and tamper."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from sqlalchemy import text
+
+from dr_orchestrator.evidence.database import make_engine
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
 from dr_orchestrator.model.run import RunKind, RunPlan
 from dr_orchestrator.model.runbook import OnFailure, RollbackSpec, Runbook, Scope, Step
@@ -74,3 +78,16 @@ def rehearsal_plan(incident_at: datetime | None = at(-10)) -> RunPlan:
         parameters_sha256="0" * 64,
         forced=("replication-lag",),
     )
+
+
+def tamper(url: str, sql: str, **params: Any) -> None:
+    """Change the database behind the store's back, as someone with the database's keys could.
+    On PostgreSQL that takes a superuser switching the evidence triggers off."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL session_replication_role = replica"))
+            conn.execute(text(sql), params)
+    finally:
+        engine.dispose()
