@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, create_engine, delete, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -34,6 +36,8 @@ from dr_orchestrator.evidence.liveness import process_alive, writing
 from dr_orchestrator.evidence.models import RunLock
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunPlan
+
+log = logging.getLogger(__name__)
 
 Sessions = Callable[[], Session]
 EXCLUSIVE = "exclusive"
@@ -184,9 +188,17 @@ class _AdvisoryLocks:
     def release(self) -> None:
         if self._connection is not None:
             try:
-                self._connection.close()  # the server frees every advisory lock of the session
+                # Freed now: closing frees them too, but only once the server has ended the session,
+                # which it does after close() returns (a run starting right after found them held).
+                self._connection.execute(text("SELECT pg_advisory_unlock_all()"))
+                self._connection.commit()
+            except SQLAlchemyError:
+                log.warning("advisory locks not released explicitly; closing the session frees them", exc_info=True)
             finally:
-                self._connection = None
+                try:
+                    self._connection.close()
+                finally:
+                    self._connection = None
         self._engine.dispose()
 
 
