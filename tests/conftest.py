@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
+from support.cli import Processes
 
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
@@ -89,3 +90,16 @@ def lab_config() -> Iterator[LabConfig]:
     """A config for a lab of the test's own, not started: free ports, a fresh directory, down afterwards."""
     with scratch.lab_slot("own") as config:
         yield config
+
+
+# --- `dr` processes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """`dr` processes started in the test's directory; whatever is left is killed at the end."""
+    made = Processes(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()

@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from support.cli import Processes, dr, query, recorded
 from support.waiting import wait_for
-from test_cli_safety import Processes, dr, processes, query, recorded  # noqa: F401 (processes: a fixture)
 
 from dr_orchestrator.actions.postgres_rebuild import WORK_SUFFIX
 from dr_orchestrator.lab import scratch
@@ -212,7 +212,7 @@ def assert_a_streaming_standby_and_nothing_left(bench: RebuildBench) -> None:
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
-    phase: str, bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
+    phase: str, bench: RebuildBench, processes: Processes
 ) -> None:
     requests, found, method = PHASES[phase]
     run_id = killed_inside(bench, bench.runbook, requests, processes)
@@ -231,7 +231,7 @@ def test_a_rebuild_killed_in_each_phase_ends_streaming_after_resume(
 
 
 def test_the_playbook_killed_during_its_copy_ends_streaming_when_retried(
-    bench: RebuildBench, processes: Processes  # noqa: F811 (the fixture imported above)
+    bench: RebuildBench, processes: Processes
 ) -> None:
     requests, _, _ = PHASES["during the base backup's copy"]
     run_id = killed_inside(bench, bench.playbook_runbook, requests, processes)
