@@ -245,3 +245,33 @@ def test_a_site_that_serves_nothing_any_more_opens_no_incident(
     assert executed.calls == []
     with sqlite_sessions() as session:
         assert list_incidents(session) == []
+
+
+def test_an_incident_is_restored_when_its_last_service_is_verified_not_when_the_run_ends(
+        sqlite_sessions: sessionmaker[Session]) -> None:
+    """/status and the notifications must not wait for a convergence play that runs after the
+    verifications: the restored moment is recorded as the last covered service's mark arrives."""
+    from dr_orchestrator.evidence.incidents import open_or_update_incident
+    from dr_orchestrator.model.events import MarkerReached
+    from dr_orchestrator.watch.service import _Restoration
+
+    with sqlite_sessions() as session, session.begin():
+        incident_id = open_or_update_incident(
+            session, target_kind="site", target_name="primary", impact_start=T0, detected_at=T0 + timedelta(seconds=1),
+            source="watch", level="particularly-serious", title="site primary down", actor="dr watch",
+            services=["trading", "quotation"])
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script([]), execute=Executed())
+    restoration = _Restoration(watch, incident_id, "run-1", ["trading", "quotation"])
+    restoration(MarkerReached("run-1", "verify-trading", "service_restored", "trading", "backup",
+                              T0 + timedelta(seconds=2)))
+    restoration(MarkerReached("run-1", "rpo", "rpo_measured", "quotation", "backup", T0 + timedelta(seconds=2.5)))
+    with sqlite_sessions() as session:
+        assert incident_timeline(session, incident_id)["restored"] is None  # quotation is not back yet
+    restoration(MarkerReached("run-1", "verify-quotation", "service_restored", "quotation", "backup",
+                              T0 + timedelta(seconds=3)))
+    restoration.settled()
+    assert restoration.recorded
+    with sqlite_sessions() as session:
+        timeline = incident_timeline(session, incident_id)
+    assert timeline["restored"] == (T0 + timedelta(seconds=3)).isoformat()
+    assert timeline["rto_s"] == 3.0

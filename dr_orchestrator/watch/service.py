@@ -28,6 +28,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dr_orchestrator.evidence.rto import RESTORED_MARKER
+from dr_orchestrator.model.events import Event, MarkerReached
 from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.runner import KeptConnections
 from dr_orchestrator.watch.agreement import Agreement
@@ -379,16 +381,56 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
                                             {"error": f"the runbook {runbook} could not be planned: {exc}"})
         return
     ready.set()  # the run records `executing` on its incident itself, with its start (evidence.incidents)
-    outcome = runner.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept)
+    restoration = _Restoration(watch, incident_id, run_id, plan.services_in_scope())
+    outcome = runner.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration])
+    restoration.settled()
     with watch.sessions() as session, session.begin():
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
-        if restored_at is not None:
+        if restored_at is not None and not restoration.recorded:  # else told when its last service was verified
             incidents.record_incident_event(session, incident_id, "restored", restored_at, WATCH_ACTOR,
                                             {"run_id": run_id})
-        else:
+        if restored_at is None:
             incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
                                             {"run_id": run_id, "run_state": str(outcome.state),
                                              "error": outcome.error})
+
+
+class _Restoration:
+    """Observer of a decided run: the incident is restored the moment every service it covers is
+    verified at the recovery site (``service_restored``), not when the run ends (a convergence play
+    or the blast-radius reading may go on for seconds, and /status and the notifications would lag)."""
+
+    def __init__(self, watch: Watch, incident_id: str, run_id: str, services: list[str]) -> None:
+        self.watch, self.incident_id, self.run_id = watch, incident_id, run_id
+        self.waiting = set(services)
+        self.moments: list[datetime] = []
+        self.recorded = False
+        self.recording: threading.Thread | None = None
+
+    def __call__(self, event: Event) -> None:
+        if not isinstance(event, MarkerReached) or event.marker != RESTORED_MARKER or not self.waiting:
+            return
+        self.waiting -= {event.service} if event.service else set(self.waiting)
+        self.moments.append(event.at)
+        if not self.waiting:  # under the engine's emit lock: the evidence is written beside the run
+            self.recording = threading.Thread(target=self.record, args=(max(self.moments),),
+                                              name=f"restored-{self.incident_id}", daemon=True)
+            self.recording.start()
+
+    def record(self, at: datetime) -> None:
+        from dr_orchestrator.evidence import incidents
+
+        try:
+            with self.watch.sessions() as session, session.begin():
+                incidents.record_incident_event(session, self.incident_id, "restored", at, WATCH_ACTOR,
+                                                {"run_id": self.run_id})
+            self.recorded = True
+        except Exception:  # noqa: BLE001 - recorded again from the run's evidence when it ends
+            log.exception("incident %s: its restoration was not recorded early", self.incident_id)
+
+    def settled(self) -> None:
+        if self.recording is not None:
+            self.recording.join()
 
 
 def _mtime(path: str) -> float:
