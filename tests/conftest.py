@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
+from support.aws import MOTO_SERVER, Moto, answers, moto_api
 from support.cli import Processes
 
 from dr_orchestrator.evidence import migrate
@@ -15,6 +19,7 @@ from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.lab import scratch
 from dr_orchestrator.lab.config import LabConfig
 from dr_orchestrator.lab.lab import Lab
+from dr_orchestrator.lab.scratch import free_port
 
 # --- PostgreSQL for the evidence tests --------------------------------------------------------------
 # `postgres_url`: a server for the session, $DR_TEST_POSTGRES_URL or a throwaway cluster started here.
@@ -103,3 +108,53 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield made
     finally:
         made.close()
+
+
+# --- The local AWS endpoint (moto) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto server process on a free port for the session; always terminated."""
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        for _ in range(5):  # another process may take the port between choosing and binding it
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            with log_path.open("ab") as log:
+                process = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+                                           stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 30
+            while process.poll() is None and time.monotonic() < deadline and not answers(url):
+                time.sleep(0.05)
+            if process.poll() is None and answers(url):
+                yield url
+                return
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"moto_server did not start; see {log_path}")
+    finally:
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto]:
+    """A clean moto, and an environment whose only AWS credentials and endpoint are the test's fake ones."""
+    moto_api(moto_url, "reset")
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    yield Moto(moto_url)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 import yaml
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
+from support.aws import REGION, Moto, moto_api
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.aws.elbv2 import Elbv2ShiftParams
@@ -46,82 +45,6 @@ pytestmark = pytest.mark.aws
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = REPO / "runbooks" / "cloud-failover-quotation.yml"
 INVENTORY = REPO / "inventories" / "aws-example.yml"
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
-REGION = "eu-west-1"
-
-
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _moto_api(url: str, path: str, body: bytes = b"") -> None:
-    request = urllib.request.Request(f"{url}/moto-api/{path}", data=body, method="POST",
-                                     headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(request, timeout=10):
-        pass
-
-
-@pytest.fixture(scope="session")
-def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto server process on a free port for the session; always terminated."""
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    process: subprocess.Popen[bytes] | None = None
-    try:
-        for _ in range(5):  # another process may take the port between choosing and binding it
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            with log_path.open("ab") as log:
-                process = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
-                                           stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 30
-            while process.poll() is None and time.monotonic() < deadline and not _answers(url):
-                time.sleep(0.05)
-            if process.poll() is None and _answers(url):
-                yield url
-                return
-            process.kill()
-            process.wait()
-        raise RuntimeError(f"moto_server did not start; see {log_path}")
-    finally:
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-@pytest.fixture
-def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto]:
-    """A clean moto, and an environment whose only AWS credentials and endpoint are the test's fake ones."""
-    _moto_api(moto_url, "reset")
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    yield Moto(moto_url)
-
-
-class Moto:
-    """Clients straight to moto, for seeding resources and reading back what the actions did."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def client(self, service: str, **kwargs: Any) -> Any:
-        return boto3.client(service, endpoint_url=self.url, region_name=REGION, **kwargs)
 
 
 # ---------------------------------------------------------------- the world of inventories/aws-example.yml
@@ -555,11 +478,11 @@ def test_access_denied_fails_the_step_naming_operation_code_and_message(
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     runbook = one_step_runbook(tmp_path, "aws.rds.promote", {"db_instance": v["db_replica"]})
-    _moto_api(aws.url, "reset-auth", b"0")  # from now on moto checks every request against IAM
+    moto_api(aws.url, "reset-auth", b"0")  # from now on moto checks every request against IAM
     try:
         run = run_plan(runbook, INVENTORY)
     finally:
-        _moto_api(aws.url, "reset-auth", b"inf")
+        moto_api(aws.url, "reset-auth", b"inf")
 
     assert run.outcome.steps == {"step": "failed"}
     assert run.finished("step").error == (

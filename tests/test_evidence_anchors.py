@@ -22,7 +22,7 @@ from notify_servers import start_webhook_receiver
 from sqlalchemy import Connection, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from test_actions_aws import REGION, Moto, aws, moto_url  # noqa: F401 - fixtures used here
+from support.aws import REGION, Moto
 from test_evidence_audit import dr
 
 from dr_orchestrator import anchoring, supervision
@@ -304,7 +304,7 @@ def test_cli_anchor_writes_every_sink_and_names_the_one_that_failed(
 
 @pytest.mark.aws
 def test_s3_sink_under_object_lock(
-    aws: Moto, database_url: str, sessions: sessionmaker[Session],  # noqa: F811 (the fixture imported above)
+    aws: Moto, database_url: str, sessions: sessionmaker[Session],
     keys: tuple[Path, Path], tmp_path: Path,
 ) -> None:
     private, public = keys
