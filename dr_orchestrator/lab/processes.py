@@ -71,7 +71,18 @@ def _parent(pid: int) -> int | None:
 
 
 def is_running(pid: int) -> bool:
-    return command_line(pid) is not None
+    """Whether the process exists and has not finished exiting. Not `command_line`: a process that is
+    exiting reads an empty command line before it is a zombie, and the first thread of a multithreaded
+    one (etcd, Go) reads as a zombie while its other threads still exit and hold its ports."""
+    state = _state(pid)
+    if state in (None, "X"):
+        return False
+    if state != "Z":
+        return True
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def running_pid(spec: ProcessSpec) -> int | None:
