@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from evidence_runs import small_plan
-from sqlalchemy import select
+from sqlalchemy import Integer, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.actions import default_registry
@@ -188,9 +188,14 @@ def run_plan(store: EvidenceStore, capture: Capture | None = None) -> Any:
 
 
 def evidence_rows(sessions: sessionmaker[Session]) -> dict[str, list[dict[str, Any]]]:
-    """Every evidence row but when it was recorded (and the deliveries' own audit events)."""
+    """Every evidence row but when it was recorded (and the deliveries' own audit events).
+
+    Integer row ids, and the references to them, become the row's position in its table: PostgreSQL
+    spends a sequence value on an insert whose transaction the cut rolled back, so a delivered row may
+    get a later id than it would have; the order and the links are what must be the same."""
     with sessions() as session:
         rows = {}
+        positions: dict[str, dict[int, int]] = {}
         for name, table in CHAINED_TABLES.items():
             found = [
                 {k: v for k, v in row.items() if k != "recorded_at"}
@@ -198,7 +203,18 @@ def evidence_rows(sessions: sessionmaker[Session]) -> dict[str, list[dict[str, A
             ]
             if name == AuditEvent.__tablename__:
                 found = [row for row in found if row["action"] != DELIVERED_ACTION]
+            if "id" in table.c and isinstance(table.c.id.type, Integer):
+                positions[name] = {row["id"]: position for position, row in enumerate(found, 1)}
             rows[name] = found
+        for name, table in CHAINED_TABLES.items():
+            for column in table.c:
+                targets = [fk.column.table.name for fk in column.foreign_keys if fk.column.table.name in positions]
+                if column.name == "id" and name in positions:
+                    targets = [name]
+                for target in targets:
+                    for row in rows[name]:
+                        if row[column.name] is not None:
+                            row[column.name] = positions[target].get(row[column.name], row[column.name])
         return rows
 
 
