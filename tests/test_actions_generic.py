@@ -130,6 +130,27 @@ def test_shell_expect_exit_accepts_listed_codes() -> None:
     assert result.output["exit_code"] == 3
 
 
+def test_shell_marks_carry_the_moment_the_program_says_it_acted() -> None:
+    # the program acts, says when, then takes its time to exit: the mark is the act, not the exit
+    script = ("import datetime, time; print('killed', flush=True); "
+              "print('dr-marked-at:', datetime.datetime.now(datetime.UTC).isoformat(), flush=True); time.sleep(0.3)")
+    before = datetime.now(UTC)
+    result = run_shell(Harness(), argv=[sys.executable, "-c", script])
+    assert result.marked_at is not None
+    assert before < result.marked_at < datetime.now(UTC)
+    assert (datetime.now(UTC) - result.marked_at).total_seconds() >= 0.3
+
+
+@pytest.mark.parametrize("line", [
+    "dr-marked-at: 2020-01-01T00:00:00+00:00",  # before the program started
+    "dr-marked-at: 2999-01-01T00:00:00+00:00",  # after it ended
+    "dr-marked-at: 2026-12-07T10:00:00",  # no zone
+    "dr-marked-at: soon",
+])
+def test_shell_ignores_a_moment_outside_the_programs_life_or_unreadable(line: str) -> None:
+    assert run_shell(Harness(), argv=["echo", line]).marked_at is None
+
+
 def test_shell_missing_executable_is_named() -> None:
     with pytest.raises(ActionError, match="executable 'no-such-program-xyz' not found"):
         run_shell(Harness(), argv=["no-such-program-xyz", "--flag"])

@@ -8,12 +8,14 @@ import shlex
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from typing import IO
 
 from pydantic import Field, model_validator
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.durations import format_duration
+from dr_orchestrator.model.runbook import MARKED_AT_PREFIX
 
 CANCELLED = "the run is stopping or the step was cancelled"
 TIMED_OUT = "the step's timeout passed"
@@ -67,6 +69,21 @@ class ShellRunParams(Params):
 
     def program(self) -> list[str]:
         return self.argv if self.argv is not None else ["/bin/sh", "-c", self.command or ""]
+
+
+def marked_at(stdout: str, spawned_at: datetime, exited_at: datetime) -> datetime | None:
+    """The moment the program said it acted (its last `dr-marked-at:` line). Only a moment within the
+    program's life counts: a program cannot move its step's marks before it started or after it ended."""
+    lines = [line for line in stdout.splitlines() if line.startswith(MARKED_AT_PREFIX)]
+    if not lines:
+        return None
+    try:
+        moment = datetime.fromisoformat(lines[-1].removeprefix(MARKED_AT_PREFIX).strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None or not spawned_at <= moment <= exited_at:
+        return None
+    return moment.astimezone(UTC)
 
 
 class BoundedOutput:
@@ -153,6 +170,7 @@ class ShellRun(Action[ShellRunParams]):
         ctx.check_cancelled()
 
         start = time.monotonic()
+        spawned_at = datetime.now(UTC)
         try:
             process = subprocess.Popen(
                 argv,
@@ -211,7 +229,7 @@ class ShellRun(Action[ShellRunParams]):
                 how = f"exited with code {exit_code} (expected {expected})"
             tail = last_line(stderr_text)
             raise ActionError(f"`{ctx.redact(shown)}` {how}" + (f": {tail}" if tail else ", stderr empty"))
-        return ActionResult(output=output)
+        return ActionResult(output=output, marked_at=marked_at(stdout.text(), spawned_at, datetime.now(UTC)))
 
     @staticmethod
     def _pump(

@@ -24,6 +24,7 @@ from dr_orchestrator.lab.config import (
     LabConfigError,
 )
 from dr_orchestrator.lab.load.cli import load_group
+from dr_orchestrator.model.runbook import MARKED_AT_PREFIX
 
 if TYPE_CHECKING:
     from dr_orchestrator.lab.lab import Lab
@@ -158,8 +159,11 @@ def _print_status(report: dict[str, Any]) -> None:
 @_friendly
 def kill_site(context: click.Context, site: str) -> None:
     """SIGKILL every process of SITE at once (a power loss)."""
-    killed = _lab(context).kill_site(site)
+    lab = _lab(context)
+    killed = lab.kill_site(site)
     click.echo(f"Killed the {site} site: {', '.join(killed) if killed else 'nothing was running'}.")
+    if lab.killed_at is not None:  # the power loss's moment, for a drill step that marks it (shell.run)
+        click.echo(f"{MARKED_AT_PREFIX}{lab.killed_at.isoformat()}")
 
 
 @lab_group.command("kill")
@@ -173,8 +177,11 @@ def kill(context: click.Context, target: str) -> None:
     if service not in KILLABLE or site not in SITES:
         raise click.BadParameter(f"use SERVICE@SITE with SERVICE in {', '.join(KILLABLE)} and SITE in "
                                  f"{', '.join(SITES)}; got {target!r}", param_hint="SERVICE@SITE")
-    pid = _lab(context).kill_service(service, site)
+    lab = _lab(context)
+    pid = lab.kill_service(service, site)
     click.echo(f"Killed {service}@{site} (pid {pid}).")
+    if lab.killed_at is not None:
+        click.echo(f"{MARKED_AT_PREFIX}{lab.killed_at.isoformat()}")
 
 
 @lab_group.command("break-replication")

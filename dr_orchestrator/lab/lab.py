@@ -58,7 +58,7 @@ class UpResult:
 class Lab:
     def __init__(self, config: LabConfig | None = None) -> None:
         self.config = config or LabConfig.from_env()
-        self.killed_at: datetime | None = None  # when kill_site last sent its SIGKILLs
+        self.killed_at: datetime | None = None  # when kill_site or kill_service last sent its SIGKILLs
 
     # --- what runs -----------------------------------------------------------------------------------
     def processes(self) -> list[ProcessSpec]:
@@ -303,7 +303,10 @@ class Lab:
         pid = running_pid(spec)
         if pid is None:
             raise LabError(f"{spec.label} is not running")
-        if kill_now(with_descendants({pid})):
+        targets = with_descendants({pid})
+        send(targets, signal.SIGKILL)
+        self.killed_at = datetime.now(UTC)  # the crash's moment, as kill_site stamps it
+        if wait_gone(targets, timeout=5.0):
             raise LabError(f"{spec.label} (pid {pid}) survived SIGKILL")
         return pid
 
