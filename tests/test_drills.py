@@ -30,7 +30,7 @@ from support.waiting import wait_for
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
-from dr_orchestrator.evidence.models import DrillRun, Notification, Run
+from dr_orchestrator.evidence.models import DrillRun, Notification, Run, StepRecord
 from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.yamlsource import LoadError
 
@@ -483,3 +483,10 @@ def test_every_shipped_drill_passes_against_the_lab(
             assert failover.kind == "rehearsal" and failover.state == "succeeded"
             if record.fault_run_id is not None:  # the fault's time is the failover's incident time
                 assert failover.incident_at == record.incident_at is not None
+        # a kill's incident time is the SIGKILL that `dr lab` printed, before its command ended
+        for name, step_id in (("quarterly-site-failover", "power-loss"), ("quotation-service-failure",
+                                                                           "kill-quotation")):
+            record = session.get_one(DrillRun, outcomes[name]["drill_run_id"])
+            kill = session.scalars(select(StepRecord).where(StepRecord.run_id == record.fault_run_id,
+                                                            StepRecord.step_id == step_id)).one()
+            assert kill.started_at < record.incident_at < kill.finished_at, name

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from dr_orchestrator.actions.base import Action, ActionCancelled, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.model.durations import format_duration
-from dr_orchestrator.model.runbook import MARKED_AT_PREFIX
+from dr_orchestrator.model.marks import MARKED_AT_PREFIX
 
 CANCELLED = "the run is stopping or the step was cancelled"
 TIMED_OUT = "the step's timeout passed"

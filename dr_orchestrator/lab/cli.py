@@ -24,7 +24,6 @@ from dr_orchestrator.lab.config import (
     LabConfigError,
 )
 from dr_orchestrator.lab.load.cli import load_group
-from dr_orchestrator.model.runbook import MARKED_AT_PREFIX
 
 if TYPE_CHECKING:
     from dr_orchestrator.lab.lab import Lab
@@ -162,7 +161,14 @@ def kill_site(context: click.Context, site: str) -> None:
     lab = _lab(context)
     killed = lab.kill_site(site)
     click.echo(f"Killed the {site} site: {', '.join(killed) if killed else 'nothing was running'}.")
-    if lab.killed_at is not None:  # the power loss's moment, for a drill step that marks it (shell.run)
+    _print_marked_at(lab)
+
+
+def _print_marked_at(lab: Lab) -> None:
+    """The SIGKILL's moment, for a drill step that marks it (shell.run reads it as the step's mark)."""
+    from dr_orchestrator.model.marks import MARKED_AT_PREFIX  # not at import: the model loads pydantic
+
+    if lab.killed_at is not None:
         click.echo(f"{MARKED_AT_PREFIX}{lab.killed_at.isoformat()}")
 
 
@@ -180,8 +186,7 @@ def kill(context: click.Context, target: str) -> None:
     lab = _lab(context)
     pid = lab.kill_service(service, site)
     click.echo(f"Killed {service}@{site} (pid {pid}).")
-    if lab.killed_at is not None:
-        click.echo(f"{MARKED_AT_PREFIX}{lab.killed_at.isoformat()}")
+    _print_marked_at(lab)
 
 
 @lab_group.command("break-replication")

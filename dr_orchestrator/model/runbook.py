@@ -10,11 +10,6 @@ from pydantic import Field
 from dr_orchestrator.model.approval import ApprovalPolicy
 from dr_orchestrator.model.inventory import Frozen
 
-# A program run by `shell.run` that knows the exact moment it acted (`dr lab kill-site`: when its SIGKILLs
-# went out) prints a line with this prefix and that moment; the step's `marks` then carry it instead of
-# the step's end.
-MARKED_AT_PREFIX = "dr-marked-at: "
-
 
 class OnFailure(enum.StrEnum):
     ABORT = "abort"  # stop scheduling new steps; the run fails
