@@ -53,8 +53,12 @@ def test_the_watch_fails_a_killed_site_over_by_itself_and_records_the_incident(
             assert {site_of(lab, s) for s in SERVICES} == {"primary"}
             lab.kill_site("primary")
             killed = time.monotonic()
-            wait_for(lambda: all(site_of(lab, s) == "backup" for s in SERVICES), 60,
-                       "every service to answer from the backup site")
+            try:
+                wait_for(lambda: all(site_of(lab, s) == "backup" for s in SERVICES), 60,
+                         "every service to answer from the backup site")
+            except AssertionError as late:
+                raise AssertionError(f"{late}; the watch said:\n{(tmp_path / 'watch.log').read_text()[-6000:]}"
+                                     f"\nthe services answer from {[site_of(lab, s) for s in SERVICES]}") from None
             print(f"all services answered from the backup site {time.monotonic() - killed:.2f} s after the kill")
         finally:
             watcher.send_signal(signal.SIGTERM)

@@ -262,6 +262,8 @@ class Lab:
         specs = {pid: spec for spec in self.processes() if (pid := running_pid(spec)) is not None}
         stray = processes_under(config.root) - set(specs)
         postmasters = {pid for pid, spec in specs.items() if spec.name.startswith("postgres-")}
+        segments = {shmid for site in SITES for service in POSTGRES_SERVICES
+                    if (shmid := postgres.shared_memory_id(config.pgdata(site, service))) is not None}
         # Immediate shutdown (SIGQUIT) lets the postmaster remove its shared memory; the data goes anyway.
         send(postmasters, signal.SIGQUIT)
         send((set(specs) | stray) - postmasters, signal.SIGTERM)
@@ -269,9 +271,8 @@ class Lab:
         leftovers = with_descendants(remaining | processes_under(config.root))
         if leftovers and kill_now(leftovers):
             raise LabError(f"processes {sorted(leftovers)} of the lab at {config.root} survived SIGKILL")
-        for site in SITES:
-            for service in POSTGRES_SERVICES:
-                postgres.release_shared_memory(config.pgdata(site, service))
+        for shmid in segments:  # nothing left, not even a dead postmaster's shared memory
+            postgres.release_shared_memory(shmid)
         if config.marker.exists() and not keep_files:
             shutil.rmtree(config.root)
         return [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]

@@ -262,21 +262,39 @@ def postmaster_marker(config: LabConfig, site: str, service: str) -> str:
 _SHM_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s*$")
 
 
-def release_shared_memory(pgdata: Path) -> None:
-    """Remove the SysV segment a SIGKILLed postmaster leaves behind (nobody attached: it is garbage)."""
+def shared_memory_id(pgdata: Path) -> str | None:
+    """The SysV segment of the postmaster of `pgdata` (its postmaster.pid; gone after a clean stop)."""
     try:
         lines = (pgdata / "postmaster.pid").read_text().splitlines()
     except OSError:
-        return
+        return None
     match = _SHM_LINE.match(lines[6]) if len(lines) > 6 else None
-    if match is None:
-        return
-    shmid = match.group(2)
+    return match.group(2) if match else None
+
+
+def _attached(shmid: str) -> int | None:
+    """How many processes are attached to segment `shmid`; None when it is gone."""
     try:
         table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
     except OSError:
-        return
+        return None
     for entry in table:
         fields = entry.split()  # key shmid perms size cpid lpid nattch ...
-        if len(fields) > 6 and fields[1] == shmid and fields[6] == "0":
+        if len(fields) > 6 and fields[1] == shmid:
+            return int(fields[6])
+    return None
+
+
+def release_shared_memory(shmid: str, timeout: float = 5.0) -> None:
+    """Remove the SysV segment of a postmaster that is gone: left behind by a SIGKILL, or marked removed
+    by a clean stop while a backend still finishes exiting. Waits (bounded) for its last process to
+    detach; a segment still attached then is left alone."""
+    deadline = time.monotonic() + timeout
+    while (attached := _attached(shmid)) is not None:
+        if attached == 0:
             run(["ipcrm", "-m", shmid], check=False)
+            if _attached(shmid) is None:
+                return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
