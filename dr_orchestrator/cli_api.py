@@ -4,7 +4,6 @@ are imported only inside `dr serve`."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import click
 
@@ -89,21 +88,19 @@ def tokens() -> None:
 @click.option("--role", required=True, type=click.Choice(["compliance", "engineer", "admin", "alerts"]),
               help="compliance: read evidence and reports; engineer: also start runs and drills, approve; "
                    "admin: also manage tokens; alerts: only post alerts (for Alertmanager), nothing else")
-@click.option("--expires", metavar="DURATION", help="lifetime, e.g. 90d or 12h (default: until revoked)")
+@click.option("--expires", metavar="DURATION", help="lifetime, e.g. 30d or 12h, or never (until revoked); "
+              "default: 90d for engineer and admin, never for compliance and alerts")
 @output_option
 @click.pass_context
 def tokens_create(ctx: click.Context, name: str, role: str, expires: str | None, output: str) -> None:
     """Create a token and print it once; only its SHA-256 is kept."""
-    from dr_orchestrator.api.tokens import TokenError, create_token, describe
-    from dr_orchestrator.model.durations import parse_duration
+    from dr_orchestrator.api.tokens import TokenError, create_token, describe, token_lifetime
     from dr_orchestrator.plans import default_actor
 
-    lifetime = None
-    if expires is not None:
-        try:
-            lifetime = timedelta(seconds=parse_duration(expires))
-        except ValueError as exc:
-            raise UserError(f"--expires: {exc}") from None
+    try:
+        lifetime = token_lifetime(role, expires)
+    except ValueError as exc:
+        raise UserError(f"--expires: {exc}") from None
     with session_factory(ctx)() as session, session.begin():
         try:
             row, token = create_token(session, name, role, default_actor(), lifetime)

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -472,11 +472,18 @@ def test_tokens_over_the_api_are_for_admins(api: Api) -> None:
     assert api.get("/api/tokens", erin).status_code == 403
     created = api.post("/api/tokens", ada, json={"name": "prometheus", "role": "compliance", "expires": "90d"})
     assert created.status_code == 201, created.text
+    operator = api.post("/api/tokens", ada, json={"name": "ops", "role": "engineer"}).json()
+    assert datetime.fromisoformat(operator["expires_at"]) - datetime.fromisoformat(operator["created_at"]) == \
+        timedelta(days=90)  # by default
+    robot = api.post("/api/tokens", ada, json={"name": "robot", "role": "engineer", "expires": "never"}).json()
+    assert robot["expires_at"] is None
+    assert api.post("/api/tokens", ada, json={"name": "x", "role": "engineer", "expires": "forever"}).status_code == 422
     scraper = created.json()["token"]
     assert api.get("/metrics", scraper).status_code == 200
     listed = api.get("/api/tokens", ada).json()
     assert [(t["name"], t["role"], t["state"]) for t in listed] == [
-        ("ada", "admin", "active"), ("erin", "engineer", "active"), ("prometheus", "compliance", "active")]
+        ("ada", "admin", "active"), ("erin", "engineer", "active"), ("prometheus", "compliance", "active"),
+        ("ops", "engineer", "active"), ("robot", "engineer", "active")]
     assert scraper not in str(listed) and all("token" not in t and "token_sha256" not in t for t in listed)
     assert api.client.delete(f"/api/tokens/{created.json()['id']}", headers=bearer(ada)).json()["state"] == "revoked"
     assert api.get("/metrics", scraper).status_code == 401
@@ -593,6 +600,24 @@ def test_dr_tokens_create_list_revoke(tmp_path: Path) -> None:
     assert again.returncode == 2 and again.stderr.startswith("Error: token 1 (grafana) was already revoked at")
     bad = dr("tokens", "create", "--name", "x", "--role", "engineer", "--expires", "soon", db=db)
     assert bad.returncode == 2 and "is not a duration" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tokens_that_can_change_things_expire_in_90_days_unless_told_otherwise(tmp_path: Path) -> None:
+    db = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
+    for name, role, expires in (("erin", "engineer", None), ("ada", "admin", None), ("carol", "compliance", None),
+                                ("am", "alerts", None), ("robot", "engineer", "never"), ("brief", "admin", "12h")):
+        created = dr("tokens", "create", "--name", name, "--role", role, *(("--expires", expires) if expires else ()),
+                     "-o", "json", db=db)
+        assert created.returncode == 0, created.stderr
+    tokens = {t["name"]: t for t in json.loads(dr("tokens", "list", "-o", "json", db=db).stdout)}
+    def lifetime(name: str) -> timedelta | None:
+        token = tokens[name]
+        if token["expires_at"] is None:
+            return None
+        return datetime.fromisoformat(token["expires_at"]) - datetime.fromisoformat(token["created_at"])
+    assert lifetime("erin") == lifetime("ada") == timedelta(days=90)
+    assert lifetime("carol") is lifetime("am") is lifetime("robot") is None
+    assert lifetime("brief") == timedelta(hours=12)
 
 
 def test_the_cli_does_not_import_fastapi() -> None:

@@ -4,7 +4,6 @@ refusal is audited by the app's error handlers."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Request
@@ -93,7 +92,8 @@ class NewToken(TokenView):
 class TokenRequest(BaseModel):
     name: NonBlank
     role: Literal["compliance", "engineer", "admin", "alerts"]
-    expires: Lifetime | None = Field(None, description="lifetime such as 90d or 12h; default: until revoked")
+    expires: Lifetime | None = Field(None, description="lifetime such as 30d or 12h, or never (until revoked); "
+                                     "default: 90d for engineer and admin, never for compliance and alerts")
 
 
 @router.post("/api/runs", status_code=202, tags=["runs"], summary="Start a runbook (engineer)",
@@ -229,10 +229,9 @@ def list_tokens(request: Request, _: Principal = Depends(admin)) -> list[dict[st
 @router.post("/api/tokens", status_code=201, tags=["tokens"], summary="Create a token (admin); shown once",
              response_model=NewToken, responses=refusals(401, 403, 422))
 def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin)) -> dict[str, Any]:
-    from dr_orchestrator.api.tokens import TokenError, create_token, describe
-    from dr_orchestrator.model.durations import parse_duration
+    from dr_orchestrator.api.tokens import TokenError, create_token, describe, token_lifetime
 
-    lifetime = timedelta(seconds=parse_duration(body.expires)) if body.expires is not None else None
+    lifetime = token_lifetime(body.role, body.expires)
     with request.app.state.sessions() as session:
         try:
             row, token = create_token(session, body.name, body.role, principal.name, lifetime)

@@ -27,6 +27,9 @@ LADDER = ("compliance", "engineer", "admin")
 # privilege both ways: a token kept in Alertmanager's configuration can neither read nor start anything).
 ALERTS = "alerts"
 ROLES = (*LADDER, ALERTS)
+# Tokens that can change things expire unless told otherwise; a lost one stops working within a quarter.
+DEFAULT_LIFETIMES = {"engineer": timedelta(days=90), "admin": timedelta(days=90)}
+NEVER = "never"  # the lifetime that asks for a token valid until revoked
 
 
 class TokenError(ValueError):
@@ -53,6 +56,18 @@ def allows(role: str, needed: str) -> bool:
     if ALERTS in (role, needed):
         return role == needed
     return LADDER.index(role) >= LADDER.index(needed)
+
+
+def token_lifetime(role: str, expires: str | None) -> timedelta | None:
+    """The lifetime asked for (``never``: until revoked), else the role's default (90 days for engineer
+    and admin; compliance and alerts tokens last until revoked). Raises ValueError on a bad duration."""
+    from dr_orchestrator.model.durations import parse_duration
+
+    if expires is None:
+        return DEFAULT_LIFETIMES.get(role)
+    if expires.strip().lower() == NEVER:
+        return None
+    return timedelta(seconds=parse_duration(expires))
 
 
 def create_token(session: Session, name: str, role: str, created_by: str,

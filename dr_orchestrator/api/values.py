@@ -23,7 +23,7 @@ _PATH_PART = r"(?:\.{0,2}[^/\x00.][^/\x00]*|\.|\.{3,}[^/\x00]*)"
 RELATIVE_PATH = rf"^{_PATH_PART}(?:/{_PATH_PART})*$"
 FILE_NAME = r"^[^/\\.\x00][^/\\\x00]*$"
 QUARTER = r"^(19|2[0-9])[0-9]{2}Q[1-4]$"  # 1900Q1 to 2999Q4
-LIFETIME = r"^[1-9][0-9]{0,5}[smhd]$"
+LIFETIME = r"^([1-9][0-9]{0,5}[smhd]|never)$"
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # RFC 3339 date-time (the spec's `format: date-time`): the zone is required.
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
@@ -65,7 +65,7 @@ RelativePath = Annotated[str, _matching(RELATIVE_PATH, "must be a relative path 
                          _string(RELATIVE_PATH)]
 FileName = Annotated[str, _matching(FILE_NAME, "is not a file name (no '/', '\\' nor leading '.')"),
                      _string(FILE_NAME)]
-Lifetime = Annotated[str, _matching(LIFETIME, "is not a lifetime like 90d, 12h, 30m or 3600s"),
+Lifetime = Annotated[str, _matching(LIFETIME, "is not a lifetime like 90d, 12h, 30m or 3600s, or never"),
                      _string(LIFETIME)]
 Quarter = Annotated[str, _matching(QUARTER, "is not a quarter like 2026Q3 (years 1900 to 2999)"),
                     _string(QUARTER, examples=["2026Q3"])]
