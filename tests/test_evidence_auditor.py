@@ -27,7 +27,7 @@ from dr_orchestrator.evidence.models import AuditEntry
 from dr_orchestrator.evidence.provenance import GIT_COMMIT_EVENT
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.events import RunFinished, RunStarted, utcnow
-from dr_orchestrator.model.run import RunKind, RunState, SourceDocument
+from dr_orchestrator.model.run import RunKind, RunPlan, RunState, SourceDocument
 
 pytestmark = pytest.mark.timeout(180)
 FIFTEEN = [f.name for f in fields(auditor.AuditorFields)]
@@ -178,13 +178,17 @@ def test_a_runbook_in_a_checkout_records_its_commit(sessions: sessionmaker[Sessi
         subprocess.run([*git, *args], check=True, capture_output=True, timeout=30)
     head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True, timeout=30)
 
+    def plan_of_the_file_now() -> RunPlan:
+        return small_plan().model_copy(update={"runbook_source": SourceDocument(
+            path=str(runbook), sha256=hashlib.sha256(runbook.read_bytes()).hexdigest(), text=runbook.read_text())})
+
     store = EvidenceStore(sessions)
-    plan = small_plan().model_copy(update={"runbook_source": SourceDocument(
-        path=str(runbook), sha256=hashlib.sha256(runbook.read_bytes()).hexdigest(), text=runbook.read_text())})
     started = utcnow()
-    store(RunStarted("run-in-a-checkout", started, plan, "test-host"))
+    store(RunStarted("run-in-a-checkout", started, plan_of_the_file_now(), "test-host"))
+    # changed after the commit: a run of the changed file says so; the first run, which read the
+    # committed text, does not, whenever git is asked
     runbook.write_text("name: small-failover\n# changed after the commit\n")
-    store(RunStarted("run-with-changes", started, plan, "test-host"))
+    store(RunStarted("run-with-changes", started, plan_of_the_file_now(), "test-host"))
     for run_id in ("run-in-a-checkout", "run-with-changes"):
         store(RunFinished(run_id, started + timedelta(seconds=1), RunState.SUCCEEDED, None))
     store.flush()

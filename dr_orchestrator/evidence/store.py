@@ -354,7 +354,8 @@ class EvidenceStore:
         """The checkout the runbook came from, as an action event of the run's start (asked of git
         beside the run, outside any database transaction, bounded by git's own timeout; nothing when
         the runbook is in no git work tree)."""
-        found = git_commit_of(event.plan.runbook_source.path)
+        source = event.plan.runbook_source
+        found = git_commit_of(source.path, source.sha256)
         if found is not None:
             self._queue(ActionEvent(event.run_id, "", GIT_COMMIT_EVENT, event.at, found))
 
