@@ -373,6 +373,10 @@ def test_the_scheduler_runs_a_lab_drill_seconds_away_and_writes_its_evidence(
         assert lab.status()["healthy"], "the drill did not leave the lab as it found it"
     assert (row.state, row.verdict, row.trigger) == ("finished", "passed", "scheduled"), scheduler.output()
     assert row.scheduled_for is not None and row.started_at >= row.scheduled_for
+    # the operator's terminal says when it fired and how it ended
+    fired_at = row.scheduled_for.isoformat()
+    assert f"fired: quotation-service-failure for {fired_at}" in scheduler.output()
+    assert f"drill quotation-service-failure for {fired_at}: PASSED (drill run {row.id})" in scheduler.output()
     with session_factory_for(db)() as session:
         failover = session.get_one(Run, row.failover_run_id)
         assert (failover.trigger, failover.state) == ("scheduled", "succeeded")

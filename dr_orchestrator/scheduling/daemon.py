@@ -84,7 +84,8 @@ class SchedulerDaemon:
             self.say(f"drill run {drill_run_id} was left running by a process that died: marked interrupted")
         self._sweep_runs()
         drill_stop = threading.Event()
-        jobs.configure(jobs.JobContext(self.sessions, drill_stop, self.host, self.misfire_grace, self.inventory))
+        jobs.configure(jobs.JobContext(self.sessions, drill_stop, self.host, self.misfire_grace, self.inventory,
+                                       self.say))
         scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=self.engine)},
             executors={"default": jobs.executor(self.max_workers)},

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,6 +33,7 @@ class JobContext:
     host: str
     misfire_grace: float
     inventory: str | None = None  # replaces every drill's inventory (a lab started elsewhere)
+    say: Callable[[str], None] = log.info  # each fire and its verdict, for the scheduler's operator
 
 
 _context: JobContext | None = None
@@ -94,14 +96,15 @@ def run_scheduled_drill(drill_path: str, drill_name: str, cron: str, timezone: s
                       f"the drill file no longer loads: {exc.problems[0]}")
         return
     record_skipped(context, drill_path, drill_name, drill.scenario.value, schedule, fire_time, drill.inventory)
+    context.say(f"fired: {drill.name} for {fire_time.isoformat()}")
     try:
         outcome = DrillRunner(context.sessions, host=context.host).run(
             drill, trigger="scheduled", scheduled_for=fire_time, started_by="scheduler", stop=context.stop)
     except records.FireTimeTaken as exc:
-        log.info("%s; not running it again", exc)
+        context.say(f"{exc}; not running it again")
         return
-    log.info("drill %s for %s: %s (drill run %s)", drill.name, fire_time.isoformat(), outcome.verdict,
-             outcome.drill_run_id)
+    context.say(f"drill {drill.name} for {fire_time.isoformat()}: {outcome.verdict.upper()} "
+                f"(drill run {outcome.drill_run_id})" + (f": {outcome.error}" if outcome.error else ""))
 
 
 def record_skipped(context: JobContext, drill_path: str, drill_name: str, scenario: str | None, schedule: Schedule,
