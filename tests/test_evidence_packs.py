@@ -111,6 +111,16 @@ def test_changed_added_or_missing_files_and_wrong_signers_fail(
     assert packs.verify_pack(rewritten(pack, {"records/extra.json": b"{}"}), trusted).problems == [
         "records/extra.json: not in the manifest (added)"]
 
+    # Unzipped and zipped again (`zip -r` adds an entry per directory): still the signed pack.
+    rezipped = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(pack)) as original, zipfile.ZipFile(rezipped, "w") as again:
+        for directory in sorted({name.rsplit("/", 1)[0] + "/" for name in original.namelist() if "/" in name}):
+            again.writestr(zipfile.ZipInfo(directory), b"")
+        for info in original.infolist():
+            again.writestr(info.filename, original.read(info))
+    assert any(info.is_dir() for info in zipfile.ZipFile(io.BytesIO(rezipped.getvalue())).infolist())
+    assert packs.verify_pack(rezipped.getvalue(), trusted).ok
+
     # Someone re-packs with their own key: the pack is self-consistent, but not signed by the trusted key.
     forger = Ed25519PrivateKey.generate()
     with sqlite_sessions() as session:
@@ -167,6 +177,8 @@ def test_signing_keys_by_reference_only(tmp_path: Path, monkeypatch: pytest.Monk
     private.chmod(0o644)
     with pytest.raises(signing.SigningKeyError, match="readable by others: chmod 600"):
         signing.load_signing_key(f"file:{private}")
+    with pytest.raises(signing.SigningKeyError, match=f"{tmp_path} is a directory; give the key file in it"):
+        signing.load_signing_key(f"file:{tmp_path}")  # the keygen directory instead of the key in it
     monkeypatch.delenv(signing.KEY_ENV)
     with pytest.raises(signing.SigningKeyError, match="dr evidence keygen"):
         signing.load_signing_key()

@@ -312,7 +312,8 @@ def verify_pack(source: str | Path | bytes, trusted_public_key: bytes | None = N
     except (OSError, zipfile.BadZipFile) as exc:
         raise PackError(f"cannot read the pack: {exc}") from None
     with archive:
-        names = [info.filename for info in archive.infolist()]
+        # Directory entries carry nothing (a pack unzipped and zipped again with `zip -r` has them).
+        names = [info.filename for info in archive.infolist() if not (info.is_dir() and info.file_size == 0)]
         contents = {name: archive.read(name) for name in set(names)}
     for name in sorted({n for n in names if names.count(n) > 1}):
         result.problems.append(f"{name}: stored more than once")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -55,6 +56,9 @@ def _private_pem(reference: str) -> bytes:
         path = Path(rest)
         try:
             mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise SigningKeyError(f"the signing key {path} is a directory; give the key file in it "
+                                      f"(e.g. {path / PRIVATE_NAME})")
             if mode & 0o077:
                 raise SigningKeyError(f"the signing key {path} is readable by others: chmod 600 it")
             return path.read_bytes()
