@@ -151,7 +151,7 @@ def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str) -> 
             click.echo(f"   {step['id']}  [{step['action']}]  {'; '.join(extras)}")
             if step.get("when"):
                 click.echo(f"      when: {step['when']}")
-            if step.get("hosts"):
+            if step.get("hosts") and not {"host", "hosts"} & set(step["with"]):  # else they are listed there
                 click.echo(f"      hosts: {', '.join(step['hosts'])}")
             for key, value in step["with"].items():
                 click.echo(f"      {key}: {json.dumps(value, default=str)}")

@@ -105,6 +105,16 @@ def test_plan_shows_parallel_groups_and_rendered_templates(tmp_path: Path) -> No
     assert not (tmp_path / "dr-evidence.db").exists()  # planning runs and records nothing
 
 
+def test_plan_lists_a_steps_hosts_once(tmp_path: Path) -> None:
+    shown = dr("plan", str(REPO / "runbooks" / "failover-trading.yml"), "-i", str(REPO / "inventories" / "lab.yml"),
+               db="sqlite:///unused.db", cwd=tmp_path, check=True).stdout
+    backup_host = shown[shown.index("   backup-host  [ssh.run]"):shown.index("   front-door  [")]
+    assert backup_host.count("backup-app") == 1, backup_host  # its `hosts` parameter, not a summary as well
+    verify = dr("plan", str(REPO / "runbooks" / "example-local.yml"), "-i", LOCAL_INVENTORY, "-p", "port=18999",
+                db="sqlite:///unused.db", cwd=tmp_path, check=True).stdout
+    assert "      hosts: 127.0.0.1:18999\n" in verify  # a URL's host and port: said once, as the summary
+
+
 def test_run_refuses_unmigrated_database_in_one_sentence(tmp_path: Path) -> None:
     result = dr("run", str(REPO / "runbooks" / "example-local.yml"), "-i", LOCAL_INVENTORY,
                 db=f"sqlite:///{tmp_path}/fresh.db", cwd=tmp_path)
