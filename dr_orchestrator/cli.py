@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -127,12 +128,26 @@ def validate(runbook: str, inventory: str, params: tuple[str, ...], output: str,
 @cli.command()
 @with_runbook_arguments
 @output_option
-def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str) -> None:
+@click.option("--out", "out", type=click.Path(dir_okay=False, writable=True),
+              help="also save the plan to this file, with the digests of its runbook, inventory and parameters: "
+                   "`dr run --plan FILE` runs exactly it, or refuses")
+def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str, out: str | None) -> None:
     """Show the steps in execution order with templates rendered; runs nothing."""
-    from dr_orchestrator.plans import describe_plan
+    from dr_orchestrator.model.events import utcnow
+    from dr_orchestrator.plans import describe_plan, parse_overrides, saved_plan
 
-    described = describe_plan(_build(runbook, inventory, params, output,
-                                     warn=print_warning if output == "text" else None))
+    the_plan = _build(runbook, inventory, params, output, warn=print_warning if output == "text" else None)
+    described = describe_plan(the_plan)
+    if out is not None:
+        document = saved_plan(the_plan, parse_overrides(list(params)), utcnow())
+        written = Path(out)
+        partial = written.with_name(f".{written.name}.partial")
+        try:
+            partial.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+            partial.replace(written)  # whole or not at all
+        except OSError as exc:
+            raise UserError(f"cannot save the plan to {out}: {exc.strerror}") from None
+        click.echo(f"saved the plan to {out} (SHA-256 {document['sha256']})", err=True)
     if output == "json":
         click.echo(json.dumps(described, indent=2, default=str))
         return
@@ -174,7 +189,12 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
 
 
 @cli.command()
-@with_runbook_arguments
+@click.argument("runbook", type=click.Path(dir_okay=False), required=False)
+@click.option("--inventory", "-i", type=click.Path(dir_okay=False), help="inventory YAML")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="runbook parameter")
+@click.option("--plan", "saved_plan_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="run exactly the plan saved by `dr plan --out` (instead of RUNBOOK, -i and -p); refused when its "
+                   "runbook, inventory or parameters changed since")
 @click.option("--incident-at", help="when the disruption began (ISO-8601 with zone); default: the run's start")
 @click.option("--kind", type=click.Choice(["failover", "switchover", "failback", "rehearsal"]),
               help="default: the runbook's kind")
@@ -193,9 +213,10 @@ def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = 
               help="override the inventory's safety rules that would refuse the run (recorded with rule and actor)")
 @click.option("--quiet", "-q", is_flag=True, help="no live progress, only the summary")
 @click.pass_context
-def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...], incident_at: str | None,
-        kind: str | None, reason: str, test_type: str | None, scenario: str, failback_of: str | None,
-        incident_id: str | None, retention_years: int | None, force_reason: str | None, quiet: bool) -> None:
+def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: tuple[str, ...],
+        saved_plan_path: str | None, incident_at: str | None, kind: str | None, reason: str, test_type: str | None,
+        scenario: str, failback_of: str | None, incident_id: str | None, retention_years: int | None,
+        force_reason: str | None, quiet: bool) -> None:
     """Execute a runbook with live progress, then print RTO/RPO per service against targets.
 
     Exit 0 when the run succeeded, 1 when it failed (after rollback), 2 for bad input, 3 when another
@@ -215,8 +236,30 @@ def run(ctx: click.Context, runbook: str, inventory: str, params: tuple[str, ...
     if force_reason is not None and not force_reason.strip():
         raise UserError('--force needs a reason, e.g. --force "primary site confirmed powered off by facilities"')
     forced = (force_reason.strip(),) if force_reason else ()
+    saved = None
+    if saved_plan_path is not None:
+        from dr_orchestrator.plans import PlanError, read_saved_plan
+
+        if runbook is not None or inventory is not None or params:
+            raise UserError("--plan runs the saved plan's own runbook, inventory and parameters: "
+                            "give no RUNBOOK, -i or -p with it")
+        try:
+            saved = read_saved_plan(saved_plan_path)
+        except PlanError as exc:
+            raise UserError(str(exc)) from None
+        runbook, inventory = saved["runbook"]["path"], saved["inventory"]["path"]
+        params = tuple(f"{key}={json.dumps(value)}" for key, value in saved["overrides"].items())
+    elif runbook is None or inventory is None:
+        raise UserError("give RUNBOOK and -i INVENTORY, or --plan FILE saved by `dr plan --out`")
     the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger="manual",
                       forced=forced, warn=print_warning)
+    if saved is not None:
+        from dr_orchestrator.plans import PlanError, check_against_saved
+
+        try:
+            check_against_saved(the_plan, saved, str(saved_plan_path))
+        except PlanError as exc:
+            raise UserError(str(exc)) from None
     sessions = session_factory(ctx)
     if failback_of is not None:
         failback_of = _existing_run_id(sessions, failback_of)

@@ -197,3 +197,66 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _StepOutputPlaceholder):
         return str(value)
     return value
+
+
+# ---------------------------------------------------------------- saved plans: `dr plan --out`, `dr run --plan`
+
+SAVED_PLAN_FORMAT = "dr-saved-plan/1"
+
+
+def saved_plan(plan: RunPlan, overrides: dict[str, Any], saved_at: datetime) -> dict[str, Any]:
+    """The document `dr plan --out` writes: what was reviewed (the rendered plan), the digests of the
+    files and parameters it came from, and its own digest (an edited file is refused)."""
+    document = {
+        "format": SAVED_PLAN_FORMAT,
+        "saved_at": saved_at.isoformat(),
+        "saved_by": plan.started_by,
+        "runbook": {"path": str(Path(plan.runbook_source.path).resolve()), "sha256": plan.runbook_source.sha256},
+        "inventory": {"path": str(Path(plan.inventory_source.path).resolve()),
+                      "sha256": plan.inventory_source.sha256},
+        "overrides": overrides,
+        "parameters_sha256": plan.parameters_sha256,
+        "plan": describe_plan(plan),
+    }
+    return document | {"sha256": _digest(document)}
+
+
+def read_saved_plan(path: str) -> dict[str, Any]:
+    """A saved plan, checked whole; PlanError naming the file and what is wrong."""
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PlanError(f"cannot read the saved plan {path}: {exc.strerror}") from None
+    except ValueError:
+        raise PlanError(f"{path} is not a saved plan (not JSON); write one with `dr plan --out`") from None
+    if not isinstance(document, dict) or document.get("format") != SAVED_PLAN_FORMAT:
+        raise PlanError(f"{path} is not a saved plan of format {SAVED_PLAN_FORMAT}; write one with `dr plan --out`")
+    claimed = document.pop("sha256", None)
+    if claimed != _digest(document):
+        raise PlanError(f"the saved plan {path} was edited after it was saved (its digest does not match); "
+                        "save it again with `dr plan --out` and have it reviewed")
+    files_named = all(isinstance(document.get(part), dict) and isinstance(document[part].get("path"), str)
+                      and isinstance(document[part].get("sha256"), str) for part in ("runbook", "inventory"))
+    if not files_named or not isinstance(document.get("overrides"), dict):
+        raise PlanError(f"the saved plan {path} lacks its runbook, inventory or parameters")
+    return document | {"sha256": claimed}
+
+
+def check_against_saved(plan: RunPlan, saved: dict[str, Any], path: str) -> None:
+    """Refuse (PlanError) a plan that is not exactly the saved one: its runbook, inventory or
+    parameters changed since it was saved."""
+    changed = [
+        f"the {part} {saved[part]['path']} (SHA-256 {saved[part]['sha256'][:12]} then, {now[:12]} now)"
+        for part, now in (("runbook", plan.runbook_source.sha256), ("inventory", plan.inventory_source.sha256))
+        if saved[part]["sha256"] != now
+    ]
+    if saved.get("parameters_sha256") != plan.parameters_sha256:
+        changed.append("its parameters (their defaults in the runbook or inventory)")
+    if changed:
+        raise PlanError(f"the plan saved in {path} at {saved.get('saved_at')} no longer matches: "
+                        f"{'; '.join(changed)} changed. Review the change, save the plan again "
+                        "(dr plan --out) and have it approved again")
+
+
+def _digest(document: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()

@@ -115,6 +115,49 @@ def test_plan_lists_a_steps_hosts_once(tmp_path: Path) -> None:
     assert "      hosts: 127.0.0.1:18999\n" in verify  # a URL's host and port: said once, as the summary
 
 
+SAVED_NOOP = """\
+name: saved-noop
+kind: failover
+scope:
+  services: [quotation]
+parameters:
+  note: {default: first, description: a text}
+steps:
+  - id: say
+    action: noop
+    with: {message: "{{ params.note }}"}
+"""
+
+
+def test_a_saved_plan_runs_exactly_as_saved_or_is_refused(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'evidence.db'}"
+    dr("db", "upgrade", db=db, cwd=tmp_path, check=True)
+    book, saved = tmp_path / "book.yml", tmp_path / "reviewed.plan"
+    book.write_text(SAVED_NOOP)
+    dr("plan", str(book), "-i", LOCAL_INVENTORY, "-p", "note=second", "--out", str(saved), db=db, cwd=tmp_path,
+       check=True)
+    ran = dr("run", "--plan", str(saved), "-q", db=db, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    (listed,) = json.loads(dr("runs", "list", "-o", "json", db=db, cwd=tmp_path, check=True).stdout)
+    shown = json.loads(dr("runs", "show", listed["id"], "-o", "json", db=db, cwd=tmp_path, check=True).stdout)
+    assert shown["run"]["parameters"] == {"note": "second"}  # the saved parameters, not the runbook's default
+    assert shown["run"]["runbook_sha256"] == json.loads(saved.read_text())["runbook"]["sha256"]
+
+    book.write_text(SAVED_NOOP.replace("action: noop", "action: noop\n    timeout: 1s"))  # changed after review
+    refused = dr("run", "--plan", str(saved), db=db, cwd=tmp_path)
+    assert refused.returncode == 2 and f"the runbook {book} (SHA-256" in refused.stderr, refused.stderr
+    assert "save the plan again (dr plan --out)" in refused.stderr
+    book.write_text(SAVED_NOOP)
+    edited = json.loads(saved.read_text())
+    edited["overrides"]["note"] = "third"  # the file itself edited: its digest no longer matches
+    saved.write_text(json.dumps(edited))
+    tampered = dr("run", "--plan", str(saved), db=db, cwd=tmp_path)
+    assert tampered.returncode == 2 and "was edited after it was saved" in tampered.stderr, tampered.stderr
+    both = dr("run", str(book), "--plan", str(saved), db=db, cwd=tmp_path)
+    assert both.returncode == 2 and "give no RUNBOOK, -i or -p with it" in both.stderr
+    assert len(json.loads(dr("runs", "list", "-o", "json", db=db, cwd=tmp_path, check=True).stdout)) == 1
+
+
 def test_run_refuses_unmigrated_database_in_one_sentence(tmp_path: Path) -> None:
     result = dr("run", str(REPO / "runbooks" / "example-local.yml"), "-i", LOCAL_INVENTORY,
                 db=f"sqlite:///{tmp_path}/fresh.db", cwd=tmp_path)
