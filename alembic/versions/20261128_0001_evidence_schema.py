@@ -13,7 +13,7 @@ from alembic import op
 import sqlalchemy as sa
 
 # Timezone-aware UTC with microseconds: PostgreSQL's timestamptz; on SQLite fixed-width ISO-8601 text
-# (dr_orchestrator.evidence.database.UTCDateTime writes and reads it). Spelt out here so that this
+# (dr_orchestrator.evidence.types.UTCDateTime writes and reads it). Spelt out here so that this
 # migration keeps meaning the same schema whatever later happens to the package's types.
 UTC_TIMESTAMP = sa.DateTime(timezone=True).with_variant(sa.String(32), "sqlite")
 

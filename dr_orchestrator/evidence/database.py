@@ -1,17 +1,16 @@
-"""Where the evidence lives: the database URL, engines tuned per backend, sessions, and the UTC time type."""
+"""Where the evidence lives: the database URL, engines tuned per backend, sessions."""
 
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, String, create_engine, event
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from dr_orchestrator import secrets
+from dr_orchestrator.evidence import chain
 
 DEFAULT_URL = "sqlite:///dr-evidence.db"
 URL_ENV = "DR_DATABASE_URL"
@@ -73,8 +72,6 @@ def _begin_sqlite(connection: Connection) -> None:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose writes of evidence rows are appended to the audit chain."""
-    from dr_orchestrator.evidence import chain  # imports the models, which import this module
-
     # Evidence rows are read back after commit (queries, results): keep loaded values.
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     chain.install(factory)
@@ -83,37 +80,3 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def session_factory_for(url: str | None = None) -> sessionmaker[Session]:
     return make_session_factory(make_engine(url))
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC with microseconds on every backend.
-
-    PostgreSQL: ``timestamp with time zone``. SQLite has no such type: fixed-width ISO-8601 text
-    (``2026-11-28T03:04:37.123456+00:00``), which sorts in time order. Naive datetimes are refused:
-    a timestamp without a zone is not evidence."""
-
-    impl = DateTime
-    cache_ok = True
-
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "sqlite":
-            return dialect.type_descriptor(String(32))
-        return dialect.type_descriptor(DateTime(timezone=True))
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value.isoformat()} refused: evidence timestamps carry a time zone")
-        utc = value.astimezone(UTC)
-        if dialect.name == "sqlite":
-            return utc.isoformat(timespec="microseconds")
-        return utc
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
-        if parsed.tzinfo is None:  # stored by something other than this type
-            return parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)

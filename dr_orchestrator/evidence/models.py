@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Date, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dr_orchestrator.evidence.database import UTCDateTime
+from dr_orchestrator.evidence.types import UTCDateTime
 from dr_orchestrator.model.events import utcnow
 
 # Named constraints: Alembic can then alter and drop them on every backend (SQLite batch mode too).
