@@ -9,14 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from dr_orchestrator.lab.config import LabConfig
+from dr_orchestrator.lab.load.defaults import DEFAULT_RATE, DEFAULT_TIMEOUT, LoadError
 from dr_orchestrator.lab.load.ledger import ledger_path
-
-DEFAULT_RATE = 20.0  # requests per second per service
-DEFAULT_TIMEOUT = 1.0  # seconds per request: an outage shows as failures, not as a hang
-
-
-class LoadError(Exception):
-    """A load command cannot do what was asked; the message is one sentence for the user."""
 
 
 def start_load(config: LabConfig, rate: float = DEFAULT_RATE, timeout: float = DEFAULT_TIMEOUT) -> int:

@@ -20,7 +20,7 @@ from types import FrameType
 
 import httpx
 
-from dr_orchestrator.lab.load import DEFAULT_RATE, DEFAULT_TIMEOUT
+from dr_orchestrator.lab.load.defaults import DEFAULT_RATE, DEFAULT_TIMEOUT
 from dr_orchestrator.lab.load.ledger import (
     LedgerEntry,
     LedgerWriter,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from dr_orchestrator.lab.config import SERVICES, LabConfig
-from dr_orchestrator.lab.load import DEFAULT_RATE, DEFAULT_TIMEOUT, LoadError
+from dr_orchestrator.lab.load.defaults import DEFAULT_RATE, DEFAULT_TIMEOUT, LoadError
 from dr_orchestrator.lab.load.ledger import find_run_by_pid, ledger_path, load_dir, open_ledger
 
 GENERATOR_MODULE = "dr_orchestrator.lab.load.generator"

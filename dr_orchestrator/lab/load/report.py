@@ -6,9 +6,9 @@ from dataclasses import asdict
 from typing import Any
 
 from dr_orchestrator.lab.config import LabConfig
-from dr_orchestrator.lab.load import LoadError
 from dr_orchestrator.lab.load.analysis import MissingWrites, ServiceSummary, missing_writes, summarise_service
 from dr_orchestrator.lab.load.database import SiteDatabase, present_keys, site_databases
+from dr_orchestrator.lab.load.defaults import LoadError
 from dr_orchestrator.lab.load.ledger import LedgerEntry, latest_run, ledger_path, open_ledger, run_entries, utc_now
 from dr_orchestrator.lab.load.process import running_pid
 from dr_orchestrator.lab.load.workload import WORKLOADS
