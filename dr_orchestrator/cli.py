@@ -70,11 +70,32 @@ def with_runbook_arguments(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", "database", envvar="DR_DATABASE_URL", metavar="URL",
               help="evidence database (default: sqlite:///dr-evidence.db, or $DR_DATABASE_URL)")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="DR_LOG_FORMAT",
+              show_default=True,
+              help="how the services (watch run, serve, scheduler run) log: text lines, or one JSON object per "
+                   "line with run, incident and step ids (or $DR_LOG_FORMAT)")
 @click.version_option(package_name="dr-orchestrator")
 @click.pass_context
-def cli(ctx: click.Context, database: str | None) -> None:
+def cli(ctx: click.Context, database: str | None, log_format: str) -> None:
     """Disaster-recovery orchestrator: run failover runbooks and keep RTO/RPO evidence."""
-    ctx.obj = {"database": database}
+    ctx.obj = {"database": database, "log_format": log_format}
+
+
+def log_format_of(ctx: click.Context) -> str:
+    root = ctx.find_root().obj
+    return str(root.get("log_format", "text")) if root else "text"
+
+
+def announce(ctx: click.Context, text: str) -> None:
+    """A service's news to its operator: a line on stdout, or in JSON log format a log record, so that
+    a log collector reads nothing but JSON."""
+    if log_format_of(ctx) == "json":
+        import logging
+
+        logging.getLogger("dr_orchestrator.cli").info(text)
+    else:
+        click.echo(text)
+        sys.stdout.flush()
 
 
 def database_of(ctx: click.Context) -> str | None:

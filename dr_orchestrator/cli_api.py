@@ -7,7 +7,7 @@ import json
 
 import click
 
-from dr_orchestrator.cli import UserError, database_of, output_option, session_factory
+from dr_orchestrator.cli import UserError, announce, database_of, log_format_of, output_option, session_factory
 
 
 @click.command()
@@ -36,9 +36,11 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     import threading
 
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from dr_orchestrator.api.app import ApiSettings, create_app
-    from dr_orchestrator.cli_watch import log_to_terminal, prepared_watch
+    from dr_orchestrator.cli_watch import prepared_watch
+    from dr_orchestrator.logs import log_to_terminal
     from dr_orchestrator.secrets import SecretError, read_reference
 
     session_factory(ctx)  # the schema must be current
@@ -62,16 +64,19 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     if watching and inventory_path is None:
         raise UserError("--watch watches the inventory given with -i INVENTORY; give one")
     watcher = prepared_watch(ctx, inventory_path) if watching and inventory_path is not None else None
-    log_to_terminal("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    click.echo(f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
+    log_format = log_format_of(ctx)
+    log_to_terminal(log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    announce(ctx, f"dr API on http://{host}:{port}/ (dashboard /dashboard, OpenAPI /openapi.json, metrics /metrics)")
     stop = threading.Event()
     watching_thread = threading.Thread(target=watcher.run, args=(stop,), name="watch") if watcher else None
     if watching_thread is not None:
         watching_thread.start()
     try:
         # uvicorn's access log prints query strings, and a dashboard login link carries a token: the
-        # app logs requests itself, without them.
-        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info")
+        # app logs requests itself, without them. In JSON, uvicorn configures no handler of its own:
+        # its records reach the root's JSON handler.
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_level="info",
+                    log_config=None if log_format == "json" else LOGGING_CONFIG)
     finally:  # uvicorn returns on SIGINT/SIGTERM: the watch stops with it (its runs end first)
         stop.set()
         if watching_thread is not None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import UserError, database_of, fail_with_problems, output_option, session_factory
+from dr_orchestrator.cli import (
+    UserError,
+    announce,
+    database_of,
+    fail_with_problems,
+    log_format_of,
+    output_option,
+    session_factory,
+)
 
 drills_option = click.option("--drills", "drills_dir", default="failover_tests", show_default=True,
                              type=click.Path(file_okay=False), help="directory of drill files")
@@ -178,6 +186,9 @@ def scheduler_run(ctx: click.Context, drills_dir: str, inventory: str | None, mi
     With PostgreSQL, run it on several nodes: one leads, the others wait to take over. With SQLite,
     one scheduler node only.
     """
+    import functools
+
+    from dr_orchestrator.logs import log_to_terminal
     from dr_orchestrator.model.durations import parse_duration
     from dr_orchestrator.scheduling.daemon import SchedulerDaemon
     from dr_orchestrator.scheduling.leader import SchedulerRefused
@@ -187,22 +198,21 @@ def scheduler_run(ctx: click.Context, drills_dir: str, inventory: str | None, mi
         grace, retry_s = parse_duration(misfire_grace), parse_duration(retry)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = log_format_of(ctx)
+    # In text, the scheduler's news is printed and only warnings are logged; in JSON, its news
+    # are log records too, and so are the runs' and steps' starts and ends (INFO).
+    log_to_terminal(log_format, "%(asctime)s %(levelname)s %(name)s: %(message)s",
+                    level=logging.INFO if log_format == "json" else logging.WARNING)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-
-    def say(text: str) -> None:
-        click.echo(text, err=False)
-        sys.stdout.flush()
-
     daemon = SchedulerDaemon(database_of(ctx), drills_dir, inventory=inventory, misfire_grace=grace,
-                             retry_s=retry_s, say=say)
+                             retry_s=retry_s, say=functools.partial(announce, ctx))
     try:
         daemon.serve(stop)
     except SchedulerRefused as exc:
         raise UserError(str(exc)) from None
-    say("scheduler stopped")
+    announce(ctx, "scheduler stopped")
 
 
 @scheduler.command("list")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import UserError, output_option, session_factory
+from dr_orchestrator.cli import UserError, announce, log_format_of, output_option, session_factory
 
 
 @click.group()
@@ -44,16 +44,6 @@ def watch_automation(ctx: click.Context, state: str | None, reason: str | None, 
         click.echo(current.describe())
 
 
-def log_to_terminal(line_format: str) -> None:
-    """INFO and above on stderr, without a line per HTTP request or SSH packet: the watch probes dozens
-    of times a second, and those lines would bury what it decides."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format=line_format)
-    for chatty in ("httpx", "httpcore", "paramiko"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-
-
 @watch.command("run")
 @click.option("-i", "--inventory", "inventory_path", required=True, type=click.Path(dir_okay=False),
               help="the inventory to watch (its dr.watch section says how)")
@@ -64,18 +54,20 @@ def watch_run(ctx: click.Context, inventory_path: str) -> None:
     import signal
     import threading
 
+    from dr_orchestrator.logs import log_to_terminal
+
     watcher = prepared_watch(ctx, inventory_path)
-    log_to_terminal("%(asctime)s %(levelname)s %(message)s")
+    log_to_terminal(log_format_of(ctx), "%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     inventory = watcher.inventory
-    click.echo(f"watching {inventory.name}: {len(inventory.services)} services, {len(inventory.sites)} sites "
-               f"(Ctrl-C to stop)")
+    announce(ctx, f"watching {inventory.name}: {len(inventory.services)} services, {len(inventory.sites)} sites "
+                  f"(Ctrl-C to stop)")
     try:
         watcher.run(stop)
     except KeyboardInterrupt:
         stop.set()
-    click.echo("watch stopped")
+    announce(ctx, "watch stopped")
 
 
 @watch.command("warnings")

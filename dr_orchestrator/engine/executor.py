@@ -253,11 +253,37 @@ class _Run:
                         waits.append((observer, until_durable))
                 except Exception:  # noqa: BLE001 - one observer's failure must not stop a failover
                     log.exception("observer %r failed on %s", observer, type(event).__name__)
+        self.log_milestone(event)
         if defer_wait:
             with self.start_lock:
                 self.start_waits += [(observer, until_durable, event) for observer, until_durable in waits]
             return
         self.wait_for(waits, event)
+
+    def log_milestone(self, event: Event) -> None:
+        """A run's or a step's start and end as a log record with the run, incident and step ids (for
+        the services' structured logs), made from the event as redacted for the observers. INFO even
+        for failures: `dr run` configures no logging, and Python would print a warning on its own."""
+        step_id = None
+        if isinstance(event, RunStarted | RunResumed):
+            verb = "started" if isinstance(event, RunStarted) else f"resumed by {event.actor}"
+            message = f"run {self.run_id} {verb}: {self.plan.runbook.name} ({self.plan.kind})"
+        elif isinstance(event, RunFinished):
+            message = f"run {self.run_id} {event.state}" + (f": {event.error}" if event.error else "")
+        elif isinstance(event, StepStarted | StepFinished):
+            step_id = event.step_id
+            rollback = " (rollback)" if event.phase is Phase.ROLLBACK else ""
+            if isinstance(event, StepStarted):
+                message = f"step {event.step_id}{rollback} started"
+            else:
+                message = f"step {event.step_id}{rollback} {event.state}" + (f": {event.error}" if event.error else "")
+        else:
+            return
+        log.info("%s", message, extra=self.log_ids(step_id))
+
+    def log_ids(self, step_id: str | None = None) -> dict[str, str | None]:
+        """What a log record about this run (and ``step_id``) carries as ``extra`` (dr_orchestrator.logs)."""
+        return {"run_id": self.run_id, "incident_id": self.plan.incident_id, "step_id": step_id}
 
     def wait_for(self, waits: list[tuple[Observer, Callable[[], None]]], event: Event) -> None:
         for observer, until_durable in waits:
@@ -357,7 +383,7 @@ class _Run:
         except KeyboardInterrupt:  # a Ctrl-C outside the places that expect one: stop where we are
             self.interrupt()
         except Exception as exc:  # noqa: BLE001 - a bug must still end the run, recorded
-            log.exception("run %s failed inside the engine", self.run_id)
+            log.exception("run %s failed inside the engine", self.run_id, extra=self.log_ids())
             error = f"internal error: {type(exc).__name__}: {exc}"
             self.failed = True
         finally:
@@ -404,7 +430,7 @@ class _Run:
             try:
                 self.judge_blast_radius()
             except Exception as exc:  # noqa: BLE001 - a reading that fails is recorded; it never fails the run
-                log.exception("run %s: the blast-radius reading failed", self.run_id)
+                log.exception("run %s: the blast-radius reading failed", self.run_id, extra=self.log_ids())
                 self.emit(ActionEvent(self.run_id, blast_radius.BLAST_RADIUS, "blast_radius.unknown", utcnow(),
                                       {"error": f"{type(exc).__name__}: {exc}"}))
         return error
@@ -527,7 +553,7 @@ class _Run:
         try:
             future.result()
         except Exception as exc:  # noqa: BLE001 - run_step catches everything; this is a last guard
-            log.exception("step %s crashed the engine", step.id)
+            log.exception("step %s crashed the engine", step.id, extra=self.log_ids(step.id))
             self.finish_step(step.id, StepState.FAILED, error=f"internal error: {exc}")
 
     # ------------------------------------------------------------------ one step

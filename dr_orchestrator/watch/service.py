@@ -243,7 +243,8 @@ class Watch:
             else:
                 incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, decided)
         log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
-                    transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons))
+                    transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons),
+                    extra={"incident_id": incident_id})
         reason = f"dr watch: {target.kind} {target.name} down ({decision.level}, policy {decision.policy})"
         if decision.policy == "auto" and decision.runbook is not None:
             self.last_automatic[target] = transition.at
@@ -426,7 +427,8 @@ class _Restoration:
                                                 {"run_id": self.run_id})
             self.recorded = True
         except Exception:  # noqa: BLE001 - recorded again from the run's evidence when it ends
-            log.exception("incident %s: its restoration was not recorded early", self.incident_id)
+            log.exception("incident %s: its restoration was not recorded early", self.incident_id,
+                          extra={"incident_id": self.incident_id, "run_id": self.run_id})
 
     def settled(self) -> None:
         if self.recording is not None:
