@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from support.aws import MOTO_SERVER, Moto, answers, moto_api
 from support.cli import Processes
+from support.engine import Bench
 
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
@@ -108,6 +109,19 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
         yield made
     finally:
         made.close()
+
+
+# --- The engine's bench (support/engine.py) ---------------------------------------------------------
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    """Test actions registered, the events they cause, and the flags and barriers that steer them."""
+    made = Bench()
+    try:
+        yield made
+    finally:
+        made.flags["release"].set()  # let abandoned actions end
 
 
 # --- The local AWS endpoint (moto) ------------------------------------------------------------------

@@ -3,12 +3,10 @@ templates, the engineer's decisions are recorded, rollbacks already done are not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import pytest
+from support.engine import Bench
 from support.plans import make_plan
-from test_engine import Bench
 
 from dr_orchestrator.engine import Engine
 from dr_orchestrator.model.events import RunResumed, RunStarted, StepFinished, StepStarted
@@ -36,15 +34,6 @@ RUNBOOK = """
         action: echo
         with: {value: "{{ steps.promote.output.value }} after {{ steps.fence.output.value }}"}
 """
-
-
-@pytest.fixture
-def bench() -> Iterator[Bench]:
-    made = Bench()
-    try:
-        yield made
-    finally:
-        made.flags["release"].set()
 
 
 def started_steps(bench: Bench) -> list[str]:

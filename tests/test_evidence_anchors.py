@@ -23,7 +23,7 @@ from sqlalchemy import Connection, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from support.aws import REGION, Moto
-from test_evidence_audit import dr
+from support.evidence import dr
 
 from dr_orchestrator import anchoring, supervision
 from dr_orchestrator.actions import default_registry

@@ -5,9 +5,6 @@ the chain; on PostgreSQL the database itself refuses to change finished evidence
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from datetime import date
 from pathlib import Path
@@ -18,7 +15,7 @@ from evidence_runs import run_small
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from support.evidence import tamper
+from support.evidence import dr, tamper
 
 from dr_orchestrator import cli
 from dr_orchestrator.evidence import annotations, chain, migrate
@@ -193,12 +190,6 @@ def test_postgres_refuses_changes_to_finished_evidence(postgres_database_url: st
         conn.execute("UPDATE steps SET state = 'succeeded', finished_at = now() WHERE step_id = 'late'")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE steps SET state = 'failed' WHERE step_id = 'late'")
-
-
-def dr(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DR_DATABASE_URL": db, "DR_ACTOR": "auditor"}
-    return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_verify_exit_codes_and_findings(database_url: str, sessions: sessionmaker[Session], tmp_path: Path) -> None:

@@ -90,3 +90,48 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert not allowed("dr_orchestrator.evidence.store", MAY_IMPORT["engine"] or set())
     assert allowed("dr_orchestrator.actions.base", MAY_IMPORT["engine"] or set())
     assert not allowed("dr_orchestrator.actions.ssh", MAY_IMPORT["engine"] or set())
+
+
+# --- The tests' own rule (issue 17 item 6): test modules import helpers (tests/support/, conftest.py
+# for fixtures), never each other; neither does a helper import a test module.
+TESTS = Path(__file__).resolve().parent
+TEST_MODULES = {path.stem for path in TESTS.glob("test_*.py")}
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The test modules (tests/test_*.py) ``path`` imports, lazily or not, under any spelling."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.ImportFrom):  # from . import test_x
+            found |= {alias.name for alias in node.names}
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute | ast.Name)
+              and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "import_module"
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)
+    return {part for name in found for part in name.split(".") if part in TEST_MODULES}
+
+
+TEST_CODE = sorted(p for p in TESTS.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", TEST_CODE, ids=lambda p: str(p.relative_to(TESTS)))
+def test_no_test_module_is_imported_by_another_module_of_the_tests(path: Path) -> None:
+    imported = imported_test_modules(path) - {path.stem}
+    assert not imported, (f"tests/{path.relative_to(TESTS)} imports the test module(s) {', '.join(sorted(imported))}: "
+                          "move what they share to tests/support/ (or a fixture to tests/conftest.py)")
+
+
+def test_the_tests_checker_sees_every_spelling(tmp_path: Path) -> None:
+    """A checker that missed an import inside a function, or `import test_x as y`, would pass everything."""
+    assert {"test_engine", "test_watch_service"} <= TEST_MODULES
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json\nfrom support.engine import Bench\n\n\ndef helper():\n"
+                     "    from test_engine import Bench\n    import test_watch_service as w\n"
+                     "    return importlib.import_module('test_evidence_audit')\n")
+    assert imported_test_modules(probe) == {"test_engine", "test_watch_service", "test_evidence_audit"}
+    probe.write_text("from support.engine import Bench\nfrom support.watch import steps\nimport pytest\n")
+    assert imported_test_modules(probe) == set()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from notify_servers import WebhookReceiver, free_port, start_webhook_receiver
 from sqlalchemy.orm import Session, sessionmaker
 from support.waiting import wait_for
-from test_watch_service import Executed, Script, healthy_round, site_lost_round, steps
+from support.watch import T0, Executed, Script, healthy_round, site_lost_round, steps
 
 from dr_orchestrator.actions.notify import SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signature
 from dr_orchestrator.cli_watch import watch as watch_group
@@ -37,7 +37,6 @@ from dr_orchestrator.watch.service import Watch
 from dr_orchestrator.watch.warnings import EarlyWarning
 
 REPO = Path(__file__).resolve().parent.parent
-T0 = datetime(2026, 12, 7, 4, 0, tzinfo=UTC)
 BASE_URL = "https://dr.example.com"
 
 

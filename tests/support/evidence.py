@@ -1,8 +1,11 @@
-"""The evidence tests' recorded rehearsal (a plan built from the model, no YAML; its clock), and tamper."""
+"""The evidence tests' recorded rehearsal (a plan built from the model, no YAML; its clock), tamper, and
+`dr` as their auditor runs it."""
 
 from __future__ import annotations
 
+import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -11,6 +14,7 @@ from dr_orchestrator.evidence.database import make_engine
 from dr_orchestrator.model.inventory import Host, Inventory, Service, Site
 from dr_orchestrator.model.run import RunKind, RunPlan
 from dr_orchestrator.model.runbook import OnFailure, RollbackSpec, Runbook, Scope, Step
+from support import cli
 from support.plans import source
 
 T0 = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
@@ -91,3 +95,8 @@ def tamper(url: str, sql: str, **params: Any) -> None:
             conn.execute(text(sql), params)
     finally:
         engine.dispose()
+
+
+def dr(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`dr` run by the evidence tests' auditor (DR_ACTOR=auditor) on the database ``db``."""
+    return cli.dr(*args, db=db, cwd=cwd, actor="auditor")
