@@ -380,11 +380,11 @@ def evidence() -> None:
 @click.pass_context
 def evidence_export(ctx: click.Context, fmt: str, service: str | None, since: str | None, out: str | None) -> None:
     """One row per run and service: achieved RTO/RPO against targets, with the method."""
-    from dr_orchestrator.evidence import queries
+    from dr_orchestrator.evidence import auditor
 
     moment = parse_time(since if since is None or "T" in since else since + "T00:00:00+00:00", "--since")
     with session_factory(ctx)() as session:
-        text = queries.export_evidence(session, fmt=fmt, service=service, since=moment)
+        text = auditor.export_evidence(session, fmt=fmt, service=service, since=moment)
     if out:
         with open(out, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)

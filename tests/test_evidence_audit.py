@@ -21,7 +21,8 @@ from dr_orchestrator import cli
 from dr_orchestrator.evidence import annotations, chain, migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import AuditEntry, FindingClosure, MeasurementRecord, Run, StepRecord
-from dr_orchestrator.evidence.store import TEST_TYPES, EvidenceStore
+from dr_orchestrator.evidence.store import EvidenceStore
+from dr_orchestrator.evidence.values import TEST_TYPES
 from dr_orchestrator.model.approval import Identity
 
 pytestmark = pytest.mark.timeout(180)

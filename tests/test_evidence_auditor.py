@@ -67,8 +67,8 @@ def a_drill_with_its_runs(sessions: sessionmaker[Session]) -> dict[str, str]:
 def test_the_export_has_the_fifteen_fields_for_every_test(sessions: sessionmaker[Session]) -> None:
     runs = a_drill_with_its_runs(sessions)
     with sessions() as session:
-        rows = json.loads(queries.export_evidence(session, fmt="json"))
-        table = list(csv.DictReader(io.StringIO(queries.export_evidence(session, fmt="csv"))))
+        rows = json.loads(auditor.export_evidence(session, fmt="json"))
+        table = list(csv.DictReader(io.StringIO(auditor.export_evidence(session, fmt="csv"))))
         chain = {(e.table_name, e.record_id, e.seq): e.entry_sha256 for e in session.scalars(select(AuditEntry))}
     assert [row["run_id"] for row in rows] == [runs["failover"], runs["failback"], runs["manual"]]
     for row in rows:
@@ -155,7 +155,7 @@ def test_the_run_record_and_the_pack_carry_the_same_fields(sessions: sessionmake
     with sessions() as session:
         record = dr_test_record(session, DRILL_RUN[:8])  # a drill run's id names its failover run
         files = packs.pack_files(session, run_id=runs["failover"])
-        exported = json.loads(queries.export_evidence(session, fmt="json"))
+        exported = json.loads(auditor.export_evidence(session, fmt="json"))
     assert record is not None and record["run"]["id"] == runs["failover"]
     assert record["auditor_fields"] == exported[:1]
     packed = json.loads(files["records/auditor_fields.json"])

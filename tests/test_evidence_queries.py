@@ -129,11 +129,11 @@ def test_run_detail_has_the_whole_record(recorded: sessionmaker[Session]) -> Non
 
 def test_export_json_and_csv(recorded: sessionmaker[Session]) -> None:
     with recorded() as s:
-        rows = json.loads(queries.export_evidence(s, fmt="json", service="trading"))
-        text = queries.export_evidence(s, fmt="csv")
-        recent = json.loads(queries.export_evidence(s, fmt="json", since=DAY2))
+        rows = json.loads(auditor.export_evidence(s, fmt="json", service="trading"))
+        text = auditor.export_evidence(s, fmt="csv")
+        recent = json.loads(auditor.export_evidence(s, fmt="json", since=DAY2))
         with pytest.raises(ValueError, match="use json or csv"):
-            queries.export_evidence(s, fmt="xml")
+            auditor.export_evidence(s, fmt="xml")
     # The sixteen columns of earlier exports come first and keep their meaning (the fifteen auditor
     # fields that follow: tests/test_evidence_auditor.py).
     assert [{key: row[key] for key in auditor.LEGACY_FIELDS} for row in rows] == [

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dr_orchestrator.evidence import annotations, drills, migrate, qualifying, reports
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.levels import LevelsError, load_levels
-from dr_orchestrator.evidence.store import derive_test_type
+from dr_orchestrator.evidence.values import derive_test_type
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS
 

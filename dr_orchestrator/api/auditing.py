@@ -6,7 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
+from dr_orchestrator.evidence.annotations import record_audit_event
+from dr_orchestrator.evidence.database import begin_write
 
 
 def audit(sessions: sessionmaker[Session], actor: str, action: str, target: str, data: dict[str, Any]) -> None:

@@ -15,8 +15,8 @@ from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, reader
 from dr_orchestrator.api.responses import refusals
 from dr_orchestrator.api.values import Moment, Quarter, Segment, Text
+from dr_orchestrator.evidence import auditor, queries
 from dr_orchestrator.evidence import drills as drill_records
-from dr_orchestrator.evidence import queries
 
 router = APIRouter()
 MOMENT = "a date (its midnight UTC) or a date-time with its zone, e.g. 2026-10-01 or 2026-10-01T08:00:00+08:00"
@@ -179,7 +179,7 @@ def quarter_pack(quarter: Quarter, request: Request, service: Text | None = None
 def export(format: Literal["json", "csv"] = "json", service: Text | None = None,
            since: Moment | None = Query(None, description=f"runs started at or after; {MOMENT}"),
            _: Principal = Depends(reader), session: Session = Depends(session_of)) -> Response:
-    text = queries.export_evidence(session, fmt=format, service=service, since=since)
+    text = auditor.export_evidence(session, fmt=format, service=service, since=since)
     return Response(text, media_type="text/csv; charset=utf-8" if format == "csv" else "application/json")
 
 

@@ -13,7 +13,8 @@ from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import ApiError, Principal, admin, engineer
 from dr_orchestrator.api.responses import Timestamp, refusals
 from dr_orchestrator.api.values import NOT_BLANK, FileName, Instant, Lifetime, NonBlank, RelativePath, Segment, Text
-from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
+from dr_orchestrator.evidence.annotations import record_audit_event
+from dr_orchestrator.evidence.database import begin_write
 from dr_orchestrator.evidence.incidents import INCIDENT_ID
 from dr_orchestrator.model.approval import Decision
 

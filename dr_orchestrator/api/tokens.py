@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence.annotations import begin_write, record_audit_event
+from dr_orchestrator.evidence.annotations import record_audit_event
+from dr_orchestrator.evidence.database import begin_write
 from dr_orchestrator.evidence.models import ApiToken
 from dr_orchestrator.model.events import utcnow
 

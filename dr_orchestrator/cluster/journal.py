@@ -49,7 +49,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence.models import AuditEvent
-from dr_orchestrator.evidence.store import EvidenceStore, database_unreachable, jsonable
+from dr_orchestrator.evidence.store import EvidenceStore, database_unreachable
+from dr_orchestrator.evidence.values import jsonable
 from dr_orchestrator.model import events as event_types
 from dr_orchestrator.model.events import Event, RunFinished, RunResumed, RunStarted, utcnow
 from dr_orchestrator.model.run import RunPlan

@@ -7,15 +7,13 @@ caller commits. Nothing here updates or deletes: closing a finding adds a closur
 
 from __future__ import annotations
 
-import warnings
 from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence.database import WRITE_TRANSACTION
+from dr_orchestrator.evidence.database import begin_write
 from dr_orchestrator.evidence.models import (
     Approval,
     AuditEvent,
@@ -26,7 +24,7 @@ from dr_orchestrator.evidence.models import (
     RunService,
 )
 from dr_orchestrator.evidence.queries import as_dict, find_run
-from dr_orchestrator.evidence.store import clean_text, jsonable
+from dr_orchestrator.evidence.values import clean_text, jsonable
 from dr_orchestrator.model.events import utcnow
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -35,17 +33,6 @@ DECISIONS = ("approved", "rejected")
 
 class AnnotationError(ValueError):
     """The request names something that does not exist or is not allowed; one sentence."""
-
-
-def begin_write(session: Session) -> None:
-    """Make the session's transaction a write transaction (BEGIN IMMEDIATE on SQLite) unless it
-    has already talked to the database: reads and the chain head then happen under the writer lock,
-    and a concurrent writer cannot make this one fail half-way."""
-    with warnings.catch_warnings():
-        # When a connection is already established the options cannot apply; the transaction
-        # still works (SQLite upgrades it to a write transaction at its first write).
-        warnings.filterwarnings("ignore", "Connection is already established", SAWarning)
-        session.connection(execution_options=WRITE_TRANSACTION)
 
 
 class UnknownRun(AnnotationError):

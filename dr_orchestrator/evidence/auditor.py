@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session
 from dr_orchestrator.evidence import chain, drills, qualifying
 from dr_orchestrator.evidence.anchors import recorded_anchor_covering
 from dr_orchestrator.evidence.annotations import list_findings, reconciliation_entry
-from dr_orchestrator.evidence.dr_record import derive_test_type, timeline
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
     Approval,
@@ -42,6 +41,8 @@ from dr_orchestrator.evidence.models import (
 )
 from dr_orchestrator.evidence.provenance import GIT_COMMIT_EVENT
 from dr_orchestrator.evidence.queries import as_dict, plain
+from dr_orchestrator.evidence.timeline import timeline
+from dr_orchestrator.evidence.values import derive_test_type
 
 LEGACY_FIELDS = (
     "run_id",
@@ -417,3 +418,15 @@ def rows_as_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def rows_as_json(rows: Sequence[dict[str, Any]]) -> str:
     return json.dumps(list(rows), indent=2) + "\n"
+
+
+def export_evidence(
+    session: Session, fmt: str = "json", service: str | None = None, since: datetime | None = None
+) -> str:
+    """One row per finished run and service in scope (``auditor_rows``: the fifteen auditor fields),
+    as ``json`` (a list of objects, the fields nested) or ``csv`` (a header, then one line per row, the
+    fields flattened)."""
+    if fmt not in ("json", "csv"):
+        raise ValueError(f"unknown export format {fmt!r}: use json or csv")
+    rows = auditor_rows(session, service=service, since=since)
+    return rows_as_csv(rows) if fmt == "csv" else rows_as_json(rows)

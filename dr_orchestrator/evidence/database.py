@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator import secrets
@@ -80,3 +82,14 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def session_factory_for(url: str | None = None) -> sessionmaker[Session]:
     return make_session_factory(make_engine(url))
+
+
+def begin_write(session: Session) -> None:
+    """Make the session's transaction a write transaction (BEGIN IMMEDIATE on SQLite) unless it
+    has already talked to the database: reads and the chain head then happen under the writer lock,
+    and a concurrent writer cannot make this one fail half-way."""
+    with warnings.catch_warnings():
+        # When a connection is already established the options cannot apply; the transaction
+        # still works (SQLite upgrades it to a write transaction at its first write).
+        warnings.filterwarnings("ignore", "Connection is already established", SAWarning)
+        session.connection(execution_options=WRITE_TRANSACTION)

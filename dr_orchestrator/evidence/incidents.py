@@ -30,6 +30,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import rto
+from dr_orchestrator.evidence.chain import lock_chain
+from dr_orchestrator.evidence.database import begin_write
 from dr_orchestrator.evidence.models import (
     ActionEventRecord,
     Incident,
@@ -41,6 +43,7 @@ from dr_orchestrator.evidence.models import (
     StepRecord,
 )
 from dr_orchestrator.evidence.queries import as_dict, plain
+from dr_orchestrator.evidence.values import clean_text, jsonable
 from dr_orchestrator.model.approval import Identity
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunKind, RunPlan
@@ -265,10 +268,10 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
         Incident.state.in_(ACTIVE_STATES)).order_by(Incident.created_at.desc()).limit(1)).first()
     if incident is None:
         incident = Incident(
-            id=f"INC-{detected_at:%Y%m%d}-{uuid.uuid4().hex[:8]}", created_at=detected_at, created_by=_text(actor),
-            impact_start=impact_start, impact_start_method=_text(method), title=_text(title),
-            target_kind=target_kind, target_name=_text(target_name),
-            services=[_text(name) for name in (services if services is not None else
+            id=f"INC-{detected_at:%Y%m%d}-{uuid.uuid4().hex[:8]}", created_at=detected_at, created_by=clean_text(actor),
+            impact_start=impact_start, impact_start_method=clean_text(method), title=clean_text(title),
+            target_kind=target_kind, target_name=clean_text(target_name),
+            services=[clean_text(name) for name in (services if services is not None else
                                                [target_name] if target_kind == "service" else [])],
             level=level, source=source, state="detected", labels=_json(dict(labels or {})),
         )
@@ -280,7 +283,7 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
     changes: dict[str, Any] = {}
     if incident.impact_start is None or impact_start < incident.impact_start:
         changes["impact_start"] = {"from": plain(incident.impact_start), "to": impact_start.isoformat()}
-        incident.impact_start, incident.impact_start_method = impact_start, _text(method)
+        incident.impact_start, incident.impact_start_method = impact_start, clean_text(method)
     if level is not None and level != incident.level:
         changes["level"] = {"from": incident.level, "to": level}
         incident.level = level
@@ -338,7 +341,7 @@ def incident_answers(session: Session, incident_id: str) -> list[tuple[str, str,
 
 def _add_event(session: Session, incident: Incident, kind: str, at: datetime, actor: str,
                data: dict[str, Any]) -> None:
-    session.add(IncidentEvent(incident_id=incident.id, at=at, kind=kind, actor=_text(actor), data=_json(data)))
+    session.add(IncidentEvent(incident_id=incident.id, at=at, kind=kind, actor=clean_text(actor), data=_json(data)))
     if kind in STATE_EVENTS and incident.state != kind:
         incident.state = kind
     session.flush()
@@ -365,21 +368,12 @@ def _sources(incident: Incident, events: Iterable[IncidentEvent]) -> set[str]:
 def _begin_write(session: Session) -> None:
     """A write transaction holding the chain head: finding the open incident of a target and opening
     one happen together, whoever else (the watch, an alert) asks at the same moment."""
-    from dr_orchestrator.evidence.annotations import begin_write  # it imports the store, which imports this
-    from dr_orchestrator.evidence.chain import lock_chain
-
     begin_write(session)
     lock_chain(session.connection())
 
 
 def _json(data: dict[str, Any]) -> dict[str, Any]:
-    from dr_orchestrator.evidence.store import jsonable  # the store imports this module
-
     return dict(jsonable(data))
-
-
-def _text(value: str) -> str:
-    return value.replace("\x00", "\\x00")  # PostgreSQL stores no NUL byte
 
 
 def _utc(moment: datetime) -> datetime:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import drills as drill_records
 from dr_orchestrator.evidence.models import ActionEventRecord, DrillRun, Run, RunService, ServiceResult, StepRecord
-from dr_orchestrator.evidence.store import derive_test_type
+from dr_orchestrator.evidence.values import derive_test_type
 from dr_orchestrator.model.run import Phase
 
 FIRST_CHANGE = "run.first_change"  # the engine's action event (engine.executor.FIRST_CHANGE)

@@ -161,17 +161,3 @@ def run_detail(session: Session, run_id: str) -> dict[str, Any] | None:
             session, select(ServiceResult).where(ServiceResult.run_id == by_run).order_by(ServiceResult.id)
         ),
     }
-
-
-def export_evidence(
-    session: Session, fmt: str = "json", service: str | None = None, since: datetime | None = None
-) -> str:
-    """One row per finished run and service in scope (``auditor.auditor_rows``: the fifteen auditor
-    fields), as ``json`` (a list of objects, the fields nested) or ``csv`` (a header, then one line
-    per row, the fields flattened)."""
-    from dr_orchestrator.evidence import auditor  # it reads through this module: imported when used
-
-    if fmt not in ("json", "csv"):
-        raise ValueError(f"unknown export format {fmt!r}: use json or csv")
-    rows = auditor.auditor_rows(session, service=service, since=since)
-    return auditor.rows_as_csv(rows) if fmt == "csv" else auditor.rows_as_json(rows)

@@ -18,9 +18,7 @@ is durable once fsynced there. A run never stops because the evidence database i
 
 from __future__ import annotations
 
-import enum
 import logging
-import math
 import os
 import queue
 import threading
@@ -30,7 +28,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, inspect, select
 from sqlalchemy.orm import Session, configure_mappers
@@ -54,6 +51,7 @@ from dr_orchestrator.evidence.models import (
     StepRecord,
 )
 from dr_orchestrator.evidence.provenance import GIT_COMMIT_EVENT, git_commit_of
+from dr_orchestrator.evidence.values import clean_text, derive_test_type, jsonable
 from dr_orchestrator.model.approval import DecisionSource
 from dr_orchestrator.model.events import (
     ActionEvent,
@@ -82,25 +80,6 @@ WRITER_IDLE_S = 5.0  # the writer thread ends after this long without events (a 
 RETENTION_ENV = "DR_RETENTION_YEARS"
 DEFAULT_RETENTION_YEARS = 6
 DB_WAIT_S = 2.0  # with a fallback: how long a transaction may take before its events are journaled
-TEST_TYPES = ("planned switchover rehearsal", "unplanned failover rehearsal", "planned switchover (production)",
-              "real failover", "failback")
-
-
-def derive_test_type(kind: str, trigger: str, scenario: str | None) -> str:
-    """What an auditor calls the run, from what ran: failbacks are failbacks; a failover run, or a run
-    started by a real incident, is a real failover; a switchover run is a planned switchover in
-    production (a rehearsal is only what is run as one); a rehearsal with a fault injected (a
-    scenario) is an unplanned failover rehearsal, without one a planned one. A drill's runs carry
-    their own ("drill: SCENARIO")."""
-    if kind == RunKind.FAILBACK:
-        return "failback"
-    if trigger in ("automatic", "incident") or kind == RunKind.FAILOVER:
-        return "real failover"
-    if kind == RunKind.SWITCHOVER:
-        return "planned switchover (production)"
-    if scenario:
-        return "unplanned failover rehearsal"
-    return "planned switchover rehearsal"
 
 
 def retention_years(explicit: int | None = None) -> int:
@@ -120,32 +99,6 @@ def years_after(moment: datetime, years: int) -> datetime:
         return moment.replace(year=moment.year + years)
     except ValueError:  # 29 February into a common year
         return moment.replace(year=moment.year + years, day=28)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data both backends accept. What JSON cannot hold (datetimes, bytes,
-    NaN, ...) becomes text, and NUL characters are escaped: PostgreSQL refuses them in text."""
-    if isinstance(value, dict):
-        return {clean_text(str(key)): jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, str):
-        return clean_text(value)
-    if value is None or isinstance(value, (bool, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return jsonable(value.value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, BaseModel):
-        return jsonable(value.model_dump(mode="json"))
-    return clean_text(str(value))
-
-
-def clean_text(text: str) -> str:
-    return text.replace("\x00", "\\x00")
 
 
 def maybe_text(text: str | None) -> str | None:

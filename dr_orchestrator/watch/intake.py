@@ -27,8 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import incidents
-from dr_orchestrator.evidence.annotations import begin_write
 from dr_orchestrator.evidence.chain import lock_chain
+from dr_orchestrator.evidence.database import begin_write
 from dr_orchestrator.evidence.models import Incident, IncidentEvent
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.watch import automation, policy
