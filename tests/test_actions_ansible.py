@@ -109,6 +109,7 @@ def workspace(tmp_path: Path) -> Workspace:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_task_events_reach_the_evidence_store_while_the_playbook_runs(
     workspace: Workspace, tmp_path: Path, evidence_dir: Path
 ) -> None:
@@ -171,6 +172,7 @@ def test_task_events_reach_the_evidence_store_while_the_playbook_runs(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_a_failed_task_fails_the_step_naming_host_task_and_message(workspace: Workspace) -> None:
     workspace.playbook("breaks.yml", """\
         - hosts: backup
@@ -194,6 +196,7 @@ def test_a_failed_task_fails_the_step_naming_host_task_and_message(workspace: Wo
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_the_step_timeout_ends_a_long_playbook_promptly(workspace: Workspace, tmp_path: Path) -> None:
     marker = tmp_path / "sleeping"
     sleep = f"{37 + uuid.uuid4().int % 1000 / 1000:.3f}"  # a command line no other process has
@@ -220,6 +223,7 @@ def test_the_step_timeout_ends_a_long_playbook_promptly(workspace: Workspace, tm
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_stopping_the_run_ends_the_playbook_and_its_task(workspace: Workspace, tmp_path: Path) -> None:
     marker = tmp_path / "sleeping"
     sleep = f"{38 + uuid.uuid4().int % 1000 / 1000:.3f}"
@@ -256,6 +260,7 @@ def test_stopping_the_run_ends_the_playbook_and_its_task(workspace: Workspace, t
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_each_run_has_a_fresh_private_data_dir(workspace: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-the-artifacts")
     workspace.playbook("show.yml", """\
@@ -283,6 +288,7 @@ def test_each_run_has_a_fresh_private_data_dir(workspace: Workspace, monkeypatch
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_secret_vars_reach_the_playbook_and_nothing_recorded(
     workspace: Workspace, tmp_path: Path, evidence_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,6 +322,7 @@ def test_secret_vars_reach_the_playbook_and_nothing_recorded(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_check_mode_changes_nothing(workspace: Workspace, tmp_path: Path) -> None:
     target = tmp_path / "would-be-created"
     workspace.playbook("touch.yml", f"""\

@@ -335,6 +335,7 @@ def proxy(aws: Moto) -> Iterator[FaultProxy]:
 # ---------------------------------------------------------------- the example runbook, for real
 
 
+@pytest.mark.slow
 def test_example_runbook_fails_quotation_over_to_the_cloud_region(aws: Moto) -> None:
     world = seed_quotation(aws)
     v = quotation_vars()
@@ -389,6 +390,7 @@ def test_example_runbook_fails_quotation_over_to_the_cloud_region(aws: Moto) -> 
     assert {c["region"] for c in calls} == {REGION}
 
 
+@pytest.mark.slow
 def test_cli_runs_the_example_against_the_local_endpoint(aws: Moto, tmp_path: Path) -> None:
     world = seed_quotation(aws)
     v = quotation_vars()
@@ -429,6 +431,7 @@ def test_cli_runs_the_example_against_the_local_endpoint(aws: Moto, tmp_path: Pa
 # ---------------------------------------------------------------- failure paths
 
 
+@pytest.mark.slow
 def test_throttling_is_retried_and_the_retries_are_in_evidence(aws: Moto, proxy: FaultProxy, tmp_path: Path) -> None:
     world = seed_quotation(aws)
     v = quotation_vars()
@@ -447,6 +450,7 @@ def test_throttling_is_retried_and_the_retries_are_in_evidence(aws: Moto, proxy:
     assert record_values(aws, world.zone_id, v["record"])[v["primary_set_identifier"]] == ["standby.example-bank.com"]
 
 
+@pytest.mark.slow
 def test_throttling_that_outlasts_the_retries_fails_the_step_clearly(aws: Moto, proxy: FaultProxy,
                                                                      tmp_path: Path) -> None:
     seed_quotation(aws)
@@ -493,6 +497,7 @@ def test_access_denied_fails_the_step_naming_operation_code_and_message(
     assert run.calls("DescribeDBInstances")[0]["http_status"] == 200  # reading was allowed
 
 
+@pytest.mark.slow
 def test_a_change_that_never_gets_in_sync_hits_the_step_timeout(aws: Moto, proxy: FaultProxy,
                                                                  tmp_path: Path) -> None:
     seed_quotation(aws)
@@ -572,6 +577,7 @@ def test_weighted_records_shift_and_a_second_run_changes_nothing(aws: Moto) -> N
     assert "ChangeResourceRecordSets" not in {c["operation"] for c in second.calls()}
 
 
+@pytest.mark.slow
 def test_switching_a_record_set_that_does_not_exist_names_the_ones_that_do(aws: Moto) -> None:
     seed_quotation(aws)
     with pytest.raises(ActionError, match=r"has no record set 'quotation-primry' \(set identifiers: "
@@ -587,6 +593,7 @@ def test_health_check_that_never_turns_unhealthy_fails_at_the_deadline(aws: Moto
         Harness().run("aws.route53.health", health_check=check, expect="unhealthy", interval="50ms", deadline="300ms")
 
 
+@pytest.mark.slow
 def test_ec2_start_by_ids_skips_running_ones_and_refuses_terminated_ones(aws: Moto) -> None:
     world = seed_quotation(aws)
     ec2 = aws.client("ec2")
@@ -624,6 +631,7 @@ def test_elbv2_weights_by_listener_arn_and_targets_moved_between_sites(aws: Moto
                       weights={"quotation-onprem": 0, "quotation-cloud": 0})
 
 
+@pytest.mark.slow
 def test_promotion_without_lag_datapoints_says_why_no_rpo_was_measured(aws: Moto) -> None:
     aws.client("rds").create_db_instance(DBInstanceIdentifier="src", Engine="postgres", DBInstanceClass="db.t3.micro",
                                          MasterUsername="u", MasterUserPassword="not-a-real-password",
@@ -641,6 +649,7 @@ def test_promotion_without_lag_datapoints_says_why_no_rpo_was_measured(aws: Moto
     assert again["status"] == "available"
 
 
+@pytest.mark.slow
 def test_endpoint_comes_from_the_parameter_then_the_site_then_the_environment(
     aws: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

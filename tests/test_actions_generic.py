@@ -198,6 +198,7 @@ def test_shell_cancel_kills_the_process_and_its_children(tmp_path: Path) -> None
     assert not alive(shell_pid) and not alive(child_pid)
 
 
+@pytest.mark.slow
 def test_shell_deadline_kills_children_that_ignore_sigterm(tmp_path: Path) -> None:
     h = Harness(timeout=1.0)
     thread, box, shell_pid, child_pid = _start_shell_with_grandchild(h, tmp_path, "trap '' TERM; sleep 60")

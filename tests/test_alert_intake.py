@@ -486,6 +486,7 @@ def test_no_other_role_may_post_alerts(intake: Intake, role: str) -> None:
         (f"pat-{role}", 403), (f"pat-{role}", 403), ("anonymous", 401)]
 
 
+@pytest.mark.slow
 def test_dr_tokens_create_makes_an_alerts_token_and_dr_serve_refuses_a_broken_inventory(tmp_path: Path) -> None:
     db = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
     env = {**os.environ, "DR_DATABASE_URL": db}
@@ -537,6 +538,7 @@ def alerts_token(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 def test_generated_messages_are_taken_or_refused_as_the_spec_says_never_a_500(case: Any, alerts_token: str) -> None:
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {alerts_token}"}
     case.call_and_validate(checks=[CHECKS.get_one(name) for name in (

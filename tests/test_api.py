@@ -376,6 +376,7 @@ def test_the_shipped_example_runbook_runs_with_parameters(database_url: str, tmp
         assert detail["results"][0]["service"] == "quotation" and detail["results"][0]["rto_met"] is True
 
 
+@pytest.mark.slow
 def test_runs_filter_by_service_kind_dates_state_and_verdict(api: Api) -> None:
     fast = record_run(api.url, "restore-trading.yml", incident_ago_s=2)
     slow = record_run(api.url, "restore-trading.yml", incident_ago_s=25)  # over trading's 10 s target
@@ -563,6 +564,7 @@ def test_packs_need_the_servers_signing_key(api: Api, tmp_path: Path, monkeypatc
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_reports_as_pdf_and_the_quarter_report(api: Api) -> None:
     from dr_orchestrator.evidence.reports import quarter_of
     from dr_orchestrator.model.events import utcnow
@@ -586,6 +588,7 @@ def dr(*args: str, db: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, env={**os.environ, "DR_DATABASE_URL": db})
 
 
+@pytest.mark.slow
 def test_dr_tokens_create_list_revoke(tmp_path: Path) -> None:
     db = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
     created = dr("tokens", "create", "--name", "grafana", "--role", "compliance", "--expires", "90d", db=db)
@@ -602,6 +605,7 @@ def test_dr_tokens_create_list_revoke(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "is not a duration" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_tokens_that_can_change_things_expire_in_90_days_unless_told_otherwise(tmp_path: Path) -> None:
     db = prepared(f"sqlite:///{tmp_path / 'evidence.db'}")
     for name, role, expires in (("erin", "engineer", None), ("ada", "admin", None), ("carol", "compliance", None),

@@ -95,6 +95,7 @@ def keep_tokens_alive(case: Any, ids: set[int]) -> None:
 
 @schema.parametrize()
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 def test_every_answer_matches_the_spec_for_every_role(case: Any, tokens: dict[str, str]) -> None:
     checks = [CHECKS.get_one(name) for name in ALL_CHECKS]
     keep_tokens_alive(case, set(range(1, len(ROLES) + 1)))

@@ -31,6 +31,7 @@ def migrated(database_url: str, tmp_path: Path) -> str:
     return database_url
 
 
+@pytest.mark.slow
 def test_run_with_mixed_outcomes_records_exactly_what_happened(migrated: str, tmp_path: Path) -> None:
     counter = tmp_path / "attempts"
     result = dr("run", str(DATA / "mixed-outcomes.yml"), "-i", LOCAL_INVENTORY, "-p", f"counter={counter}",
@@ -129,6 +130,7 @@ steps:
 """
 
 
+@pytest.mark.slow
 def test_a_saved_plan_runs_exactly_as_saved_or_is_refused(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'evidence.db'}"
     dr("db", "upgrade", db=db, cwd=tmp_path, check=True)
@@ -188,6 +190,7 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path: Path) -> None:
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_ends_aborted_and_nothing_is_left_running(migrated: str, tmp_path: Path) -> None:
     runbook = tmp_path / "long.yml"
     runbook.write_text(

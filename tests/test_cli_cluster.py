@@ -45,6 +45,7 @@ def node_config(path: Path, endpoints: list[str], key: str, journal: Path) -> Pa
     return path
 
 
+@pytest.mark.slow
 def test_status_names_the_members_the_leader_and_its_lease(etcd: EtcdCluster, tmp_path: Path) -> None:
     key = f"/dr/test-cli-{os.getpid()}/leader"
     config = node_config(tmp_path / "node.yml", etcd.endpoints, key, tmp_path / "journal.jsonl")
@@ -66,6 +67,7 @@ def test_status_names_the_members_the_leader_and_its_lease(etcd: EtcdCluster, tm
         leader.stop()
 
 
+@pytest.mark.slow
 def test_without_quorum_the_status_says_so_and_exits_1(tmp_path: Path) -> None:
     directory = Path(tempfile.mkdtemp(prefix="dr-etcd-cli-", dir=scratch.scratch_base()))
     try:

@@ -91,6 +91,7 @@ def person(name: str, **more: str) -> dict[str, str]:
     return {"SUDO_USER": name, **more}
 
 
+@pytest.mark.slow
 def test_a_gate_waits_for_another_person_from_another_process(migrated: str, tmp_path: Path,
                                                               processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
@@ -125,6 +126,7 @@ def test_a_gate_waits_for_another_person_from_another_process(migrated: str, tmp
     assert shown["results"][0]["decision_s"] > 0
 
 
+@pytest.mark.slow
 def test_one_person_decides_a_gate_once_whatever_label_they_give(migrated: str, tmp_path: Path,
                                                                  processes: Processes) -> None:
     from dr_orchestrator.evidence.approvals import ApprovalRefused, decide
@@ -150,6 +152,7 @@ def test_one_person_decides_a_gate_once_whatever_label_they_give(migrated: str, 
     assert [tuple(row) for row in query(migrated, "SELECT actor FROM approvals")] == [("bob (os root, sudo bob)",)]
 
 
+@pytest.mark.slow
 def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)
@@ -169,6 +172,7 @@ def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes:
 # ---------------------------------------------------------------- one failover at a time
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_service_at_once_exactly_one_runs(migrated: str, tmp_path: Path,
                                                           processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
@@ -218,6 +222,7 @@ KILL_POINTS = ["run:started", "run:finishing", "inside:promote", "switch:ending"
 
 
 @pytest.mark.parametrize("kill_at", KILL_POINTS)
+@pytest.mark.slow
 def test_killed_at_any_point_and_resumed_every_step_ran_once(kill_at: str, crash_db: str, listening_port: int,
                                                              tmp_path: Path, processes: Processes) -> None:
     runbook = tmp_path / "crash.yml"
@@ -276,6 +281,7 @@ def test_killed_at_any_point_and_resumed_every_step_ran_once(kill_at: str, crash
     assert chain.ok, chain.first  # the audit chain holds every write, before and after the crash
 
 
+@pytest.mark.slow
 def test_a_run_that_is_alive_cannot_be_resumed(crash_db: str, tmp_path: Path, processes: Processes) -> None:
     runbook = tmp_path / "gated.yml"
     runbook.write_text(GATED)

@@ -430,6 +430,7 @@ def test_the_store_waits_no_longer_than_its_bound_for_a_database_that_hangs(tmp_
     assert evidence_rows(db.sessions) == reference_rows(tmp_path, capture.events)
 
 
+@pytest.mark.slow
 def test_a_delivery_stopped_midway_goes_on_without_writing_anything_twice(tmp_path: Path) -> None:
     db = SqliteGoesAway(tmp_path)
     try:

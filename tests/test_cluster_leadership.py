@@ -205,6 +205,7 @@ def test_resigning_on_stop_hands_over_at_once(shared_cluster: EtcdCluster, nodes
     assert_one_leader_at_a_time(first, second)
 
 
+@pytest.mark.slow
 def test_a_killed_leader_process_is_replaced_after_its_lease(shared_cluster: EtcdCluster,
                                                               nodes: NodeFactory) -> None:
     key = new_key()
@@ -241,6 +242,7 @@ def test_a_killed_leader_process_is_replaced_after_its_lease(shared_cluster: Etc
         process.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_killing_the_etcd_member_the_leader_talks_to_keeps_one_leader(own_cluster: EtcdCluster,
                                                                       nodes: NodeFactory) -> None:
     key = new_key()
@@ -280,6 +282,7 @@ def test_killing_the_etcd_member_the_leader_talks_to_keeps_one_leader(own_cluste
     assert status["quorum"] and status["leader"]["node"] == leader.node
 
 
+@pytest.mark.slow
 def test_with_all_etcd_down_the_leader_stops_within_its_ttl(own_cluster: EtcdCluster, nodes: NodeFactory) -> None:
     ttl_s = 3
     key = new_key()

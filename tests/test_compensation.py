@@ -253,6 +253,7 @@ def test_a_refused_rollback_is_tried_again_after_the_older_ones() -> None:
     assert rollbacks == [StepState.ROLLBACK_FAILED, StepState.ROLLED_BACK]  # both tries are on record
 
 
+@pytest.mark.slow
 def test_a_service_outside_the_scope_made_worse_is_an_impact_and_a_finding(
     health: tuple[Health, Health], sessions: sessionmaker[Session]
 ) -> None:
@@ -289,6 +290,7 @@ def test_a_service_outside_the_scope_made_worse_is_an_impact_and_a_finding(
     assert {"blast_radius.before", "blast_radius.after", "blast_radius.impact", "blast_radius.verdict"} <= kinds
 
 
+@pytest.mark.slow
 def test_a_run_that_changes_nothing_for_the_worse_says_clients_were_left_as_found(
     health: tuple[Health, Health]
 ) -> None:

@@ -99,6 +99,7 @@ def figures(dom: str) -> dict[str, str]:
                                                          dom, re.S)}
 
 
+@pytest.mark.slow
 def test_the_dashboard_renders_in_chromium_with_rto_charts_drills_and_pending_approvals(
         served: tuple[Server, str], tmp_path: Path) -> None:
     server, url = served
@@ -149,6 +150,7 @@ def test_the_dashboard_renders_in_chromium_with_rto_charts_drills_and_pending_ap
     assert frank not in server.log.read_text()  # the sign-in link's token is never logged
 
 
+@pytest.mark.slow
 def test_the_dashboard_without_a_token_asks_for_one(served: tuple[Server, str]) -> None:
     server, url = served
     answer = httpx.get(f"{server.base}/dashboard")
@@ -168,6 +170,7 @@ def test_the_dashboard_without_a_token_asks_for_one(served: tuple[Server, str]) 
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
 
 
+@pytest.mark.slow
 def test_the_status_page_renders_a_message_as_text_without_a_token(served: tuple[Server, str]) -> None:
     from datetime import timedelta
 

@@ -207,6 +207,7 @@ def test_the_shipped_drills_load() -> None:
 # ---------------------------------------------------------------- running
 
 
+@pytest.mark.slow
 def test_drill_run_end_to_end_passes_records_everything_and_notifies(
         tmp_path: Path, evidence_url: str, webhook: WebhookReceiver, smtp: SmtpServer) -> None:
     webhook.fail_first = 1  # the first delivery is retried
@@ -261,6 +262,7 @@ def test_drill_run_end_to_end_passes_records_everything_and_notifies(
     assert "PASSED" in shown.stdout and "notified completed by email" in shown.stdout
 
 
+@pytest.mark.slow
 def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_cleans_up(
         tmp_path: Path, evidence_url: str, webhook: WebhookReceiver) -> None:
     # The failover "succeeds" only in part: the health check of the drill is pointed elsewhere.
@@ -284,6 +286,7 @@ def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_
     assert "health quotation-answers" in json.loads(webhook.delivered()[0].body)["text"]
 
 
+@pytest.mark.slow
 def test_a_failed_failover_skips_the_failback_but_the_cleanup_runs_and_reports_what_is_left(
         tmp_path: Path, evidence_url: str) -> None:
     drill = local_drill(tmp_path, fail=True, cleanup="""
@@ -307,6 +310,7 @@ def test_a_failed_failover_skips_the_failback_but_the_cleanup_runs_and_reports_w
     os.kill(int(pid), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_failover_stops_the_drill_and_the_cleanup_still_runs(
         tmp_path: Path, evidence_url: str) -> None:
     drill = local_drill(tmp_path, failover=f"""
@@ -342,6 +346,7 @@ def test_ctrl_c_during_the_failover_stops_the_drill_and_the_cleanup_still_runs(
     assert not (tmp_path / "work" / "primary-down").exists()
 
 
+@pytest.mark.slow
 def test_notifications_that_cannot_be_delivered_are_recorded_and_do_not_fail_the_drill(
         tmp_path: Path, evidence_url: str) -> None:
     dead = free_port()
@@ -396,6 +401,7 @@ def test_drill_runs_left_running_by_a_dead_process_are_closed_as_interrupted(evi
 # ---------------------------------------------------------------- notify.* as runbook steps
 
 
+@pytest.mark.slow
 def test_notify_actions_as_runbook_steps_deliver_and_leave_evidence(
         tmp_path: Path, evidence_url: str, webhook: WebhookReceiver, smtp: SmtpServer) -> None:
     runbook = tmp_path / "notice.yml"

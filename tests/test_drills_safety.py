@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from dr_orchestrator.drills.load import load_drill
@@ -56,6 +57,7 @@ def test_a_pre_approved_drill_passes_the_gates_as_the_drill(tmp_path: Path) -> N
     assert failover.pre_approved_by == "drill gated-drill"
 
 
+@pytest.mark.slow
 def test_without_pre_approval_an_unanswered_gate_fails_the_drill(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(url)

@@ -124,6 +124,7 @@ def first_entry_of(sessions: sessionmaker[Session], run_id: str) -> int:
                                    .order_by(entries.c.seq).limit(1)).scalar_one())
 
 
+@pytest.mark.slow
 def test_untampered_database_verifies_against_its_anchors(
     database_url: str, sessions: sessionmaker[Session], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -173,6 +174,7 @@ def failed_run_anchored(sessions: sessionmaker[Session], private: Path,
     return before, failed, anchor_to(sessions, private, sink, run_id=failed).anchor
 
 
+@pytest.mark.slow
 def test_consistent_rewrite_is_named_by_the_anchors(
     database_url: str, sessions: sessionmaker[Session], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -208,6 +210,7 @@ def test_consistent_rewrite_is_named_by_the_anchors(
     assert as_json["anchors"]["problems"][0]["kind"] == "rewritten"
 
 
+@pytest.mark.slow
 def test_truncation_of_the_newest_run_is_named(
     database_url: str, sessions: sessionmaker[Session], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -257,6 +260,7 @@ def test_forged_unreadable_and_foreign_anchors_are_reported(
     assert [p.kind for p in check(sessions, empty, public).problems] == ["no anchors"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_with_one_sentence(
     database_url: str, sessions: sessionmaker[Session], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -275,6 +279,7 @@ def test_cli_refuses_bad_input_with_one_sentence(
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_anchor_writes_every_sink_and_names_the_one_that_failed(
     database_url: str, sessions: sessionmaker[Session], keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -303,6 +308,7 @@ def test_cli_anchor_writes_every_sink_and_names_the_one_that_failed(
 
 
 @pytest.mark.aws
+@pytest.mark.slow
 def test_s3_sink_under_object_lock(
     aws: Moto, database_url: str, sessions: sessionmaker[Session],
     keys: tuple[Path, Path], tmp_path: Path,
@@ -366,6 +372,7 @@ def anchor_events(sessions: sessionmaker[Session]) -> list[AuditEvent]:
                                     .order_by(AuditEvent.id)))
 
 
+@pytest.mark.slow
 def test_every_run_end_is_anchored(
     anchored_runs: Any, sessions: sessionmaker[Session], keys: tuple[Path, Path],
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

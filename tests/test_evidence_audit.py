@@ -193,6 +193,7 @@ def test_postgres_refuses_changes_to_finished_evidence(postgres_database_url: st
             conn.execute("UPDATE steps SET state = 'failed' WHERE step_id = 'late'")
 
 
+@pytest.mark.slow
 def test_cli_verify_exit_codes_and_findings(database_url: str, sessions: sessionmaker[Session], tmp_path: Path) -> None:
     run_id = run_small(sessions)
     ok = dr("evidence", "verify", db=database_url, cwd=tmp_path)
@@ -252,6 +253,7 @@ def test_migration_chains_evidence_written_before_the_chain(database_url: str) -
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_dr_run_records_test_type_scenario_failback_and_retention(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(url)

@@ -249,6 +249,7 @@ def dr(*args: str, db: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_reconcile_findings_and_reports_take_drill_run_ids(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(url)
@@ -301,6 +302,7 @@ def test_a_drill_that_started_no_run_is_named_as_such(sessions: sessionmaker[Ses
             queries.find_run(session, "eeee0000")
 
 
+@pytest.mark.slow
 def test_the_api_records_a_check_for_engineers_only(database_url: str, tmp_path: Path) -> None:
     from api_support import bearer, make_api, prepared, record_run, token
 

@@ -114,6 +114,7 @@ def test_missing_migrations_directory_is_explained(tmp_path: Path, monkeypatch: 
         migrate.upgrade(f"sqlite:///{tmp_path / 'e.db'}")
 
 
+@pytest.mark.slow
 def test_plain_alembic_command_uses_dr_database_url(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     env = os.environ | {"DR_DATABASE_URL": url}

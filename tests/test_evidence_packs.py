@@ -48,6 +48,7 @@ def rewritten(pack: bytes, change: dict[str, bytes | None]) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_run_pack_exported_and_verified_offline(
     database_url: str, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
@@ -90,6 +91,7 @@ def test_run_pack_exported_and_verified_offline(
         "auditor", "evidence.pack", manifest["chain_head"])
 
 
+@pytest.mark.slow
 def test_changed_added_or_missing_files_and_wrong_signers_fail(
     sqlite_sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:

@@ -113,6 +113,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_lock_dies_with_its_process(database_url: str, sessions: sessionmaker[Session]) -> None:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, database_url], stdout=subprocess.PIPE, text=True)
     try:

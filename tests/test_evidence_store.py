@@ -230,6 +230,7 @@ def test_each_event_is_committed_as_it_arrives(sessions: sessionmaker[Session]) 
         assert sorted(pending) == ["cleanup", "verify-trading"]
 
 
+@pytest.mark.slow
 def test_failed_run_with_rollback(sessions: sessionmaker[Session]) -> None:
     store = EvidenceStore(sessions)
     for event in [
@@ -363,6 +364,7 @@ def test_concurrent_writers_lose_nothing(database_url: str, sessions: sessionmak
     assert counts == {f"w{w}": 40 for w in range(6)}
 
 
+@pytest.mark.slow
 def test_awkward_outputs_are_kept_as_text_on_every_backend(sessions: sessionmaker[Session]) -> None:
     """Command output can hold NUL bytes and NaN; PostgreSQL refuses both in text and JSON."""
     store = EvidenceStore(sessions)

@@ -115,6 +115,7 @@ def chain(steps: int, first_last: bool = False) -> str:
     return "name: long\nkind: rehearsal\nsteps:\n" + "\n".join(lines[::-1] if first_last else lines) + "\n"
 
 
+@pytest.mark.slow
 def test_a_long_chain_written_last_step_first_validates_and_plans(tmp_path: Path) -> None:
     """Deeper than Python's recursion limit, in the order that makes a recursive walk go deepest."""
     path = tmp_path / "long.yml"

@@ -144,6 +144,7 @@ def test_a_restored_or_closed_incident_is_not_reused_and_a_closed_one_takes_only
         assert state_of(session, second) == "closed"
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_sentence(sessions: sessionmaker[Session]) -> None:
     with sessions() as session, session.begin():
         incident_id = open_incident(session)
@@ -201,6 +202,7 @@ def test_a_run_started_on_the_incident_is_recorded_as_executing_once(sessions: s
     assert timeline["rto_s"] == pytest.approx((restored - impact).total_seconds(), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_dr_incidents_show_and_close_and_a_tampered_event_is_found_by_dr_evidence_verify(
         sessions: sessionmaker[Session], database_url: str, tmp_path: Path) -> None:
     with sessions() as session, session.begin():
@@ -271,6 +273,7 @@ def test_postgres_refuses_rewriting_events_or_an_incident_s_identity_or_reopenin
             session.execute(text(statement))
 
 
+@pytest.mark.slow
 def test_an_incident_recorded_before_the_lifecycle_stays_intact_through_dr_db_upgrade(
         database_url: str, tmp_path: Path) -> None:
     migrate.upgrade(database_url, "0006")

@@ -91,6 +91,7 @@ def moment(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+@pytest.mark.slow
 def test_attempt_retry_and_failback_share_the_incident_and_the_retry_counts_from_the_first_failure(
         db: str, tmp_path: Path, live_url: str, dead_url: str) -> None:
     first = start(dead_url, "--incident", "INC-2026-0042", db=db, cwd=tmp_path, exit_code=1)
@@ -131,6 +132,7 @@ def test_attempt_retry_and_failback_share_the_incident_and_the_retry_counts_from
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+@pytest.mark.slow
 def test_failover_counted_from_its_start_warns_in_summary_export_and_report(
         db: str, tmp_path: Path, live_url: str) -> None:
     result = dr("run", RUNBOOK, "-i", INVENTORY, "-p", f"health_url={live_url}", "-q", db=db, cwd=tmp_path)
@@ -159,6 +161,7 @@ def test_failover_counted_from_its_start_warns_in_summary_export_and_report(
     assert [RUN_START_WARNING in r["rto_method"] for r in rows] == [True, False]
 
 
+@pytest.mark.slow
 def test_incident_mistakes_are_one_sentence(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'e.db'}"
     assert dr("db", "upgrade", db=db, cwd=tmp_path).returncode == 0
@@ -172,6 +175,7 @@ def test_incident_mistakes_are_one_sentence(tmp_path: Path) -> None:
     assert unknown.stderr.strip() == "Error: no incident 'INC-404' in the evidence database (see `dr incidents list`)"
 
 
+@pytest.mark.slow
 def test_the_incident_names_who_its_runs_notified_and_whether_it_reached_them(
         db: str, tmp_path: Path, live_url: str) -> None:
     receiver, stop = start_webhook_receiver()

@@ -86,6 +86,7 @@ def test_members_left_by_a_killed_session_are_found_and_stopped(directory: Path)
     assert child.wait(timeout=5) == -9
 
 
+@pytest.mark.slow
 def test_another_process_finds_kills_and_restarts_members_from_the_state(directory: Path) -> None:
     with EtcdCluster(directory) as cluster:
         state = json.loads(json.dumps(cluster.state()))

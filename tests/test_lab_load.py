@@ -364,6 +364,7 @@ def test_the_generator_records_every_request_and_the_report_shows_the_outage_it_
         assert report["services"][service]["missing_writes"] is None  # no database to check
 
 
+@pytest.mark.slow
 def test_the_ledger_survives_the_generator_being_killed(fake_lab: tuple[LabConfig, FakeFrontDoor]) -> None:
     config, door = fake_lab
     pid = start_load(config, rate=20)

@@ -658,6 +658,7 @@ def test_an_unquoted_template_in_a_shell_command_is_a_warning(tmp_path: Path) ->
     assert str(problem).startswith(f"{tmp_path / 'runbook.yml'}:7: warning: steps[0].with.command")
 
 
+@pytest.mark.slow
 def test_dr_validate_prints_warnings_and_fails_on_them_only_with_strict(tmp_path: Path) -> None:
     runbook = write(tmp_path, "shell.yml", SHELL)
     relaxed = dr(tmp_path, "validate", runbook, "-i", LAB_INVENTORY)

@@ -145,6 +145,7 @@ def test_a_run_logs_its_steps_with_ids_and_without_the_secret(
     assert entries[-1]["message"].startswith("run run-42 failed")
 
 
+@pytest.mark.slow
 def test_the_scheduler_logs_only_json_in_json_format(tmp_path: Path) -> None:
     database = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(database)

@@ -123,6 +123,7 @@ def test_capability_level_needs_every_element_and_the_periods_worst_figures() ->
     assert "backup_infrastructure meets level 1" in on_the_lab.limited_by
 
 
+@pytest.mark.slow
 def test_capability_elements_load_with_overrides_and_line_precise_errors(tmp_path: Path) -> None:
     lab_text = LAB_INVENTORY.read_text()
     lab_elements = lab_text[lab_text.index("      capability:\n"):lab_text.index("  children:")]

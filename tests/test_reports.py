@@ -187,6 +187,7 @@ def test_quarters_and_test_types() -> None:
     assert derive_test_type("switchover", "manual", "") == "planned switchover (production)"
 
 
+@pytest.mark.slow
 def test_cli_reports_html_csv_pdf(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'evidence.db'}"
     migrate.upgrade(url)

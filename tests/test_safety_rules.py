@@ -305,6 +305,7 @@ def dr(*args: str, cwd: Path, db: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, env={**os.environ, "DR_DATABASE_URL": db})
 
 
+@pytest.mark.slow
 def test_dr_run_refused_exits_1_with_the_rule_and_force_overrides(tmp_path: Path) -> None:
     runbook, inventory, marker = write(tmp_path, f"""\
         readiness:

@@ -199,6 +199,7 @@ def migrated(url: str) -> str:
     return url
 
 
+@pytest.mark.slow
 def test_the_scheduler_runs_a_drill_seconds_away_and_writes_its_evidence(
         tmp_path: Path, schedulers: list[Scheduler]) -> None:
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
@@ -223,6 +224,7 @@ def test_the_scheduler_runs_a_drill_seconds_away_and_writes_its_evidence(
     assert_each_fire_time_once(rows, "*/3 * * * * *")
 
 
+@pytest.mark.slow
 def test_a_restart_between_fire_times_loses_and_doubles_nothing(tmp_path: Path, schedulers: list[Scheduler]) -> None:
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
     quick_drill(tmp_path / "drills")
@@ -245,6 +247,7 @@ def test_a_restart_between_fire_times_loses_and_doubles_nothing(tmp_path: Path, 
     assert "scheduled quick-drill" not in second.output()  # the stored job was kept, not replaced
 
 
+@pytest.mark.slow
 def test_a_second_scheduler_on_one_sqlite_file_refuses(tmp_path: Path, schedulers: list[Scheduler]) -> None:
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
     quick_drill(tmp_path / "drills", cron="0 0 1 1 *")
@@ -260,6 +263,7 @@ def test_a_second_scheduler_on_one_sqlite_file_refuses(tmp_path: Path, scheduler
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_two_schedulers_on_one_postgresql_database_run_each_fire_time_once_and_take_over(
         tmp_path: Path, postgres_database_url: str, schedulers: list[Scheduler]) -> None:
     db = migrated(postgres_database_url)
@@ -280,6 +284,7 @@ def test_two_schedulers_on_one_postgresql_database_run_each_fire_time_once_and_t
     assert_each_fire_time_once(drill_runs(db), "*/3 * * * * *")
 
 
+@pytest.mark.slow
 def test_a_drill_interrupted_by_a_crash_is_marked_interrupted_on_restart(
         tmp_path: Path, schedulers: list[Scheduler]) -> None:
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
@@ -314,6 +319,7 @@ def test_a_drill_interrupted_by_a_crash_is_marked_interrupted_on_restart(
     assert "marked interrupted" in second.output()
 
 
+@pytest.mark.slow
 def test_trigger_runs_a_drill_now_by_name_and_refuses_an_unknown_one(tmp_path: Path) -> None:
     db = migrated(f"sqlite:///{tmp_path / 'evidence.db'}")
     quick_drill(tmp_path / "drills", cron="0 0 1 1 *")

@@ -254,6 +254,7 @@ def database_bytes(url: str) -> bytes:
     return dump.stdout
 
 
+@pytest.mark.slow
 def test_a_secret_passed_by_reference_is_in_no_record_log_report_or_pack(
         leaky_files: dict[str, Any], database_url: str, tmp_path: Path) -> None:
     assert dr("db", "upgrade", db=database_url, cwd=tmp_path).returncode == 0
@@ -392,6 +393,7 @@ def test_database_password_by_reference(monkeypatch: pytest.MonkeyPatch) -> None
         pgdb.resolve(literal, None)
 
 
+@pytest.mark.slow
 def test_evidence_database_url_by_reference(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'evidence.db'}"
     (tmp_path / "url").write_text(url + "\n")

@@ -148,6 +148,7 @@ def test_every_other_route_still_needs_a_token(site: Site) -> None:
     assert answered == PUBLIC
 
 
+@pytest.mark.slow
 def test_a_message_said_by_the_cli_shows_escaped_signed_by_the_team(site: Site, tmp_path: Path) -> None:
     incident_id = open_incident(site.url, "trading", impact=utcnow() - timedelta(seconds=5))
     text = "<script>alert('x')</script> Trading moves to the backup site & is back within minutes."

@@ -76,6 +76,7 @@ def record_lifecycle(sessions: sessionmaker[Session]) -> str:
     return incident
 
 
+@pytest.mark.slow
 def test_each_transition_reaches_the_webhook_as_signed_structured_fields(
         tmp_path: Path, sessions: sessionmaker[Session], receivers: list[WebhookReceiver],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,6 +136,7 @@ def test_a_warning_and_its_clearing_are_notices_of_their_own() -> None:
     assert cleared.text == f"cleared: {warning.message}"
 
 
+@pytest.mark.slow
 def test_a_failing_target_is_recorded_on_the_incident_and_the_watch_goes_on(
         tmp_path: Path, sqlite_sessions: sessionmaker[Session], receivers: list[WebhookReceiver]) -> None:
     working = receivers[0]

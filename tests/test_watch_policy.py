@@ -380,6 +380,7 @@ def test_parameters_name_the_failed_site_and_the_other_one_when_the_runbook_take
 # ---------------------------------------------------------------- the automation switch on the command line
 
 
+@pytest.mark.slow
 def test_dr_watch_automation_switches_with_a_reason_and_shows_who(tmp_path: Path,
                                                                  sqlite_sessions: sessionmaker[Session]) -> None:
     env = {**os.environ, "DR_DATABASE_URL": f"sqlite:///{tmp_path / 'evidence.db'}", "DR_ACTOR": "alice"}

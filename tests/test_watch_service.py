@@ -162,6 +162,7 @@ def test_one_rejection_stops_an_approve_policy(tmp_path: Path, sqlite_sessions: 
     assert decided["data"]["outcome"] == "rejected" and decided["data"]["by"] == "carol (os carol)"
 
 
+@pytest.mark.slow
 def test_serve_with_watch_needs_an_inventory_and_refuses_a_broken_one(tmp_path: Path) -> None:
     import os
     import subprocess
