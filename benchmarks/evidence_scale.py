@@ -1,6 +1,6 @@
 """Figure 5: evidence at scale. Ten years of quarterly drills and real failovers for 200 services
 (millions of step and probe rows, bulk-inserted with SQLAlchemy core), then the quarterly compliance
-report (reports.quarter_data) and one service's RTO export (queries.export_evidence), on SQLite and
+report (reports.quarter_data) and one service's RTO export (auditor.export_evidence), on SQLite and
 PostgreSQL."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def filled(table: Any, values: dict[str, Any], moment: datetime) -> dict[str, An
     """``values`` plus a plain value for every other NOT NULL column without a default."""
     from sqlalchemy import JSON, Boolean, Float, Integer
 
-    from dr_orchestrator.evidence.database import UTCDateTime
+    from dr_orchestrator.evidence.types import UTCDateTime
 
     row = dict(values)
     for column in table.columns:
@@ -126,7 +126,7 @@ class Generator:
 
 
 def measure_one(url: str, years: int, services: int, steps: int, probes: int) -> tuple[int, float, float, float]:
-    from dr_orchestrator.evidence import queries, reports
+    from dr_orchestrator.evidence import auditor, reports
     from dr_orchestrator.evidence.database import make_engine, session_factory_for
     from dr_orchestrator.evidence.migrate import upgrade
 
@@ -145,7 +145,7 @@ def measure_one(url: str, years: int, services: int, steps: int, probes: int) ->
     if data["runs_in_period"] < services:
         raise RuntimeError(f"the report found {data['runs_in_period']} runs, expected at least {services}")
     with sessions() as session, Stopwatch() as export:
-        exported = queries.export_evidence(session, "csv", service="service-007")
+        exported = auditor.export_evidence(session, "csv", service="service-007")
     if exported.count("\n") < years * 4:
         raise RuntimeError("the export missed runs")
     return rows, load.seconds, report.seconds, export.seconds

@@ -192,6 +192,8 @@ def test_malformed_query_values_are_422_naming_the_parameter_and_audited(api: Ap
         ({"since": "2026-10-01T08:00:00"}, "query.since: '2026-10-01T08:00:00' is not a date (2026-10-01) or a "
                                            "date-time with a zone (2026-10-01T08:00:00Z)"),
         ({"since": "2026-02-30"}, "query.since: '2026-02-30' is not a valid moment: day is out of range for month"),
+        ({"since": "0001-01-01T06:00:00+21:30"},  # before year 1 in UTC: the spec's pattern says UTC only
+         "query.since: '0001-01-01T06:00:00+21:30': a moment on 0001-01-01 or 9999-12-31 is taken in UTC only (Z)"),
         ({"limit": "0"}, "query.limit: Input should be greater than or equal to 1"),
         ({"service": "trad\x00ing"}, f"query.service: {HOLDS_NUL}"),
         ([("kind", "failover"), ("kind", "failback")], "query.kind: given 2 times; give it once"),
@@ -201,6 +203,7 @@ def test_malformed_query_values_are_422_naming_the_parameter_and_audited(api: Ap
         assert (answer.status_code, answer.json()["error"]) == (422, error), params
     well_formed = {"since": "2026-10-01", "until": "2026-10-02T00:00:00+08:00"}
     assert api.get("/api/runs", carol, params=well_formed).json() == []
+    assert api.get("/api/runs", carol, params={"since": "0001-01-01T00:00:00Z"}).json() == []  # Go's zero time
     assert [(e.actor, e.target, e.data["status"]) for e in api.audit_events("api.refused")] == [
         ("carol", "GET /api/runs", 422)] * len(malformed)
     assert api.chain_ok()

@@ -28,6 +28,10 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 # RFC 3339 date-time (the spec's `format: date-time`): the zone is required.
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
                         r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+# On the calendar's first and last day a zone other than UTC can fall outside it (year 1 at +05:00 is
+# before year 1 in UTC): those two days are taken in UTC only, and the spec says so.
+_EDGE_DAY_OFFSET = re.compile(r"(0001-01-01|9999-12-31)[Tt][0-9:.]+[+-](?!00:00$)")
+UTC_ON_EDGE_DAYS = r"^(?!(0001-01-01|9999-12-31)[Tt][0-9:.]+[+-](?!00:00$))"
 
 
 HOLDS_NUL = "contains a NUL byte (\\x00), which no name, id, text or parameter here may hold"
@@ -79,6 +83,8 @@ def _moment(value: object, dates: bool) -> datetime:
     if dates and _DATE.fullmatch(value):
         parse = lambda: datetime.combine(date.fromisoformat(value), time(), UTC)  # noqa: E731
     elif _DATE_TIME.fullmatch(value):
+        if _EDGE_DAY_OFFSET.match(value):
+            raise ValueError(f"{value!r}: a moment on 0001-01-01 or 9999-12-31 is taken in UTC only (Z)")
         parse = lambda: datetime.fromisoformat(value.upper()).astimezone(UTC)  # noqa: E731
     else:
         raise ValueError(f"{_text(value)!r} is not {expected}")
@@ -90,11 +96,11 @@ def _moment(value: object, dates: bool) -> datetime:
 
 # Query times: a date (its midnight UTC) or a date-time with its zone; never a bare number.
 Moment = Annotated[datetime, BeforeValidator(lambda value: _moment(value, dates=True)),
-                   WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"},
+                   WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time", "pattern": UTC_ON_EDGE_DAYS},
                                              {"type": "string", "format": "date"}]})]
 # A moment in a body (incident_at): a date-time with its zone.
 Instant = Annotated[datetime, BeforeValidator(lambda value: _moment(value, dates=False)),
-                    WithJsonSchema({"type": "string", "format": "date-time"})]
+                    WithJsonSchema({"type": "string", "format": "date-time", "pattern": UTC_ON_EDGE_DAYS})]
 
 
 def where_nul(value: Any, where: str) -> str | None:
