@@ -8,7 +8,7 @@ runs' SSH connections open between them (``KeptConnections``), so a decided run 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +17,7 @@ from dr_orchestrator.actions.base import RunResources
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.events import Event, Observer, RunResumed, RunStarted
-from dr_orchestrator.model.inventory import Inventory
+from dr_orchestrator.model.inventory import Host, Inventory
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.testhook import wrap_store
@@ -91,6 +91,14 @@ class KeptConnections:
             except ActionError as exc:
                 failed[host.name] = str(exc)
         return failed
+
+    def forget(self, hosts: Iterable[Host]) -> None:
+        """Drop the connections to ``hosts`` (a site declared down): a run reconnects, or finds them
+        unreachable, instead of trusting a connection that may be half dead."""
+        from dr_orchestrator.actions import ssh
+
+        for host in hosts:
+            ssh.forget(self.pool, host)
 
     def close(self) -> None:
         self.pool.close()

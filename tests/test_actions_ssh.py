@@ -236,6 +236,29 @@ def test_a_kept_connection_outlives_the_run_and_serves_the_next(lab: Lab) -> Non
     assert not reopened.is_active()  # the pool's owner closes what it kept
 
 
+def test_forgetting_a_lost_sites_hosts_closes_their_kept_connections_and_the_next_use_connects_afresh(
+        lab: Lab) -> None:
+    from dr_orchestrator.runner import KeptConnections
+
+    inventory = lab_inventory(lab)
+    kept = KeptConnections()
+    try:
+        assert kept.refresh(inventory) == {}
+        run = Harness(inventory)
+        run.resources = RunResources(kept.pool)
+        primary, backup = inventory.hosts["primary-app"], inventory.hosts["backup-app"]
+        old_primary, old_backup = transport_for(run.ctx(), primary, 5.0), transport_for(run.ctx(), backup, 5.0)
+        kept.forget(inventory.site_hosts("primary"))  # the watch declared the primary site down
+        assert not old_primary.is_active() and old_backup.is_active()  # only the lost site's
+        fresh = transport_for(run.ctx(), primary, 5.0)
+        assert fresh is not old_primary and fresh.is_active()
+        assert transport_for(run.ctx(), backup, 5.0) is old_backup
+        kept.forget(inventory.site_hosts("primary"))
+        kept.forget(inventory.site_hosts("primary"))  # nothing kept any more: nothing to do, no error
+    finally:
+        kept.close()
+
+
 def test_refresh_names_the_hosts_it_cannot_reach_and_a_run_still_connects_itself(lab: Lab) -> None:
     from dr_orchestrator.runner import KeptConnections
 

@@ -69,9 +69,10 @@ class RunResources:
                     self._closers.append(lambda: close(item))
             return self._items[key]
 
-    def discard(self, key: str) -> None:
+    def discard(self, key: str) -> Any:
+        """Forget ``key``; returns what it held (None if nothing), for the caller to close."""
         with self._lock:
-            self._items.pop(key, None)
+            return self._items.pop(key, None)
 
     def close(self) -> None:
         with self._lock:

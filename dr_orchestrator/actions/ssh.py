@@ -239,11 +239,24 @@ def _in_use(client: paramiko.SSHClient) -> bool:
     return False
 
 
+def _slot_key(host: Host) -> str:
+    # Everything the connection was made with: a kept one must not serve a changed host.
+    return f"ssh:{host.name}:{host.user}@{host.address}:{host.port}:{host.key_file}:{host.known_hosts}"
+
+
 def _slot(resources: RunResources, host: Host) -> _HostSlot:
-    # Keyed by everything the connection was made with: a kept one must not serve a changed host.
-    key = f"ssh:{host.name}:{host.user}@{host.address}:{host.port}:{host.key_file}:{host.known_hosts}"
-    slot: _HostSlot = resources.get_or_create(key, lambda: _HostSlot(host), lambda s: s.close(), keep=True)
+    slot: _HostSlot = resources.get_or_create(_slot_key(host), lambda: _HostSlot(host), lambda s: s.close(),
+                                              keep=True)
     return slot
+
+
+def forget(resources: RunResources, host: Host) -> None:
+    """Close and drop the connection to ``host`` kept in ``resources``: the next use connects afresh. For a
+    host whose site was declared down: its kept connection may look open and yet break under a command
+    (an ambiguous failure), where a fresh one is refused at once (the host is plainly unreachable)."""
+    slot = resources.discard(_slot_key(host))
+    if isinstance(slot, _HostSlot):
+        slot.close()
 
 
 def transport_for(ctx: ActionContext, host: Host, timeout: float,

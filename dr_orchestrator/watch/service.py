@@ -350,6 +350,8 @@ class Watch:
         targets = {target}
         if target.kind == "site":
             targets |= {Target("service", name) for name, site in self.serving.items() if site == target.name}
+            if self.kept is not None:  # a kept connection to a lost site can break under the fencing command
+                self.kept.forget(self.inventory.site_hosts(target.name))
         holder: dict[str, str] = {}
         ready = threading.Event()
 
