@@ -7,8 +7,10 @@ runs' SSH connections open between them (``KeptConnections``), so a decided run 
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,10 +18,23 @@ from dr_orchestrator import supervision
 from dr_orchestrator.actions.base import RunResources
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence.store import EvidenceStore
-from dr_orchestrator.model.events import Event, Observer, RunResumed, RunStarted
+from dr_orchestrator.model.events import (
+    AttemptFinished,
+    AttemptStarted,
+    Event,
+    MarkerReached,
+    Observer,
+    ProbeResult,
+    RunFinished,
+    RunResumed,
+    RunStarted,
+    StepFinished,
+    StepStarted,
+    utcnow,
+)
 from dr_orchestrator.model.inventory import Host, Inventory
 from dr_orchestrator.model.resume import ResumePoint
-from dr_orchestrator.model.run import RunPlan
+from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.testhook import wrap_store
 
 
@@ -67,6 +82,47 @@ def prepare(plan: RunPlan) -> None:
 
     Engine(default_registry()).load_actions(plan)
     configure_mappers()
+
+
+def rehearse(sessions: sessionmaker[Session], plan: RunPlan,
+             opening: Callable[[Session], str] | None = None) -> None:
+    """Write what deciding on and starting a run of ``plan`` writes first (``opening``: its incident;
+    the lock holders, the process row, the run's start, an attempt of its first step, its end) in
+    one transaction, then roll it all back. The evidence database keeps nothing of it; this process
+    keeps SQLAlchemy's statements compiled, which a resident process's first run would otherwise
+    compile between the decision and its first step (30-50 ms measured in the lab)."""
+    from dr_orchestrator.evidence.database import WRITE_TRANSACTION, rolled_back_sessions
+    from dr_orchestrator.evidence.liveness import record_process
+    from dr_orchestrator.evidence.locks import record_holder, resources_for
+    from dr_orchestrator.evidence.rto import RESTORED_MARKER
+
+    engine = sessions.kw["bind"]
+    host = socket.gethostname()
+    run_id = str(uuid.uuid4())
+    with engine.connect() as connection:
+        connection.execution_options(**WRITE_TRANSACTION)
+        transaction = connection.begin()
+        try:
+            rehearsal = rolled_back_sessions(connection)
+            with rehearsal() as session, session.begin():
+                incident_id = opening(session) if opening is not None else None
+                record_holder(session, run_id, host, resources_for(plan))
+                record_process(session, run_id, host)
+            rehearsed = plan.model_copy(update={"incident_id": incident_id}) if incident_id else plan
+            step = plan.runbook.steps[0]
+            service = plan.service_of(step)
+            now = utcnow()
+            store = EvidenceStore(rehearsal)
+            for event in (RunStarted(run_id, now, rehearsed, host), StepStarted(run_id, step.id, now),
+                          AttemptStarted(run_id, step.id, 1, now),
+                          ProbeResult(run_id, step.id, 1, now, "rehearsal", True, 0.0),
+                          MarkerReached(run_id, step.id, RESTORED_MARKER, service, step.site, now),
+                          AttemptFinished(run_id, step.id, 1, now, StepState.SUCCEEDED, 0.0),
+                          StepFinished(run_id, step.id, now, StepState.SUCCEEDED),
+                          RunFinished(run_id, now, RunState.SUCCEEDED)):
+                store.store(event)
+        finally:
+            transaction.rollback()
 
 
 class KeptConnections:

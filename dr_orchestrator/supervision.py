@@ -54,8 +54,9 @@ def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
     run_id = run_id or str(uuid.uuid4())
     host = host or socket.gethostname()
     locks = RunLocks(sessions, host)
+    heartbeat = Heartbeat(sessions, run_id, host, heartbeat_s)
     try:
-        locks.acquire(run_id, resources_for(plan))
+        locks.acquire(run_id, resources_for(plan), also=heartbeat.record)
     except LockHeld as exc:
         with writing(sessions) as session:
             record_audit_event(session, plan.started_by, "run.refused", run_id, {
@@ -63,7 +64,7 @@ def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
                 "held_by": [h.run_id for h in exc.holders], "resume": resume is not None})
         raise
     try:
-        with Heartbeat(sessions, run_id, host, heartbeat_s):
+        with heartbeat:
             engine = Engine(registry or default_registry(), list(observers), host=host,
                             approvals=DatabaseApprovals(sessions), kept=kept, fence=fence)
             return engine.run(plan, run_id, stop, resume)

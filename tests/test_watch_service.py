@@ -227,3 +227,45 @@ def test_an_incident_is_restored_when_its_last_service_is_verified_not_when_the_
         timeline = incident_timeline(session, incident_id)
     assert timeline["restored"] == (T0 + timedelta(seconds=3)).isoformat()
     assert timeline["rto_s"] == 3.0
+
+
+def test_warming_up_rehearses_what_a_decided_run_writes_and_leaves_no_trace_of_it(
+        sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture) -> None:
+    """The watch writes, ahead of need, what deciding and starting each mapped runbook writes (so that
+    its first real run does not compile those statements on its critical path), then rolls it back:
+    no incident, run, lock or chain entry stays, and the chain still verifies."""
+    from sqlalchemy import event, func, select
+
+    from dr_orchestrator.evidence.chain import verify_session
+    from dr_orchestrator.evidence.incidents import open_or_update_incident
+    from dr_orchestrator.evidence.models import Base
+
+    def counts() -> dict[str, int]:
+        with sessions() as session:
+            return {name: session.scalar(select(func.count()).select_from(table)) or 0
+                    for name, table in Base.metadata.tables.items()}
+
+    with sessions() as session, session.begin():  # evidence already there, which must stay as it is
+        open_or_update_incident(session, target_kind="service", target_name="quotation", impact_start=T0,
+                                detected_at=T0, source="watch", level="general", title="earlier", actor="dr watch")
+    with sessions() as session:
+        chain_before = verify_session(session)
+    before = counts()
+    inserted: list[str] = []
+    engine = sessions.kw["bind"]
+    listener = lambda *args: inserted.append(args[2].split()[2]) if args[2].startswith("INSERT") else None  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        watch = Watch(LAB_INVENTORY, sessions, probe=Script([]), execute=Executed())
+        watch.warm_plans()
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert "rehearsing" not in caplog.text
+    # site-failover, failover-trading, ...: each went through its incident, locks, process row and run
+    for table in ("incidents", "incident_events", "run_locks", "run_processes", "runs", "steps", "attempts",
+                  "markers", "audit_chain"):
+        assert table in inserted, f"the rehearsal wrote nothing into {table}"
+    assert counts() == before
+    with sessions() as session:
+        chain_after = verify_session(session)
+    assert chain_after.ok and chain_after.head_sha256 == chain_before.head_sha256 != "0" * 64

@@ -80,6 +80,14 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return factory
 
 
+def rolled_back_sessions(connection: Connection) -> sessionmaker[Session]:
+    """Sessions like ``make_session_factory``'s whose commits are savepoints in the transaction of
+    ``connection``: all they write goes when its owner rolls that transaction back."""
+    factory = sessionmaker(bind=connection, expire_on_commit=False, join_transaction_mode="create_savepoint")
+    chain.install(factory)
+    return factory
+
+
 def session_factory_for(url: str | None = None) -> sessionmaker[Session]:
     return make_session_factory(make_engine(url))
 

@@ -76,6 +76,17 @@ def process_alive(pid: int, started: str | None = None) -> bool:
     return started is None or len(fields) <= 19 or fields[19] == started
 
 
+def record_process(session: Session, run_id: str, host: str) -> None:
+    """Record this process as the one running ``run_id``, beating from now. The caller commits."""
+    pid = os.getpid()
+    row = session.get(RunProcess, run_id)
+    if row is None:
+        row = RunProcess(run_id=run_id)
+        session.add(row)
+    row.host, row.pid, row.process_start = host, pid, process_start(pid)
+    row.started_at = row.heartbeat_at = utcnow()
+
+
 class Heartbeat:
     """``with Heartbeat(sessions, run_id, host):`` records this process as the run's and beats from a
     thread until the block ends. A missed beat is logged, never fatal: the run goes on."""
@@ -85,19 +96,20 @@ class Heartbeat:
         self.run_id = run_id
         self.host = host
         self.interval = interval
+        self._recorded = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
 
+    def record(self, session: Session) -> None:
+        """Record this process as the run's in ``session``'s transaction (the caller commits), before
+        entering: then entering only starts the beats."""
+        record_process(session, self.run_id, self.host)
+        self._recorded = True
+
     def __enter__(self) -> Heartbeat:
-        now = utcnow()
-        pid = os.getpid()
-        with writing(self.sessions) as session:
-            row = session.get(RunProcess, self.run_id)
-            if row is None:
-                row = RunProcess(run_id=self.run_id)
-                session.add(row)
-            row.host, row.pid, row.process_start = self.host, pid, process_start(pid)
-            row.started_at = row.heartbeat_at = now
+        if not self._recorded:
+            with writing(self.sessions) as session:
+                record_process(session, self.run_id, self.host)
         self._thread.start()
         return self
 

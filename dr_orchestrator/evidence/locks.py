@@ -103,7 +103,9 @@ class RunLocks:
         self.held: list[Resource] = []
         self._backend: _Backend | None = None
 
-    def acquire(self, run_id: str, resources: list[Resource]) -> None:
+    def acquire(self, run_id: str, resources: list[Resource],
+                also: Callable[[Session], None] | None = None) -> None:
+        """``also(session)`` writes in the transaction that names the holder (one commit fewer)."""
         self.run_id = run_id
         bind = _engine_of(self.sessions)
         self._backend = _AdvisoryLocks(bind) if bind.dialect.name == "postgresql" else _FileLocks(bind)
@@ -112,7 +114,7 @@ class RunLocks:
                 if not self._backend.try_lock(resource):
                     raise LockHeld(resource, self._holders_soon(resource))
                 self.held.append(resource)
-            self._record(resources)
+            self._record(resources, also)
         except BaseException:
             self.release()
             raise
@@ -129,21 +131,12 @@ class RunLocks:
             self.held = []
             backend.release()  # after the rows: a newcomer finds no row of ours once it gets the lock
 
-    def _record(self, resources: list[Resource]) -> None:
-        """Name this run as holder, dropping rows of holders that are gone (the lock is ours now)."""
+    def _record(self, resources: list[Resource], also: Callable[[Session], None] | None) -> None:
         assert self.run_id is not None
-        now = utcnow()
         with writing(self.sessions) as session:
-            for resource in resources:
-                for row in session.scalars(select(RunLock).where(RunLock.resource == resource.name)):
-                    if resource.exclusive or row.run_id == self.run_id or not self._alive(row):
-                        session.delete(row)
-                session.flush()
-                session.add(RunLock(resource=resource.name, run_id=self.run_id, mode=resource.mode, host=self.host,
-                                    pid=os.getpid(), acquired_at=now))
-
-    def _alive(self, row: RunLock) -> bool:
-        return row.host != self.host or process_alive(row.pid)
+            record_holder(session, self.run_id, self.host, resources)
+            if also is not None:
+                also(session)
 
     def _holders_soon(self, resource: Resource, patience_s: float = 2.0) -> list[Holder]:
         """The holders, waiting a moment for a winner that took the lock but has not named itself yet:
@@ -158,7 +151,24 @@ class RunLocks:
             rows = session.scalars(select(RunLock).where(RunLock.resource == resource.name)
                                    .order_by(RunLock.acquired_at))
             return [Holder(r.run_id, r.host, r.pid, r.acquired_at.isoformat(timespec="seconds"))
-                    for r in rows if self._alive(r)]
+                    for r in rows if _holder_alive(r, self.host)]
+
+
+def record_holder(session: Session, run_id: str, host: str, resources: list[Resource]) -> None:
+    """Name ``run_id`` as holder of ``resources`` (whose locks it holds), dropping rows of holders that
+    are gone (the lock is ours now). The caller commits."""
+    now = utcnow()
+    named = {resource.name: resource for resource in resources}
+    for row in session.scalars(select(RunLock).where(RunLock.resource.in_(named))):
+        if named[row.resource].exclusive or row.run_id == run_id or not _holder_alive(row, host):
+            session.delete(row)
+    session.flush()  # the rows that go before the new ones (one per resource and run)
+    session.add_all(RunLock(resource=resource.name, run_id=run_id, mode=resource.mode, host=host,
+                            pid=os.getpid(), acquired_at=now) for resource in resources)
+
+
+def _holder_alive(row: RunLock, host: str) -> bool:
+    return row.host != host or process_alive(row.pid)
 
 
 def _engine_of(sessions: Sessions) -> Engine:

@@ -34,6 +34,7 @@ from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.runner import KeptConnections
 from dr_orchestrator.watch.agreement import Agreement
 from dr_orchestrator.watch.observations import Observation, Target, Transition
+from dr_orchestrator.watch.policy import Decision
 
 log = logging.getLogger(__name__)
 
@@ -211,37 +212,11 @@ class Watch:
         return any(target in active.targets for active in self.active if active.thread.is_alive())
 
     def handle_down(self, transition: Transition) -> None:
-        from dr_orchestrator.evidence import incidents
-        from dr_orchestrator.watch import automation, policy
-
         target = transition.target
         if self.busy(target):
             return
         with self.sessions() as session, session.begin():
-            site = self.serving.get(target.name) if target.kind == "service" else None
-            decision = policy.decide(self.settings, self.inventory, target, now=transition.at,
-                                     labels={"site": site} if site else {},
-                                     last_automatic_run=self.last_automatic.get(target),
-                                     automation=automation.automation_state(session, self.settings.automation),
-                                     inventory_dir=Path(self.inventory_path).parent)
-            covered = [target.name] if target.kind == "service" else \
-                sorted(name for name, serving in self.serving.items() if serving == target.name)
-            incident_id = incidents.open_or_update_incident(
-                session, target_kind=target.kind, target_name=target.name, impact_start=transition.impact_start,
-                detected_at=transition.at, source="watch", level=decision.level,
-                title=f"{target.kind} {target.name} down", actor=WATCH_ACTOR, services=covered,
-                impact_start_method="first failed observation",
-                detail={"observers": list(transition.observers), "details": list(transition.details)})
-            decided = {"level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
-                       "parameters": dict(decision.parameters), "reasons": list(decision.reasons)}
-            asking = decision.policy == "approve" and decision.runbook is not None
-            if asking:  # the decision is the approvals': its time is when they are in
-                needed = self.settings.approval.approvers
-                incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, {
-                    **decided, "awaiting_approval": True, "approvers": needed,
-                    "how": f"`dr incidents approve {incident_id}` by {needed} distinct people"})
-            else:
-                incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, decided)
+            incident_id, decision, asking = self.record_decision(session, transition)
         log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
                     transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons),
                     extra={"incident_id": incident_id})
@@ -253,6 +228,39 @@ class Watch:
             self.awaiting[incident_id] = Awaiting(
                 target, decision.runbook, decision.parameters, transition.impact_start, reason,
                 time.monotonic() + self.settings.approval.timeout)
+
+    def record_decision(self, session: Session, transition: Transition) -> tuple[str, Decision, bool]:
+        """Open (or update) the incident of the target found down and record the policy's decision, or
+        that approvals are awaited: (incident id, decision, awaiting approvals). The caller commits."""
+        from dr_orchestrator.evidence import incidents
+        from dr_orchestrator.watch import automation, policy
+
+        target = transition.target
+        site = self.serving.get(target.name) if target.kind == "service" else None
+        decision = policy.decide(self.settings, self.inventory, target, now=transition.at,
+                                 labels={"site": site} if site else {},
+                                 last_automatic_run=self.last_automatic.get(target),
+                                 automation=automation.automation_state(session, self.settings.automation),
+                                 inventory_dir=Path(self.inventory_path).parent)
+        covered = [target.name] if target.kind == "service" else \
+            sorted(name for name, serving in self.serving.items() if serving == target.name)
+        incident_id = incidents.open_or_update_incident(
+            session, target_kind=target.kind, target_name=target.name, impact_start=transition.impact_start,
+            detected_at=transition.at, source="watch", level=decision.level,
+            title=f"{target.kind} {target.name} down", actor=WATCH_ACTOR, services=covered,
+            impact_start_method="first failed observation",
+            detail={"observers": list(transition.observers), "details": list(transition.details)})
+        decided = {"level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
+                   "parameters": dict(decision.parameters), "reasons": list(decision.reasons)}
+        asking = decision.policy == "approve" and decision.runbook is not None
+        if asking:  # the decision is the approvals': its time is when they are in
+            needed = self.settings.approval.approvers
+            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, {
+                **decided, "awaiting_approval": True, "approvers": needed,
+                "how": f"`dr incidents approve {incident_id}` by {needed} distinct people"})
+        else:
+            incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, decided)
+        return incident_id, decision, asking
 
     def check_approvals(self) -> None:
         """Start what enough distinct people approved; stop at the first rejection; escalate once
@@ -312,7 +320,9 @@ class Watch:
         return plan
 
     def warm_plans(self) -> None:
-        """Build the plans of every runbook the policies map, for each site and service, ahead of need."""
+        """Build the plans of every runbook the policies map, for each site and service, ahead of need,
+        and rehearse what deciding and starting each writes (rolled back): a decided run then starts
+        acting within milliseconds, its statements compiled and its actions imported."""
         from dr_orchestrator import runner
         from dr_orchestrator.watch import policy
 
@@ -322,10 +332,20 @@ class Watch:
             try:
                 decision = policy.decide(self.settings, self.inventory, target, now=_now(),
                                          inventory_dir=Path(self.inventory_path).parent)
-                if decision.runbook is not None:
-                    runner.prepare(self.plan_for(decision.runbook, decision.parameters))
+                if decision.runbook is None:
+                    continue
+                plan = self.plan_for(decision.runbook, decision.parameters)
+                runner.prepare(plan)
             except Exception as exc:  # noqa: BLE001 - a plan that cannot be built is built (and fails) when needed
                 log.warning("no plan ready for %s: %s", target, exc)
+                continue
+            now = _now()
+            rehearsed = Transition(target, "down", now, now, (), ())
+            try:
+                runner.rehearse(self.sessions, plan,
+                                lambda session, down=rehearsed: self.record_decision(session, down)[0])
+            except Exception:  # noqa: BLE001 - an optimisation: the run then compiles as it goes
+                log.warning("rehearsing the start of %s's runbook failed", target, exc_info=True)
 
     def keep_connections_open(self, stop: threading.Event) -> None:
         """Reopen the warm path's connections that died, until ``stop``; says once when a host stops
