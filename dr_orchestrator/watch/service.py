@@ -340,10 +340,12 @@ class Watch:
                 log.warning("no plan ready for %s: %s", target, exc)
                 continue
             now = _now()
-            rehearsed = Transition(target, "down", now, now, (), ())
+
+            def open_incident(session: Session, down: Transition = Transition(target, "down", now, now, (), ())) -> str:
+                return self.record_decision(session, down)[0]
+
             try:
-                runner.rehearse(self.sessions, plan,
-                                lambda session, down=rehearsed: self.record_decision(session, down)[0])
+                runner.rehearse(self.sessions, plan, open_incident)
             except Exception:  # noqa: BLE001 - an optimisation: the run then compiles as it goes
                 log.warning("rehearsing the start of %s's runbook failed", target, exc_info=True)
 
