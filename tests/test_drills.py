@@ -266,10 +266,13 @@ def test_drill_run_end_to_end_passes_records_everything_and_notifies(
 def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_cleans_up(
         tmp_path: Path, evidence_url: str, webhook: WebhookReceiver) -> None:
     # The failover "succeeds" only in part: the health check of the drill is pointed elsewhere.
+    chat, stop_chat = start_webhook_receiver()  # a chat tool, reached through Apprise's JSON webhook
     drill = local_drill(tmp_path, notify=f"""
         notify:
           - webhook: {{url: "{webhook.url}"}}
             events: [expectation_missed, failed]
+          - apprise: {{urls: ["{chat.url.replace('http://', 'json://')}"]}}
+            events: [failed]
         """)
     text = drill.read_text().replace('url: "http://127.0.0.1:', 'url: "http://127.0.0.1:1', 1)
     drill.write_text(text.replace("deadline: 5s", "deadline: 300ms"))
@@ -281,9 +284,21 @@ def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_
     with sessions() as session:
         (record,) = records.drill_run_rows(session)
         assert record.verdict == "failed" and record.failback_run_id is not None and record.cleanup_state == "done"
-    events = [json.loads(c.body)["event"] for c in webhook.wait_for(2)]
-    assert events == ["expectation_missed", "failed"]
-    assert "health quotation-answers" in json.loads(webhook.delivered()[0].body)["text"]
+    bodies = [json.loads(c.body) for c in webhook.wait_for(2)]
+    assert [body["event"] for body in bodies] == ["expectation_missed", "failed"]
+    assert "health quotation-answers" in bodies[0]["text"]
+    failed = bodies[1]  # the structured fields beside the text: what a receiver routes and files on
+    assert (failed["drill"], failed["drill_run"], failed["verdict"]) == ("local-quotation-drill", record.id, "failed")
+    assert failed["runs"]["failover"] == record.failover_run_id and failed["details"] == f"dr drill show {record.id}"
+    (health,) = [e for e in failed["expectations"] if e["kind"] == "health"]
+    assert (health["service"], health["check_id"], health["met"]) == ("quotation", "quotation-answers", False)
+    try:
+        (call,) = chat.wait_for(1)
+    finally:
+        stop_chat()
+    chat_body = json.loads(call.body)
+    assert chat_body["title"] == "DR drill local-quotation-drill: failed" and chat_body["verdict"] == "failed"
+    assert f"drill_run: {record.id}" in chat_body["message"].splitlines()
 
 
 @pytest.mark.slow
@@ -357,14 +372,19 @@ def test_notifications_that_cannot_be_delivered_are_recorded_and_do_not_fail_the
           - email: {{to: [x@bank.example], from: dr@bank.example, host: 127.0.0.1, port: {dead}, attempts: 2,
                      backoff: 0.05, timeout: 1}}
             events: [completed]
+          - apprise: {{urls: ["json://127.0.0.1:{dead}/hooks/T0KEN"], attempts: 2, backoff: 0.05, timeout: 1}}
+            events: [completed]
         """)
     result = dr("drill", "run", str(drill), db=evidence_url, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     with session_factory_for(evidence_url)() as session:
         notes = list(session.scalars(select(Notification).order_by(Notification.id)))
     assert [(n.event, n.channel, n.delivered, n.attempts) for n in notes] == [
-        ("started", "webhook", False, 2), ("completed", "email", False, 2)]
+        ("started", "webhook", False, 2), ("completed", "email", False, 2), ("completed", "apprise", False, 2)]
     assert all(n.at is not None and n.detail for n in notes)
+    assert "Connection error" in notes[2].detail and "T0KEN" not in notes[2].detail + notes[2].target
+    shown = dr("drill", "show", notes[2].drill_run_id, db=evidence_url, cwd=tmp_path)
+    assert f"NOT DELIVERED ({notes[2].detail})" in shown.stdout  # the reason, next to the verdict
 
 
 def test_a_drill_already_running_is_not_started_twice(tmp_path: Path, evidence_url: str) -> None:

@@ -19,6 +19,7 @@ BUILTIN_ACTIONS = {
     "ssh.run": "dr_orchestrator.actions.ssh:SshRun",
     "notify.webhook": "dr_orchestrator.actions.notify:NotifyWebhook",
     "notify.email": "dr_orchestrator.actions.notify:NotifyEmail",
+    "notify.apprise": "dr_orchestrator.actions.notify:NotifyApprise",
     "postgres.replication_status": "dr_orchestrator.actions.postgres:ReplicationStatus",
     "postgres.set_read_only": "dr_orchestrator.actions.postgres:SetReadOnly",
     "postgres.promote": "dr_orchestrator.actions.postgres:Promote",

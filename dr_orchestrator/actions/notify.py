@@ -1,8 +1,10 @@
-"""``notify.webhook`` (JSON POST, e.g. a chat tool's incoming webhook) and ``notify.email`` (SMTP).
+"""``notify.webhook`` (JSON POST, e.g. a chat tool's incoming webhook), ``notify.email`` (SMTP) and
+``notify.apprise`` (any service Apprise knows by URL: DingTalk, WeCom, Feishu, Slack, Teams, e-mail,
+JSON webhooks, ...).
 
 Both retry with backoff and report every delivery, or failure to deliver, with its time: auditors
-ask when stakeholders were told. ``deliver_webhook`` and ``deliver_email`` are also what the drill
-runner uses for its own notifications. Secrets (HMAC key, SMTP password, a webhook URL holding a
+ask when stakeholders were told. ``deliver_webhook`` , ``deliver_email`` and ``deliver_apprise`` are also what the
+drill runner and the watch use for their own notifications. Secrets (HMAC key, SMTP password, a webhook URL holding a
 token) are given by reference (``env:NAME``, ``file:/path``) and never recorded.
 """
 
@@ -15,6 +17,7 @@ import smtplib
 import ssl
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -60,6 +63,26 @@ class WebhookParams(RetryParams):
         if not secretref.is_reference(value) and urlsplit(value).scheme not in ("http", "https"):
             raise ValueError(f"{value!r} is not an http(s) URL nor a reference (env:NAME, file:/path)")
         return value
+
+
+class AppriseParams(RetryParams):
+    urls: list[str] = Field(min_length=1, description="Apprise URLs (dingtalk://, wecombot://, feishu://, "
+                            "slack://, msteams://, mailto://, json://, ...), each by reference (env:NAME, "
+                            "file:/path) when it holds a token.", json_schema_extra={"secret": True})
+    title: str = Field(default="", description="The title, where the service shows one.")
+    text: str = Field(default="", description="The message.")
+    fields: dict[str, Any] = Field(default_factory=dict, description="Structured fields: added to the message "
+                                   "as `name: value` lines, and to the body of json://, form:// and xml:// "
+                                   "targets as fields of their own.")
+
+    @field_validator("urls")
+    @classmethod
+    def _known_schemes(cls, values: list[str]) -> list[str]:
+        for index, value in enumerate(values):
+            if not secretref.is_reference(value) and "://" not in value:  # not echoed: it may hold a token
+                raise ValueError(f"urls[{index}] is neither an Apprise URL (scheme://...) nor a reference "
+                                 "(env:NAME, file:/path)")
+        return values
 
 
 class EmailParams(RetryParams):
@@ -218,6 +241,89 @@ def deliver_email(params: EmailParams, cancelled: threading.Event | None = None,
     return _with_retries("email", target, params, send, cancelled, deadline)
 
 
+_FIELD_SCHEMES = ("json", "jsons", "form", "forms", "xml", "xmls")  # Apprise adds `:name=value` to their body
+
+
+def deliver_apprise(params: AppriseParams, cancelled: threading.Event | None = None,
+                    deadline: float | None = None) -> Delivery:
+    """One message to every URL of ``params`` through Apprise: delivered when every one took it;
+    otherwise the reason is what Apprise said about each that did not (its warnings, secrets left out)."""
+    import apprise
+
+    target = ", ".join(shown_url(url) for url in params.urls)
+    lines = [f"{name}: {_field_text(value)}" for name, value in params.fields.items()]
+    body = "\n".join([params.text, *lines] if params.text else lines) or params.title or "(no text)"
+
+    def send() -> str:
+        try:
+            urls = [secretref.resolve(url) for url in params.urls]
+        except ValueError as exc:
+            raise _Permanent(str(exc)) from None
+        notifier = apprise.Apprise()
+        for url in urls:
+            if not notifier.add(_with_fields(url, params.fields)):
+                raise _Permanent(f"Apprise does not know the URL {shown_url(url)} (its scheme, or its form)")
+        timeout = params.timeout if deadline is None else max(0.1, min(params.timeout, deadline - time.monotonic()))
+        for service in notifier:
+            service.socket_read_timeout = service.socket_connect_timeout = timeout
+        with apprise.LogCapture(level=apprise.logging.WARNING) as said:
+            sent = notifier.notify(title=params.title, body=body)
+        if sent:
+            return f"sent to {len(urls)} target(s)"
+        reason = " ".join(line.split(" - ", 2)[-1].strip() for line in said.getvalue().splitlines() if line.strip())
+        for url in urls:  # an URL's token must not reach the evidence through a message
+            reason = reason.replace(url, shown_url(url))
+        raise RuntimeError(reason or "Apprise reported a failure without a reason")
+
+    return _with_retries("apprise", target, params, send, cancelled, deadline)
+
+
+def _field_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _with_fields(url: str, fields: dict[str, Any]) -> str:
+    if not fields or urlsplit(url).scheme.lower() not in _FIELD_SCHEMES:
+        return url
+    from urllib.parse import quote, urlencode
+
+    added = urlencode({f":{name}": _field_text(value) for name, value in fields.items()}, quote_via=quote)
+    return f"{url}{'&' if '?' in url else '?'}{added}"
+
+
+@dataclass(frozen=True)
+class Channel:
+    params: type[RetryParams]
+    deliver: Callable[..., Delivery]
+    placeholder: dict[str, str]  # the message a target's settings are checked with before any is sent
+
+
+CHANNELS = {
+    "webhook": Channel(WebhookParams, deliver_webhook, {"text": "-"}),
+    "email": Channel(EmailParams, deliver_email, {"subject": "-"}),
+    "apprise": Channel(AppriseParams, deliver_apprise, {"text": "-"}),
+}
+
+
+def send_message(channel: str, settings: Mapping[str, Any], subject: str, text: str,
+                 fields: Mapping[str, Any]) -> Delivery:
+    """``text`` and its structured ``fields`` through ``channel`` set up with ``settings`` (a target's
+    parameters without the message): a webhook gets the fields in its JSON body (beside its own
+    ``payload``), an e-mail below the text, Apprise both ways (``AppriseParams.fields``). Raises
+    pydantic's ValidationError when the settings do not fit the channel."""
+    message: dict[str, Any]
+    if channel == "webhook":
+        message = {"text": text, "payload": {**settings.get("payload", {}), **fields}}
+    elif channel == "apprise":
+        message = {"title": subject, "text": text,
+                   "fields": {name: value for name, value in fields.items() if value is not None}}
+    else:
+        message = {"subject": subject,
+                   "body": text + ("\n\n" + json.dumps(fields, indent=2, default=str) if fields else "")}
+    chosen = CHANNELS[channel]
+    return chosen.deliver(chosen.params.model_validate({**settings, **message}))
+
+
 def _finish(delivery: Delivery, ctx: ActionContext) -> ActionResult:
     ctx.report("notification", **delivery.as_dict())
     if not delivery.delivered:
@@ -251,3 +357,18 @@ class NotifyEmail(Action[EmailParams]):
 
     def hosts(self, params: EmailParams) -> list[str]:
         return [f"{params.host}:{params.port}"]
+
+
+class NotifyApprise(Action[AppriseParams]):
+    """Any service Apprise reaches by URL (chat tools banks page through, e-mail, webhooks), with the
+    structured fields in the message and, for JSON/form/XML webhooks, in the body."""
+
+    name = "notify.apprise"
+    effect = Effect.READ_ONLY
+    Params = AppriseParams
+
+    def run(self, params: AppriseParams, ctx: ActionContext) -> ActionResult:
+        return _finish(deliver_apprise(params, ctx.cancelled, ctx.deadline), ctx)
+
+    def hosts(self, params: AppriseParams) -> list[str]:
+        return [shown_url(url) for url in params.urls]

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
+from dr_orchestrator.actions.notify import CHANNELS
 from dr_orchestrator.loading import check_runbook, load_inventory, parse_runbook, pydantic_problems
 from dr_orchestrator.model.drill import (
     Drill,
@@ -42,9 +43,6 @@ SERVICE_FIELDS = ("rto", "rpo", "restore_point", "health", "data")
 # e.g. to write a canary record before the fault and look for it after the failover.
 DRILL_PARAMETERS = {"drill_run_id": {"default": "", "description": "the id of the drill run"}}
 # What a notification target's settings are checked against (the message is the drill's own).
-NOTIFY_PLACEHOLDERS = {"webhook": {"text": "placeholder"}, "email": {"subject": "placeholder", "body": "placeholder"}}
-
-
 def load_drill(path: str | Path, *, inventory: str | None = None, registry: ActionRegistry | None = None) -> Drill:
     """Read and check a drill; raise LoadError with every problem found.
 
@@ -331,9 +329,10 @@ class _DrillReader:
         targets = []
         for index, raw in enumerate(value):
             key: PathKey = ("notify", index)
-            channels = [c for c in ("webhook", "email") if isinstance(raw, dict) and c in raw]
+            channels = [c for c in ("webhook", "email", "apprise") if isinstance(raw, dict) and c in raw]
             if len(channels) != 1:
-                self.problem(key, "a target names exactly one of webhook or email", "e.g. - email: {to: [...]}")
+                self.problem(key, "a target names exactly one of webhook, email or apprise",
+                             "e.g. - apprise: {urls: [env:DR_DINGTALK_URL]}")
                 continue
             channel = channels[0]
             for extra in set(raw) - {channel, "events"}:
@@ -346,7 +345,7 @@ class _DrillReader:
             model = self.registry.params_model(f"notify.{channel}")
             if model is not None:
                 try:
-                    model.model_validate({**NOTIFY_PLACEHOLDERS[channel], **settings})
+                    model.model_validate({**CHANNELS[channel].placeholder, **settings})
                 except ValidationError as exc:
                     self.problems.extend(pydantic_problems(self.document, key + (channel,), exc))
                     continue

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dr_orchestrator.actions.notify import Delivery, EmailParams, WebhookParams, deliver_email, deliver_webhook
+from dr_orchestrator.actions.notify import Delivery, send_message
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.model.drill import NotifyEvent, NotifyTarget
 from dr_orchestrator.model.events import utcnow
@@ -23,16 +23,18 @@ class DrillNotifier:
     def __init__(self, targets: tuple[NotifyTarget, ...], sessions: records.Sessions) -> None:
         self.targets = targets
         self.sessions = sessions
-        self._queue: queue.Queue[tuple[str | None, NotifyEvent, str, str] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str | None, NotifyEvent, str, str, dict[str, Any]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
-    def send(self, drill_run_id: str | None, event: NotifyEvent, subject: str, text: str) -> None:
+    def send(self, drill_run_id: str | None, event: NotifyEvent, subject: str, text: str,
+             fields: dict[str, Any] | None = None) -> None:
+        """Queue the notice; ``fields``: its structured part (drill, verdict, RTO and RPO against targets, ...)."""
         if not any(event in target.events for target in self.targets):
             return
         if self._worker is None:
             self._worker = threading.Thread(target=self._deliver_all, name="drill-notifier", daemon=True)
             self._worker.start()
-        self._queue.put((drill_run_id, event, subject, text))
+        self._queue.put((drill_run_id, event, subject, text, {"event": event.value, **(fields or {})}))
 
     def close(self, timeout: float = 60.0) -> None:
         """Wait (bounded) for what is queued to be delivered or given up."""
@@ -42,15 +44,15 @@ class DrillNotifier:
 
     def _deliver_all(self) -> None:
         while (item := self._queue.get()) is not None:
-            drill_run_id, event, subject, text = item
+            drill_run_id, event, subject, text, fields = item
             for target in self.targets:
                 if event in target.events:
-                    self._deliver(target, drill_run_id, event, subject, text)
+                    self._deliver(target, drill_run_id, event, subject, text, fields)
 
     def _deliver(self, target: NotifyTarget, drill_run_id: str | None, event: NotifyEvent, subject: str,
-                 text: str) -> None:
+                 text: str, fields: dict[str, Any]) -> None:
         try:
-            delivery = deliver(target, subject, text, event)
+            delivery = deliver(target, subject, text, fields)
         except Exception as exc:  # noqa: BLE001 - a notification must never take the drill down
             delivery = Delivery(target.channel, str(target.settings.get("url") or target.settings.get("to")),
                                 False, 0, utcnow(), f"{type(exc).__name__}: {exc}")
@@ -60,12 +62,8 @@ class DrillNotifier:
             log.exception("could not record the %s notification of drill run %s", event, drill_run_id)
 
 
-def deliver(target: NotifyTarget, subject: str, text: str, event: NotifyEvent) -> Delivery:
-    settings: dict[str, Any] = dict(target.settings)
+def deliver(target: NotifyTarget, subject: str, text: str, fields: dict[str, Any]) -> Delivery:
     try:
-        if target.channel == "webhook":
-            payload = {"event": event.value, **settings.pop("payload", {})}
-            return deliver_webhook(WebhookParams.model_validate({**settings, "text": text, "payload": payload}))
-        return deliver_email(EmailParams.model_validate({**settings, "subject": subject, "body": text}))
+        return send_message(target.channel, target.settings, subject, text, fields)
     except ValidationError as exc:  # checked when the drill was loaded; here only if that was skipped
         return Delivery(target.channel, "?", False, 0, utcnow(), f"bad settings: {exc.errors()[0]['msg']}")

@@ -338,7 +338,15 @@ class _DrillRun:
 
     def notify(self, event: NotifyEvent, headline: str, text: str) -> None:
         subject = f"DR drill {self.drill.name}: {headline}"
-        self.notifier.send(self.id, event, subject, f"{subject}\n{text}\ndrill run {self.id}")
+        outcome = self.outcome
+        fields = {"drill": self.drill.name, "drill_run": self.id, "scenario": self.drill.scenario.value,
+                  "trigger": self.trigger, "error": outcome.error,
+                  "verdict": outcome.verdict if event in (NotifyEvent.COMPLETED, NotifyEvent.FAILED) else None,
+                  "runs": dict(outcome.runs),
+                  # each service's RTO and RPO (and checks) against the drill's targets, as judged
+                  "expectations": [result.as_dict() for result in outcome.expectations],
+                  "details": f"dr drill show {self.id}"}
+        self.notifier.send(self.id, event, subject, f"{subject}\n{text}\ndrill run {self.id}", fields)
 
     def _heartbeat(self, done: threading.Event) -> None:
         while not done.wait(self.runner.heartbeat_s):

@@ -67,8 +67,9 @@ class Schedule(Frozen):
 
 
 class NotifyTarget(Frozen):
-    channel: Literal["webhook", "email"]
-    settings: dict[str, Any] = Field(description="parameters of notify.webhook or notify.email, without the message")
+    channel: Literal["webhook", "email", "apprise"]
+    settings: dict[str, Any] = Field(description="parameters of notify.webhook, notify.email or notify.apprise, "
+                                     "without the message")
     events: tuple[NotifyEvent, ...] = tuple(NotifyEvent)
 
 

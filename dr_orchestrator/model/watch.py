@@ -172,27 +172,32 @@ NOTICE_EVENTS: tuple[NoticeEvent, ...] = get_args(NoticeEvent)
 
 
 class NotificationTarget(Frozen):
-    """One of ``webhook`` (notify.webhook's parameters: url, secret - the HMAC key - by reference, headers)
-    or ``email`` (notify.email's: to, from, host, ...), without the message; checked against those
-    actions when the watch starts (``watch.notify.setup_problems``)."""
+    """One of ``webhook`` (notify.webhook's parameters: url, secret - the HMAC key - by reference, headers),
+    ``email`` (notify.email's: to, from, host, ...) or ``apprise`` (notify.apprise's: urls by reference,
+    e.g. DingTalk, WeCom, Feishu, Slack, Teams), without the message; checked against those actions when
+    the watch starts (``watch.notify.setup_problems``)."""
 
     webhook: dict[str, Any] | None = None
     email: dict[str, Any] | None = None
+    apprise: dict[str, Any] | None = None
     events: tuple[NoticeEvent, ...] = Field(default=NOTICE_EVENTS, description="what it is told (default: all)")
 
     @model_validator(mode="after")
     def _one_channel(self) -> NotificationTarget:
-        if (self.webhook is None) == (self.email is None):
-            raise ValueError("a target names exactly one of webhook or email, e.g. - webhook: {url: env:DR_HOOK}")
+        if sum(channel is not None for channel in (self.webhook, self.email, self.apprise)) != 1:
+            raise ValueError("a target names exactly one of webhook, email or apprise, "
+                             "e.g. - webhook: {url: env:DR_HOOK}")
         return self
 
     @property
-    def channel(self) -> Literal["webhook", "email"]:
-        return "webhook" if self.webhook is not None else "email"
+    def channel(self) -> Literal["webhook", "email", "apprise"]:
+        if self.webhook is not None:
+            return "webhook"
+        return "email" if self.email is not None else "apprise"
 
     @property
     def settings(self) -> dict[str, Any]:
-        return dict(self.webhook if self.webhook is not None else self.email or {})
+        return dict(getattr(self, self.channel) or {})
 
 
 class WatchSettings(Frozen):

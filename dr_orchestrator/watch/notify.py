@@ -19,7 +19,6 @@ starting, ``dr incidents close``, an alert through the API.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -32,7 +31,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator.actions.notify import Delivery, EmailParams, WebhookParams, deliver_email, deliver_webhook
+from dr_orchestrator.actions.notify import CHANNELS, Delivery, send_message
 from dr_orchestrator.evidence.models import Incident, IncidentEvent
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.model.watch import NotificationTarget, WatchSettings
@@ -44,7 +43,6 @@ INCIDENT_EVENTS = ("detected", "decided", "executing", "restored", "closed")
 FAILED = "notification_failed"  # what an ``updated`` event of a failed delivery holds
 AUDIT_ACTION = "watch.notification_failed"
 POLL_S = 0.25
-_PLACEHOLDER = {"webhook": {"text": "-"}, "email": {"subject": "-"}}
 
 
 @dataclass(frozen=True)
@@ -64,19 +62,14 @@ def setup_problems(settings: WatchSettings) -> list[str]:
     problems = []
     for index, target in enumerate(settings.notify):
         try:
-            _params(target, _PLACEHOLDER[target.channel])
+            CHANNELS[target.channel].params.model_validate(
+                {**target.settings, **CHANNELS[target.channel].placeholder})
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
             says = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
             problems.append(f"dr.watch.notify[{index}].{target.channel}.{where}: {says}")
     return problems
-
-
-def _params(target: NotificationTarget, message: dict[str, Any]) -> WebhookParams | EmailParams:
-    if target.channel == "webhook":
-        return WebhookParams.model_validate({**target.settings, **message})
-    return EmailParams.model_validate({**target.settings, **message})
 
 
 # --- payloads ---------------------------------------------------------------------------------------
@@ -134,14 +127,8 @@ def _aware(moment: datetime) -> datetime:
 
 def deliver(target: NotificationTarget, notice: Notice) -> Delivery:
     """One notice to one target, with the target's retries."""
-    if target.channel == "webhook":
-        params = _params(target, {"text": notice.text, "payload": notice.payload})
-        assert isinstance(params, WebhookParams)
-        return deliver_webhook(params)
-    body = notice.text + "\n\n" + json.dumps(notice.payload, indent=2, default=str)
-    email = _params(target, {"subject": notice.subject, "body": body})
-    assert isinstance(email, EmailParams)
-    return deliver_email(email)
+    fields = {name: value for name, value in notice.payload.items() if name != "text"}
+    return send_message(target.channel, target.settings, notice.subject, notice.text, fields)
 
 
 class Notifier:
