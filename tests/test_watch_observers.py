@@ -145,6 +145,23 @@ def test_a_healthy_lab_gives_good_observations_of_every_service_and_site(lab: La
     assert "site=primary" in by_key(observations)[(Target("service", "trading"), "front-door")].detail
 
 
+def test_the_probes_of_services_a_run_fails_over_rest_until_it_ends(lab: Lab) -> None:
+    """While the watch's run fails trading over, nothing probes trading (the run's own checks tell when
+    it is back) and the machine is the run's; every other service is still watched."""
+    with Prober(lab_inventory(lab)) as prober:
+        prober.resting = frozenset({"trading"})
+        seen: list[Observation] = []
+        wait_for(lambda: seen.extend(prober.round()) or {"contract-signing", "quotation"} <= {
+            item.target.name for item in seen if item.target.kind == "service"}, 10, "the other services' probes")
+        for _ in range(3):
+            seen += prober.round()
+        assert not [item for item in seen if item.target == Target("service", "trading")]
+        assert not [slot for slot in prober.out if "trading" in str(slot)]
+        prober.resting = frozenset()
+        wait_for(lambda: any(item.target == Target("service", "trading") for item in prober.round()), 10,
+                 "trading probed again")
+
+
 def feed_until(agreement: Agreement, inventory: Inventory, target: Target, state: str,
                timeout: float) -> list[Transition]:
     transitions: list[Transition] = []

@@ -269,3 +269,31 @@ def test_warming_up_rehearses_what_a_decided_run_writes_and_leaves_no_trace_of_i
     with sessions() as session:
         chain_after = verify_session(session)
     assert chain_after.ok and chain_after.head_sha256 == chain_before.head_sha256 != "0" * 64
+
+
+def test_the_services_of_a_run_in_progress_rest_from_probing_until_it_ends(
+        sqlite_sessions: sessionmaker[Session]) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    release = threading.Event()
+    executed = Executed()
+
+    def execute_slowly(*args: Any) -> None:
+        executed(*args)
+        release.wait(10)
+
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [site_lost_round(t) for t in steps(1.0, 2.0)]
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script(rounds), execute=execute_slowly)
+    watch.prober = SimpleNamespace(resting=frozenset())  # type: ignore[assignment] - only its resting is read
+    try:
+        for _ in range(len(rounds) - 1):
+            watch.round()
+        assert executed.calls and watch.active[0].thread.is_alive()
+        watch.round()
+        assert watch.prober.resting == set(SERVICES)  # the site failover's services
+    finally:
+        release.set()
+    watch.active[0].thread.join(10)
+    watch.round()
+    assert watch.prober.resting == frozenset()

@@ -232,6 +232,9 @@ class Prober:
         self.readings = Readings()
         self.out: dict[Slot, tuple[_Job, Future[Any]]] = {}
         self.reported: dict[tuple[Target, str], datetime] = {}  # the send time each observer last reported
+        # Services a run of the watch is failing over: their probes rest until it ends, leaving the
+        # machine to the run (the run's own checks tell when they are restored).
+        self.resting: frozenset[str] = frozenset()
 
     def __enter__(self) -> Prober:
         return self
@@ -268,7 +271,7 @@ class Prober:
 
     def round(self) -> list[Observation]:
         for slot, probe in self.probes.items():
-            if slot not in self.out:
+            if slot not in self.out and _service_of(slot) not in self.resting:
                 job = _Job(probe)
                 self.out[slot] = (job, self.pool.submit(job))
         wait([future for _, future in self.out.values()], timeout=self.wait_s)
@@ -282,6 +285,12 @@ class Prober:
                  if self.reported.get((item.target, item.observer)) != item.at]
         self.reported.update(((item.target, item.observer), item.at) for item in fresh)
         return fresh
+
+
+def _service_of(slot: Slot) -> str:
+    """The service (or the store named after it) a probe looks at."""
+    _field, key = slot
+    return str(key[0] if isinstance(key, tuple) else key)
 
 
 def _probed(job: _Job, future: Future[Any], timeout_s: float) -> Probed[Any]:

@@ -150,6 +150,9 @@ class Watch:
 
     def round(self) -> None:
         transitions: list[Transition] = []
+        if self.prober is not None:
+            self.prober.resting = frozenset(target.name for active in self.active if active.thread.is_alive()
+                                            for target in active.targets if target.kind == "service")
         observations = self.probe()
         if self.rounds == 0:
             log.info("first round: %d observations, %d failing", len(observations),
