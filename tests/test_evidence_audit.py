@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from support.evidence import dr, tamper
 
-from dr_orchestrator import cli
+from dr_orchestrator.cli import run as run_commands
 from dr_orchestrator.evidence import annotations, chain, migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import AuditEntry, FindingClosure, MeasurementRecord, Run, StepRecord
@@ -61,7 +61,7 @@ def test_untouched_database_verifies_with_every_record_chained(sessions: session
     assert failback.failback_of == failed and failback.scenario == "SIGKILL the primary site"
     assert failback.retain_until is not None
     assert failback.retain_until.replace(year=failback.retain_until.year - 6) == failback.started_at
-    assert cli.TEST_TYPES == list(TEST_TYPES)  # the CLI's copy (kept for a fast `dr --help`) agrees
+    assert run_commands.TEST_TYPES == list(TEST_TYPES)  # the CLI's copy (kept for a fast `dr --help`) agrees
 
 
 def test_changed_measurement_and_deleted_step_are_named(database_url: str, sessions: sessionmaker[Session]) -> None:

@@ -21,7 +21,7 @@ from support.waiting import wait_for
 from support.watch import T0, Executed, Script, healthy_round, site_lost_round, steps
 
 from dr_orchestrator.actions.notify import SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signature
-from dr_orchestrator.cli_watch import watch as watch_group
+from dr_orchestrator.cli.watch import watch as watch_group
 from dr_orchestrator.evidence.incidents import (
     incident_detail,
     list_incidents,

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.api.app import ApiSettings, create_app
-from dr_orchestrator.cli_watch import watch
+from dr_orchestrator.cli.watch import watch
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.evidence.models import DrillRun
 from dr_orchestrator.lab.lab import Lab

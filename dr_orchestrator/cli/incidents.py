@@ -1,4 +1,5 @@
-"""`dr incidents ...`: part of the `dr` command (mounted by cli.py); thin, heavy imports inside the commands."""
+"""`dr incidents ...`: incidents, their messages, closing and approvals; thin, heavy imports inside
+the commands."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import UserError, output_option, session_factory
+from dr_orchestrator.cli.common import UserError, output_option, session_factory
 
 
 @click.group()

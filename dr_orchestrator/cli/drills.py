@@ -1,5 +1,5 @@
-"""`dr drill ...` and `dr scheduler ...`: part of the `dr` command (mounted by cli.py); thin, heavy
-imports inside the commands."""
+"""`dr drill ...` and `dr scheduler ...`: drills run now or on their schedules; thin, heavy imports
+inside the commands."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import (
+from dr_orchestrator.cli.common import (
     UserError,
     announce,
     database_of,
     fail_with_problems,
     log_format_of,
     output_option,
+    raise_interrupt,
     session_factory,
 )
 
@@ -36,10 +37,6 @@ def _load(path: str, inventory: str | None, output: str) -> Any:
         return load_drill(path, inventory=inventory)
     except LoadError as exc:
         fail_with_problems(exc.problems, output)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- dr drill
@@ -93,7 +90,7 @@ def drill_run(ctx: click.Context, file: str, inventory: str | None, trigger: str
     except DrillBusy as exc:
         raise UserError(str(exc)) from None
     observers: list[Any] = [] if quiet or output == "json" else [ProgressPrinter()]
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         outcome = DrillRunner(sessions, observers=observers).run(the_drill, trigger=trigger)
     finally:
@@ -160,7 +157,7 @@ def drill_show(ctx: click.Context, drill_run_id: str, output: str) -> None:
                     "cleanup_state": run["cleanup_state"], "cleanup_left": run["cleanup_left"],
                     "error": run["error"]})
     for note in detail["notifications"]:
-        state = "delivered" if note["delivered"] else "NOT DELIVERED"
+        state = "delivered" if note["delivered"] else f"NOT DELIVERED ({note['detail']})"
         click.echo(f"  notified {note['event']} by {note['channel']} to {note['target']}: {state} at {note['at']}")
 
 

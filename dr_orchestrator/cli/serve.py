@@ -1,5 +1,5 @@
-"""`dr serve` and `dr tokens ...`: part of the `dr` command (mounted by cli.py); FastAPI and uvicorn
-are imported only inside `dr serve`."""
+"""`dr serve` and `dr tokens ...`: the HTTP API and its tokens; FastAPI and uvicorn are imported only
+inside `dr serve`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import click
 
-from dr_orchestrator.cli import UserError, announce, database_of, log_format_of, output_option, session_factory
+from dr_orchestrator.cli.common import UserError, announce, database_of, log_format_of, output_option, session_factory
 
 
 @click.command()
@@ -39,7 +39,7 @@ def serve(ctx: click.Context, host: str, port: int, runbooks_dir: str, inventori
     from uvicorn.config import LOGGING_CONFIG
 
     from dr_orchestrator.api.app import ApiSettings, create_app
-    from dr_orchestrator.cli_watch import prepared_watch
+    from dr_orchestrator.cli.watch import prepared_watch
     from dr_orchestrator.logs import log_to_terminal
     from dr_orchestrator.secrets import SecretError, read_reference
 

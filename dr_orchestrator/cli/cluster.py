@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import UserError, output_option
+from dr_orchestrator.cli.common import UserError, output_option
 
 
 @click.group()

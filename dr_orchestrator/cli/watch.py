@@ -1,4 +1,4 @@
-"""`dr watch ...`: part of the `dr` command (mounted by cli.py); thin, heavy imports inside the commands."""
+"""`dr watch ...`: the watch and its automation switch; thin, heavy imports inside the commands."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli import UserError, announce, log_format_of, output_option, session_factory
+from dr_orchestrator.cli.common import UserError, announce, log_format_of, output_option, session_factory
 
 
 @click.group()

@@ -1,0 +1,189 @@
+"""What the modules of the `dr` command share: a user's mistake (UserError, exit code 2), the exit
+codes, the output and runbook options, the evidence database's sessions (interrupted runs swept),
+a service's news to its operator, and the guard every run and resume goes through.
+
+It imports nothing of the package; heavy imports stay inside the functions."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+
+USER_ERROR = 2
+TAMPERED = 1
+# `dr run` and `dr resume` exit with this when another live run holds a service or site of the plan:
+# nothing ran (1 would say the run failed, 2 that the input was wrong).
+LOCKED = 3
+
+
+class UserError(click.ClickException):
+    """A mistake of the user's: one sentence, exit code 2, no traceback."""
+
+    exit_code = USER_ERROR
+
+
+def fail_with_problems(problems: list[Any], output: str) -> NoReturn:
+    if output == "json":
+        click.echo(json.dumps({"ok": False, "problems": [p.as_dict() for p in problems]}, indent=2))
+    else:
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        warnings = sum(1 for p in problems if not getattr(p, "is_error", True))
+        also = f" and {warnings} warning(s)" if warnings else ""
+        click.echo(f"{len(problems) - warnings} problem(s){also} found.", err=True)
+    sys.exit(USER_ERROR)
+
+
+def print_warning(problem: Any) -> None:
+    click.echo(str(problem), err=True)
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserError(f"{name} {value!r} is not an ISO-8601 time such as 2026-11-28T03:00:00Z") from None
+    if moment.tzinfo is None:
+        raise UserError(f"{name} {value!r} has no time zone; add Z or +08:00")
+    return moment.astimezone(UTC)
+
+
+output_option = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                             help="text for people, json for scripts")
+runbook_arguments = [
+    click.argument("runbook", type=click.Path(dir_okay=False)),
+    click.option("--inventory", "-i", required=True, type=click.Path(dir_okay=False), help="inventory YAML"),
+    click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="runbook parameter"),
+]
+
+
+
+def with_runbook_arguments(function: Callable[..., Any]) -> Callable[..., Any]:
+    for decorator in reversed(runbook_arguments):
+        function = decorator(function)
+    return function
+
+
+def log_format_of(ctx: click.Context) -> str:
+    root = ctx.find_root().obj
+    return str(root.get("log_format", "text")) if root else "text"
+
+
+def announce(ctx: click.Context, text: str) -> None:
+    """A service's news to its operator: a line on stdout, or in JSON log format a log record, so that
+    a log collector reads nothing but JSON."""
+    if log_format_of(ctx) == "json":
+        import logging
+
+        logging.getLogger("dr_orchestrator.cli").info(text)
+    else:
+        click.echo(text)
+        sys.stdout.flush()
+
+
+def database_of(ctx: click.Context) -> str | None:
+    database = ctx.find_root().obj.get("database") if ctx.find_root().obj else None
+    from dr_orchestrator import secrets
+
+    if secrets.is_reference(database):  # --db / $DR_DATABASE_URL as env:NAME or file:/path
+        try:
+            return secrets.resolve(database)
+        except secrets.SecretError as exc:
+            raise UserError(f"evidence database: {exc}") from None
+    return database
+
+
+def session_factory(ctx: click.Context) -> Any:
+    from dr_orchestrator.evidence import migrate
+    from dr_orchestrator.evidence.database import database_url, session_factory_for
+
+    url = database_url(database_of(ctx))
+    problem = migrate.schema_problem(url)
+    if problem:
+        raise UserError(problem)
+    factory = session_factory_for(url)
+    sweep(factory)  # runs whose process died are marked interrupted, never left running
+    return factory
+
+
+def sweep(sessions: Any) -> None:
+    """Mark runs whose process died ``interrupted`` and say so; called whenever `dr` opens the evidence."""
+    import socket
+
+    from dr_orchestrator.evidence.liveness import sweep_interrupted
+
+    for run_id in sweep_interrupted(sessions, socket.gethostname()):
+        click.echo(f"run {run_id} was interrupted (its orchestrator process is gone): see `dr runs show {run_id}`, "
+                   f"then `dr resume {run_id}`", err=True)
+
+
+def run_guarded(sessions: Any, plan: Any, observers: list[Any], *, retention_years: int | None = None,
+                **options: Any) -> Any:
+    """Run (or resume) ``plan`` through ``supervision.execute``, the evidence store first (wrapped by
+    the crash-test hook when the environment asks), SIGTERM as Ctrl-C; exit LOCKED when another run
+    holds one of its locks."""
+    from dr_orchestrator import supervision
+    from dr_orchestrator.evidence.store import EvidenceStore
+    from dr_orchestrator.testhook import wrap_store
+
+    store = wrap_store(EvidenceStore(sessions, retention=retention_years))
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return supervision.execute(sessions, plan, [store, *observers], **options)
+    except supervision.LockHeld as exc:
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(LOCKED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def existing_run_id(sessions: Any, run_id: str) -> str:
+    from dr_orchestrator.evidence import queries
+
+    with sessions() as session:
+        try:
+            found = queries.find_run(session, run_id)
+        except queries.AmbiguousRunId as exc:
+            raise UserError(str(exc)) from None
+    if found is None:
+        raise UserError(f"no run {run_id!r} in the evidence database (see `dr runs list`)")
+    return str(found.id)
+
+
+def print_run_summary(sessions: Any, run_id: str) -> None:
+    from dr_orchestrator.evidence import queries
+    from dr_orchestrator.progress import print_results
+
+    with sessions() as session:
+        detail = queries.run_detail(session, run_id)
+    print_results(detail)
+
+
+def write_output(content: str | bytes, out: str | None) -> None:
+    """To the file ``out``, else to stdout (binary content needs a file)."""
+    if out:
+        from pathlib import Path
+
+        try:
+            if isinstance(content, bytes):
+                Path(out).write_bytes(content)
+            else:
+                Path(out).write_text(content, encoding="utf-8", newline="")
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    elif isinstance(content, bytes):
+        raise UserError("this output is binary: give --out FILE")
+    else:
+        click.echo(content, nl=False)
