@@ -20,7 +20,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from support.waiting import wait_for
 from support.watch import T0, Executed, Script, healthy_round, site_lost_round, steps
 
-from dr_orchestrator.actions.notify import SIGNATURE_HEADER, TIMESTAMP_HEADER, shown_url, signature
+from dr_orchestrator.actions.notify import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    AppriseParams,
+    deliver_apprise,
+    shown_url,
+    signature,
+)
 from dr_orchestrator.cli.watch import watch as watch_group
 from dr_orchestrator.evidence.incidents import (
     incident_detail,
@@ -107,6 +114,34 @@ def test_each_transition_reaches_the_webhook_as_signed_structured_fields(
     assert len(restored_only.delivered()) == 1
 
 
+def test_an_apprise_target_gets_each_transition_with_its_fields_and_a_refusal_says_why(
+        tmp_path: Path, sqlite_sessions: sessionmaker[Session], receivers: list[WebhookReceiver],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apprise reaches the chat tools banks page through by URL (dingtalk://, wecombot://, feishu://,
+    slack://, ...); here its JSON webhook (json://) stands for them, on a real local receiver."""
+    receiver, _ = receivers
+    monkeypatch.setenv("DR_TEST_APPRISE_URL", receiver.url.replace("http://", "json://"))
+    inventory = loaded(inventory_with(tmp_path, [{"apprise": {"urls": ["env:DR_TEST_APPRISE_URL"]}}]))
+    notifier = Notifier(settings_of(inventory), inventory, sqlite_sessions, "dr watch")
+    incident = record_lifecycle(sqlite_sessions)
+    assert notifier.poll() == 5
+    bodies = [json.loads(call.body) for call in receiver.wait_for(5)]
+    notifier.close()
+    assert [body["state"] for body in bodies] == ["detected", "decided", "executing", "restored", "closed"]
+    restored = bodies[3]
+    assert restored["title"] == "[DR major] service trading: restored"
+    assert restored["message"].startswith(f"{incident}: service trading restored (level major)")
+    assert "rto_so_far_s: 3.2" in restored["message"].splitlines()  # the fields in the text, for chat tools
+    # ...and in the body, as fields of their own (Apprise sends their values as text)
+    assert (restored["incident"], restored["service"], restored["rto_so_far_s"], restored["rto_target_s"]) == (
+        incident, "trading", "3.2", "60.0")
+
+    refused = deliver_apprise(AppriseParams(urls=[f"json://127.0.0.1:{free_port()}/hooks/T0KEN"], text="x",
+                                            attempts=2, backoff=0.05, timeout=1))
+    assert not refused.delivered and refused.attempts == 2
+    assert "Connection error" in refused.detail and "T0KEN" not in refused.detail + refused.target
+
+
 def test_a_site_incident_names_the_site_and_its_strictest_rto_target(
         tmp_path: Path, sqlite_sessions: sessionmaker[Session]) -> None:
     inventory = loaded(inventory_with(tmp_path, [], base_url=None))
@@ -181,4 +216,4 @@ def test_a_target_the_notify_actions_refuse_stops_dr_watch_run_before_it_starts(
     assert "dr.watch.notify[0].webhook.secret: secrets are given by reference only" in result.output
     both = inventory_with(tmp_path, [{"webhook": {"url": hook}, "email": {"to": ["x@y"]}}])
     result = CliRunner().invoke(watch_group, ["run", "-i", str(both)], obj={"database": url})
-    assert result.exit_code == 2 and "exactly one of webhook or email" in result.output
+    assert result.exit_code == 2 and "exactly one of webhook, email or apprise" in result.output
