@@ -76,11 +76,11 @@ def one_detection(url: str, service: FlippingService, work: Path) -> tuple[float
     """Milliseconds from the flip to marked_at, and to the first good probe's evidence row."""
     from sqlalchemy import select
 
-    from dr_orchestrator import runner
     from dr_orchestrator.evidence.database import session_factory_for
     from dr_orchestrator.evidence.migrate import upgrade
     from dr_orchestrator.evidence.models import Marker, Probe
     from dr_orchestrator.plans import build_plan
+    from dr_orchestrator.runs import execute as runs
 
     runbook = work / "detection.yml"
     runbook.write_text(runbook_text(service.url))
@@ -89,7 +89,7 @@ def one_detection(url: str, service: FlippingService, work: Path) -> tuple[float
     sessions = session_factory_for(url)
     # The flip lands at a random phase of the probe interval, a little after the run has started.
     service.flip_at = time.time() + 0.3 + random.uniform(0, 0.05)
-    outcome = runner.execute(sessions, plan)
+    outcome = runs.execute(sessions, plan)
     if outcome.state.value != "succeeded":
         raise RuntimeError(f"the detection run ended {outcome.state.value}")
     flip = datetime.fromtimestamp(service.flip_at, UTC)

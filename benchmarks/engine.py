@@ -1,5 +1,5 @@
 """Figure 1: the engine's overhead per step, 1,000 no-op steps in a chain and in parallel, through the
-real composition (runner.execute: evidence store, locks, heartbeat) on SQLite and PostgreSQL.
+real composition (runs.execute: evidence store, locks, heartbeat) on SQLite and PostgreSQL.
 
 `noop` is idempotent, so the store commits its steps' evidence behind the engine (group commit). A
 third shape, "chain, write-ahead", marks every step `idempotent: false`: the engine then waits for
@@ -39,14 +39,14 @@ def plan_for(steps: int, chain: bool, work: Path, idempotent: bool | None = None
 
 
 def timed_run(url: str, plan: RunPlan) -> float:
-    from dr_orchestrator import runner
     from dr_orchestrator.evidence.database import session_factory_for
     from dr_orchestrator.evidence.migrate import upgrade
+    from dr_orchestrator.runs import execute as runs
 
     upgrade(url)
     sessions = session_factory_for(url)
     with Stopwatch() as watch:
-        outcome = runner.execute(sessions, plan)
+        outcome = runs.execute(sessions, plan)
     if outcome.state.value != "succeeded":
         raise RuntimeError(f"the noop run ended {outcome.state.value}")
     return watch.seconds

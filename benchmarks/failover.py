@@ -1,6 +1,6 @@
 """Figure 2: failover overhead. In a lab of the benchmark's own: the site failover's RTO (SIGKILL of the
 primary site to the last of the three services verified, as recorded by runbooks/site-failover.yml
-through runner.execute) next to its critical path's actions timed on their own against a second,
+through runs.execute) next to its critical path's actions timed on their own against a second,
 identically killed lab (each step of the runbook run alone through the bare engine; the attempt's
 own duration, without the engine or the evidence store)."""
 
@@ -106,11 +106,11 @@ def critical_path(work: Path) -> tuple[float, dict[str, float]]:
 def site_failover_rto(work: Path) -> tuple[float, dict[str, Any]]:
     from sqlalchemy import select
 
-    from dr_orchestrator import runner
     from dr_orchestrator.evidence.database import session_factory_for
     from dr_orchestrator.evidence.migrate import upgrade
     from dr_orchestrator.evidence.models import ServiceResult
     from dr_orchestrator.plans import build_plan
+    from dr_orchestrator.runs import execute as runs
 
     with running_lab() as lab, sqlite_database() as url:
         upgrade(url)
@@ -119,7 +119,7 @@ def site_failover_rto(work: Path) -> tuple[float, dict[str, Any]]:
         wait_until_fit(str(lab.config.inventory_path), work)
         lab.kill_site("primary")
         plan = plan.model_copy(update={"incident_at": lab.killed_at})
-        outcome = runner.execute(sessions, plan)
+        outcome = runs.execute(sessions, plan)
         if outcome.state.value != "succeeded":
             raise RuntimeError(f"the site failover ended {outcome.state.value}: {outcome.error or ''}")
         with sessions() as session:

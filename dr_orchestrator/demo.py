@@ -20,7 +20,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dr_orchestrator import runner
 from dr_orchestrator.evidence import queries
 from dr_orchestrator.evidence.annotations import record_reconciliation
 from dr_orchestrator.evidence.database import database_url, session_factory_for
@@ -30,6 +29,7 @@ from dr_orchestrator.lab.load import load_report, start_load, stop_load
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.plans import build_plan
 from dr_orchestrator.progress import ProgressPrinter, console
+from dr_orchestrator.runs import execute as runs
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOKS = REPO / "runbooks"
@@ -95,7 +95,7 @@ def run_demo(config: LabConfig, database: str | None = None, out: Console | None
         out.rule("4. unplanned site failover (runbooks/site-failover.yml)")
         plan = failover.model_copy(update={
             "incident_at": incident_at, "scenario": "site loss: every process of the primary site SIGKILLed"})
-        outcome = runner.execute(sessions, plan, observers=[ProgressPrinter()])
+        outcome = runs.execute(sessions, plan, observers=[ProgressPrinter()])
         verdict.failover_run = outcome.run_id
         if outcome.state != "succeeded":
             verdict.problems.append(f"the failover run {outcome.run_id} ended {outcome.state}")
@@ -110,7 +110,7 @@ def run_demo(config: LabConfig, database: str | None = None, out: Console | None
 
         out.rule("5. failback once the primary site has power again (runbooks/site-failback.yml)")
         lab.start_site("primary")
-        back = runner.execute(sessions, failback.model_copy(update={"failback_of": outcome.run_id}),
+        back = runs.execute(sessions, failback.model_copy(update={"failback_of": outcome.run_id}),
                               observers=[ProgressPrinter()])
         verdict.failback_run = back.run_id
         if back.state != "succeeded":

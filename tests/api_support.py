@@ -15,7 +15,7 @@ from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import session_factory_for
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.plans import build_plan
-from dr_orchestrator.runner import execute
+from dr_orchestrator.runs.execute import execute
 
 REPO = Path(__file__).resolve().parents[1]
 API_DATA = REPO / "tests" / "data" / "api"

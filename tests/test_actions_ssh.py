@@ -206,7 +206,7 @@ def test_is_registered_and_declares_hosts_for_validation() -> None:
 def test_a_kept_connection_outlives_the_run_and_serves_the_next(lab: Lab) -> None:
     """The warm path: a resident process (the watch) keeps its runs' SSH connections, so a decided run
     does not connect first; each run's own resources still close at its end."""
-    from dr_orchestrator.runner import KeptConnections
+    from dr_orchestrator.runs.execute import KeptConnections
 
     kept = KeptConnections()
     try:
@@ -238,7 +238,7 @@ def test_a_kept_connection_outlives_the_run_and_serves_the_next(lab: Lab) -> Non
 
 def test_forgetting_a_lost_sites_hosts_closes_their_kept_connections_and_the_next_use_connects_afresh(
         lab: Lab) -> None:
-    from dr_orchestrator.runner import KeptConnections
+    from dr_orchestrator.runs.execute import KeptConnections
 
     inventory = lab_inventory(lab)
     kept = KeptConnections()
@@ -260,7 +260,7 @@ def test_forgetting_a_lost_sites_hosts_closes_their_kept_connections_and_the_nex
 
 
 def test_refresh_names_the_hosts_it_cannot_reach_and_a_run_still_connects_itself(lab: Lab) -> None:
-    from dr_orchestrator.runner import KeptConnections
+    from dr_orchestrator.runs.execute import KeptConnections
 
     inventory = lab_inventory(lab)
     gone = inventory.hosts["primary-app"].model_copy(update={"port": closed_port()})
@@ -278,7 +278,7 @@ def test_refresh_names_the_hosts_it_cannot_reach_and_a_run_still_connects_itself
 
 def test_a_kept_connection_is_keyed_by_how_it_was_made(lab: Lab) -> None:
     """A host whose address or key changed in a reloaded inventory gets a connection of its own."""
-    from dr_orchestrator.runner import KeptConnections
+    from dr_orchestrator.runs.execute import KeptConnections
 
     inventory = lab_inventory(lab)
     host = inventory.hosts["backup-app"]

@@ -25,13 +25,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from support.aws import REGION, Moto
 from support.evidence import dr
 
-from dr_orchestrator import anchoring, supervision
+from dr_orchestrator import anchoring
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.evidence import anchors, chain, migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory
 from dr_orchestrator.evidence.models import AuditEvent, Run, ServiceResult
 from dr_orchestrator.evidence.signing import generate_keypair, load_public_key, load_signing_key
-from dr_orchestrator.evidence.store import EvidenceStore
+from dr_orchestrator.runs.execute import execute
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -361,7 +361,7 @@ def anchored_runs(tmp_path: Path, keys: tuple[Path, Path], monkeypatch: pytest.M
 def execute_small(sessions: sessionmaker[Session], **options: Any) -> str:
     registry = default_registry()
     registry.register("test.restore", f"{Restore.__module__}:Restore")
-    outcome = supervision.execute(sessions, small_plan(**options), [EvidenceStore(sessions)], registry=registry)
+    outcome = execute(sessions, small_plan(**options), registry=registry)
     assert anchoring.wait_for_pending(30), "the run-end anchor was not written within 30 s"
     return outcome.run_id
 

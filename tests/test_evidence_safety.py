@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from support.plans import make_plan
 from support.waiting import wait_for
 
-from dr_orchestrator import supervision
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence import queries
 from dr_orchestrator.evidence.approvals import ApprovalRefused, decide, waiting_gates
@@ -37,6 +36,8 @@ from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.model.approval import Decision
 from dr_orchestrator.model.events import RunStarted, StepStarted, utcnow
 from dr_orchestrator.model.run import RunPlan
+from dr_orchestrator.runs.execute import execute
+from dr_orchestrator.runs.resume import ResumeRefused, ResumeRequest, prepare_resume
 
 WAIT_S = 20.0
 HOST = "test-host"
@@ -148,7 +149,7 @@ def run_in_thread(sessions: sessionmaker[Session], plan: RunPlan) -> tuple[threa
     box: dict[str, Any] = {}
 
     def call() -> None:
-        box["outcome"] = supervision.execute(sessions, plan, [EvidenceStore(sessions)], run_id=box.setdefault(
+        box["outcome"] = execute(sessions, plan, run_id=box.setdefault(
             "run_id", "7e57a9e0-0000-4000-8000-000000000001"), host=HOST)
 
     thread = threading.Thread(target=call, daemon=True)
@@ -276,17 +277,17 @@ def test_a_run_whose_process_died_is_marked_interrupted_and_resumes_as_the_same_
     assert detail["run_events"][0]["data"]["in_flight"] == [{"step_id": "promote", "phase": "forward"}]
 
     # `promote` is not idempotent (in this registry): it needs the engineer's word.
-    request = supervision.ResumeRequest(run_id, "bob", "checked the standby")
-    with pytest.raises(supervision.ResumeRefused, match="'promote'.*--retry STEP.*e.g. --step-done promote"):
-        supervision.prepare_resume(sessions, request, registry=_strict_registry())
-    with pytest.raises(supervision.ResumeRefused, match="'fence' .* was not in flight"):
-        supervision.prepare_resume(sessions, supervision.ResumeRequest(run_id, "bob", step_done=("fence",)))
+    request = ResumeRequest(run_id, "bob", "checked the standby")
+    with pytest.raises(ResumeRefused, match="'promote'.*--retry STEP.*e.g. --step-done promote"):
+        prepare_resume(sessions, request, registry=_strict_registry())
+    with pytest.raises(ResumeRefused, match="'fence' .* was not in flight"):
+        prepare_resume(sessions, ResumeRequest(run_id, "bob", step_done=("fence",)))
 
-    the_id, resumed_plan, point = supervision.prepare_resume(
-        sessions, supervision.ResumeRequest(run_id, "bob", "the standby is primary", step_done=("promote",)),
+    the_id, resumed_plan, point = prepare_resume(
+        sessions, ResumeRequest(run_id, "bob", "the standby is primary", step_done=("promote",)),
         registry=_strict_registry())
     assert the_id == run_id and resumed_plan.runbook_source.text == plan.runbook_source.text
-    outcome = supervision.execute(sessions, resumed_plan, [EvidenceStore(sessions)], run_id=the_id, resume=point,
+    outcome = execute(sessions, resumed_plan, run_id=the_id, resume=point,
                                   host=HOST)
     assert outcome.state == "succeeded", outcome.error
     with sessions() as session:
@@ -301,8 +302,8 @@ def test_a_run_whose_process_died_is_marked_interrupted_and_resumes_as_the_same_
     assert promote_done["attempts"] == []  # recorded, not run
     assert [e["action"] for e in detail["run_events"]] == ["run.interrupted", "run.resumed"]
     assert detail["run_events"][1]["actor"] == "bob"
-    with pytest.raises(supervision.ResumeRefused, match="ended succeeded: only interrupted runs"):
-        supervision.prepare_resume(sessions, supervision.ResumeRequest(run_id, "bob"))
+    with pytest.raises(ResumeRefused, match="ended succeeded: only interrupted runs"):
+        prepare_resume(sessions, ResumeRequest(run_id, "bob"))
 
 
 def _strict_registry() -> Any:
@@ -348,7 +349,7 @@ def test_a_run_its_node_may_no_longer_act_on_is_resumed_by_the_leader_without_re
             raise RuntimeError("node-a was deposed: node-b leads (token 42@node-b)")
         return token
 
-    first = supervision.execute(sessions, plan, [EvidenceStore(sessions)], host="node-a", fence=node_a_fence)
+    first = execute(sessions, plan, host="node-a", fence=node_a_fence)
     assert first.state == "interrupted"
     with sessions() as session:
         detail = queries.run_detail(session, first.run_id)
@@ -357,9 +358,9 @@ def test_a_run_its_node_may_no_longer_act_on_is_resumed_by_the_leader_without_re
     assert [(s["step_id"], s["state"]) for s in detail["steps"] if s["state"] != "pending"] == [
         ("fence-old", "succeeded")]
 
-    the_id, resumed_plan, point = supervision.prepare_resume(sessions, supervision.ResumeRequest(
+    the_id, resumed_plan, point = prepare_resume(sessions, ResumeRequest(
         first.run_id, "node-b", "took over from node-a"))
-    second = supervision.execute(sessions, resumed_plan, [EvidenceStore(sessions)], run_id=the_id, resume=point,
+    second = execute(sessions, resumed_plan, run_id=the_id, resume=point,
                                  host="node-b", fence=lambda: "42@node-b")
     assert second.state == "succeeded", second.error
     with sessions() as session:

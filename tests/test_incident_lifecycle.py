@@ -25,7 +25,7 @@ from dr_orchestrator.evidence.database import make_engine
 from dr_orchestrator.evidence.models import Incident, IncidentEvent
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.plans import build_plan
-from dr_orchestrator.runner import execute
+from dr_orchestrator.runs.execute import execute
 
 T0 = datetime(2026, 12, 7, 3, 0, 0, 123457, tzinfo=UTC)  # odd microseconds: the parts must still add up
 

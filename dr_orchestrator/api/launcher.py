@@ -15,8 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dr_orchestrator.api.auth import ApiError
 from dr_orchestrator.api.values import HOLDS_NUL, where_nul
 from dr_orchestrator.plans import PlanError, build_plan
-from dr_orchestrator.runner import execute
-from dr_orchestrator.supervision import LockHeld
+from dr_orchestrator.runs.execute import LockHeld, execute
 from dr_orchestrator.yamlsource import LoadError
 
 log = logging.getLogger(__name__)

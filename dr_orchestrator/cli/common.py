@@ -125,20 +125,15 @@ def sweep(sessions: Any) -> None:
                    f"then `dr resume {run_id}`", err=True)
 
 
-def run_guarded(sessions: Any, plan: Any, observers: list[Any], *, retention_years: int | None = None,
-                **options: Any) -> Any:
-    """Run (or resume) ``plan`` through ``supervision.execute``, the evidence store first (wrapped by
-    the crash-test hook when the environment asks), SIGTERM as Ctrl-C; exit LOCKED when another run
-    holds one of its locks."""
-    from dr_orchestrator import supervision
-    from dr_orchestrator.evidence.store import EvidenceStore
-    from dr_orchestrator.testhook import wrap_store
+def run_guarded(sessions: Any, plan: Any, observers: list[Any], **options: Any) -> Any:
+    """Run (or resume) ``plan`` through the one run composition (``runs.execute``), SIGTERM as Ctrl-C;
+    exit LOCKED when another run holds one of its locks."""
+    from dr_orchestrator.runs.execute import LockHeld, execute
 
-    store = wrap_store(EvidenceStore(sessions, retention=retention_years))
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        return supervision.execute(sessions, plan, [store, *observers], **options)
-    except supervision.LockHeld as exc:
+        return execute(sessions, plan, observers=observers, **options)
+    except LockHeld as exc:
         click.echo(f"refused: {exc}", err=True)
         sys.exit(LOCKED)
     finally:

@@ -27,7 +27,7 @@ def resume(ctx: click.Context, run_id: str, step_done: tuple[str, ...], retry: t
     """
     from dr_orchestrator.plans import default_actor
     from dr_orchestrator.progress import ProgressPrinter
-    from dr_orchestrator.supervision import ResumeRefused, ResumeRequest, prepare_resume
+    from dr_orchestrator.runs.resume import ResumeRefused, ResumeRequest, prepare_resume
 
     sessions = session_factory(ctx)
     request = ResumeRequest(run_id, default_actor(), reason, step_done, retry)

@@ -21,19 +21,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dr_orchestrator import supervision
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.drills.notifier import DrillNotifier
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence import drills as records
-from dr_orchestrator.evidence.store import EvidenceStore
 from dr_orchestrator.loading import load_inventory
 from dr_orchestrator.model.drill import Drill, NotifyEvent, Steps
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import Event, MarkerReached, Observer, StepFinished
 from dr_orchestrator.model.run import Phase, RunKind, RunPlan, RunState, SourceDocument
 from dr_orchestrator.plans import build_plan, default_actor
+from dr_orchestrator.runs.execute import LockHeld, execute
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,7 @@ class _DrillRun:
         self.stop = stop
         self.outcome = DrillOutcome(drill_run_id, "finished", "failed")
         self.steps = _StepLog()
-        self.observers: list[Observer] = [EvidenceStore(runner.sessions), self.steps, *runner.extra_observers]
+        self.observers: list[Observer] = [self.steps, *runner.extra_observers]  # after the evidence store
         self.notifier = DrillNotifier(drill.notify, runner.sessions)
         self.failures: list[str] = []
         self.incident_at: datetime | None = None
@@ -212,9 +211,9 @@ class _DrillRun:
         records.link_run(self.runner.sessions, self.id, stage, run_id)
         self.outcome.runs[stage] = run_id
         try:  # the services' locks, a heartbeat, approval gates answered from the evidence database
-            outcome = supervision.execute(self.runner.sessions, plan, self.observers, registry=self.runner.registry,
-                                          run_id=run_id, stop=stop or self.stop, host=self.runner.host)
-        except supervision.LockHeld as exc:
+            outcome = execute(self.runner.sessions, plan, observers=self.observers, registry=self.runner.registry,
+                              run_id=run_id, stop=stop or self.stop, host=self.runner.host)
+        except LockHeld as exc:
             self.failures.append(f"the {stage} stage was refused: {exc}")
             raise _Stop from None
         if outcome.state is RunState.ABORTED and self.outcome.state != "aborted" and stage != "cleanup":

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dr_orchestrator.evidence.rto import RESTORED_MARKER
 from dr_orchestrator.model.events import Event, MarkerReached
 from dr_orchestrator.model.run import RunPlan
-from dr_orchestrator.runner import KeptConnections
+from dr_orchestrator.runs.execute import KeptConnections
 from dr_orchestrator.watch.agreement import Agreement
 from dr_orchestrator.watch.observations import Observation, Target, Transition
 from dr_orchestrator.watch.policy import Decision
@@ -326,7 +326,7 @@ class Watch:
         """Build the plans of every runbook the policies map, for each site and service, ahead of need,
         and rehearse what deciding and starting each writes (rolled back): a decided run then starts
         acting within milliseconds, its statements compiled and its actions imported."""
-        from dr_orchestrator import runner
+        from dr_orchestrator.runs import execute as runs
         from dr_orchestrator.watch import policy
 
         targets = [Target("site", name) for name in self.inventory.sites] + \
@@ -338,7 +338,7 @@ class Watch:
                 if decision.runbook is None:
                     continue
                 plan = self.plan_for(decision.runbook, decision.parameters)
-                runner.prepare(plan)
+                runs.prepare(plan)
             except Exception as exc:  # noqa: BLE001 - a plan that cannot be built is built (and fails) when needed
                 log.warning("no plan ready for %s: %s", target, exc)
                 continue
@@ -348,7 +348,7 @@ class Watch:
                 return self.record_decision(session, down)[0]
 
             try:
-                runner.rehearse(self.sessions, plan, open_incident)
+                runs.rehearse(self.sessions, plan, open_incident)
             except Exception:  # noqa: BLE001 - an optimisation: the run then compiles as it goes
                 log.warning("rehearsing the start of %s's runbook failed", target, exc_info=True)
 
@@ -394,8 +394,8 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
     """Take the ready plan, run it through the one run composition, record its end on the incident."""
     import uuid
 
-    from dr_orchestrator import runner
     from dr_orchestrator.evidence import incidents
+    from dr_orchestrator.runs import execute as runs
 
     run_id = str(uuid.uuid4())
     holder["run_id"] = run_id
@@ -410,7 +410,7 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
         return
     ready.set()  # the run records `executing` on its incident itself, with its start (evidence.incidents)
     restoration = _Restoration(watch, incident_id, run_id, plan.services_in_scope())
-    outcome = runner.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration])
+    outcome = runs.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration])
     restoration.settled()
     with watch.sessions() as session, session.begin():
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None

@@ -1,80 +1,30 @@
-"""Running a plan safely: the locks of what it changes, a heartbeat, approval gates wired to the
-evidence database; and resuming a run that was interrupted.
-
-Shared by the CLI, the scheduler and the API so that every run is guarded alike:
-
-    outcome = supervision.execute(sessions, plan, observers=[store, progress])
-
-raises ``LockHeld`` (nothing ran) when another live run holds a service or site of this plan.
-"""
+"""Resuming an interrupted run (same run id): its plan rebuilt from the sources recorded with it,
+the steps that ended kept, and a step that was in flight repeated only when it may be (idempotent,
+or named by the engineer), so that a non-idempotent step is never blindly run twice."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from dr_orchestrator import anchoring
 from dr_orchestrator.actions import default_registry
-from dr_orchestrator.actions.base import ActionRegistry, RunResources
-from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.engine.executor import may_repeat
-from dr_orchestrator.evidence.annotations import record_audit_event
-from dr_orchestrator.evidence.approvals import DatabaseApprovals
-from dr_orchestrator.evidence.liveness import HEARTBEAT_S, Heartbeat, writing
-from dr_orchestrator.evidence.locks import LockHeld, RunLocks, resources_for
 from dr_orchestrator.evidence.resume import NotResumable, StoredRun, interrupted_run
 from dr_orchestrator.loading import load_inventory, load_runbook
-from dr_orchestrator.model.events import Observer
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunKind, RunPlan, SourceDocument
 from dr_orchestrator.yamlsource import LoadError
 
 Sessions = Callable[[], Session]
 
-__all__ = ["LockHeld", "ResumeRefused", "execute", "prepare_resume"]
+__all__ = ["ResumeRefused", "ResumeRequest", "plan_of", "prepare_resume"]
 
 
 class ResumeRefused(ValueError):
     """The run cannot be resumed as asked; one sentence saying what to do."""
-
-
-def execute(sessions: Sessions, plan: RunPlan, observers: Sequence[Observer], *,
-            registry: ActionRegistry | None = None, run_id: str | None = None, resume: ResumePoint | None = None,
-            stop: threading.Event | None = None, host: str | None = None,
-            heartbeat_s: float = HEARTBEAT_S, kept: RunResources | None = None,
-            fence: Callable[[], object] | None = None) -> RunOutcome:
-    """Take the plan's locks, beat, run (or resume) it, free the locks. ``observers`` must include the
-    evidence store. LockHeld, before anything ran, when another live run holds a lock; the refusal is
-    an audit event."""
-    run_id = run_id or str(uuid.uuid4())
-    host = host or socket.gethostname()
-    locks = RunLocks(sessions, host)
-    heartbeat = Heartbeat(sessions, run_id, host, heartbeat_s)
-    try:
-        locks.acquire(run_id, resources_for(plan), also=heartbeat.record)
-    except LockHeld as exc:
-        with writing(sessions) as session:
-            record_audit_event(session, plan.started_by, "run.refused", run_id, {
-                "runbook": plan.runbook.name, "resource": exc.resource.name,
-                "held_by": [h.run_id for h in exc.holders], "resume": resume is not None})
-        raise
-    try:
-        with heartbeat:
-            engine = Engine(registry or default_registry(), list(observers), host=host,
-                            approvals=DatabaseApprovals(sessions), kept=kept, fence=fence)
-            return engine.run(plan, run_id, stop, resume)
-    finally:
-        locks.release()
-        # The run's end is recorded and its locks are free: anchor the chain off the run's path.
-        anchoring.after_run(sessions, run_id, plan.started_by)
-
-
-# ---------------------------------------------------------------- resuming
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
-"""How a run is composed and executed, the same way for `dr run` and the HTTP API: the actions
-registry, the engine, the evidence store as its first observer (nothing happens unrecorded), and
-the evidence database as where approval gates read decisions (`dr approve`, the API). Runs go
-through ``supervision.execute``: the plan's locks (``LockHeld`` when another run holds one) and
-the heartbeat that lets a crashed run be found and resumed. A resident process (the watch) keeps its
-runs' SSH connections open between them (``KeptConnections``), so a decided run starts acting at once."""
+"""Running a plan: the one composition every run goes through (`dr run`, `dr resume`, the HTTP API,
+the drills, the watch, the demo), and what a resident process does ahead of its runs.
+
+``execute`` puts a run together in this order: the evidence store first among the observers (nothing
+happens unrecorded; wrapped by the crash-test hook when the environment asks), then the plan's locks
+(``LockHeld``, before anything ran and recorded as an audit event, when another live run holds a
+service or site of it), the heartbeat row in the same commit (a crashed run is found and resumed),
+the engine with approval gates answered from the evidence database, and after the run the anchoring
+of the evidence chain. A resident process (the watch) prepares and rehearses its runs
+(``prepare``, ``rehearse``) and keeps their SSH connections open between them (``KeptConnections``),
+so that a decided run starts acting at once."""
 
 from __future__ import annotations
 
@@ -14,43 +19,62 @@ from collections.abc import Callable, Iterable, Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dr_orchestrator import supervision
-from dr_orchestrator.actions.base import RunResources
-from dr_orchestrator.engine import RunOutcome
+from dr_orchestrator import anchoring
+from dr_orchestrator.actions import default_registry
+from dr_orchestrator.actions.base import ActionRegistry, RunResources
+from dr_orchestrator.engine import Engine, RunOutcome
+from dr_orchestrator.evidence.annotations import record_audit_event
+from dr_orchestrator.evidence.approvals import DatabaseApprovals
+from dr_orchestrator.evidence.liveness import HEARTBEAT_S, Heartbeat, writing
+from dr_orchestrator.evidence.locks import LockHeld, RunLocks, resources_for
 from dr_orchestrator.evidence.store import EvidenceStore
-from dr_orchestrator.model.events import (
-    AttemptFinished,
-    AttemptStarted,
-    Event,
-    MarkerReached,
-    Observer,
-    ProbeResult,
-    RunFinished,
-    RunResumed,
-    RunStarted,
-    StepFinished,
-    StepStarted,
-    utcnow,
-)
+from dr_orchestrator.model import events
+from dr_orchestrator.model.events import Event, Observer, RunResumed, RunStarted
 from dr_orchestrator.model.inventory import Host, Inventory
 from dr_orchestrator.model.resume import ResumePoint
 from dr_orchestrator.model.run import RunPlan, RunState, StepState
 from dr_orchestrator.testhook import wrap_store
 
+__all__ = ["KeptConnections", "LockHeld", "execute", "prepare", "rehearse"]
 
-def execute(sessions: sessionmaker[Session], plan: RunPlan, *, observers: Sequence[Observer] = (),
+
+def execute(sessions: Callable[[], Session], plan: RunPlan, *, observers: Sequence[Observer] = (),
             retention_years: int | None = None, run_id: str | None = None,
             stop: threading.Event | None = None, resume: ResumePoint | None = None,
-            kept: KeptConnections | None = None, started: threading.Event | None = None) -> RunOutcome:
+            kept: KeptConnections | None = None, started: threading.Event | None = None,
+            registry: ActionRegistry | None = None, host: str | None = None,
+            heartbeat_s: float = HEARTBEAT_S, fence: Callable[[], object] | None = None) -> RunOutcome:
     """Run ``plan`` to its end (or go on with an interrupted run: ``resume`` and its ``run_id``),
-    recording it in the evidence database of ``sessions``. Raises supervision.LockHeld, before
-    anything ran, when another live run holds a service or site of the plan."""
+    recorded in the evidence database of ``sessions``, ``observers`` after the evidence store.
+    ``started`` is set once the run's start is committed; ``fence`` is called before every changing
+    step (a cluster node's leadership). Raises LockHeld, before anything ran, when another live run
+    holds a service or site of the plan."""
+    run_id = run_id or str(uuid.uuid4())
+    host = host or socket.gethostname()
     recorder = EvidenceStore(sessions, retention=retention_years)
-    store = wrap_store(recorder)
+    watching: list[Observer] = [wrap_store(recorder), *observers]
     if started is not None:
-        observers = [*observers, _StartRecorded(recorder, started)]
-    return supervision.execute(sessions, plan, [store, *observers], run_id=run_id, stop=stop, resume=resume,
-                               kept=kept.pool if kept is not None else None)
+        watching.append(_StartRecorded(recorder, started))
+    locks = RunLocks(sessions, host)
+    heartbeat = Heartbeat(sessions, run_id, host, heartbeat_s)
+    try:
+        locks.acquire(run_id, resources_for(plan), also=heartbeat.record)
+    except LockHeld as exc:
+        with writing(sessions) as session:
+            record_audit_event(session, plan.started_by, "run.refused", run_id, {
+                "runbook": plan.runbook.name, "resource": exc.resource.name,
+                "held_by": [h.run_id for h in exc.holders], "resume": resume is not None})
+        raise
+    try:
+        with heartbeat:
+            engine = Engine(registry or default_registry(), watching, host=host,
+                            approvals=DatabaseApprovals(sessions), kept=kept.pool if kept is not None else None,
+                            fence=fence)
+            return engine.run(plan, run_id, stop, resume)
+    finally:
+        locks.release()
+        # The run's end is recorded and its locks are free: anchor the chain off the run's path.
+        anchoring.after_run(sessions, run_id, plan.started_by)
 
 
 class _StartRecorded:
@@ -111,15 +135,15 @@ def rehearse(sessions: sessionmaker[Session], plan: RunPlan,
             rehearsed = plan.model_copy(update={"incident_id": incident_id}) if incident_id else plan
             step = plan.runbook.steps[0]
             service = plan.service_of(step)
-            now = utcnow()
+            now = events.utcnow()
             store = EvidenceStore(rehearsal)
-            for event in (RunStarted(run_id, now, rehearsed, host), StepStarted(run_id, step.id, now),
-                          AttemptStarted(run_id, step.id, 1, now),
-                          ProbeResult(run_id, step.id, 1, now, "rehearsal", True, 0.0),
-                          MarkerReached(run_id, step.id, RESTORED_MARKER, service, step.site, now),
-                          AttemptFinished(run_id, step.id, 1, now, StepState.SUCCEEDED, 0.0),
-                          StepFinished(run_id, step.id, now, StepState.SUCCEEDED),
-                          RunFinished(run_id, now, RunState.SUCCEEDED)):
+            for event in (events.RunStarted(run_id, now, rehearsed, host), events.StepStarted(run_id, step.id, now),
+                          events.AttemptStarted(run_id, step.id, 1, now),
+                          events.ProbeResult(run_id, step.id, 1, now, "rehearsal", True, 0.0),
+                          events.MarkerReached(run_id, step.id, RESTORED_MARKER, service, step.site, now),
+                          events.AttemptFinished(run_id, step.id, 1, now, StepState.SUCCEEDED, 0.0),
+                          events.StepFinished(run_id, step.id, now, StepState.SUCCEEDED),
+                          events.RunFinished(run_id, now, RunState.SUCCEEDED)):
                 store.store(event)
         finally:
             transaction.rollback()
