@@ -144,6 +144,58 @@ class _StepOutputPlaceholder:
         return True
 
 
+def live_difference(plan: RunPlan, timeout_s: float = 2.0) -> dict[str, Any]:
+    """What is live now for each service of the plan's scope, probed once as the watch probes (the
+    site the front door serves it from, its front-door servers, each site's store and replication
+    link), and the change the run would make: the site(s) it moves the service to."""
+    from dr_orchestrator.engine.preflight import target_sites
+    from dr_orchestrator.model.events import utcnow
+    from dr_orchestrator.model.safety import policy_of
+    from dr_orchestrator.watch.observers import Prober
+
+    probed_at = utcnow()
+    with Prober(plan.inventory, timeout_s=timeout_s, wait_s=timeout_s) as prober:
+        prober.round()
+        readings = prober.readings
+    context = template_context(plan, {}, {})
+    targets = target_sites(plan, policy_of(plan.inventory), lambda source: templating.render_string(source, context))
+    services: dict[str, Any] = {}
+    for name in plan.services_in_scope():
+        front = readings.front.get(name)
+        answer = front.value if front is not None else None
+        serving = answer.site if answer is not None and answer.healthy else None
+        if front is None:
+            front_door = "not probed (no health URL)"
+        elif answer is None:
+            front_door = f"no answer: {front.error}"
+        else:
+            front_door = f"HTTP {answer.status} from {answer.site or 'an unnamed site'}"
+        probed_servers = readings.servers.get(name)
+        servers = probed_servers.value if probed_servers is not None and probed_servers.value is not None else {}
+        stores = {site: _store_text(probed.value, probed.error)
+                  for (service, site), probed in sorted(readings.stores.items()) if service == name}
+        after = sorted(targets.get(name, ()))
+        if not after:
+            change = "the run does not say which site it moves the service to"
+        elif serving in after:
+            change = f"already served at {serving}: the run keeps it there"
+        else:
+            change = f"moves from {serving or 'nowhere (the front door does not serve it)'} to {', '.join(after)}"
+        services[name] = {
+            "served_by": serving, "front_door": front_door, "stores": stores, "after_run": after, "change": change,
+            "servers": {site: f"{state.get('admin')}/{state.get('operational')}" for site, state in servers.items()},
+        }
+    return {"probed_at": probed_at.isoformat(), "services": services}
+
+
+def _store_text(state: Any, error: str | None) -> str:
+    if state is None:
+        return f"no answer: {error}"
+    if state.role == "primary":
+        return f"{state.kind} primary ({'writable' if state.writable else 'read-only'})"
+    return f"{state.kind} {state.role} of {state.upstream or '?'} ({state.link or 'no link'})"
+
+
 def describe_plan(plan: RunPlan, registry: ActionRegistry | None = None) -> dict[str, Any]:
     """Execution order with parallel groups, each step's rendered parameters and the hosts it touches."""
     registry = registry or default_registry()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -237,3 +238,26 @@ def _latest_run(db: str, cwd: Path) -> str | None:
         return None
     rows = json.loads(result.stdout)
     return rows[0]["id"] if rows else None
+
+
+@pytest.mark.lab
+def test_plan_live_shows_what_serves_each_service_now_and_what_the_run_would_change(lab: Any, tmp_path: Path) -> None:
+    """`dr plan --live` probes the lab as the watch does and changes nothing: each service in scope is
+    served from the primary site now, and the site failover would move it to the backup site."""
+    inventory = str(lab.config.inventory_path)
+    db = f"sqlite:///{tmp_path / 'evidence.db'}"
+    shown = dr("plan", str(REPO / "runbooks" / "site-failover.yml"), "-i", inventory, "--live", "-o", "json",
+               db=db, cwd=tmp_path, check=True)
+    live = json.loads(shown.stdout)["live"]
+    assert set(live["services"]) == {"trading", "contract-signing", "quotation"}
+    for name, state in live["services"].items():
+        assert state["served_by"] == "primary" and state["after_run"] == ["backup"], (name, state)
+        assert state["change"] == "moves from primary to backup"
+        assert state["servers"]["primary"].startswith("ready/") and state["servers"]["backup"].startswith("maint/")
+        assert state["stores"]["primary"].endswith("primary (writable)"), state["stores"]
+        assert " of primary (" in state["stores"]["backup"], state["stores"]  # a standby or replica of it
+    text = dr("plan", str(REPO / "runbooks" / "failover-trading.yml"), "-i", inventory, "--live", db=db, cwd=tmp_path,
+              check=True).stdout
+    assert "live now (probed at" in text and "   trading: moves from primary to backup" in text
+    assert "contract-signing:" not in text.split("live now", 1)[1]  # only the run's scope
+    assert lab.status()["stores"]["trading"]["active_site"] == "primary"  # nothing changed

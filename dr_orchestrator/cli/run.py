@@ -51,13 +51,18 @@ def validate(runbook: str, inventory: str, params: tuple[str, ...], output: str,
 @click.option("--out", "out", type=click.Path(dir_okay=False, writable=True),
               help="also save the plan to this file, with the digests of its runbook, inventory and parameters: "
                    "`dr run --plan FILE` runs exactly it, or refuses")
-def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str, out: str | None) -> None:
+@click.option("--live", is_flag=True,
+              help="also probe what is live now (which site serves each service, its front-door servers, its "
+                   "stores and their replication) and say what the run would change; still changes nothing")
+def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str, out: str | None, live: bool) -> None:
     """Show the steps in execution order with templates rendered; runs nothing."""
     from dr_orchestrator.model.events import utcnow
-    from dr_orchestrator.plans import describe_plan, parse_overrides, saved_plan
+    from dr_orchestrator.plans import describe_plan, live_difference, parse_overrides, saved_plan
 
     the_plan = _build(runbook, inventory, params, output, warn=print_warning if output == "text" else None)
     described = describe_plan(the_plan)
+    if live:
+        described["live"] = live_difference(the_plan)
     if out is not None:
         document = saved_plan(the_plan, parse_overrides(list(params)), utcnow())
         written = Path(out)
@@ -94,6 +99,15 @@ def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str, out
                 click.echo(f"      rollback: {step['rollback']['action']}")
             if step.get("error"):
                 click.echo(f"      ! {step['error']}")
+    if live:
+        click.echo(f"\nlive now (probed at {described['live']['probed_at']}):")
+        for name, state in described["live"]["services"].items():
+            click.echo(f"   {name}: {state['change']}")
+            click.echo(f"      front door: {state['front_door']}")
+            for site, server in state["servers"].items():
+                click.echo(f"      front-door server at {site}: {server}")
+            for site, store in state["stores"].items():
+                click.echo(f"      store at {site}: {store}")
 
 
 def _build(runbook: str, inventory: str, params: tuple[str, ...], output: str = "text", **kwargs: Any) -> Any:
