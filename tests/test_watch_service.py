@@ -297,3 +297,27 @@ def test_the_services_of_a_run_in_progress_rest_from_probing_until_it_ends(
     watch.active[0].thread.join(10)
     watch.round()
     assert watch.prober.resting == frozenset()
+
+
+def test_an_outage_whose_incident_cannot_be_recorded_is_decided_again_next_round(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy evidence database ("database is locked") must not make the watch forget an outage: the
+    decision is tried again at the next round, and the site is failed over once."""
+    from sqlalchemy.exc import OperationalError
+
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [site_lost_round(t) for t in steps(1.0, 2.5)]
+    watch, executed = watch_of(rounds)
+    record = watch.record_decision
+    failures = iter([OperationalError("INSERT INTO incidents", {}, Exception("database is locked"))])
+
+    def busy_once(session: Session, transition: Any) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return record(session, transition)
+
+    monkeypatch.setattr(watch, "record_decision", busy_once)
+    drive(watch, len(rounds))
+    assert [c["runbook"] for c in executed.calls] == ["site-failover.yml"]
+    with sqlite_sessions() as session:
+        assert len(list_incidents(session)) == 1

@@ -32,6 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.actions.notify import CHANNELS, Delivery, send_message
+from dr_orchestrator.evidence.liveness import writing
 from dr_orchestrator.evidence.models import Incident, IncidentEvent
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.model.watch import NotificationTarget, WatchSettings
@@ -218,7 +219,7 @@ class Notifier:
         from dr_orchestrator.evidence.annotations import record_audit_event
         from dr_orchestrator.evidence.incidents import record_incident_event
 
-        with self.sessions() as session, session.begin():
+        with writing(self.sessions) as session:
             if notice.incident is not None:
                 record_incident_event(session, notice.incident, "updated", datetime.now(UTC), self.actor,
                                       {FAILED: failed})

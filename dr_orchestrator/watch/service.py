@@ -26,8 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dr_orchestrator.evidence.liveness import writing
 from dr_orchestrator.evidence.rto import RESTORED_MARKER
 from dr_orchestrator.model.events import Event, MarkerReached
 from dr_orchestrator.model.run import RunPlan
@@ -97,6 +99,7 @@ class Watch:
         self.probe = probe
         self.execute = execute or _execute_plan
         self.pending: list[PendingService] = []
+        self.undecided: list[Transition] = []  # found down, but the decision could not be recorded yet
         self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
         self.serving: dict[str, str] = {}  # service -> the site that served it at its newest observation
         self.active: list[ActiveRun] = []
@@ -199,6 +202,10 @@ class Watch:
         self.handle_down(transition)
 
     def decide_pending(self) -> None:
+        undecided, self.undecided = self.undecided, []
+        for transition in undecided:
+            if self.states.get(transition.target) == "down":
+                self.handle_down(transition)
         still: list[PendingService] = []
         for pending in self.pending:
             site_state = self.states.get(Target("site", pending.site))
@@ -218,8 +225,14 @@ class Watch:
         target = transition.target
         if self.busy(target):
             return
-        with self.sessions() as session, session.begin():
-            incident_id, decision, asking = self.record_decision(session, transition)
+        try:
+            with writing(self.sessions) as session:
+                incident_id, decision, asking = self.record_decision(session, transition)
+        except SQLAlchemyError:  # nothing was decided: the outage must not be forgotten
+            log.exception("%s %s is down, but its incident could not be recorded: trying again next round",
+                          target.kind, target.name)
+            self.undecided.append(transition)
+            return
         log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
                     transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons),
                     extra={"incident_id": incident_id})
@@ -273,7 +286,7 @@ class Watch:
 
         needed = self.settings.approval.approvers
         for incident_id, waiting in list(self.awaiting.items()):
-            with self.sessions() as session, session.begin():
+            with writing(self.sessions) as session:
                 answers = incidents.incident_answers(session, incident_id)
                 rejected = next(((actor, at) for kind, actor, at in answers if kind == "rejected"), None)
                 counted: list[tuple[str, datetime]] = []
@@ -404,7 +417,7 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
             update={"incident_id": incident_id, "incident_at": impact_start, "reason": reason})
     except Exception as exc:  # noqa: BLE001 - recorded on the incident; the watch goes on
         ready.set()
-        with watch.sessions() as session, session.begin():
+        with writing(watch.sessions) as session:
             incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
                                             {"error": f"the runbook {runbook} could not be planned: {exc}"})
         return
@@ -412,7 +425,7 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
     restoration = _Restoration(watch, incident_id, run_id, plan.services_in_scope())
     outcome = runs.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration])
     restoration.settled()
-    with watch.sessions() as session, session.begin():
+    with writing(watch.sessions) as session:
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
         if restored_at is not None and not restoration.recorded:  # else told when its last service was verified
             incidents.record_incident_event(session, incident_id, "restored", restored_at, WATCH_ACTOR,
@@ -449,7 +462,7 @@ class _Restoration:
         from dr_orchestrator.evidence import incidents
 
         try:
-            with self.watch.sessions() as session, session.begin():
+            with writing(self.watch.sessions) as session:
                 incidents.record_incident_event(session, self.incident_id, "restored", at, WATCH_ACTOR,
                                                 {"run_id": self.run_id})
             self.recorded = True

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dr_orchestrator.evidence.liveness import writing
 from dr_orchestrator.model.inventory import Inventory
 from dr_orchestrator.watch.observers import Probed, Readings, StoreState, serving_site
 
@@ -468,7 +469,7 @@ class EarlyWarnings:
                 del self.active[key], self.absent[key]
         self.active.update((w.key, w) for w in raised)
         if raised or cleared:
-            with self.sessions() as session, session.begin():
+            with writing(self.sessions) as session:
                 record_changes(session, self.actor, raised, cleared)
             for warning in raised:
                 log.warning("early warning: %s", warning.message)
