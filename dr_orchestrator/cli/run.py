@@ -62,7 +62,12 @@ def plan(runbook: str, inventory: str, params: tuple[str, ...], output: str, out
     the_plan = _build(runbook, inventory, params, output, warn=print_warning if output == "text" else None)
     described = describe_plan(the_plan)
     if live:
-        described["live"] = live_difference(the_plan)
+        from dr_orchestrator.watch.observers import ObserverSetupError
+
+        try:
+            described["live"] = live_difference(the_plan)
+        except ObserverSetupError as exc:  # the inventory does not say how to reach a store or the front door
+            raise UserError(f"cannot probe what is live: {exc}") from None
     if out is not None:
         document = saved_plan(the_plan, parse_overrides(list(params)), utcnow())
         written = Path(out)
