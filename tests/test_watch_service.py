@@ -32,7 +32,7 @@ from dr_orchestrator.evidence.incidents import (
     list_incidents,
 )
 from dr_orchestrator.watch.automation import switch_automation
-from dr_orchestrator.watch.observations import Observation
+from dr_orchestrator.watch.observations import Observation, Target
 from dr_orchestrator.watch.service import Watch
 
 
@@ -321,3 +321,47 @@ def test_an_outage_whose_incident_cannot_be_recorded_is_decided_again_next_round
     assert [c["runbook"] for c in executed.calls] == ["site-failover.yml"]
     with sqlite_sessions() as session:
         assert len(list_incidents(session)) == 1
+
+
+class Gate:
+    """A cluster node's leadership, switched by the test."""
+
+    def __init__(self) -> None:
+        self.leading = False
+
+    def is_leader(self) -> bool:
+        return self.leading
+
+    def fence_check(self) -> Any:
+        return lambda: "7@node-test"
+
+
+def test_a_follower_observes_but_decides_only_once_it_leads_with_its_own_impact_start(
+        sqlite_sessions: sessionmaker[Session]) -> None:
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [site_lost_round(t) for t in steps(1.0, 3.0)]
+    executed = Executed()
+    gate = Gate()
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script(rounds), execute=executed, leader=gate)
+    drive(watch, 20)
+    assert watch.states.get(Target("site", "primary")) == "down"  # agreed, but this node follows
+    assert executed.calls == []
+    with sqlite_sessions() as session:
+        assert list_incidents(session) == []  # nothing decided, nothing recorded
+    gate.leading = True
+    drive(watch, 5)
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]
+    assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=1.0)
+
+
+def test_a_node_that_leads_no_more_starts_nothing(sqlite_sessions: sessionmaker[Session]) -> None:
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [trading_lost_round(t) for t in steps(1.0, 2.5)]
+    executed = Executed()
+    gate = Gate()
+    gate.leading = True
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script(rounds), execute=executed, leader=gate)
+    drive(watch, 10)
+    gate.leading = False
+    drive(watch, 16)
+    assert watch.states.get(Target("service", "trading")) == "down"
+    assert executed.calls == []

@@ -19,6 +19,7 @@ from dr_orchestrator.cli import (
     evidence,
     findings,
     incidents,
+    node,
     report,
     resume,
     run,
@@ -56,7 +57,7 @@ for _command in (
     drills.drill, drills.scheduler,
     incidents.incidents,
     watch.watch,
-    cluster.cluster,
+    cluster.cluster, node.node,
     serve.serve, serve.tokens,
 ):
     cli.add_command(_command)

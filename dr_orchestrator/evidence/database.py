@@ -17,6 +17,7 @@ from dr_orchestrator.evidence import chain
 DEFAULT_URL = "sqlite:///dr-evidence.db"
 URL_ENV = "DR_DATABASE_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 5  # seconds; libpq's smallest is 2
 
 # Pass as a connection's execution options to open a write transaction. On SQLite this sends
 # BEGIN IMMEDIATE: a deferred transaction that reads, then writes, fails at once with "database is
@@ -42,7 +43,9 @@ def make_engine(url: str | None = None) -> Engine:
     """An engine for ``url`` (see ``database_url``); SQLite gets WAL, foreign keys and a busy timeout."""
     resolved = database_url(url)
     if not resolved.startswith("sqlite"):
-        return create_engine(resolved, pool_pre_ping=True)
+        # libpq waits for an unanswered connection forever: bound it (the URL's own value wins)
+        bounded = {} if "connect_timeout=" in resolved else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(resolved, pool_pre_ping=True, connect_args=bounded)
     engine = create_engine(resolved, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _configure_sqlite)
     event.listen(engine, "begin", _begin_sqlite)

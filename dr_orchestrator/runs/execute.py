@@ -12,6 +12,7 @@ so that a decided run starts acting at once."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import uuid
@@ -27,7 +28,7 @@ from dr_orchestrator.evidence.annotations import record_audit_event
 from dr_orchestrator.evidence.approvals import DatabaseApprovals
 from dr_orchestrator.evidence.liveness import HEARTBEAT_S, Heartbeat, writing
 from dr_orchestrator.evidence.locks import LockHeld, RunLocks, resources_for
-from dr_orchestrator.evidence.store import EvidenceStore
+from dr_orchestrator.evidence.store import EvidenceFallback, EvidenceStore, database_unreachable
 from dr_orchestrator.model import events
 from dr_orchestrator.model.events import Event, Observer, RunResumed, RunStarted
 from dr_orchestrator.model.inventory import Host, Inventory
@@ -37,21 +38,25 @@ from dr_orchestrator.testhook import wrap_store
 
 __all__ = ["KeptConnections", "LockHeld", "execute", "prepare", "rehearse"]
 
+log = logging.getLogger(__name__)
+
 
 def execute(sessions: Callable[[], Session], plan: RunPlan, *, observers: Sequence[Observer] = (),
             retention_years: int | None = None, run_id: str | None = None,
             stop: threading.Event | None = None, resume: ResumePoint | None = None,
             kept: KeptConnections | None = None, started: threading.Event | None = None,
             registry: ActionRegistry | None = None, host: str | None = None,
-            heartbeat_s: float = HEARTBEAT_S, fence: Callable[[], object] | None = None) -> RunOutcome:
+            heartbeat_s: float = HEARTBEAT_S, fence: Callable[[], object] | None = None,
+            fallback: EvidenceFallback | None = None) -> RunOutcome:
     """Run ``plan`` to its end (or go on with an interrupted run: ``resume`` and its ``run_id``),
     recorded in the evidence database of ``sessions``, ``observers`` after the evidence store.
     ``started`` is set once the run's start is committed; ``fence`` is called before every changing
-    step (a cluster node's leadership). Raises LockHeld, before anything ran, when another live run
-    holds a service or site of the plan."""
+    step (a cluster node's leadership); with a ``fallback`` (the node's local journal) the run goes on
+    while the evidence database is unreachable, its events journaled in order and delivered later.
+    Raises LockHeld, before anything ran, when another live run holds a service or site of the plan."""
     run_id = run_id or str(uuid.uuid4())
     host = host or socket.gethostname()
-    recorder = EvidenceStore(sessions, retention=retention_years)
+    recorder = EvidenceStore(sessions, retention=retention_years, fallback=fallback)
     watching: list[Observer] = [wrap_store(recorder), *observers]
     if started is not None:
         watching.append(_StartRecorded(recorder, started))
@@ -65,6 +70,14 @@ def execute(sessions: Callable[[], Session], plan: RunPlan, *, observers: Sequen
                 "runbook": plan.runbook.name, "resource": exc.resource.name,
                 "held_by": [h.run_id for h in exc.holders], "resume": resume is not None})
         raise
+    except Exception as exc:
+        # A cluster node whose evidence database is away (a lost site, its failover under way) still
+        # fails over: the leader's fencing token excludes every other node, and the journal keeps the
+        # run's evidence. Without both, no lock means no run.
+        if fence is None or fallback is None or not database_unreachable(exc):
+            raise
+        log.warning("run %s: evidence database unreachable (%s): no lock rows, the fencing token alone "
+                    "excludes other nodes; the evidence is journaled", run_id, f"{type(exc).__name__}: {exc}")
     try:
         with heartbeat:
             engine = Engine(registry or default_registry(), watching, host=host,

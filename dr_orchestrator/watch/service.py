@@ -24,13 +24,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.evidence.liveness import writing
 from dr_orchestrator.evidence.rto import RESTORED_MARKER
+from dr_orchestrator.evidence.store import EvidenceFallback
 from dr_orchestrator.model.events import Event, MarkerReached
 from dr_orchestrator.model.run import RunPlan
 from dr_orchestrator.runs.execute import KeptConnections
@@ -43,6 +44,17 @@ log = logging.getLogger(__name__)
 WATCH_ACTOR = "dr watch"
 APPROVALS_EVERY_ROUNDS = 5  # how often waiting incidents look for new approvals (rounds)
 KEEP_OPEN_EVERY_S = 5.0  # how often dead or missing SSH connections of the warm path are reopened
+
+
+class LeaderGate(Protocol):
+    """A cluster node's leadership (dr_orchestrator.cluster.leadership.Leadership): the watch of a
+    node that does not lead observes and agrees, but decides and acts only while it leads."""
+
+    def is_leader(self) -> bool: ...
+
+    def fence_check(self) -> Callable[[], object]:
+        """The check a run calls before each changing step; raises when this node does not lead now."""
+        ...
 
 
 @dataclass
@@ -81,7 +93,10 @@ class Watch:
     def __init__(self, inventory_path: str, sessions: sessionmaker[Session], *,
                  probe: Callable[[], list[Observation]] | None = None,
                  execute: Callable[..., Any] | None = None,
-                 confirm_s: float | None = None) -> None:
+                 confirm_s: float | None = None, leader: LeaderGate | None = None,
+                 fallback: EvidenceFallback | None = None, host: str | None = None) -> None:
+        """``leader``, ``fallback`` and ``host``: a cluster node's leadership (decide and act only while
+        leading, every run fenced), its evidence journal, and its name (recorded as the runs' host)."""
         from dr_orchestrator.loading import load_inventory
         from dr_orchestrator.watch import notify, observers, policy, warnings
 
@@ -98,6 +113,9 @@ class Watch:
             self.prober = probe = observers.Prober(self.inventory)
         self.probe = probe
         self.execute = execute or _execute_plan
+        self.leader = leader
+        self.fallback = fallback
+        self.host = host
         self.pending: list[PendingService] = []
         self.undecided: list[Transition] = []  # found down, but the decision could not be recorded yet
         self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
@@ -171,7 +189,7 @@ class Watch:
         for transition in sorted(transitions, key=lambda t: t.target.kind != "site"):
             self.on_transition(transition)
         self.decide_pending()
-        if self.awaiting and self.rounds % APPROVALS_EVERY_ROUNDS == 0:
+        if self.awaiting and self.rounds % APPROVALS_EVERY_ROUNDS == 0 and self.may_act():
             self.check_approvals()
         self.active = [active for active in self.active if active.thread.is_alive()]
         if self.warnings is not None and self.prober is not None:
@@ -218,12 +236,18 @@ class Watch:
                 self.handle_down(pending.transition)
         self.pending = still
 
+    def may_act(self) -> bool:
+        return self.leader is None or self.leader.is_leader()
+
     def busy(self, target: Target) -> bool:
         return any(target in active.targets for active in self.active if active.thread.is_alive())
 
     def handle_down(self, transition: Transition) -> None:
         target = transition.target
         if self.busy(target):
+            return
+        if not self.may_act():  # a follower: decided if it leads while the outage lasts
+            self.undecided.append(transition)
             return
         try:
             with writing(self.sessions) as session:
@@ -421,9 +445,18 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
             incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
                                             {"error": f"the runbook {runbook} could not be planned: {exc}"})
         return
+    try:
+        fence = watch.leader.fence_check() if watch.leader is not None else None
+    except Exception as exc:  # noqa: BLE001 - deposed between the decision and the start: nothing ran
+        ready.set()
+        with writing(watch.sessions) as session:
+            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
+                                            {"error": f"{runbook} not started: {exc}"})
+        return  # the node that leads now decides the outage itself
     ready.set()  # the run records `executing` on its incident itself, with its start (evidence.incidents)
     restoration = _Restoration(watch, incident_id, run_id, plan.services_in_scope())
-    outcome = runs.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration])
+    outcome = runs.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration],
+                           fence=fence, fallback=watch.fallback, host=watch.host)
     restoration.settled()
     with writing(watch.sessions) as session:
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
