@@ -58,6 +58,12 @@ if ! venv_works && ! "$executable" -c 'import venv, ensurepip' 2>/dev/null; then
     fi
 fi
 
+# The lab's Patroni runs from a venv of Debian's /usr/bin/python3 (the postgres user cannot read ours).
+if [[ -x /usr/bin/python3 ]] && ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null &&
+    [[ " ${missing[*]} " != *" python3-venv "* ]]; then
+    missing+=(python3-venv)
+fi
+
 if ((${#missing[@]})); then
     if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
         fail "Missing Debian packages: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}"
@@ -100,5 +106,10 @@ else
     fi
     echo "$wanted" >"$stamp"
 fi
+
+# --- Patroni, for the lab's replicated evidence database (dr_orchestrator/lab/patroni.py) ------------
+# its own venv, readable by the postgres user: /var/cache/dr-orchestrator/patroni-venv as root
+"$venv/bin/python" -m dr_orchestrator.lab.patroni >/dev/null ||
+    fail "Patroni's venv could not be built (the reason is above)."
 
 say "ready in ${SECONDS}s: .venv/bin/dr, .venv/bin/pytest"
