@@ -106,3 +106,20 @@ def test_another_process_finds_kills_and_restarts_members_from_the_state(directo
 def test_a_site_without_an_address_is_refused(directory: Path) -> None:
     with pytest.raises(ValueError, match="etcd sites must be among"):
         EtcdCluster(directory, sites=("primary", "mars"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="members run with groups of their own only when started as root")
+def test_members_run_with_their_sites_group_and_the_raft_leader_moves_to_the_witness(directory: Path) -> None:
+    gids = {"primary": 3_999_990, "backup": 3_999_991, "witness": 3_999_992}
+    with EtcdCluster(directory, gids=gids) as cluster:
+        for site, gid in gids.items():
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{cluster.pid(site)}/status").read_text()
+                          .splitlines() if ":" in line)
+            assert int(status["Gid"].split()[1]) == gid and status["Groups"].strip() == ""
+        assert EtcdCluster.from_state(json.loads(json.dumps(cluster.state()))).gids == gids  # restarts keep them
+        cluster.move_raft_leader("witness")
+        assert cluster.raft_leader() == "witness"
+        cluster.kill("backup")
+        cluster.restart("backup")
+        status = Path(f"/proc/{cluster.pid('backup')}/status").read_text()
+        assert f"\t{gids['backup']}\t" in next(line for line in status.splitlines() if line.startswith("Gid:"))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from dr_orchestrator.lab.config import (
+    HA_SITES,
     KILLABLE,
     PORT_OFFSET_ENV,
     POSTGRES_SERVICES,
@@ -67,12 +68,15 @@ def lab_group(context: click.Context, root: str | None, port_offset: int | None)
 
 
 @lab_group.command()
+@click.option("--ha", is_flag=True,
+              help="also the witness site (127.0.30.1), a 3-member etcd and an orchestrator node per site "
+                   "(`dr node run`), for `dr lab partition` and site losses of the orchestrator itself")
 @click.pass_context
 @_friendly
-def up(context: click.Context) -> None:
+def up(context: click.Context, ha: bool) -> None:
     """Start both sites and the front door, and print what runs where."""
     lab = _lab(context)
-    result = lab.up()
+    result = lab.up(ha=ha)
     if result.already_up:
         click.echo(f"The lab at {lab.config.root} is already up; `dr lab status` shows it, "
                    f"`dr lab down` stops it.")
@@ -110,6 +114,24 @@ def status(context: click.Context, output: str) -> None:
         sys.exit(1)
 
 
+def _print_ha(ha: dict[str, Any]) -> None:
+    leader = ha["leader"]
+    if leader is None:
+        click.echo("Orchestrator cluster: no node leads" + ("" if ha["quorum"] else " (etcd has no quorum)"))
+    else:
+        click.echo(f"Orchestrator cluster: {leader['node']} leads (fencing token {leader['revision']}, "
+                   f"lease {leader['ttl_remaining_s']} s of {leader['ttl_granted_s']} s left)")
+    for node in ha["nodes"]:
+        state = f"pid {node['pid']}" if node["pid"] else "NOT RUNNING"
+        click.echo(f"  {node['node']:<28}{node['site']:<12}{state}  api {node['api']}")
+    for member in ha["etcd"]:
+        state = f"pid {member['pid']}" if member["pid"] else "NOT RUNNING"
+        health = "healthy" if member["healthy"] else f"unhealthy ({member.get('error') or 'no raft leader'})"
+        raft = ", etcd's raft leader" if member["raft_leader"] else ""
+        click.echo(f"  etcd {member['site']:<23}{member['site']:<12}{state}  {member['endpoint']} {health}{raft}")
+    click.echo(f"  partition: {'the ' + ha['partition'] + ' site is cut off' if ha['partition'] else 'none'}")
+
+
 def _print_status(report: dict[str, Any]) -> None:
     if not report["up"]:
         click.echo(f"The lab at {report['root']} is not up.")
@@ -144,6 +166,8 @@ def _print_status(report: dict[str, Any]) -> None:
     for service, door in report["front_door"].items():
         servers = ", ".join(f"{server} {state}" for server, state in door["servers"].items()) or "no answer"
         click.echo(f"  {service:<18}{door['url']}  {servers}")
+    if "ha" in report:
+        _print_ha(report["ha"])
     if report["problems"]:
         click.echo("Problems:")
         for problem in report["problems"]:
@@ -153,11 +177,12 @@ def _print_status(report: dict[str, Any]) -> None:
 
 
 @lab_group.command("kill-site")
-@click.argument("site", type=click.Choice(SITES))
+@click.argument("site", type=click.Choice(HA_SITES))
 @click.pass_context
 @_friendly
 def kill_site(context: click.Context, site: str) -> None:
-    """SIGKILL every process of SITE at once (a power loss)."""
+    """SIGKILL every process of SITE at once (a power loss); in an HA lab its orchestrator node and etcd
+    member too (witness: an HA lab only)."""
     lab = _lab(context)
     killed = lab.kill_site(site)
     click.echo(f"Killed the {site} site: {', '.join(killed) if killed else 'nothing was running'}.")
@@ -200,13 +225,40 @@ def break_replication(context: click.Context, service: str) -> None:
 
 
 @lab_group.command("start-site")
-@click.argument("site", type=click.Choice(SITES))
+@click.argument("site", type=click.Choice(HA_SITES))
 @click.pass_context
 @_friendly
 def start_site(context: click.Context, site: str) -> None:
-    """Power restored at SITE: its sshd comes back; the failback runbook rebuilds the rest."""
-    _lab(context).start_site(site)
-    click.echo(f"The {site} site has power again: sshd is up; its database and services are still down.")
+    """Power restored at SITE: its sshd comes back (in an HA lab its etcd member and orchestrator node too);
+    the failback runbook rebuilds the rest."""
+    lab = _lab(context)
+    lab.start_site(site)
+    ha = " and its etcd member and orchestrator node" if lab.ha() is not None else ""
+    if site in SITES:
+        click.echo(f"The {site} site has power again: sshd{ha} are up; its database and services are still down.")
+    else:
+        click.echo(f"The {site} site has power again: its etcd member and orchestrator node are up.")
+
+
+@lab_group.command("partition")
+@click.argument("site", type=click.Choice(HA_SITES))
+@click.pass_context
+@_friendly
+def partition_site(context: click.Context, site: str) -> None:
+    """Cut SITE's orchestrator node and etcd member off the other sites (HA lab, root, nftables); the front
+    door still reaches SITE's services. Replaces a partition in force."""
+    _lab(context).partition(site)
+    click.echo(f"The {site} site is cut off: its node and etcd member reach no other site, nor they it "
+               f"(`dr lab heal` ends it).")
+
+
+@lab_group.command("heal")
+@click.pass_context
+@_friendly
+def heal(context: click.Context) -> None:
+    """End the partition in force (delete the lab's nftables table)."""
+    healed = _lab(context).heal()
+    click.echo("The partition is healed." if healed else "No partition was in force.")
 
 
 lab_group.add_command(load_group)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 SITES: tuple[str, ...] = ("primary", "backup")
 SITE_ADDRESSES: dict[str, str] = {"primary": "127.0.10.1", "backup": "127.0.20.1"}
+# An HA lab (`dr lab up --ha`) adds a witness site: an etcd member and an orchestrator node, nothing else.
+WITNESS_ADDRESS = "127.0.30.1"
+HA_SITES: tuple[str, ...] = ("primary", "backup", "witness")
+HA_SITE_ADDRESSES: dict[str, str] = {**SITE_ADDRESSES, "witness": WITNESS_ADDRESS}
 SITE_REGIONS: dict[str, str] = {"primary": "lab-a", "backup": "lab-b"}
 SERVICES: tuple[str, ...] = ("trading", "contract-signing", "quotation")
 # Each service keeps its own data, as in a bank: trading and contract-signing each a PostgreSQL primary
@@ -51,6 +55,13 @@ ROOT_ENV = "DR_LAB_DIR"
 PORT_OFFSET_ENV = "DR_LAB_PORT_OFFSET"
 MAX_PORT = 65535
 MARKER_NAME = ".dr-lab"
+
+# Each site's orchestrator node and etcd member of an HA lab run with a numeric group of their own (no
+# /etc/group entry), which the partition's nftables rules match (`meta skgid`): on loopback a packet's
+# source address is always 127.0.0.1, so only the sending socket's group tells the sites apart. The
+# groups are derived from the port offset, which no two running labs share (their ports would clash).
+SITE_GID_BASE = 3_100_000
+_MIN_PORT_OFFSET = 1024 - 2222  # the lowest offset __post_init__ accepts (sshd's port down to 1024)
 
 
 def _recorded_offset(root: Path) -> int:
@@ -107,7 +118,11 @@ class LabConfig:
 
     # --- addresses and ports -----------------------------------------------------------------------
     def address(self, site: str) -> str:
-        return SITE_ADDRESSES[site]
+        return HA_SITE_ADDRESSES[site]
+
+    def site_gid(self, site: str) -> int:
+        """The numeric group of `site`'s orchestrator node and etcd member in an HA lab (see SITE_GID_BASE)."""
+        return SITE_GID_BASE + (self.port_offset - _MIN_PORT_OFFSET) * 4 + HA_SITES.index(site)
 
     @property
     def sshd_port(self) -> int:
@@ -237,6 +252,26 @@ class LabConfig:
     def wal_archive(self, service: str) -> Path:
         """WAL archived by `service`'s primary, kept at the backup site (for point-in-time recovery)."""
         return self.site_dir("backup") / f"wal-archive-{service}"
+
+    @property
+    def nodes_dir(self) -> Path:
+        """An HA lab's orchestrator nodes: <site>/node.yml, journal.jsonl, node.log, node.pid; the evidence URL."""
+        return self.root / "nodes"
+
+    def node_dir(self, site: str) -> Path:
+        return self.nodes_dir / site
+
+    def node_config(self, site: str) -> Path:
+        return self.node_dir(site) / "node.yml"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.root / "etcd"
+
+    @property
+    def ha_state_file(self) -> Path:
+        """What an HA lab adds to lab.json's state: etcd members, nodes, groups, the evidence store, a partition."""
+        return self.root / "ha.json"
 
     @property
     def base_backup(self) -> Path:

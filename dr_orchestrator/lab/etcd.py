@@ -10,10 +10,14 @@ Nothing here uses a system-wide etcd (Debian's package installs an etcd.service 
 for a fast lab (heartbeat 100 ms, election timeout 1 s), so a lost etcd leader is replaced in about a
 second. Each member writes a pidfile and names its data directory on its command line, so `stop_all_under`
 finds members that a killed test session left behind.
+
+Given `gids` (site -> numeric group, as root), each member runs with its site's group and no other: every
+socket it opens carries that group, which is what a lab partition's nftables rules match (lab/partition.py).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -22,20 +26,19 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dr_orchestrator.lab.config import SITE_ADDRESSES
+from dr_orchestrator.lab.config import HA_SITE_ADDRESSES, HA_SITES, WITNESS_ADDRESS
 from dr_orchestrator.lab.processes import ProcessSpec, command_line, kill_now, running_pid
 from dr_orchestrator.lab.system import LabSetupError
 
 ETCD = "/usr/bin/etcd"
-WITNESS_ADDRESS = "127.0.30.1"
-ETCD_SITES: dict[str, str] = {**SITE_ADDRESSES, "witness": WITNESS_ADDRESS}
-DEFAULT_SITES: tuple[str, ...] = ("primary", "backup", "witness")
+ETCD_SITES: dict[str, str] = HA_SITE_ADDRESSES
+DEFAULT_SITES: tuple[str, ...] = HA_SITES
 HEARTBEAT_MS = 100
 ELECTION_TIMEOUT_MS = 1000
 _START_ATTEMPTS = 3  # fresh ports each time: another process may take a probed port before etcd binds it
@@ -91,14 +94,42 @@ def member_health(client_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def _gateway_post(endpoint: str, path: str, body: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
+    """One JSON request to a member's gateway; None when it does not answer or answers an error."""
+    request = urllib.request.Request(f"{endpoint}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def read_key(endpoints: Sequence[str], key: str, timeout: float = 1.0) -> bytes | None:
+    """The value of `key` from the first member that answers (through etcd's JSON gateway, /v3/kv/range), None
+    when it is absent or no member answers. A plain read for the lab's own waiting; the product reads the
+    leader key with dr_orchestrator.cluster (`dr cluster status`)."""
+    for endpoint in endpoints:
+        answer = _gateway_post(endpoint, "/v3/kv/range", {"key": base64.b64encode(key.encode()).decode()}, timeout)
+        if answer is None:
+            continue
+        kvs = answer.get("kvs") or []
+        return base64.b64decode(kvs[0].get("value") or "") if kvs else None
+    return None
+
+
 class EtcdCluster:
     """An etcd cluster of one member per site in `sites`, its files under `directory`."""
 
     def __init__(self, directory: Path, sites: Sequence[str] = DEFAULT_SITES, heartbeat_ms: int = HEARTBEAT_MS,
-                 election_timeout_ms: int = ELECTION_TIMEOUT_MS) -> None:
+                 election_timeout_ms: int = ELECTION_TIMEOUT_MS, gids: Mapping[str, int] | None = None) -> None:
         unknown = [site for site in sites if site not in ETCD_SITES]
         if unknown or not sites:
             raise ValueError(f"etcd sites must be among {sorted(ETCD_SITES)}, got {list(sites)}")
+        self.gids = dict(gids or {})  # site -> the numeric group its member runs with (root only)
+        if self.gids and os.geteuid() != 0:
+            raise ValueError("etcd members run with groups of their own only when started as root")
         self.directory = Path(os.path.abspath(directory))
         self.sites = tuple(sites)
         self.heartbeat_ms = heartbeat_ms
@@ -112,7 +143,7 @@ class EtcdCluster:
     def state(self) -> dict[str, Any]:
         """What another process needs to find, kill and restart these members (JSON-ready)."""
         return {"directory": str(self.directory), "token": self.token, "heartbeat_ms": self.heartbeat_ms,
-                "election_timeout_ms": self.election_timeout_ms,
+                "election_timeout_ms": self.election_timeout_ms, "gids": self.gids,
                 "members": [{"site": m.site, "client_port": m.client_port, "peer_port": m.peer_port}
                             for m in (self.members[site] for site in self.sites)]}
 
@@ -121,7 +152,8 @@ class EtcdCluster:
         """The cluster `state()` described; its running members are found by pidfile and command line."""
         sites = [entry["site"] for entry in state["members"]]
         cluster = cls(Path(state["directory"]), sites=sites, heartbeat_ms=int(state["heartbeat_ms"]),
-                      election_timeout_ms=int(state["election_timeout_ms"]))
+                      election_timeout_ms=int(state["election_timeout_ms"]),
+                      gids={site: int(gid) for site, gid in (state.get("gids") or {}).items()})
         cluster.token = str(state["token"])
         for entry in state["members"]:
             site = entry["site"]
@@ -200,9 +232,11 @@ class EtcdCluster:
     def _spawn(self, site: str, new_cluster: bool) -> None:
         member = self.members[site]
         member.directory.mkdir(mode=0o700, exist_ok=True)
+        gid = self.gids.get(site)
         with member.log_path.open("ab") as log:
             child = subprocess.Popen(self._command(member, new_cluster), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     group=gid, extra_groups=[] if gid is not None else None)
         self._children[site] = child
         member.process.pidfile.write_text(f"{child.pid}\n")
 
@@ -220,6 +254,40 @@ class EtcdCluster:
                 state = "exited" if dead else f"was not healthy within {timeout:.0f} s"
                 raise EtcdLabError(f"etcd member {site} ({self.members[site].client_url}) {state}: "
                                    f"{self._log_tail(site)[-400:]} (log: {self.members[site].log_path})")
+            time.sleep(0.05)
+
+    def raft_leader(self) -> str | None:
+        """The site whose member is etcd's raft leader now (None when no member answers or none leads)."""
+        ids = {}
+        for site in self.sites:
+            status = _gateway_post(self.members[site].client_url, "/v3/maintenance/status", {})
+            if status is None:
+                continue
+            ids[str(status.get("header", {}).get("member_id"))] = site
+            leader = str(status.get("leader") or "")
+            if leader in ids:
+                return ids[leader]
+            if leader and leader != "0":
+                listed = _gateway_post(self.members[site].client_url, "/v3/cluster/member/list", {}) or {}
+                names = {str(m.get("ID")): m.get("name") for m in listed.get("members", [])}
+                return names.get(leader)
+        return None
+
+    def move_raft_leader(self, site: str, timeout: float = 10.0) -> None:
+        """Make `site`'s member etcd's raft leader (etcd's move-leader, asked of the current leader). A new
+        raft leader extends every lease by its election timeout, so a lab that keeps its raft leader at the
+        witness replaces a lost leader node in about the lease's TTL rather than TTL + 2.6 s."""
+        deadline = time.monotonic() + timeout
+        while (current := self.raft_leader()) != site:
+            if time.monotonic() >= deadline:
+                raise EtcdLabError(f"etcd's raft leader did not move to the {site} member within {timeout:.0f} s "
+                                   f"(it is at {current or 'no member'})")
+            if current is not None:
+                target = _gateway_post(self.members[site].client_url, "/v3/maintenance/status", {}) or {}
+                member_id = target.get("header", {}).get("member_id")
+                if member_id is not None:
+                    _gateway_post(self.members[current].client_url, "/v3/maintenance/transfer-leadership",
+                                  {"targetID": member_id}, timeout=3.0)
             time.sleep(0.05)
 
     def pid(self, site: str) -> int | None:
@@ -295,5 +363,5 @@ def stop_all_under(directory: Path, timeout: float = 5.0) -> set[int]:
     return found
 
 
-__all__ = ["DEFAULT_SITES", "ETCD_SITES", "EtcdCluster", "EtcdLabError", "EtcdMember", "member_health",
-           "stop_all_under"]
+__all__ = ["DEFAULT_SITES", "ETCD_SITES", "WITNESS_ADDRESS", "EtcdCluster", "EtcdLabError", "EtcdMember",
+           "member_health", "read_key", "stop_all_under"]

@@ -8,19 +8,20 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
-from dr_orchestrator.lab import haproxy, postgres, redis, sshd
+from dr_orchestrator.lab import haproxy, partition, postgres, redis, sshd
 from dr_orchestrator.lab import inventory as lab_inventory
 from dr_orchestrator.lab.config import (
     DATABASE_NAME,
     DATABASE_USER,
     FRONT_DOOR_ADDRESS,
+    HA_SITES,
     KILLABLE,
     POSTGRES_SERVICES,
     REDIS_SERVICE,
@@ -31,6 +32,8 @@ from dr_orchestrator.lab.config import (
     LabConfig,
     store_name,
 )
+from dr_orchestrator.lab.etcd import stop_all_under as stop_etcd_under
+from dr_orchestrator.lab.ha import HaCluster, node_name
 from dr_orchestrator.lab.processes import (
     ProcessSpec,
     kill_now,
@@ -56,9 +59,21 @@ class UpResult:
 
 
 class Lab:
-    def __init__(self, config: LabConfig | None = None) -> None:
+    def __init__(self, config: LabConfig | None = None, node_program: Sequence[str] | None = None) -> None:
         self.config = config or LabConfig.from_env()
         self.killed_at: datetime | None = None  # when kill_site or kill_service last sent its SIGKILLs
+        self.node_program = node_program  # `up --ha`: the program run as `PROGRAM node run --config FILE`
+
+    def ha(self) -> HaCluster | None:
+        """The HA part (etcd, orchestrator nodes, evidence store) of a lab brought up with `--ha`."""
+        return HaCluster.load(self.config)
+
+    def _ha_or_refuse(self) -> HaCluster:
+        cluster = self.ha()
+        if cluster is None:
+            raise LabError(f"the lab at {self.config.root} is not an HA lab (it has no orchestrator nodes nor etcd): "
+                           f"bring it up with `dr lab up --ha`")
+        return cluster
 
     # --- what runs -----------------------------------------------------------------------------------
     def processes(self) -> list[ProcessSpec]:
@@ -79,6 +94,9 @@ class Lab:
         specs.append(ProcessSpec("heartbeat", "primary", config.run_dir("primary") / "heartbeat.pid",
                                  f"{config.bin_dir('primary')}/heartbeat.py run "
                                  f"--config {config.site_settings('primary')}"))
+        cluster = self.ha()
+        if cluster is not None:
+            specs += cluster.processes()
         return specs
 
     def running(self) -> dict[str, int]:
@@ -96,11 +114,15 @@ class Lab:
         return loaded
 
     # --- up --------------------------------------------------------------------------------------------
-    def up(self) -> UpResult:
-        """Start both sites and the front door; says so (already_up) when the lab already runs."""
+    def up(self, ha: bool = False) -> UpResult:
+        """Start both sites and the front door (and, with `ha`, the witness site, etcd, an orchestrator node
+        per site and their evidence store); says so (already_up) when the lab already runs."""
         config = self.config
         ensure_packages()
         if self.is_up():
+            if ha and self.ha() is None:
+                raise LabError(f"the lab at {config.root} is up without --ha; take it down (`dr lab down`) and "
+                               f"bring it up again with `dr lab up --ha`")
             return UpResult(already_up=True)
         if config.root.exists() and any(config.root.iterdir()):
             if not config.marker.exists():
@@ -110,6 +132,8 @@ class Lab:
         started = time.monotonic()
         try:
             self._build()
+            if ha:
+                HaCluster(config, node_program=self.node_program).start()
         except BaseException as failure:
             self.down(keep_files=True)  # the logs say why; the next `up` or `down` removes them
             if isinstance(failure, LabSetupError):
@@ -244,7 +268,7 @@ class Lab:
         front = "  ".join(f"{service} :{config.frontend_port(service)}" for service in SERVICES)
         stores = "  ".join(f"{store_name(service)} :{config.postgres_port(service)}" for service in POSTGRES_SERVICES)
         stores += f"  {store_name(REDIS_SERVICE)} :{config.redis_port}"
-        return [
+        lines = [
             f"primary    {config.address('primary')}  sshd :{config.sshd_port}  {ports}",
             f"           {stores} (read-write)",
             f"backup     {config.address('backup')}  sshd :{config.sshd_port}  {ports} (warm)",
@@ -254,11 +278,27 @@ class Lab:
             f"ssh        ssh -i {config.client_key} -o UserKnownHostsFile={config.known_hosts} "
             f"-p {config.sshd_port} {config.os_user}@{config.address('primary')}",
         ]
+        cluster = self.ha()
+        if cluster is not None:
+            for site in HA_SITES:
+                member = cluster.etcd.members.get(site)
+                group = f"  group {cluster.gids[site]}" if site in cluster.gids else ""
+                lines.append(f"{site:<10} {config.address(site)}  {node_name(site)} {cluster.api_url(site)}  "
+                             f"etcd {member.client_url if member else '-'}{group}")
+            lines.append(f"nodes      {config.nodes_dir}/<site>/node.yml  (the {node_name('primary')} leads at start; "
+                         f"`dr lab partition SITE` / `dr lab heal`)")
+        return lines
 
     # --- down ------------------------------------------------------------------------------------------
     def down(self, keep_files: bool = False) -> list[str]:
         """Stop every process the lab started and remove its directory; returns what was stopped."""
         config = self.config
+        stopped_first: list[str] = []
+        cluster = self.ha()
+        if cluster is not None:  # nodes first (a leader resigns while etcd runs), then etcd, healed
+            stopped_first = cluster.stop()
+        partition.heal(partition.table_name(config.root))  # even when a crash lost the HA state
+        stop_etcd_under(config.root)  # etcd members of a crashed `up --ha`
         specs = {pid: spec for spec in self.processes() if (pid := running_pid(spec)) is not None}
         stray = processes_under(config.root) - set(specs)
         postmasters = {pid for pid, spec in specs.items() if spec.name.startswith("postgres-")}
@@ -275,20 +315,24 @@ class Lab:
             postgres.release_shared_memory(shmid)
         if config.marker.exists() and not keep_files:
             shutil.rmtree(config.root)
-        return [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]
+        return stopped_first + [spec.label for spec in specs.values()] + [f"stray pid {pid}" for pid in sorted(stray)]
 
     # --- faults ----------------------------------------------------------------------------------------
     def kill_site(self, site: str) -> list[str]:
-        """SIGKILL every process of `site` at once, as a power loss would; returns what was killed."""
-        self._check_site(site)
+        """SIGKILL every process of `site` at once, as a power loss would; returns what was killed. In an HA
+        lab that includes the site's orchestrator node and etcd member (the witness site has only those)."""
+        cluster = self._check_site(site)
         specs = {pid: spec for spec in self.processes() if spec.site == site and (pid := running_pid(spec))}
-        targets = with_descendants(set(specs) | processes_under(self.config.site_dir(site)))
+        site_dir = self.config.site_dir(site)
+        targets = with_descendants(set(specs) | (processes_under(site_dir) if site in SITES else set()))
         send(targets, signal.SIGKILL)
         # The power loss, as the incident time of a drill or demo: stamped once every SIGKILL is sent,
         # so nothing the site commits can be later than it (a stamp before sending let commits land
         # after it, and the RPO of asynchronous replication could not be measured), yet not after
         # waiting for the processes to be reaped (that took up to 0.2 s and would shorten the RTO).
         self.killed_at = datetime.now(UTC)
+        if cluster is not None and cluster.evidence is not None:
+            cluster.evidence.kill(site)  # the evidence database's member at the site (Patroni), if any
         survivors = wait_gone(targets, timeout=5.0)
         if survivors:
             raise LabError(f"processes {sorted(survivors)} at the {site} site survived SIGKILL")
@@ -297,7 +341,8 @@ class Lab:
     def kill_service(self, service: str, site: str) -> int:
         """SIGKILL one service at one site, or one store (``postgres-trading``: the postmaster and its
         backends, as a crash of the server would; ``redis-quotation``); returns the pid."""
-        self._check_site(site)
+        if site not in SITES:
+            raise LabError(f"unknown site {site!r}; the lab's services run at {', '.join(SITES)}")
         if service not in KILLABLE:
             raise LabError(f"unknown service or store {service!r}; the lab runs {', '.join(KILLABLE)}")
         spec = next(s for s in self.processes() if s.name == service and s.site == site)
@@ -321,21 +366,58 @@ class Lab:
         postgres.break_replication(self.config, service)
 
     def start_site(self, site: str) -> None:
-        """Power restored at `site`: its sshd comes back, nothing else (the failback runbook rebuilds the rest)."""
-        self._check_site(site)
+        """Power restored at `site`: its sshd comes back, and in an HA lab its etcd member and orchestrator node;
+        nothing else (the failback runbook rebuilds the rest)."""
+        cluster = self._check_site(site)
         if not self.config.marker.exists():
             raise LabError(f"there is no lab at {self.config.root}; run `dr lab up` first")
-        spec = next(s for s in self.processes() if s.name == "sshd" and s.site == site)
-        if running_pid(spec) is None:
-            sshd.start(self.config, site)
+        if site in SITES:
+            spec = next(s for s in self.processes() if s.name == "sshd" and s.site == site)
+            if running_pid(spec) is None:
+                sshd.start(self.config, site)
+        if cluster is not None:
+            cluster.restart_site(site)
 
-    def _check_site(self, site: str) -> None:
-        if site not in SITES:
-            raise LabError(f"unknown site {site!r}; the lab's sites are {', '.join(SITES)}")
+    def _check_site(self, site: str) -> HaCluster | None:
+        """The HA part, if any; LabError for a site the lab does not have (the witness only in an HA lab)."""
+        cluster = self.ha()
+        known = HA_SITES if cluster is not None else SITES
+        if site not in known:
+            extra = " (the witness site only in an HA lab: `dr lab up --ha`)" if site in HA_SITES else ""
+            raise LabError(f"unknown site {site!r}; the lab's sites are {', '.join(known)}{extra}")
+        return cluster
+
+    # --- partitions (HA lab, root, nftables) ----------------------------------------------------------------
+    def partition(self, site: str) -> None:
+        """Cut `site`'s orchestrator node and etcd member off the other sites (and theirs off it); replaces any
+        partition in force. The front door and the services are not cut."""
+        cluster = self._ha_or_refuse()
+        self._check_site(site)
+        cluster.cut(site)
+
+    def heal(self) -> bool:
+        """Remove the partition; returns whether one was in force."""
+        self._ha_or_refuse()
+        return partition.heal(partition.table_name(self.config.root))
 
     # --- status ----------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return collect_status(self.config, self.processes(), self.state())
+        report = collect_status(self.config, self.processes(), self.state())
+        cluster = self.ha()
+        if cluster is not None and report["up"]:
+            report["ha"] = ha = cluster.status()
+            if ha["partition"]:
+                report["problems"].append(f"a partition is in force: the {ha['partition']} site is cut off "
+                                          f"(`dr lab heal` removes it)")
+            if not ha["quorum"]:
+                report["problems"].append("etcd has no quorum: no orchestrator node can lead")
+            elif ha["leader"] is None:
+                report["problems"].append("no orchestrator node leads")
+            elif ha["leader"]["node"] not in {node_name(site) for site in HA_SITES}:
+                report["problems"].append(f"the leader key is held by {ha['leader']['node']}, not by one of the "
+                                          f"lab's nodes")
+            report["healthy"] = not report["problems"]
+        return report
 
 
 def _now() -> str:
