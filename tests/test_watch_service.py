@@ -365,3 +365,46 @@ def test_a_node_that_leads_no_more_starts_nothing(sqlite_sessions: sessionmaker[
     drive(watch, 16)
     assert watch.states.get(Target("service", "trading")) == "down"
     assert executed.calls == []
+
+
+def test_a_node_decides_while_the_evidence_database_is_away_and_its_journal_delivers_the_incident(
+        sqlite_sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    """The site that went down held the evidence database: the leader still fails it over at once,
+    its incident kept in the node's journal, and delivered whole (impact start, decision, restoration)
+    when the database is back."""
+    from dr_orchestrator.cluster.journal import EvidenceJournal, JournalFallback, deliver
+    from dr_orchestrator.evidence.database import session_factory_for
+    from dr_orchestrator.evidence.models import AuditEvent
+
+    away = session_factory_for("postgresql+psycopg://dr@127.0.0.1:1/evidence")  # nothing listens on port 1
+    journal = EvidenceJournal(tmp_path / "node.journal", node="node-backup")
+    fallback = JournalFallback(journal, away, retry_s=60)
+    gate = Gate()
+    gate.leading = True
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [site_lost_round(t) for t in steps(1.0, 2.0)]
+    executed = Executed()
+    watch = Watch(LAB_INVENTORY, away, probe=Script(rounds), execute=executed, leader=gate, fallback=fallback)
+    drive(watch, len(rounds))
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]
+    incident_id = executed.calls[0]["incident"]
+    restored = datetime.now(UTC)  # after the decision, which is stamped with the clock
+    watch.record_incident_event(incident_id, "restored", restored, {"run_id": "run-0"})
+    fallback.close()
+    with sqlite_sessions() as session:
+        assert incident_detail(session, incident_id) is None  # nothing reached the database yet
+
+    report = deliver(journal, sqlite_sessions, delivered_by="node-witness")
+    assert report.complete and report.failed == []
+    with sqlite_sessions() as session:
+        detail = incident_detail(session, incident_id)
+        timeline = incident_timeline(session, incident_id)
+        delivered = session.query(AuditEvent).filter(AuditEvent.action == "evidence.journal_delivered").one()
+    assert detail is not None and detail["incident"]["state"] == "restored"
+    assert (detail["incident"]["target_kind"], detail["incident"]["target_name"]) == ("site", "primary")
+    assert [event["kind"] for event in detail["events"]] == ["detected", "decided", "restored"]
+    assert timeline["impact_start"] == (T0 + timedelta(seconds=1.0)).isoformat()
+    assert timeline["decided"] is not None and timeline["restored"] == restored.isoformat()
+    assert delivered.data["node"] == "node-backup" and delivered.data["delivered_by"] == "node-witness"
+    assert delivered.data["incident_writes"] == 3  # opened, decided, restored
+    journal.close()

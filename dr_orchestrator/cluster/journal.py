@@ -10,8 +10,10 @@ when reading and cut off before the next append; a bad line before a good one is
 (JournalCorrupt), never skipped.
 
 Records are events of the engine (every type, faithfully: datetimes as ISO-8601 UTC, a RunStarted's
-plan as the RunPlan's own JSON, free-form data as the store would write it) or a run's context (the
-rollback actions of a run that journals after its start was written to the database).
+plan as the RunPlan's own JSON, free-form data as the store would write it), a run's context (the
+rollback actions of a run that journals after its start was written to the database), or a watch's
+incident write (the incident it opened and decided while the database was away, and its later
+moments), delivered through the incidents' own functions before the runs that refer to it.
 
 ``deliver`` replays the undelivered records through the evidence store's own handlers, in order, a
 batch per transaction. Each transaction also writes an audit event ``evidence.journal_delivered``
@@ -48,6 +50,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dr_orchestrator.evidence.incidents import apply_incident_operation
 from dr_orchestrator.evidence.models import AuditEvent
 from dr_orchestrator.evidence.store import EvidenceStore, database_unreachable
 from dr_orchestrator.evidence.values import jsonable
@@ -164,7 +167,8 @@ class JournalRecord:
     run_id: str
     written_at: datetime
     event: Event | None = None  # an engine event, or
-    rollbacks: dict[str, str] | None = None  # a run's context: its steps' rollback actions
+    rollbacks: dict[str, str] | None = None  # a run's context: its steps' rollback actions, or
+    incident: dict[str, Any] | None = None  # a watch's incident write (``incident_operation``)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,8 @@ def _record(body: dict[str, Any]) -> JournalRecord:
     written_at = datetime.fromisoformat(body["written_at"]).astimezone(UTC)
     if body["kind"] == "event":
         return JournalRecord(body["seq"], body["run_id"], written_at, event=decode_event(body["event"]))
+    if body["kind"] == "incident":
+        return JournalRecord(body["seq"], body["run_id"], written_at, incident=dict(body["incident"]))
     return JournalRecord(body["seq"], body["run_id"], written_at, rollbacks=dict(body["rollbacks"]))
 
 
@@ -312,12 +318,19 @@ class EvidenceJournal:
     def append(self, events: Sequence[Event], rollbacks: Mapping[str, Mapping[str, str]] | None = None) -> int:
         """Journal each run's context in ``rollbacks``, then ``events``, in order; returns the last
         sequence number once they are on disk (fsynced)."""
-        now = _utc_text(utcnow())
         bodies: list[dict[str, Any]] = [
             {"kind": "context", "run_id": run_id, "rollbacks": dict(actions)}
             for run_id, actions in (rollbacks or {}).items()
         ]
         bodies += [{"kind": "event", "run_id": event.run_id, "event": encode_event(event)} for event in events]
+        return self._append(bodies)
+
+    def append_incident(self, operation: Mapping[str, Any]) -> int:
+        """Journal a watch's incident write (``evidence.incidents.incident_operation``), fsynced."""
+        return self._append([{"kind": "incident", "run_id": "", "incident": jsonable(dict(operation))}])
+
+    def _append(self, bodies: list[dict[str, Any]]) -> int:
+        now = _utc_text(utcnow())
         with self._lock:
             seq = self._last_seq
             lines = []
@@ -442,8 +455,7 @@ def deliver(journal: EvidenceJournal | str | Path, sessions: Sessions, *, retent
         if limit is not None:
             pending = pending[:limit]
         audit = {"journal": str(path), "node": header.node, "delivered_by": delivered_by or socket.gethostname()}
-        for start in range(0, len(pending), batch):
-            chunk = pending[start:start + batch]
+        for chunk in _segments(pending, batch):
             try:
                 _deliver_chunk(store, header, chunk, audit)
             except Exception as exc:  # noqa: BLE001 - unreachable: raised; else one record at a time
@@ -475,22 +487,39 @@ def deliver(journal: EvidenceJournal | str | Path, sessions: Sessions, *, retent
         return report
 
 
+def _segments(records: list[JournalRecord], batch: int) -> Iterator[list[JournalRecord]]:
+    """``records`` in order, at most ``batch`` at a time, incident writes apart from engine events (a
+    transaction replays either through the store's handlers or through the incidents' functions)."""
+    segment: list[JournalRecord] = []
+    for record in records:
+        if segment and (len(segment) >= batch or (record.incident is None) != (segment[-1].incident is None)):
+            yield segment
+            segment = []
+        segment.append(record)
+    if segment:
+        yield segment
+
+
 def _deliver_chunk(store: EvidenceStore, header: JournalHeader, chunk: list[JournalRecord], audit: dict[str, Any],
                    seqs: tuple[int, int] | None = None, failed: list[dict[str, Any]] | None = None) -> None:
     events = [record.event for record in chunk if record.event is not None]
+    operations = [record.incident for record in chunk if record.incident is not None]
     for record in chunk:
         if record.rollbacks is not None:
             store.remember_rollback_actions(record.run_id, record.rollbacks)
     first, last = seqs or (chunk[0].seq, chunk[-1].seq)
     moments = [record.written_at for record in chunk]
     data = {**audit, "first_seq": first, "last_seq": last, "events": len(events),
-            "runs": sorted({record.run_id for record in chunk}),
+            "runs": sorted({record.run_id for record in chunk if record.run_id}),
+            "incident_writes": len(operations),
             "journaled_from": _utc_text(min(moments)) if moments else None,
             "journaled_to": _utc_text(max(moments)) if moments else None}
     if failed:
         data["failed"] = failed
 
     def mark(session: Session) -> None:
+        for operation in operations:
+            apply_incident_operation(session, operation)
         session.add(AuditEvent(at=utcnow(), actor=DELIVERY_ACTOR, action=DELIVERED_ACTION, target=header.journal_id,
                                data=jsonable(data)))
 
@@ -554,6 +583,10 @@ class JournalFallback:
 
     def append(self, events: Sequence[Event], rollbacks: Mapping[str, Mapping[str, str]]) -> None:
         self.journal.append(events, rollbacks)
+        self._start()
+
+    def append_incident(self, operation: Mapping[str, Any]) -> None:
+        self.journal.append_incident(operation)
         self._start()
 
     def pending(self) -> bool:

@@ -91,6 +91,10 @@ def new_incident_id(at: datetime, run_id: str) -> str:
     return f"INC-{at:%Y%m%d}-{run_id[:8]}"
 
 
+def new_watch_incident_id(detected_at: datetime) -> str:
+    return f"INC-{detected_at:%Y%m%d}-{uuid.uuid4().hex[:8]}"
+
+
 def incident_of_run(session: Session, plan: RunPlan, run_id: str, at: datetime) -> str | None:
     """The incident a run starting now belongs to, created when absent (see the module's docstring)."""
     if plan.incident_id is not None:
@@ -249,12 +253,16 @@ def incident_detail(session: Session, incident_id: str) -> dict[str, Any] | None
 def open_or_update_incident(session: Session, *, target_kind: str, target_name: str, impact_start: datetime,
                             detected_at: datetime, source: str, level: str | None, title: str, actor: str,
                             labels: Mapping[str, Any] | None = None, services: Sequence[str] | None = None,
-                            impact_start_method: str | None = None, detail: Mapping[str, Any] | None = None) -> str:
+                            impact_start_method: str | None = None, detail: Mapping[str, Any] | None = None,
+                            incident_id: str | None = None) -> str:
     """The id of the incident of this target that is not restored yet, else of a new one (state
     ``detected``, with its ``detected`` event). ``services``: those customers see hit (default: the
     target, when it is a service). A reused incident's impact start only moves earlier; its level
     becomes ``level`` (unless None), its labels gain ``labels``, another source is noted: the changes are one
-    ``updated`` event. ``detail`` (observers, alert fields, ...) goes into that event. The caller commits."""
+    ``updated`` event. ``detail`` (observers, alert fields, ...) goes into that event. The caller commits.
+
+    ``incident_id``: the id a cluster node gave the incident while the database was away (its journal
+    is being delivered): that incident is created, or updated when its run's start created it first."""
     if target_kind not in TARGET_KINDS:
         raise IncidentError(f"target kind {target_kind!r} is not one of {', '.join(TARGET_KINDS)}")
     impact_start, detected_at = _utc(impact_start), _utc(detected_at)
@@ -263,12 +271,15 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
                             f"its detection {detected_at.isoformat()}")
     method = impact_start_method or f"first failure seen ({source})"
     _begin_write(session)
-    incident = session.scalars(select(Incident).where(
-        Incident.target_kind == target_kind, Incident.target_name == target_name,
-        Incident.state.in_(ACTIVE_STATES)).order_by(Incident.created_at.desc()).limit(1)).first()
+    if incident_id is not None:
+        incident = session.get(Incident, incident_id)
+    else:
+        incident = session.scalars(select(Incident).where(
+            Incident.target_kind == target_kind, Incident.target_name == target_name,
+            Incident.state.in_(ACTIVE_STATES)).order_by(Incident.created_at.desc()).limit(1)).first()
     if incident is None:
         incident = Incident(
-            id=f"INC-{detected_at:%Y%m%d}-{uuid.uuid4().hex[:8]}", created_at=detected_at, created_by=clean_text(actor),
+            id=incident_id or new_watch_incident_id(detected_at), created_at=detected_at, created_by=clean_text(actor),
             impact_start=impact_start, impact_start_method=clean_text(method), title=clean_text(title),
             target_kind=target_kind, target_name=clean_text(target_name),
             services=[clean_text(name) for name in (services if services is not None else
@@ -281,6 +292,11 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
                    {**(detail or {}), "source": source, "level": level, "impact_start": impact_start.isoformat()})
         return incident.id
     changes: dict[str, Any] = {}
+    if incident.target_kind is None:  # its run's start, delivered first, opened it without its target
+        incident.target_kind, incident.target_name = target_kind, clean_text(target_name)
+        incident.services = [clean_text(name) for name in (services if services is not None else
+                                                            [target_name] if target_kind == "service" else [])]
+        changes["target"] = f"{target_kind} {target_name}"
     if incident.impact_start is None or impact_start < incident.impact_start:
         changes["impact_start"] = {"from": plain(incident.impact_start), "to": impact_start.isoformat()}
         incident.impact_start, incident.impact_start_method = impact_start, clean_text(method)
@@ -296,6 +312,30 @@ def open_or_update_incident(session: Session, *, target_kind: str, target_name: 
     if changes:
         _add_event(session, incident, "updated", detected_at, actor, {**(detail or {}), **changes})
     return incident.id
+
+
+# -- incident writes a cluster node journals while the database is away (cluster.journal) ---------------
+
+_MOMENTS = ("impact_start", "detected_at", "at")
+
+
+def incident_operation(call: str, **arguments: Any) -> dict[str, Any]:
+    """A journalable write: ``open`` (``open_or_update_incident``'s arguments, ``incident_id`` given)
+    or ``event`` (``record_incident_event``'s). Moments as ISO-8601 text."""
+    if call not in ("open", "event"):
+        raise IncidentError(f"incident write {call!r} is not open or event")
+    return {"call": call, "arguments": {name: _utc(value).isoformat() if name in _MOMENTS else value
+                                        for name, value in arguments.items()}}
+
+
+def apply_incident_operation(session: Session, operation: Mapping[str, Any]) -> None:
+    """Replay a journaled ``incident_operation``. The caller commits."""
+    arguments: dict[str, Any] = {name: datetime.fromisoformat(value) if name in _MOMENTS else value
+                                 for name, value in dict(operation["arguments"]).items()}
+    if operation["call"] == "open":
+        open_or_update_incident(session, **arguments)
+    else:
+        record_incident_event(session, **arguments)
 
 
 def record_incident_event(session: Session, incident_id: str, kind: str, at: datetime, actor: str,

@@ -57,6 +57,13 @@ class LeaderGate(Protocol):
         ...
 
 
+class NodeJournal(EvidenceFallback, Protocol):
+    """A cluster node's local evidence journal (cluster.journal.JournalFallback): a run's events, and
+    the watch's incident writes, while the evidence database is away."""
+
+    def append_incident(self, operation: Mapping[str, Any]) -> None: ...
+
+
 @dataclass
 class PendingService:
     """A service found down while its serving site was suspect: decided once the site's verdict is in."""
@@ -94,7 +101,7 @@ class Watch:
                  probe: Callable[[], list[Observation]] | None = None,
                  execute: Callable[..., Any] | None = None,
                  confirm_s: float | None = None, leader: LeaderGate | None = None,
-                 fallback: EvidenceFallback | None = None, host: str | None = None) -> None:
+                 fallback: NodeJournal | None = None, host: str | None = None) -> None:
         """``leader``, ``fallback`` and ``host``: a cluster node's leadership (decide and act only while
         leading, every run fenced), its evidence journal, and its name (recorded as the runs' host)."""
         from dr_orchestrator.loading import load_inventory
@@ -116,6 +123,8 @@ class Watch:
         self.leader = leader
         self.fallback = fallback
         self.host = host
+        self.journaled_incidents: set[str] = set()  # opened while the evidence database was away
+        self.automation_known: Any = None  # the automation switch as last read (decide_offline)
         self.pending: list[PendingService] = []
         self.undecided: list[Transition] = []  # found down, but the decision could not be recorded yet
         self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
@@ -252,11 +261,16 @@ class Watch:
         try:
             with writing(self.sessions) as session:
                 incident_id, decision, asking = self.record_decision(session, transition)
-        except SQLAlchemyError:  # nothing was decided: the outage must not be forgotten
-            log.exception("%s %s is down, but its incident could not be recorded: trying again next round",
-                          target.kind, target.name)
-            self.undecided.append(transition)
-            return
+        except SQLAlchemyError as exc:
+            from dr_orchestrator.evidence.store import database_unreachable
+
+            if self.fallback is not None and database_unreachable(exc):
+                incident_id, decision, asking = self.decide_offline(transition)
+            else:  # nothing was decided: the outage must not be forgotten
+                log.exception("%s %s is down, but its incident could not be recorded: trying again next round",
+                              target.kind, target.name)
+                self.undecided.append(transition)
+                return
         log.warning("%s %s down since %s: level %s, policy %s (%s)", target.kind, target.name,
                     transition.impact_start.isoformat(), decision.level, decision.policy, "; ".join(decision.reasons),
                     extra={"incident_id": incident_id})
@@ -273,34 +287,78 @@ class Watch:
         """Open (or update) the incident of the target found down and record the policy's decision, or
         that approvals are awaited: (incident id, decision, awaiting approvals). The caller commits."""
         from dr_orchestrator.evidence import incidents
-        from dr_orchestrator.watch import automation, policy
+        from dr_orchestrator.watch import automation
+
+        self.automation_known = automation.automation_state(session, self.settings.automation)
+        decision, opening, (kind, data) = self.decision_records(transition, self.automation_known)
+        incident_id = incidents.open_or_update_incident(session, **opening)
+        data = _with_incident(data, incident_id)
+        incidents.record_incident_event(session, incident_id, kind, _now(), WATCH_ACTOR, data)
+        return incident_id, decision, kind == "updated"
+
+    def decide_offline(self, transition: Transition) -> tuple[str, Decision, bool]:
+        """``record_decision`` while the evidence database is away, on a cluster node: decided with the
+        automation switch as last read, the incident written to the node's journal (delivered, in order
+        before its run, when the database is back)."""
+        from dr_orchestrator.evidence import incidents
+        from dr_orchestrator.watch.automation import AutomationState
+
+        assert self.fallback is not None
+        known = self.automation_known or AutomationState(on=self.settings.automation)
+        decision, opening, (kind, data) = self.decision_records(transition, known)
+        incident_id = incidents.new_watch_incident_id(transition.at)
+        self.fallback.append_incident(incidents.incident_operation("open", incident_id=incident_id, **opening))
+        self.journaled_incidents.add(incident_id)
+        self.record_incident_event(incident_id, kind, _now(), _with_incident(data, incident_id))
+        log.warning("evidence database unreachable: incident %s journaled on this node", incident_id,
+                    extra={"incident_id": incident_id})
+        return incident_id, decision, kind == "updated"
+
+    def decision_records(self, transition: Transition, automation: Any) -> tuple[
+            Decision, dict[str, Any], tuple[str, dict[str, Any]]]:
+        """The policy's decision for the target found down, the incident to open for it, and the event
+        that records the decision (``decided``, or ``updated`` awaiting approvals)."""
+        from dr_orchestrator.watch import policy
 
         target = transition.target
         site = self.serving.get(target.name) if target.kind == "service" else None
         decision = policy.decide(self.settings, self.inventory, target, now=transition.at,
                                  labels={"site": site} if site else {},
                                  last_automatic_run=self.last_automatic.get(target),
-                                 automation=automation.automation_state(session, self.settings.automation),
-                                 inventory_dir=Path(self.inventory_path).parent)
+                                 automation=automation, inventory_dir=Path(self.inventory_path).parent)
         covered = [target.name] if target.kind == "service" else \
             sorted(name for name, serving in self.serving.items() if serving == target.name)
-        incident_id = incidents.open_or_update_incident(
-            session, target_kind=target.kind, target_name=target.name, impact_start=transition.impact_start,
-            detected_at=transition.at, source="watch", level=decision.level,
-            title=f"{target.kind} {target.name} down", actor=WATCH_ACTOR, services=covered,
-            impact_start_method="first failed observation",
-            detail={"observers": list(transition.observers), "details": list(transition.details)})
+        opening = {"target_kind": target.kind, "target_name": target.name, "impact_start": transition.impact_start,
+                   "detected_at": transition.at, "source": "watch", "level": decision.level,
+                   "title": f"{target.kind} {target.name} down", "actor": WATCH_ACTOR, "services": covered,
+                   "impact_start_method": "first failed observation",
+                   "detail": {"observers": list(transition.observers), "details": list(transition.details)}}
         decided = {"level": decision.level, "policy": decision.policy, "runbook": decision.runbook,
                    "parameters": dict(decision.parameters), "reasons": list(decision.reasons)}
-        asking = decision.policy == "approve" and decision.runbook is not None
-        if asking:  # the decision is the approvals': its time is when they are in
+        if decision.policy == "approve" and decision.runbook is not None:
+            # the decision is the approvals': its time is when they are in
             needed = self.settings.approval.approvers
-            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, {
-                **decided, "awaiting_approval": True, "approvers": needed,
-                "how": f"`dr incidents approve {incident_id}` by {needed} distinct people"})
-        else:
-            incidents.record_incident_event(session, incident_id, "decided", _now(), WATCH_ACTOR, decided)
-        return incident_id, decision, asking
+            return decision, opening, ("updated", {**decided, "awaiting_approval": True, "approvers": needed,
+                                                   "how": "`dr incidents approve {incident}` by "
+                                                          f"{needed} distinct people"})
+        return decision, opening, ("decided", decided)
+
+    def record_incident_event(self, incident_id: str, kind: str, at: datetime, data: dict[str, Any]) -> None:
+        """One moment of an incident: into the evidence database, or, on a cluster node, into its journal
+        when the database is away or the incident itself is still only in the journal."""
+        from dr_orchestrator.evidence import incidents
+        from dr_orchestrator.evidence.store import database_unreachable
+
+        if self.fallback is None or not (incident_id in self.journaled_incidents and self.fallback.pending()):
+            try:
+                with writing(self.sessions) as session:
+                    incidents.record_incident_event(session, incident_id, kind, at, WATCH_ACTOR, data)
+                return
+            except SQLAlchemyError as exc:
+                if self.fallback is None or not database_unreachable(exc):
+                    raise
+        self.fallback.append_incident(incidents.incident_operation(
+            "event", incident_id=incident_id, kind=kind, at=at, actor=WATCH_ACTOR, data=data))
 
     def check_approvals(self) -> None:
         """Start what enough distinct people approved; stop at the first rejection; escalate once
@@ -405,7 +463,20 @@ class Watch:
             for host in unreachable.keys() - failed.keys():
                 log.info("warm path: SSH connection to %s open", host)
             unreachable = failed
+            if self.fallback is not None:
+                self.refresh_automation()
             stop.wait(KEEP_OPEN_EVERY_S)
+
+    def refresh_automation(self) -> None:
+        """A cluster node reads the automation switch now and then, off the round: it decides with the
+        switch as last read while the evidence database is away."""
+        from dr_orchestrator.watch import automation
+
+        try:
+            with self.sessions() as session:
+                self.automation_known = automation.automation_state(session, self.settings.automation)
+        except SQLAlchemyError as exc:
+            log.debug("automation switch not read: %s", exc)
 
     def start_run(self, incident_id: str, target: Target, runbook: str, parameters: Mapping[str, Any],
                   impact_start: datetime, reason: str) -> None:
@@ -441,32 +512,32 @@ def _execute_plan(watch: Watch, incident_id: str, runbook: str, parameters: dict
             update={"incident_id": incident_id, "incident_at": impact_start, "reason": reason})
     except Exception as exc:  # noqa: BLE001 - recorded on the incident; the watch goes on
         ready.set()
-        with writing(watch.sessions) as session:
-            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
-                                            {"error": f"the runbook {runbook} could not be planned: {exc}"})
+        watch.record_incident_event(incident_id, "updated", _now(),
+                                    {"error": f"the runbook {runbook} could not be planned: {exc}"})
         return
     try:
         fence = watch.leader.fence_check() if watch.leader is not None else None
     except Exception as exc:  # noqa: BLE001 - deposed between the decision and the start: nothing ran
         ready.set()
-        with writing(watch.sessions) as session:
-            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
-                                            {"error": f"{runbook} not started: {exc}"})
+        watch.record_incident_event(incident_id, "updated", _now(), {"error": f"{runbook} not started: {exc}"})
         return  # the node that leads now decides the outage itself
     ready.set()  # the run records `executing` on its incident itself, with its start (evidence.incidents)
     restoration = _Restoration(watch, incident_id, run_id, plan.services_in_scope())
     outcome = runs.execute(watch.sessions, plan, run_id=run_id, kept=watch.kept, observers=[restoration],
                            fence=fence, fallback=watch.fallback, host=watch.host)
     restoration.settled()
+    ended = {"run_id": run_id, "run_state": str(outcome.state), "error": outcome.error}
+    if incident_id in watch.journaled_incidents:  # the run's evidence may be in the journal too
+        if not (outcome.state == "succeeded" and restoration.recorded):
+            watch.record_incident_event(incident_id, "updated", _now(), ended)
+        return
     with writing(watch.sessions) as session:
         restored_at = incidents.restored_at(session, run_id) if outcome.state == "succeeded" else None
         if restored_at is not None and not restoration.recorded:  # else told when its last service was verified
             incidents.record_incident_event(session, incident_id, "restored", restored_at, WATCH_ACTOR,
                                             {"run_id": run_id})
         if restored_at is None:
-            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR,
-                                            {"run_id": run_id, "run_state": str(outcome.state),
-                                             "error": outcome.error})
+            incidents.record_incident_event(session, incident_id, "updated", _now(), WATCH_ACTOR, ended)
 
 
 class _Restoration:
@@ -492,12 +563,9 @@ class _Restoration:
             self.recording.start()
 
     def record(self, at: datetime) -> None:
-        from dr_orchestrator.evidence import incidents
 
         try:
-            with writing(self.watch.sessions) as session:
-                incidents.record_incident_event(session, self.incident_id, "restored", at, WATCH_ACTOR,
-                                                {"run_id": self.run_id})
+            self.watch.record_incident_event(self.incident_id, "restored", at, {"run_id": self.run_id})
             self.recorded = True
         except Exception:  # noqa: BLE001 - recorded again from the run's evidence when it ends
             log.exception("incident %s: its restoration was not recorded early", self.incident_id,
@@ -506,6 +574,13 @@ class _Restoration:
     def settled(self) -> None:
         if self.recording is not None:
             self.recording.join()
+
+
+def _with_incident(data: dict[str, Any], incident_id: str) -> dict[str, Any]:
+    """The decision's data, the approval command naming its incident."""
+    if "how" in data:
+        return {**data, "how": data["how"].replace("{incident}", incident_id)}
+    return data
 
 
 def _mtime(path: str) -> float:
