@@ -408,3 +408,25 @@ def test_a_node_decides_while_the_evidence_database_is_away_and_its_journal_deli
     assert delivered.data["node"] == "node-backup" and delivered.data["delivered_by"] == "node-witness"
     assert delivered.data["incident_writes"] == 3  # opened, decided, restored
     journal.close()
+
+
+def test_a_site_cut_off_from_the_watch_while_its_services_answer_clients_is_not_failed_over(
+        watch_of: Any) -> None:
+    """A partition between the watch's node and the primary site: its direct probes fail, the front door
+    still gets every answer from the primary. Nothing runs until clients are hurt too."""
+    def cut_off_round(at_s: float) -> list[Observation]:
+        observations = [seen("front-door", "service", s, True, at_s) for s in SERVICES]
+        observations += [seen("direct:primary", "service", s, False, at_s) for s in SERVICES]
+        return observations + [seen(o, "site", "primary", False, at_s)
+                               for o in ("direct:primary", "store-host:primary")]
+
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [cut_off_round(t) for t in steps(1.0, 3.0)]
+    rounds += [site_lost_round(t) for t in steps(3.1, 3.5)]
+    watch, executed = watch_of(rounds)
+    drive(watch, 31)
+    assert watch.states.get(Target("site", "primary")) == "down"
+    assert executed.calls == []
+    drive(watch, 5)  # now the front door fails too: the site is lost for clients
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]
+    assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=3.1)  # when clients were first hurt

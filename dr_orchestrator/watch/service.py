@@ -15,6 +15,7 @@ runbook once instead of one runbook per service.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -129,6 +130,9 @@ class Watch:
         self.undecided: list[Transition] = []  # found down, but the decision could not be recorded yet
         self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
         self.serving: dict[str, str] = {}  # service -> the site that served it at its newest observation
+        self.answering: dict[str, bool] = {}  # service -> whether its newest front-door observation was good
+        self.held_back: set[Target] = set()  # sites down to this node that still serve clients
+        self.failing_since: dict[str, datetime] = {}  # service -> its first failed front-door probe in a row
         self.active: list[ActiveRun] = []
         self.last_automatic: dict[Target, datetime] = {}
         self.rounds = 0
@@ -189,8 +193,13 @@ class Watch:
                      sum(not o.ok for o in observations))
         self.rounds += 1
         for observation in observations:
-            if observation.ok and observation.target.kind == "service" and observation.observer == "front-door":
-                site = _site_in(observation.detail)
+            if observation.target.kind == "service" and observation.observer == "front-door":
+                self.answering[observation.target.name] = observation.ok
+                if observation.ok:
+                    self.failing_since.pop(observation.target.name, None)
+                else:
+                    self.failing_since.setdefault(observation.target.name, observation.at)
+                site = _site_in(observation.detail) if observation.ok else None
                 if site:
                     self.serving[observation.target.name] = site
             transitions += self.agreement.feed(observation)
@@ -248,6 +257,13 @@ class Watch:
     def may_act(self) -> bool:
         return self.leader is None or self.leader.is_leader()
 
+    def clients_still_served(self, site: str) -> bool:
+        """Whether the site serves services and each of them answered its newest probe through the front
+        door: then the site is not lost for clients, only unreachable from here (a partition that cut
+        this watch off), and failing it over would be the harm."""
+        served = [name for name, serving in self.serving.items() if serving == site]
+        return bool(served) and all(self.answering.get(name, False) for name in served)
+
     def busy(self, target: Target) -> bool:
         return any(target in active.targets for active in self.active if active.thread.is_alive())
 
@@ -258,6 +274,21 @@ class Watch:
         if not self.may_act():  # a follower: decided if it leads while the outage lasts
             self.undecided.append(transition)
             return
+        if target.kind == "site" and self.clients_still_served(target.name):
+            if target not in self.held_back:
+                self.held_back.add(target)
+                log.warning("site %s is down to this watch's observers, but every service it serves still "
+                            "answers clients at the front door: no failover (the watch may be cut off from it)",
+                            target.name)
+            self.undecided.append(transition)  # decided once clients are hurt too
+            return
+        if target in self.held_back:  # the clients' outage began when the front door first failed
+            self.held_back.discard(target)
+            hurt = [self.failing_since[name] for name, site in self.serving.items()
+                    if site == target.name and name in self.failing_since]
+            if hurt:
+                transition = dataclasses.replace(transition, impact_start=max(transition.impact_start, min(hurt)),
+                                                 at=max(transition.at, max(hurt)))
         try:
             with writing(self.sessions) as session:
                 incident_id, decision, asking = self.record_decision(session, transition)
