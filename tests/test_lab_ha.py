@@ -148,7 +148,8 @@ def test_up_ha_runs_a_node_and_an_etcd_member_per_site_with_the_primary_node_lea
         assert node.journal == str(config.node_dir(site) / "journal.jsonl")
         assert node.evidence == f"file:{config.nodes_dir / 'evidence-url'}"
     url_file = config.nodes_dir / "evidence-url"
-    assert stat.S_IMODE(url_file.stat().st_mode) == 0o600 and url_file.read_text().startswith("sqlite:///")
+    assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+    assert "target_session_attrs=read-write" in url_file.read_text()  # both Patroni members: the leader
 
     code, output = invoke(ha_lab, "status")
     assert "node-primary leads" in output and "partition: none" in output

@@ -106,6 +106,11 @@ class Heartbeat:
         record_process(session, self.run_id, self.host)
         self._recorded = True
 
+    def without_process_row(self) -> None:
+        """The database is away (a fenced run of a cluster node journals its evidence): enter without the
+        process row; the beats update it only if it exists."""
+        self._recorded = True
+
     def __enter__(self) -> Heartbeat:
         if not self._recorded:
             with writing(self.sessions) as session:

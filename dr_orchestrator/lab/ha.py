@@ -18,6 +18,7 @@ and etcd's raft leader is moved to the witness member.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ import yaml
 from dr_orchestrator.lab import partition
 from dr_orchestrator.lab.config import HA_SITES, LabConfig
 from dr_orchestrator.lab.etcd import EtcdCluster, read_key
+from dr_orchestrator.lab.patroni import EvidenceCluster
 from dr_orchestrator.lab.processes import ProcessSpec, kill_now, running_pid, send, wait_gone
 from dr_orchestrator.lab.system import LabSetupError
 
@@ -52,6 +54,8 @@ class HaError(LabSetupError):
 def node_name(site: str) -> str:
     return f"node-{site}"
 
+
+EVIDENCE_ENV = "DR_LAB_HA_EVIDENCE"  # "sqlite": a SQLite file instead of the Patroni pair
 
 # --- the evidence store: one seam ---------------------------------------------------------------------
 
@@ -105,16 +109,28 @@ class SqliteEvidence:
 
 
 def evidence_store(config: LabConfig, etcd_endpoints: Sequence[str]) -> EvidenceStore:
-    """THE SEAM for the evidence database of an HA lab. With lab/patroni.py in, return
-    `EvidenceCluster(config.root / "evidence", etcd_endpoints, scope=...)` here (its members then run with
-    their site's group too, so partitions cut them, and `Lab.kill_site` kills a site's member)."""
-    return SqliteEvidence(config.nodes_dir / "evidence.db")
+    """The evidence database of an HA lab: two PostgreSQL members under Patroni on the lab's etcd, at the
+    primary and backup sites (`Lab.kill_site` kills a site's member with the site). DR_LAB_HA_EVIDENCE=sqlite
+    keeps a SQLite file instead, which no site's loss takes away (quicker, for tests of the nodes alone)."""
+    if os.environ.get(EVIDENCE_ENV) == SqliteEvidence.kind:
+        return SqliteEvidence(config.nodes_dir / "evidence.db")
+    scope = "dr-lab-" + hashlib.sha256(str(config.root).encode()).hexdigest()[:8]
+    return PatroniEvidence(config.root / "evidence", etcd_endpoints, scope)
 
 
 def evidence_from_state(state: dict[str, Any]) -> EvidenceStore:
     if state.get("kind") == SqliteEvidence.kind:
         return SqliteEvidence(Path(state["path"]))
+    if state.get("kind") == PatroniEvidence.kind:
+        return PatroniEvidence.from_state(state)
     raise HaError(f"unknown evidence store in the HA lab's state: {state.get('kind')!r}")
+
+
+class PatroniEvidence(EvidenceCluster):
+    kind = "patroni"
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "kind": self.kind}
 
 
 # --- the cluster ----------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ term by the existing resume rules: completed steps are kept, and a step that was
 only when idempotent. A run that needs an engineer's decision (a non-idempotent step in flight) is
 left interrupted, and the refusal is recorded. Until the takeover has settled (no live run of
 another node left), the watch of a new leader does not decide: a failover half done by the old leader
-is finished by resuming it, never by starting another one over it.
+is finished by resuming it, never by starting another one over it. When the evidence database is
+away at that moment (it was at the lost site, and its own failover takes tens of seconds), the outage
+comes first: the node leads without seeing the old leader's runs, and those it finds later are left to
+an engineer (the refusal recorded), never resumed over what it did meanwhile.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,7 @@ class Node:
         self.watch_factory = watch_factory or _default_watch
         self.settled_term: int | None = None  # the fencing revision whose takeover has settled
         self.term_seen: int | None = None
+        self.blind_since: datetime | None = None  # this term settled without the database: from then on
         self.attempted: set[str] = set()  # runs whose takeover this term tried
         self.resuming: dict[str, threading.Thread] = {}
         self._members: set[str] = {config.node}
@@ -127,16 +131,22 @@ class Node:
                 if revision != self.term_seen:  # a new term tries every interrupted run again
                     self.attempted.clear()
                     self.term_seen = revision
+                    self.blind_since = None
                 try:
                     if self.take_over_once() and self.leadership.term() is term:
                         if self.settled_term != revision:
                             log.info("node %s leads (fencing token %s); takeover settled", self.name, term.token)
                         self.settled_term = revision
-                except Exception as exc:  # noqa: BLE001 - tried again next time; the watch waits meanwhile
-                    if database_unreachable(exc):
-                        log.warning("takeover: evidence database unreachable (%s); trying again", exc)
-                    else:
+                except Exception as exc:  # noqa: BLE001 - tried again next time
+                    if not database_unreachable(exc):
                         log.exception("takeover failed; trying again")
+                    elif self.settled_term != revision and self.leadership.term() is term:
+                        # The outage comes first: decide without seeing the old leader's runs. Those found
+                        # later are left to an engineer, never resumed over what this node did meanwhile.
+                        self.blind_since = utcnow()
+                        self.settled_term = revision
+                        log.warning("takeover: evidence database unreachable (%s): leading without the old "
+                                    "leader's runs; runs found later are left to an engineer", exc)
             self._wake.wait(TAKEOVER_EVERY_S)
             self._wake.clear()
 
@@ -166,20 +176,24 @@ class Node:
         since = utcnow() - TAKEOVER_WINDOW
         with self.sessions() as session:
             rows = session.execute(
-                select(Run.id, Run.orchestrator_host, Run.state).where(
+                select(Run.id, Run.orchestrator_host, Run.state, Run.started_at).where(
                     Run.orchestrator_host.in_(sorted(members)),
                     ((Run.state == RunState.INTERRUPTED.value) & (Run.finished_at >= since))
                     | Run.state.in_(LIVE_RUN_STATES))
                 .order_by(Run.started_at)).all()
-        live_elsewhere = [run_id for run_id, host, state in rows
+        live_elsewhere = [run_id for run_id, host, state, _ in rows
                           if state in LIVE_RUN_STATES and run_id not in self.resuming and host != self.name]
-        for run_id, host, state in rows:
+        for run_id, host, state, started_at in rows:
             if state != RunState.INTERRUPTED.value or run_id in self.attempted or run_id in self.resuming:
                 continue
             self.attempted.add(run_id)
             request = ResumeRequest(run_id, self.actor, f"takeover: node {self.name} leads now; the run's node "
                                                         f"{host} left it interrupted")
             try:
+                if self.blind_since is not None and _utc(started_at) < self.blind_since:
+                    raise ResumeRefused(f"node {self.name} began leading while the evidence database was away and "
+                                        f"may have acted on the same services meanwhile: check, then `dr resume "
+                                        f"{run_id}` if it is still needed")
                 the_id, plan, point = prepare_resume(self.sessions, request)
             except ResumeRefused as refused:
                 log.error("takeover of run %s refused: %s", run_id, refused, extra={"run_id": run_id})
@@ -210,6 +224,10 @@ class Node:
             log.exception("takeover: resuming run %s failed", run_id, extra={"run_id": run_id})
         finally:
             self.resuming.pop(run_id, None)
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _default_watch(node: Node) -> Any:

@@ -78,6 +78,7 @@ def execute(sessions: Callable[[], Session], plan: RunPlan, *, observers: Sequen
             raise
         log.warning("run %s: evidence database unreachable (%s): no lock rows, the fencing token alone "
                     "excludes other nodes; the evidence is journaled", run_id, f"{type(exc).__name__}: {exc}")
+        heartbeat.without_process_row()
     try:
         with heartbeat:
             engine = Engine(registry or default_registry(), watching, host=host,
