@@ -11,6 +11,7 @@ import select as select_module
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import textwrap
@@ -215,6 +216,13 @@ def evidence_rows(sessions: sessionmaker[Session]) -> dict[str, list[dict[str, A
                     for row in rows[name]:
                         if row[column.name] is not None:
                             row[column.name] = positions[target].get(row[column.name], row[column.name])
+        # A service result's figures name the rows they came from (rto.py): those ids become positions too.
+        for row in rows["service_results"]:
+            for key, table_name in (("restored_marker", "markers"), ("rpo_measurement", "measurements"),
+                                    ("rpo_refusal", "action_events")):
+                source = (row["raw"] or {}).get(key)
+                if isinstance(source, dict) and source.get("id") is not None:
+                    source["id"] = positions[table_name].get(source["id"], source["id"])
         return rows
 
 
@@ -264,7 +272,9 @@ class SqliteGoesAway:
 
 
 class Proxy:
-    """A TCP proxy in front of PostgreSQL that can be cut (connections reset, new ones refused)."""
+    """A TCP proxy in front of PostgreSQL that can be cut: open connections are reset, new ones are
+    accepted and closed at once. The listener stays bound throughout: a port given back while cut could
+    be taken by another socket before the restore (the test would then fail, not the product)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -273,14 +283,19 @@ class Proxy:
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.up = True
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self) -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                client, _ = self.listener.accept()
             except OSError:
                 return
+            with self.lock:
+                up = self.up
+            if not up:
+                _reset(client)
+                continue
             try:
                 server = socket.create_connection(self.target)
             except OSError:
@@ -288,7 +303,7 @@ class Proxy:
                 continue
             with self.lock:
                 if not self.up:
-                    client.close()
+                    _reset(client)
                     server.close()
                     continue
                 self.sockets += [client, server]
@@ -306,7 +321,6 @@ class Proxy:
     def cut(self) -> None:
         with self.lock:
             self.up = False
-            self.listener.close()
             for sock in self.sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -315,12 +329,18 @@ class Proxy:
 
     def restore(self) -> None:
         with self.lock:
-            self.listener = socket.create_server(("127.0.0.1", self.port))
             self.up = True
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def close(self) -> None:
         self.cut()
+        self.listener.close()
+
+
+def _reset(connection: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0), as a host that refuses would answer."""
+    with contextlib.suppress(OSError):
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
 
 
 class PostgresGoesAway:
