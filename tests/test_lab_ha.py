@@ -1,6 +1,6 @@
 """`dr lab up --ha`, `dr lab partition SITE` / `dr lab heal` and an HA lab's kill-site, against the real parts:
-the two-site lab, a real 3-member etcd, the orchestrator node processes (or, until `dr node run` exists, a
-stand-in that only campaigns, with the product's Leadership) and real nftables rules (root).
+the two-site lab, a real 3-member etcd, the orchestrator node processes (`dr node run`), the evidence
+PostgreSQL under Patroni and real nftables rules (root).
 
 One HA lab for the whole module (its tests run in file order: the kill-site test breaks it last); a second
 lab slot, with only its etcd, shows that parallel labs' partitions do not touch each other.
@@ -14,22 +14,25 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import func, select
 from support.waiting import wait_for
 
 from dr_orchestrator.cluster.gateway import ClusterError, Gateway
+from dr_orchestrator.cluster.journal import read_journal
 from dr_orchestrator.cluster.leadership import Leadership, read_leader
 from dr_orchestrator.cluster.status import cluster_status
+from dr_orchestrator.evidence.database import make_engine
+from dr_orchestrator.evidence.models import Run
 from dr_orchestrator.lab import partition, scratch
 from dr_orchestrator.lab.cli import lab_group
-from dr_orchestrator.lab.config import HA_SITES, LabConfig
+from dr_orchestrator.lab.config import HA_SITES, SERVICES, LabConfig
 from dr_orchestrator.lab.etcd import ETCD, EtcdCluster, member_health
 from dr_orchestrator.lab.ha import LEADER_KEY, NODE_PROGRAM, HaCluster, node_name
 from dr_orchestrator.lab.lab import Lab
@@ -42,25 +45,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables"),
     pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason="needs etcd-server"),
 ]
-
-# Until `dr node run` is committed, each site's node is this stand-in: it campaigns for the leader key with
-# the product's Leadership, from a process that runs with its site's group like the real node would.
-STAND_IN = textwrap.dedent("""
-    import signal, sys, threading
-    from dr_orchestrator.cluster.leadership import Leadership
-    from dr_orchestrator.loading import load_node_config
-
-    assert sys.argv[1:4] == ["node", "run", "--config"], sys.argv
-    config = load_node_config(sys.argv[4])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    leadership = Leadership(list(config.etcd), config.node, int(config.lease_ttl), config.leader_key).start()
-    stop.wait()
-    leadership.stop()
-""")
-REAL_NODE = os.environ.get("DR_TEST_LAB_REAL_NODE") == "1" or (
-    subprocess.run([*NODE_PROGRAM, "node", "run", "--help"], capture_output=True).returncode == 0
-    and os.environ.get("DR_TEST_LAB_REAL_NODE") != "0")
 
 MEASURED: dict[str, float] = {}
 
@@ -90,16 +74,10 @@ def our_tables() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def ha_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def ha_lab() -> Iterator[Lab]:
     """One HA lab for the module; always taken down (nodes, etcd, the partition table) however tests end."""
-    program: list[str] = list(NODE_PROGRAM)
-    if not REAL_NODE:
-        helper = tmp_path_factory.mktemp("stand-in") / "node_stand_in.py"
-        helper.write_text(STAND_IN)
-        helper.parent.chmod(0o755)
-        program = [sys.executable, str(helper)]
     with scratch.lab_slot("own") as config:
-        lab = Lab(config, node_program=program)
+        lab = Lab(config)
         try:
             started = time.monotonic()
             lab.up(ha=True)
@@ -108,7 +86,7 @@ def ha_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         finally:
             lab.down()
             assert partition.table_name(config.root) not in our_tables()
-    print(f"\nmeasured ({'real node' if REAL_NODE else 'stand-in nodes'}): "
+    print("\nmeasured: "
           + ", ".join(f"{what} {seconds:.2f} s" for what, seconds in MEASURED.items()))
 
 
@@ -196,10 +174,19 @@ def test_partition_primary_moves_leadership_to_the_majority_and_heal_lets_the_me
         assert all(node["pid"] and is_running(node["pid"]) for node in report["ha"]["nodes"])
         assert any("partition is in force" in problem for problem in report["problems"])
         # Only the sites' groups are cut: a process in none (the front door, the services, this test) still
-        # reaches the primary site. (The nodes' own probes are cut: with the real node, the majority's leader
-        # may fail the primary site over meanwhile, so its services are not asserted here.)
+        # reaches the primary site, and clients are served from it.
         with socket.create_connection((ha_lab.config.address("primary"), ha_lab.config.sshd_port), timeout=2):
             pass
+        # The new leader's watch finds the primary site down (its own probes are cut), but every service it
+        # serves still answers at the front door: it holds back instead of failing the site over.
+        leader_log = ha_lab.config.node_dir(leader.removeprefix("node-")) / "node.log"
+        try:
+            wait_for(lambda: "clients are still served through the front door: no failover" in leader_log.read_text(),
+                     timeout=30, what="the new leader's watch to hold the cut-off site back")
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}; its log ends:\n{leader_log.read_text()[-6000:]}") from None
+        wait_for(lambda: all(serving_site(ha_lab, service) == "primary" for service in SERVICES), timeout=10,
+                 what="every service served from the primary through the front door")
     finally:
         code, output = invoke(ha_lab, "heal")
     assert code == 0 and "healed" in output
@@ -211,6 +198,24 @@ def test_partition_primary_moves_leadership_to_the_majority_and_heal_lets_the_me
     wait_for(lambda: leader_via([endpoints["primary"]]) == leader, timeout=10,
              what="the primary member to serve the new leader key")
     assert invoke(ha_lab, "heal")[1].strip() == "No partition was in force."
+    # Nothing was failed over: no node ran or journaled a run, and clients are still served from the primary.
+    for site in HA_SITES:
+        journal = ha_lab.config.node_dir(site) / "journal.jsonl"
+        assert not [r for r in read_journal(journal).records if r.event is not None], site
+    url = (ha_lab.config.nodes_dir / "evidence-url").read_text().strip()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(select(func.count()).select_from(Run)) == 0
+    finally:
+        engine.dispose()
+    assert all(serving_site(ha_lab, service) == "primary" for service in SERVICES)
+
+
+def serving_site(lab: Lab, service: str) -> str | None:
+    """The site that answers the service's /health through the front door, as a client sees it."""
+    answer = httpx.get(f"{lab.config.frontend_url(service)}/health", timeout=2.0)
+    return answer.json().get("site") if answer.status_code == 200 else None
 
 
 def test_parallel_labs_partitions_do_not_touch_each_other(ha_lab: Lab) -> None:

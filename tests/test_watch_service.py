@@ -421,12 +421,14 @@ def test_a_site_cut_off_from_the_watch_while_its_services_answer_clients_is_not_
                                for o in ("direct:primary", "store-host:primary")]
 
     rounds = [healthy_round(t) for t in steps(0, 0.9)] + [cut_off_round(t) for t in steps(1.0, 3.0)]
-    rounds += [site_lost_round(t) for t in steps(3.1, 3.5)]
+    rounds += [site_lost_round(t) for t in steps(3.1, 4.5)]
     watch, executed = watch_of(rounds)
     drive(watch, 31)
     assert watch.states.get(Target("site", "primary")) == "down"
     assert executed.calls == []
-    drive(watch, 5)  # now the front door fails too: the site is lost for clients
+    drive(watch, 3)  # the front door fails too, not yet for the confirmation time
+    assert executed.calls == []
+    drive(watch, 12)  # the services are agreed down: the site is lost for clients
     assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
         ("site-failover.yml", "primary")]
     assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=3.1)  # when clients were first hurt

@@ -17,7 +17,7 @@ from dr_orchestrator.evidence import chain
 DEFAULT_URL = "sqlite:///dr-evidence.db"
 URL_ENV = "DR_DATABASE_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-PG_CONNECT_TIMEOUT_S = 5  # seconds; libpq's smallest is 2
+PG_CONNECT_TIMEOUT_S = 5  # seconds (libpq's smallest connect_timeout is 2), also the bound of unacknowledged sends
 
 # Pass as a connection's execution options to open a write transaction. On SQLite this sends
 # BEGIN IMMEDIATE: a deferred transaction that reads, then writes, fails at once with "database is
@@ -43,8 +43,10 @@ def make_engine(url: str | None = None) -> Engine:
     """An engine for ``url`` (see ``database_url``); SQLite gets WAL, foreign keys and a busy timeout."""
     resolved = database_url(url)
     if not resolved.startswith("sqlite"):
-        # libpq waits for an unanswered connection forever: bound it (the URL's own value wins)
-        bounded = {} if "connect_timeout=" in resolved else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        # libpq waits forever for a server that stopped answering (a partition drops packets, it refuses
+        # nothing): bound connecting and every unacknowledged send; the URL's own values win.
+        bounds = {"connect_timeout": PG_CONNECT_TIMEOUT_S, "tcp_user_timeout": PG_CONNECT_TIMEOUT_S * 1000}
+        bounded = {name: value for name, value in bounds.items() if f"{name}=" not in resolved}
         return create_engine(resolved, pool_pre_ping=True, connect_args=bounded)
     engine = create_engine(resolved, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _configure_sqlite)

@@ -21,6 +21,7 @@ from types import TracebackType
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dr_orchestrator.evidence.chain import lock_chain
 from dr_orchestrator.evidence.database import WRITE_TRANSACTION
 from dr_orchestrator.evidence.models import Attempt, AuditEvent, Run, RunProcess, StepRecord
 from dr_orchestrator.model.events import utcnow
@@ -159,6 +160,9 @@ def sweep_interrupted(sessions: Sessions, host: str, interval: float = HEARTBEAT
         return []
     marked: list[str] = []
     with writing(sessions) as session:
+        # The chain before the rows: every node sweeps (each judging other hosts' runs its own way), and
+        # a sweeper holding a run's row while waiting for the chain deadlocks with one holding the chain.
+        lock_chain(session.connection())
         for run_id, _host, _pid in candidates:
             run = session.scalars(select(Run).where(Run.id == run_id).with_for_update()).one()
             process = session.get(RunProcess, run_id)

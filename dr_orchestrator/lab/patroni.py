@@ -325,6 +325,10 @@ class EvidenceCluster:
             "wal_keep_size": "128MB",
             "wal_retrieve_retry_interval": "100ms",
             "hot_standby_feedback": "on",
+            # A client cut off by a partition never says goodbye: without these its session, and the
+            # chain lock its open transaction holds, would outlive it by the kernel's hours of keepalive.
+            "tcp_keepalives_idle": 5, "tcp_keepalives_interval": 2, "tcp_keepalives_count": 2,
+            "tcp_user_timeout": 5000,
             "logging_collector": "on",
             "log_directory": str(member.postgres_log_dir),
             "log_filename": "postgresql.log",

@@ -130,8 +130,8 @@ class Watch:
         self.undecided: list[Transition] = []  # found down, but the decision could not be recorded yet
         self.states: dict[Target, str] = {}  # suspect / down, absent when healthy
         self.serving: dict[str, str] = {}  # service -> the site that served it at its newest observation
-        self.answering: dict[str, bool] = {}  # service -> whether its newest front-door observation was good
-        self.held_back: set[Target] = set()  # sites down to this node that still serve clients
+        self.held_back: set[Target] = set()  # down to this node's observers, yet clients are still served
+        self.front_door_at: dict[str, datetime] = {}  # service -> its newest front-door observation
         self.failing_since: dict[str, datetime] = {}  # service -> its first failed front-door probe in a row
         self.active: list[ActiveRun] = []
         self.last_automatic: dict[Target, datetime] = {}
@@ -194,7 +194,7 @@ class Watch:
         self.rounds += 1
         for observation in observations:
             if observation.target.kind == "service" and observation.observer == "front-door":
-                self.answering[observation.target.name] = observation.ok
+                self.front_door_at[observation.target.name] = observation.at
                 if observation.ok:
                     self.failing_since.pop(observation.target.name, None)
                 else:
@@ -257,12 +257,24 @@ class Watch:
     def may_act(self) -> bool:
         return self.leader is None or self.leader.is_leader()
 
-    def clients_still_served(self, site: str) -> bool:
-        """Whether the site serves services and each of them answered its newest probe through the front
-        door: then the site is not lost for clients, only unreachable from here (a partition that cut
-        this watch off), and failing it over would be the harm."""
-        served = [name for name, serving in self.serving.items() if serving == site]
-        return bool(served) and all(self.answering.get(name, False) for name in served)
+    def served_by(self, target: Target) -> list[str]:
+        """The services whose clients an outage of ``target`` hurts: the service, or those the site serves."""
+        if target.kind == "service":
+            return [target.name]
+        return [name for name, serving in self.serving.items() if serving == target.name]
+
+    def clients_still_served(self, target: Target) -> bool:
+        """Whether every service ``target`` serves answers clients through the front door: none has failed
+        there for the agreement's confirmation time (one slow answer on a busy machine does not count).
+        Then the target is not lost for clients, only unreachable from this watch (a partition that cut
+        its node off, which the other observers share), and failing it over would be the harm. Without a
+        front-door observation of each, nothing is held back."""
+        served = self.served_by(target)
+        if not served or any(name not in self.front_door_at for name in served):
+            return False
+        return all(name not in self.failing_since
+                   or (self.front_door_at[name] - self.failing_since[name]).total_seconds() < self.agreement.confirm_s
+                   for name in served)
 
     def busy(self, target: Target) -> bool:
         return any(target in active.targets for active in self.active if active.thread.is_alive())
@@ -274,18 +286,16 @@ class Watch:
         if not self.may_act():  # a follower: decided if it leads while the outage lasts
             self.undecided.append(transition)
             return
-        if target.kind == "site" and self.clients_still_served(target.name):
+        if self.clients_still_served(target):
             if target not in self.held_back:
                 self.held_back.add(target)
-                log.warning("site %s is down to this watch's observers, but every service it serves still "
-                            "answers clients at the front door: no failover (the watch may be cut off from it)",
-                            target.name)
+                log.warning("%s %s is down to this watch's observers, but its clients are still served through "
+                            "the front door: no failover (the watch may be cut off from it)", target.kind, target.name)
             self.undecided.append(transition)  # decided once clients are hurt too
             return
         if target in self.held_back:  # the clients' outage began when the front door first failed
             self.held_back.discard(target)
-            hurt = [self.failing_since[name] for name, site in self.serving.items()
-                    if site == target.name and name in self.failing_since]
+            hurt = [self.failing_since[name] for name in self.served_by(target) if name in self.failing_since]
             if hurt:
                 transition = dataclasses.replace(transition, impact_start=max(transition.impact_start, min(hurt)),
                                                  at=max(transition.at, max(hurt)))
