@@ -25,20 +25,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.watch import SERVICES, Prober  # noqa: E402
-from dr_orchestrator.cluster.gateway import ClusterError, Gateway  # noqa: E402
 from dr_orchestrator.cluster.journal import backlog  # noqa: E402
-from dr_orchestrator.cluster.leadership import read_leader  # noqa: E402
 from dr_orchestrator.lab import scratch  # noqa: E402
-from dr_orchestrator.lab.ha import LEADER_KEY, NODE_PROGRAM  # noqa: E402
+from dr_orchestrator.lab.ha import NODE_PROGRAM  # noqa: E402
 from dr_orchestrator.lab.lab import Lab  # noqa: E402
-
-
-def leader_of(endpoints: list[str]) -> str | None:
-    try:
-        info = read_leader(Gateway(endpoints, timeout_s=0.5), LEADER_KEY)
-    except ClusterError:
-        return None
-    return info.node if info else None
 
 
 def wait_until(condition: Any, what: str, deadline_s: float) -> Any:
@@ -60,14 +50,13 @@ def kill_leaders_site(lab: Lab) -> dict[str, Any]:
     """Kill the primary site (its node leads) with the prober running; the figures, in seconds from the kill."""
     cluster = lab.ha()
     assert cluster is not None
-    survivors = [cluster.etcd.endpoint("backup"), cluster.etcd.endpoint("witness")]
-    assert leader_of(survivors) == "node-primary", "the HA lab should start with its leader at the primary site"
+    assert cluster.leader() == "node-primary", "the HA lab should start with its leader at the primary site"
     with Prober(lab) as prober:
         wait_until(lambda: all(prober.seen[s] and prober.seen[s][-1][2] for s in SERVICES), "prober ready", 10)
         lab.kill_site("primary")
         killed = lab.killed_at
         assert killed is not None
-        new_leader = wait_until(lambda: (n := leader_of(survivors)) not in (None, "node-primary") and n,
+        new_leader = wait_until(lambda: (n := cluster.leader()) not in (None, "node-primary") and n,
                                 "a new leader", 30)
         led = (datetime.now(UTC) - killed).total_seconds()
 
@@ -93,18 +82,23 @@ def kill_leaders_site(lab: Lab) -> dict[str, Any]:
     return figures
 
 
+def measure_once() -> dict[str, Any]:
+    """A fresh HA lab, its leader's site killed: the figures of ``kill_leaders_site``."""
+    with scratch.lab_slot("bench-ha") as config:
+        lab = Lab(config)
+        try:
+            lab.up(ha=True)
+            return kill_leaders_site(lab)
+        finally:
+            lab.down()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
     options = parser.parse_args()
     for attempt in range(options.runs):
-        with scratch.lab_slot("bench-ha") as config:
-            lab = Lab(config)
-            try:
-                lab.up(ha=True)
-                figures = kill_leaders_site(lab)
-            finally:
-                lab.down()
+        figures = measure_once()
         runs = figures.pop("runs")
         made = [(r.get("runbook_name"), r.get("state"), r.get("orchestrator_host")) for r in runs] \
             if isinstance(runs, list) else runs

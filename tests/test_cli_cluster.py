@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cluster import etcd_cluster
 
 from dr_orchestrator.cluster import Leadership
-from dr_orchestrator.lab import scratch
-from dr_orchestrator.lab.etcd import ETCD, EtcdCluster, stop_all_under
+from dr_orchestrator.lab.etcd import ETCD, EtcdCluster
 from dr_orchestrator.loading import load_node_config
 from dr_orchestrator.yamlsource import LoadError
 
@@ -25,13 +23,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "cluster" / "node.
 
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[EtcdCluster]:
-    directory = Path(tempfile.mkdtemp(prefix="dr-etcd-cli-", dir=scratch.scratch_base()))
-    try:
-        with EtcdCluster(directory) as members:
-            yield members
-    finally:
-        stop_all_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+    with etcd_cluster("dr-etcd-cli-") as members:
+        yield members
 
 
 def dr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,17 +62,12 @@ def test_status_names_the_members_the_leader_and_its_lease(etcd: EtcdCluster, tm
 
 @pytest.mark.slow
 def test_without_quorum_the_status_says_so_and_exits_1(tmp_path: Path) -> None:
-    directory = Path(tempfile.mkdtemp(prefix="dr-etcd-cli-", dir=scratch.scratch_base()))
-    try:
-        with EtcdCluster(directory) as members:
-            members.kill("primary")
-            members.kill("witness")
-            shown = dr("cluster", "status", *[arg for e in members.endpoints for arg in ("--etcd", e)])
-        assert shown.returncode == 1, shown.stdout + shown.stderr
-        assert "NO QUORUM: no node can lead" in shown.stdout
-    finally:
-        stop_all_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+    with etcd_cluster("dr-etcd-cli-") as members:
+        members.kill("primary")
+        members.kill("witness")
+        shown = dr("cluster", "status", *[arg for e in members.endpoints for arg in ("--etcd", e)])
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    assert "NO QUORUM: no node can lead" in shown.stdout
 
 
 def test_a_bad_node_configuration_is_named_by_line_and_field(tmp_path: Path) -> None:

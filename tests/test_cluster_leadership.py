@@ -7,22 +7,19 @@ each with a leader key of its own. No fixed sleeps: every wait is for a conditio
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
+from support.cluster import etcd_cluster
 from support.waiting import wait_for
 
 from dr_orchestrator.cluster import (
@@ -37,7 +34,7 @@ from dr_orchestrator.cluster import (
 )
 from dr_orchestrator.cluster.gateway import Gateway, encode
 from dr_orchestrator.lab import scratch
-from dr_orchestrator.lab.etcd import ETCD, EtcdCluster, stop_all_under
+from dr_orchestrator.lab.etcd import ETCD, EtcdCluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason="needs etcd-server")]
 
@@ -50,17 +47,6 @@ def seconds_until(condition: Callable[[], object], timeout: float, what: str) ->
     start = time.monotonic()
     wait_for(condition, timeout, what, interval=0.01)
     return time.monotonic() - start
-
-
-@contextlib.contextmanager
-def etcd_cluster() -> Iterator[EtcdCluster]:
-    directory = Path(tempfile.mkdtemp(prefix="dr-etcd-test-", dir=scratch.scratch_base()))
-    try:
-        with EtcdCluster(directory) as cluster:
-            yield cluster
-    finally:
-        stop_all_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository: its benchmarks/
 
-from benchmarks.cluster import kill_leaders_site  # noqa: E402
-from dr_orchestrator.lab import scratch  # noqa: E402
+from benchmarks.cluster import measure_once  # noqa: E402
 from dr_orchestrator.lab.etcd import ETCD  # noqa: E402
-from dr_orchestrator.lab.lab import Lab  # noqa: E402
 
 pytestmark = [
     pytest.mark.lab, pytest.mark.etcd, pytest.mark.slow,
@@ -28,13 +26,7 @@ pytestmark = [
 
 
 def test_losing_the_leaders_site_fails_over_by_another_node_and_its_evidence_arrives_whole() -> None:
-    with scratch.lab_slot("ha-failover") as config:
-        lab = Lab(config)
-        try:
-            lab.up(ha=True)
-            figures = kill_leaders_site(lab)
-        finally:
-            lab.down()
+    figures = measure_once()
     print(f"\nmeasured: {figures}")
     assert figures["new_leader"] in ("node-backup", "node-witness")
     runs = figures["runs"]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from support.cluster import etcd_cluster
 from support.plans import make_plan
 from support.waiting import wait_for
 
@@ -24,8 +23,7 @@ from dr_orchestrator.cluster.members import read_members, register_member
 from dr_orchestrator.evidence import queries
 from dr_orchestrator.evidence.models import ActionEventRecord, AuditEvent, RunProcess
 from dr_orchestrator.evidence.store import EvidenceStore
-from dr_orchestrator.lab import scratch
-from dr_orchestrator.lab.etcd import ETCD, EtcdCluster, stop_all_under
+from dr_orchestrator.lab.etcd import ETCD, EtcdCluster
 from dr_orchestrator.model.cluster import NodeConfig
 from dr_orchestrator.model.events import RunStarted, StepStarted, utcnow
 from dr_orchestrator.node.service import TAKEOVER_ACTION, TAKEOVER_REFUSED_ACTION, Node
@@ -51,13 +49,8 @@ UNDECIDABLE = """
 
 @pytest.fixture(scope="module")
 def etcd() -> Iterator[EtcdCluster]:
-    directory = Path(tempfile.mkdtemp(prefix="dr-node-test-", dir=scratch.scratch_base()))
-    try:
-        with EtcdCluster(directory) as cluster:
-            yield cluster
-    finally:
-        stop_all_under(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+    with etcd_cluster("dr-node-test-") as cluster:
+        yield cluster
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -138,6 +139,16 @@ def run_guarded(sessions: Any, plan: Any, observers: list[Any], **options: Any) 
         sys.exit(LOCKED)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_until_stopped(service: Callable[[threading.Event], None]) -> None:
+    """Run a resident service (``service(stop)``) until SIGTERM or Ctrl-C sets its stop event."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        service(stop)
+    except KeyboardInterrupt:
+        stop.set()
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dr_orchestrator.cli.common import UserError, announce, log_format_of
+from dr_orchestrator.cli.common import UserError, announce, log_format_of, run_until_stopped
 
 
 @click.group()
@@ -20,8 +20,6 @@ def node_run(ctx: click.Context, config_path: str) -> None:
     """Run this node until SIGTERM or Ctrl-C: campaign for leadership, watch the inventory (decide and
     act only while leading, every changing step fenced), resume what a lost leader left in flight, and
     journal evidence locally while the evidence database is away."""
-    import signal
-    import threading
     from pathlib import Path
 
     from dr_orchestrator.cluster.gateway import ClusterError
@@ -51,12 +49,7 @@ def node_run(ctx: click.Context, config_path: str) -> None:
         service = Node(config, Path(config_path), session_factory_for(url))
     except (ClusterError, ValueError, OSError) as exc:
         raise UserError(f"{config_path}: {exc}") from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     announce(ctx, f"node {config.node} at site {config.site}: {len(config.etcd)} etcd members, "
                   f"{'watching ' + config.inventory if config.inventory else 'no inventory to watch'} (Ctrl-C to stop)")
-    try:
-        service.run(stop)
-    except KeyboardInterrupt:
-        stop.set()
+    run_until_stopped(service.run)
     announce(ctx, f"node {config.node} stopped")

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from dr_orchestrator.cli.common import UserError, announce, log_format_of, output_option, session_factory
+from dr_orchestrator.cli.common import (
+    UserError,
+    announce,
+    log_format_of,
+    output_option,
+    run_until_stopped,
+    session_factory,
+)
 
 
 @click.group()
@@ -51,22 +58,14 @@ def watch_automation(ctx: click.Context, state: str | None, reason: str | None, 
 def watch_run(ctx: click.Context, inventory_path: str) -> None:
     """Watch every service and site until Ctrl-C or SIGTERM: open incidents when independent observers
     agree that something is down, and act by the inventory's policies."""
-    import signal
-    import threading
-
     from dr_orchestrator.logs import log_to_terminal
 
     watcher = prepared_watch(ctx, inventory_path)
     log_to_terminal(log_format_of(ctx), "%(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     inventory = watcher.inventory
     announce(ctx, f"watching {inventory.name}: {len(inventory.services)} services, {len(inventory.sites)} sites "
                   f"(Ctrl-C to stop)")
-    try:
-        watcher.run(stop)
-    except KeyboardInterrupt:
-        stop.set()
+    run_until_stopped(watcher.run)
     announce(ctx, "watch stopped")
 
 

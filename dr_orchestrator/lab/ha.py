@@ -39,8 +39,7 @@ from dr_orchestrator.lab.patroni import EvidenceCluster
 from dr_orchestrator.lab.processes import ProcessSpec, kill_now, running_pid, send, wait_gone
 from dr_orchestrator.lab.system import LabSetupError
 
-# The product's command line: `node run --config FILE` by default (a test may give a stand-in for the node
-# program only); `db upgrade` and `cluster status` always.
+# The product's command line: `node run --config FILE`, `db upgrade`, `cluster status`.
 NODE_PROGRAM: tuple[str, ...] = (sys.executable, "-m", "dr_orchestrator.cli")
 LEASE_TTL = "2s"
 LEADER_KEY = "/dr/leader"
@@ -145,9 +144,8 @@ def _free_port(address: str) -> int:
 class HaCluster:
     """The HA part of one lab: etcd, the nodes, the evidence store, the groups and the partition table."""
 
-    def __init__(self, config: LabConfig, node_program: Sequence[str] | None = None) -> None:
+    def __init__(self, config: LabConfig) -> None:
         self.config = config
-        self.node_program = tuple(node_program or NODE_PROGRAM)
         self.sites = HA_SITES
         self.as_root = os.geteuid() == 0
         self.gids = {site: config.site_gid(site) for site in self.sites} if self.as_root else {}
@@ -160,7 +158,7 @@ class HaCluster:
     # --- state (ha.json) ------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"node_program": list(self.node_program), "gids": self.gids, "table": self.table,
+        return {"gids": self.gids, "table": self.table,
                 "etcd": self.etcd.state(), "api_ports": self.api_ports, "leader_key": LEADER_KEY,
                 "evidence": self.evidence.state() if self.evidence is not None else None}
 
@@ -174,7 +172,7 @@ class HaCluster:
             state = json.loads(config.ha_state_file.read_text())
         except (OSError, ValueError):
             return None
-        cluster = cls(config, node_program=state.get("node_program"))
+        cluster = cls(config)
         cluster.gids = {site: int(gid) for site, gid in (state.get("gids") or {}).items()}
         cluster.table = str(state.get("table") or cluster.table)
         if state.get("etcd"):
@@ -279,7 +277,7 @@ class HaCluster:
         directory = self.config.node_dir(site)
         with (directory / "node.log").open("ab") as log:
             child = subprocess.Popen(
-                [*self.node_program, "node", "run", "--config", str(self.config.node_config(site))],
+                [*NODE_PROGRAM, "node", "run", "--config", str(self.config.node_config(site))],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory,
                 start_new_session=True, group=gid, extra_groups=[] if gid is not None else None)
         spec.pidfile.write_text(f"{child.pid}\n")

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,10 +59,9 @@ class UpResult:
 
 
 class Lab:
-    def __init__(self, config: LabConfig | None = None, node_program: Sequence[str] | None = None) -> None:
+    def __init__(self, config: LabConfig | None = None) -> None:
         self.config = config or LabConfig.from_env()
         self.killed_at: datetime | None = None  # when kill_site or kill_service last sent its SIGKILLs
-        self.node_program = node_program  # `up --ha`: the program run as `PROGRAM node run --config FILE`
 
     def ha(self) -> HaCluster | None:
         """The HA part (etcd, orchestrator nodes, evidence store) of a lab brought up with `--ha`."""
@@ -133,7 +132,7 @@ class Lab:
         try:
             self._build()
             if ha:
-                HaCluster(config, node_program=self.node_program).start()
+                HaCluster(config).start()
         except BaseException as failure:
             self.down(keep_files=True)  # the logs say why; the next `up` or `down` removes them
             if isinstance(failure, LabSetupError):
