@@ -11,6 +11,8 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
+from dr_orchestrator.lab.processes import send, with_descendants
+
 WAIT_S = 60.0  # how long a killed process may take to be reaped
 
 # `dr` processes act as this test's OS account alone, however the tests were started (sudo, ssh).
@@ -44,11 +46,15 @@ class Processes:
         return process
 
     def kill(self, process: subprocess.Popen[str]) -> None:
-        """SIGKILL the process and everything it started, as a crash of its host would."""
+        """SIGKILL the process and everything it started, as a crash of its host would: its process group,
+        and the commands of its steps, which run in sessions of their own (a crash of the `dr` process
+        alone would orphan them; the test must not leave them running)."""
+        descendants = with_descendants({process.pid}) - {process.pid}
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        send(descendants, signal.SIGKILL)
         process.communicate(timeout=WAIT_S)
 
     def close(self) -> None:
