@@ -36,6 +36,7 @@ from dr_orchestrator.lab.etcd import stop_all_under as stop_etcd_under
 from dr_orchestrator.lab.ha import HaCluster, node_name
 from dr_orchestrator.lab.processes import (
     ProcessSpec,
+    is_running,
     kill_now,
     processes_under,
     running_pid,
@@ -304,10 +305,14 @@ class Lab:
         segments = {shmid for site in SITES for service in POSTGRES_SERVICES
                     if (shmid := postgres.shared_memory_id(config.pgdata(site, service))) is not None}
         # Immediate shutdown (SIGQUIT) lets the postmaster remove its shared memory; the data goes anyway.
+        # Their children, found now: once a parent is gone they belong to init (sshd's per-connection
+        # processes outlive the daemon while a client, cut off, never closes its connection).
+        children = with_descendants(set(specs) | stray) - set(specs) - stray
         send(postmasters, signal.SIGQUIT)
         send((set(specs) | stray) - postmasters, signal.SIGTERM)
         remaining = wait_gone(set(specs) | stray, timeout=5.0)
-        leftovers = with_descendants(remaining | processes_under(config.root))
+        leftovers = with_descendants(remaining | processes_under(config.root) | {pid for pid in children
+                                                                                if is_running(pid)})
         if leftovers and kill_now(leftovers):
             raise LabError(f"processes {sorted(leftovers)} of the lab at {config.root} survived SIGKILL")
         for shmid in segments:  # nothing left, not even a dead postmaster's shared memory
