@@ -432,3 +432,29 @@ def test_a_site_cut_off_from_the_watch_while_its_services_answer_clients_is_not_
     assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
         ("site-failover.yml", "primary")]
     assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=3.1)  # when clients were first hurt
+
+
+def test_a_follower_that_comes_to_lead_runs_the_site_runbook_alone_even_when_services_were_found_first(
+        sqlite_sessions: sessionmaker[Session]) -> None:
+    """Its services' failures were agreed before the site's: as a follower it kept them all. Leading, it
+    runs the site's runbook only: service runbooks beside it would act on the same services."""
+    def services_first_round(at_s: float) -> list[Observation]:
+        observations = [seen("front-door", "service", s, False, at_s) for s in SERVICES]
+        observations += [seen("direct:primary", "service", s, False, at_s) for s in SERVICES]
+        site_ok = at_s < 1.6  # the site's own observers fail later
+        return observations + [seen(o, "site", "primary", site_ok, at_s)
+                               for o in ("direct:primary", "store-host:primary")]
+
+    rounds = [healthy_round(t) for t in steps(0, 0.9)] + [services_first_round(t) for t in steps(1.0, 3.5)]
+    executed = Executed()
+    gate = Gate()
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script(rounds), execute=executed, leader=gate)
+    drive(watch, 16)
+    assert watch.states.get(Target("site", "primary")) != "down"
+    assert {t.target.kind for t in watch.undecided} == {"service"}  # kept while it follows
+    drive(watch, 14)
+    assert watch.states.get(Target("site", "primary")) == "down"
+    gate.leading = True
+    drive(watch, 3)
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]

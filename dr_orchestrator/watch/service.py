@@ -239,9 +239,16 @@ class Watch:
 
     def decide_pending(self) -> None:
         undecided, self.undecided = self.undecided, []
-        for transition in undecided:
-            if self.states.get(transition.target) == "down":
-                self.handle_down(transition)
+        # Sites first, as in a round: a follower that comes to lead holds every outage it found, and a
+        # site's runbook covers the services it serves (their own runbooks must not run beside it).
+        for transition in sorted(undecided, key=lambda t: t.target.kind != "site"):
+            if self.states.get(transition.target) != "down":
+                continue
+            site = self.serving.get(transition.target.name) if transition.target.kind == "service" else None
+            if site is not None and self.states.get(Target("site", site)) == "down" and \
+                    Target("site", site) not in self.held_back:
+                continue  # the site's incident covers it
+            self.handle_down(transition)
         still: list[PendingService] = []
         for pending in self.pending:
             site_state = self.states.get(Target("site", pending.site))
