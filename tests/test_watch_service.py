@@ -458,3 +458,19 @@ def test_a_follower_that_comes_to_lead_runs_the_site_runbook_alone_even_when_ser
     drive(watch, 3)
     assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
         ("site-failover.yml", "primary")]
+
+
+def test_a_watch_started_while_a_site_is_down_runs_the_site_runbook_alone(
+        watch_of: Any, sqlite_sessions: sessionmaker[Session]) -> None:
+    """A node that comes to lead because its predecessor's site is lost may start watching only then: it
+    never saw which site served each service. Their outage comes from the down site they have, so the
+    site's runbook covers them (in benchmarks.cluster, service runbooks ran beside the site's and failed)."""
+    rounds = [site_lost_round(t) for t in steps(0, 2.5)]
+    watch, executed = watch_of(rounds)
+    drive(watch, len(rounds))
+    assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
+        ("site-failover.yml", "primary")]
+    with sqlite_sessions() as session:
+        (incident,) = list_incidents(session)
+        detail = incident_detail(session, incident["id"])
+    assert detail is not None and sorted(detail["incident"]["services"]) == sorted(SERVICES)

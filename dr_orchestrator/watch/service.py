@@ -223,13 +223,13 @@ class Watch:
         self.states[target] = transition.state
         if transition.state != "down":
             return
-        if target.kind == "site" and self.serving and target.name not in self.serving.values():
+        if target.kind == "site" and self.serving and not self.served_by(target):
             # Every service is served elsewhere (e.g. after its failover, or a restart of the watch):
             # a lost redundancy is an early warning, not an outage to fail over again.
             log.warning("site %s is down but serves nothing now: no incident", target.name)
             return
         if target.kind == "service":
-            site = self.serving.get(target.name)
+            site = self.serving_site(target.name)
             if site is not None and self.states.get(Target("site", site)) == "down":
                 return  # the site's incident covers it
             if site is not None and self.states.get(Target("site", site)) == "suspect":
@@ -244,7 +244,7 @@ class Watch:
         for transition in sorted(undecided, key=lambda t: t.target.kind != "site"):
             if self.states.get(transition.target) != "down":
                 continue
-            site = self.serving.get(transition.target.name) if transition.target.kind == "service" else None
+            site = self.serving_site(transition.target.name) if transition.target.kind == "service" else None
             if site is not None and self.states.get(Target("site", site)) == "down" and \
                     Target("site", site) not in self.held_back:
                 continue  # the site's incident covers it
@@ -264,11 +264,22 @@ class Watch:
     def may_act(self) -> bool:
         return self.leader is None or self.leader.is_leader()
 
+    def serving_site(self, service: str) -> str | None:
+        """The site serving ``service``: the one its front door last answered from. Before the front door
+        ever answered this watch (it started during the outage: a node that comes to lead when its site
+        is lost), the first of the service's sites found down or suspect, where its outage comes from: a
+        site's runbook covers it then, and the service's own must not run beside it."""
+        if (site := self.serving.get(service)) is not None or service not in self.inventory.services:
+            return site
+        return next((name for name in self.inventory.services[service].sites
+                     if self.states.get(Target("site", name)) in ("down", "suspect")), None)
+
     def served_by(self, target: Target) -> list[str]:
         """The services whose clients an outage of ``target`` hurts: the service, or those the site serves."""
         if target.kind == "service":
             return [target.name]
-        return [name for name, serving in self.serving.items() if serving == target.name]
+        return sorted(name for name in self.inventory.services.keys() | self.serving.keys()
+                      if self.serving_site(name) == target.name)
 
     def clients_still_served(self, target: Target) -> bool:
         """Whether every service ``target`` serves answers clients through the front door: none has failed
@@ -369,13 +380,12 @@ class Watch:
         from dr_orchestrator.watch import policy
 
         target = transition.target
-        site = self.serving.get(target.name) if target.kind == "service" else None
+        site = self.serving_site(target.name) if target.kind == "service" else None
         decision = policy.decide(self.settings, self.inventory, target, now=transition.at,
                                  labels={"site": site} if site else {},
                                  last_automatic_run=self.last_automatic.get(target),
                                  automation=automation, inventory_dir=Path(self.inventory_path).parent)
-        covered = [target.name] if target.kind == "service" else \
-            sorted(name for name, serving in self.serving.items() if serving == target.name)
+        covered = self.served_by(target)
         opening = {"target_kind": target.kind, "target_name": target.name, "impact_start": transition.impact_start,
                    "detected_at": transition.at, "source": "watch", "level": decision.level,
                    "title": f"{target.kind} {target.name} down", "actor": WATCH_ACTOR, "services": covered,
@@ -530,7 +540,7 @@ class Watch:
                   impact_start: datetime, reason: str) -> None:
         targets = {target}
         if target.kind == "site":
-            targets |= {Target("service", name) for name, site in self.serving.items() if site == target.name}
+            targets |= {Target("service", name) for name in self.served_by(target)}
             if self.kept is not None:  # a kept connection to a lost site can break under the fencing command
                 self.kept.forget(self.inventory.site_hosts(target.name))
         holder: dict[str, str] = {}
