@@ -330,6 +330,45 @@ def test_a_live_run_is_never_marked_interrupted(sessions: sessionmaker[Session],
     assert states(sessions, run_id)[0] == "running"
 
 
+@pytest.mark.postgres
+def test_a_command_that_reads_does_not_hang_behind_a_writer_holding_the_chain(postgres_database_url: str) -> None:
+    """A writer cut off in the middle of a transaction holds the chain until the server drops it: `dr runs
+    list` (whose start sweeps for interrupted runs) skips the sweep after a bounded wait, and lists."""
+    import socket
+
+    from click.testing import CliRunner
+    from sqlalchemy import text
+
+    from dr_orchestrator.cli import cli
+    from dr_orchestrator.cli.common import SWEEP_LOCK_TIMEOUT_S
+    from dr_orchestrator.evidence import migrate
+    from dr_orchestrator.evidence.chain import ADVISORY_LOCK_KEY
+    from dr_orchestrator.evidence.database import make_engine, make_session_factory
+
+    migrate.upgrade(postgres_database_url)
+    engine = make_engine(postgres_database_url)
+    sessions = make_session_factory(engine)
+    run_id = "7e57a9e0-0000-4000-8000-0000000c4a1d"
+    crashed_run(sessions, make_plan(CRASHABLE), run_id, in_flight=["promote"], finished={})
+    with sessions() as session, session.begin():
+        session.get_one(RunProcess, run_id).host = socket.gethostname()  # a dead pid of this machine
+    holder = make_engine(postgres_database_url).connect()
+    try:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        listed = CliRunner().invoke(cli, ["--db", postgres_database_url, "runs", "list", "--output", "json"])
+        assert listed.exit_code == 0, listed.output
+        assert f"another writer held the evidence chain for {SWEEP_LOCK_TIMEOUT_S:g} s" in listed.stderr
+        assert states(sessions, run_id)[0] == "running"  # not swept, and listed
+        assert run_id in listed.stdout
+    finally:
+        holder.rollback()
+        holder.close()
+    swept = CliRunner().invoke(cli, ["--db", postgres_database_url, "runs", "list"])
+    assert swept.exit_code == 0 and f"run {run_id} was interrupted" in swept.stderr
+    assert states(sessions, run_id)[0] == "interrupted"
+    engine.dispose()
+
+
 def test_a_run_its_node_may_no_longer_act_on_is_resumed_by_the_leader_without_repeating_a_step(
         sessions: sessionmaker[Session]) -> None:
     """Takeover: the deposed node stops before its next change (the refusal in the evidence); the run is

@@ -115,13 +115,29 @@ def session_factory(ctx: click.Context) -> Any:
     return factory
 
 
+SWEEP_LOCK_TIMEOUT_S = 5.0
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
+
+
 def sweep(sessions: Any) -> None:
-    """Mark runs whose process died ``interrupted`` and say so; called whenever `dr` opens the evidence."""
+    """Mark runs whose process died ``interrupted`` and say so; called whenever `dr` opens the evidence.
+    Another writer holding the evidence chain longer than ``SWEEP_LOCK_TIMEOUT_S`` (one cut off in the
+    middle of a transaction, until the server drops it) only skips the sweep: the command goes on."""
     import socket
+
+    from sqlalchemy.exc import OperationalError
 
     from dr_orchestrator.evidence.liveness import sweep_interrupted
 
-    for run_id in sweep_interrupted(sessions, socket.gethostname()):
+    try:
+        swept = sweep_interrupted(sessions, socket.gethostname(), lock_timeout_s=SWEEP_LOCK_TIMEOUT_S)
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        click.echo(f"interrupted runs not checked: another writer held the evidence chain for "
+                   f"{SWEEP_LOCK_TIMEOUT_S:g} s", err=True)
+        return
+    for run_id in swept:
         click.echo(f"run {run_id} was interrupted (its orchestrator process is gone): see `dr runs show {run_id}`, "
                    f"then `dr resume {run_id}`", err=True)
 

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence.chain import lock_chain
@@ -141,11 +141,14 @@ def _gone(process: RunProcess, host: str, now: datetime, interval: float) -> boo
     return process.heartbeat_at < now - timedelta(seconds=interval * STALE_BEATS)
 
 
-def sweep_interrupted(sessions: Sessions, host: str, interval: float = HEARTBEAT_S) -> list[str]:
+def sweep_interrupted(sessions: Sessions, host: str, interval: float = HEARTBEAT_S,
+                      lock_timeout_s: float | None = None) -> list[str]:
     """Mark every live run whose process is gone ``interrupted``, and its in-flight steps and
     attempts too; each interruption is an audit event. Returns the runs' ids, oldest first.
 
-    Runs without a ``run_processes`` row (started by an engine no heartbeat watches) are left alone."""
+    Runs without a ``run_processes`` row (started by an engine no heartbeat watches) are left alone.
+    ``lock_timeout_s`` (PostgreSQL): give up, with the error, when another writer holds the chain that
+    long (a command that only reads must not hang behind a writer cut off mid-transaction)."""
     now = utcnow()
     with sessions() as session:  # a cheap read first: most starts find nothing to do
         candidates = [
@@ -162,7 +165,10 @@ def sweep_interrupted(sessions: Sessions, host: str, interval: float = HEARTBEAT
     with writing(sessions) as session:
         # The chain before the rows: every node sweeps (each judging other hosts' runs its own way), and
         # a sweeper holding a run's row while waiting for the chain deadlocks with one holding the chain.
-        lock_chain(session.connection())
+        connection = session.connection()
+        if lock_timeout_s is not None and connection.dialect.name == "postgresql":
+            connection.execute(text(f"SET LOCAL lock_timeout = {int(lock_timeout_s * 1000)}"))
+        lock_chain(connection)
         for run_id, _host, _pid in candidates:
             run = session.scalars(select(Run).where(Run.id == run_id).with_for_update()).one()
             process = session.get(RunProcess, run_id)
