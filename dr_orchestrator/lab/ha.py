@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -135,6 +136,44 @@ class PatroniEvidence(EvidenceCluster):
 # --- the cluster ----------------------------------------------------------------------------------------
 
 
+class NodeReadiness:
+    """A NOTIFY_SOCKET per node (abstract unix datagram sockets: no file to clean up), as systemd gives a
+    ``Type=notify`` service; ``waiting()`` names the sites whose node has not said ``READY=1`` yet."""
+
+    def __init__(self, sites: Sequence[str]) -> None:
+        tag = os.urandom(6).hex()
+        self.sockets: dict[str, socket.socket] = {}
+        for site in sites:
+            channel = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            channel.bind(f"\0dr-lab-ready-{tag}-{site}")
+            channel.setblocking(False)
+            self.sockets[site] = channel
+        self.ready: set[str] = set()
+
+    def __enter__(self) -> NodeReadiness:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for channel in self.sockets.values():
+            channel.close()
+
+    def address(self, site: str) -> str:
+        return "@" + self.sockets[site].getsockname()[1:].decode()
+
+    def waiting(self, timeout: float) -> list[str]:
+        pending = {channel: site for site, channel in self.sockets.items() if site not in self.ready}
+        readable, _, _ = select.select(list(pending), [], [], timeout) if pending else ([], [], [])
+        for channel in readable:
+            while True:
+                try:
+                    message = channel.recv(4096)
+                except BlockingIOError:
+                    break
+                if b"READY=1" in message.split(b"\n"):
+                    self.ready.add(pending[channel])
+        return [site for site in self.sockets if site not in self.ready]
+
+
 def _free_port(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
@@ -231,15 +270,18 @@ class HaCluster:
         for site in self.sites:
             self._write_node_config(site, url_file)
         self.save()
-        self.start_node("primary")
-        self._wait_leader({node_name("primary")}, NODE_START_TIMEOUT_S, waiting_on="primary")
-        for site in self.sites[1:]:
-            self.start_node(site)
-        deadline = time.monotonic() + 2.0  # a node that cannot start (bad config) exits within that
-        while time.monotonic() < deadline:
-            self._check_nodes_alive()
-            time.sleep(0.1)
-        self._check_nodes_alive()
+        with NodeReadiness(self.sites) as readiness:
+            self.start_node("primary", notify=readiness.address("primary"))
+            self._wait_leader({node_name("primary")}, NODE_START_TIMEOUT_S, waiting_on="primary")
+            for site in self.sites[1:]:
+                self.start_node(site, notify=readiness.address(site))
+            # Ready: watching (its first round judged), so a fault injected from now on is seen by every node.
+            deadline = time.monotonic() + NODE_START_TIMEOUT_S
+            while waiting := readiness.waiting(timeout=0.1):
+                self._check_nodes_alive()
+                if time.monotonic() >= deadline:
+                    raise HaError(f"the node at the {waiting[0]} site was not ready (watching) within "
+                                  f"{NODE_START_TIMEOUT_S:.0f} s: {self._log_tail(waiting[0])}")
 
     def _migrate(self, url_file: Path) -> None:
         result = subprocess.run([*NODE_PROGRAM, "--db", f"file:{url_file}", "db", "upgrade"],
@@ -268,17 +310,21 @@ class HaCluster:
         header = f"# The lab's orchestrator node at the {site} site (written by `dr lab up --ha`).\n"
         config.node_config(site).write_text(header + yaml.safe_dump(document, sort_keys=False))
 
-    def start_node(self, site: str) -> int:
-        """Start `site`'s node with its site's group (when root); returns its pid."""
+    def start_node(self, site: str, notify: str | None = None) -> int:
+        """Start `site`'s node with its site's group (when root); returns its pid. ``notify``: the socket it
+        tells when it is ready (systemd's NOTIFY_SOCKET)."""
         spec = self.node_spec(site)
         if (pid := running_pid(spec)) is not None:
             return pid
         gid = self.gids.get(site)
         directory = self.config.node_dir(site)
+        environment = {name: value for name, value in os.environ.items() if name != "NOTIFY_SOCKET"}
+        if notify is not None:
+            environment["NOTIFY_SOCKET"] = notify
         with (directory / "node.log").open("ab") as log:
             child = subprocess.Popen(
                 [*NODE_PROGRAM, "node", "run", "--config", str(self.config.node_config(site))],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory, env=environment,
                 start_new_session=True, group=gid, extra_groups=[] if gid is not None else None)
         spec.pidfile.write_text(f"{child.pid}\n")
         self._children[site] = child

@@ -44,6 +44,7 @@ from dr_orchestrator.evidence.store import database_unreachable
 from dr_orchestrator.model.cluster import NodeConfig
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.run import RunState
+from dr_orchestrator.node.readiness import notify_ready
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,10 @@ class Node:
         try:
             watch = self.watch_factory(self)
             if watch is None:
+                notify_ready()
                 stop.wait()
             else:
-                watch.run(stop)
+                watch.run(stop, ready=notify_ready)
         finally:
             stop.set()
             self._wake.set()

@@ -151,7 +151,8 @@ class Watch:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, ready: Callable[[], object] | None = None) -> None:
+        """Watch until ``stop``; ``ready()`` once the first round is judged (a node's readiness)."""
         log.info("watching %s every %.0f ms", self.inventory.name, self.interval_s * 1000)
         threading.Thread(target=self.warm_plans, name="watch-plans", daemon=True).start()
         if self.kept is not None:
@@ -165,6 +166,8 @@ class Watch:
                 self.round()
             except Exception:  # noqa: BLE001 - one bad round must not end the watch
                 log.exception("watch round failed")
+            if ready is not None and self.rounds == 1:
+                ready()
             next_at += self.interval_s
             delay = next_at - time.monotonic()
             if delay < 0:
