@@ -790,7 +790,7 @@ class _SitesOf(Mapping[str, tuple[str, ...]]):
 def _referents(inventory: Inventory, kind: str) -> Mapping[str, tuple[str, ...]]:
     """The names of ``kind`` in the inventory, each with the sites it has (a backend, a database, a
     Redis instance: its servers' sites), read the way the actions read them (actions/haproxy.py
-    ``front_door``, actions/pgdb.py and actions/redis.py ``resolve``)."""
+    ``front_door``, actions/postgres/base.py and actions/redis.py ``resolve``)."""
     if kind == "site":
         return _SitesOf(inventory.sites, lambda name, _: (name,))
     if kind == "host":

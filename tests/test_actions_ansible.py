@@ -26,7 +26,7 @@ from support.waiting import wait_for
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.ansible import AnsiblePlaybook, AnsiblePlaybookParams, bound_artifacts
 from dr_orchestrator.actions.base import ActionError
-from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, RebuildStandbyParams
+from dr_orchestrator.actions.postgres.rebuild import RebuildStandby, RebuildStandbyParams
 from dr_orchestrator.engine import Engine, RunOutcome
 from dr_orchestrator.evidence import migrate
 from dr_orchestrator.evidence.database import make_engine, make_session_factory

@@ -22,16 +22,11 @@ from support.waiting import wait_for
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import Action, ActionError
-from dr_orchestrator.actions.pgdb import resolve
-from dr_orchestrator.actions.postgres import (
-    Promote,
-    ReplicationStatus,
-    Rpo,
-    SetReadOnly,
-    SetSync,
-    WaitCaughtUp,
-)
-from dr_orchestrator.actions.postgres_rebuild import RebuildStandby, _Remote
+from dr_orchestrator.actions.postgres.base import resolve
+from dr_orchestrator.actions.postgres.promotion import Promote, SetReadOnly
+from dr_orchestrator.actions.postgres.rebuild import RebuildStandby, _Remote
+from dr_orchestrator.actions.postgres.replication import ReplicationStatus, SetSync, WaitCaughtUp
+from dr_orchestrator.actions.postgres.rpo import Rpo
 from dr_orchestrator.lab import Lab
 from dr_orchestrator.lab.config import POSTGRES_SERVICES
 from dr_orchestrator.model.events import ActionEvent, utcnow

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dr_orchestrator.actions.postgres import Rpo, RpoParams
+from dr_orchestrator.actions.postgres.rpo import Rpo, RpoParams
 
 INCIDENT = datetime(2026, 12, 6, 3, 0, 0, tzinfo=UTC)
 

@@ -23,7 +23,7 @@ import yaml
 from support.cli import Processes, dr, query, recorded
 from support.waiting import wait_for
 
-from dr_orchestrator.actions.postgres_rebuild import WORK_SUFFIX
+from dr_orchestrator.actions.postgres.rebuild import WORK_SUFFIX
 from dr_orchestrator.lab import scratch
 from dr_orchestrator.lab.config import PG_BIN, store_name
 from dr_orchestrator.lab.lab import Lab

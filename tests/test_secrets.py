@@ -376,7 +376,7 @@ def test_a_missing_secret_fails_the_step_naming_the_reference(tmp_path: Path) ->
 
 
 def test_database_password_by_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dr_orchestrator.actions import pgdb
+    from dr_orchestrator.actions.postgres import base as pgdb
     from dr_orchestrator.model.inventory import Inventory
 
     inventory = Inventory(name="x", sites={}, hosts={}, services={}, vars={"databases": {

@@ -49,10 +49,10 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from dr_orchestrator import secrets
-from dr_orchestrator.actions import pgdb
 from dr_orchestrator.actions import redis as redis_actions
 from dr_orchestrator.actions.base import ActionError
 from dr_orchestrator.actions.haproxy import FrontDoor, front_door, servers_state
+from dr_orchestrator.actions.postgres import base as pgdb
 from dr_orchestrator.model.events import utcnow
 from dr_orchestrator.model.inventory import Inventory, Service
 from dr_orchestrator.watch.observations import Observation, Target

@@ -31,10 +31,17 @@ from typing import Any
 import psycopg
 from pydantic import Field
 
-from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult
-from dr_orchestrator.actions.pgdb import Database, connect, one, probe_role, resolve, role_of
-from dr_orchestrator.actions.postgres import DatabaseParams
-from dr_orchestrator.actions.replicated import forced_reasons, poll_until_deadline
+from dr_orchestrator.actions.base import ActionContext, ActionError, ActionResult
+from dr_orchestrator.actions.postgres.base import (
+    Database,
+    DatabaseAction,
+    SiteParams,
+    connect,
+    one,
+    probe_role,
+    role_of,
+)
+from dr_orchestrator.actions.replicated import forced_reasons, optional_site_field, poll_until_deadline, site_field
 from dr_orchestrator.actions.shell import last_line
 from dr_orchestrator.actions.ssh import ExecResult, execute
 from dr_orchestrator.model.inventory import Host
@@ -51,15 +58,10 @@ DROPPED_SETTINGS = (
 )
 
 
-class RebuildStandbyParams(DatabaseParams):
-    site: str = Field(
-        description="Site whose server becomes a standby (the replaced primary).",
-        json_schema_extra={"refers_to": "site"},
-    )
-    primary_site: str | None = Field(
-        default=None,
-        description="Site of the new primary to follow; by default the database's other site.",
-        json_schema_extra={"refers_to": "site"},
+class RebuildStandbyParams(SiteParams):
+    site: str = site_field("Site whose server becomes a standby (the replaced primary).")
+    primary_site: str | None = optional_site_field(
+        "Site of the new primary to follow; by default the database's other site."
     )
     host: str | None = Field(
         default=None,
@@ -76,7 +78,7 @@ class RebuildStandbyParams(DatabaseParams):
     )
 
 
-class RebuildStandby(Action[RebuildStandbyParams]):
+class RebuildStandby(DatabaseAction[RebuildStandbyParams]):
     """Refuses to rebuild a server that is a writable primary unless the run is forced; does nothing
     (``already_streaming``) when the server already streams from the new primary, beyond removing
     what a killed attempt left beside its data directory."""
@@ -86,9 +88,7 @@ class RebuildStandby(Action[RebuildStandbyParams]):
     idempotent = True  # resumable: see the module's docstring
 
     def run(self, params: RebuildStandbyParams, ctx: ActionContext) -> ActionResult:
-        db = resolve(ctx.inventory, params.database)
-        db.check_site(params.site)
-        source = db.other_site(params.site, params.primary_site, "new primary")
+        db, source = self.database_and_other_site(params, ctx, params.primary_site, "new primary")
         host = self._host(ctx, params)
         data_dir = (db.data_dirs.get(params.site) or host.vars.get("pg_data_dir") or "").rstrip("/")
         if not data_dir:

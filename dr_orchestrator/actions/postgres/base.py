@@ -1,4 +1,5 @@
-"""Where a database lives, from the inventory, and short-lived connections to it (psycopg 3, autocommit).
+"""What every ``postgres.*`` action shares: where a database lives (from the inventory), the step's
+database, site and other site (``DatabaseAction``), and short-lived connections (psycopg 3, autocommit).
 
 The inventory describes databases under ``dr.vars.databases``, either one database directly::
 
@@ -9,6 +10,8 @@ or several, each under its name (``databases: {main: {...}, ledger: {...}}``). P
 in the inventory: ``password`` is a reference (``env:NAME`` or ``file:/path``; ``password_env: NAME``
 is the older spelling of ``password: env:NAME``), resolved when connecting and masked in evidence
 and logs; without one, libpq's own ways apply (``~/.pgpass``, ``PGPASSFILE``).
+
+The watch reads the databases through this module too (``resolve``, ``connect``), not a copy of it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
+from pydantic import Field
 
 from dr_orchestrator import secrets
-from dr_orchestrator.actions.base import ActionContext, ActionError
+from dr_orchestrator.actions.base import Action, ActionContext, ActionError, Params
+from dr_orchestrator.actions.replicated import site_field
 from dr_orchestrator.model.inventory import Inventory
 
 # libpq waits at least 2 s, whatever connect_timeout says; more than 5 s is never worth it here.
@@ -247,3 +252,45 @@ def lsn_value(lsn: str) -> int:
     """'16/B374D848' as a number, for comparing WAL positions."""
     high, _, low = lsn.partition("/")
     return (int(high, 16) << 32) + int(low, 16)
+
+
+# ---------------------------------------------------------------- the actions' base
+
+
+class DatabaseParams(Params):
+    database: str | None = Field(
+        default=None,
+        description="Database in dr.vars.databases; may be left out when the inventory describes one.",
+        json_schema_extra={"refers_to": "database"},
+    )
+
+
+class SiteParams(DatabaseParams):
+    """A step acting at one site of the database (each action says which in ``site``'s description)."""
+
+    site: str = site_field("Site of the server the step acts on.")
+
+
+DP = TypeVar("DP", bound=DatabaseParams)
+
+
+class DatabaseAction(Action[DP]):
+    """Base of the ``postgres.*`` actions: the one place that finds the step's database in the
+    inventory, checks that it has a server at the step's site, and picks the other site it works with."""
+
+    @staticmethod
+    def database(params: DatabaseParams, ctx: ActionContext, site: str | None = None) -> Database:
+        """The database ``params`` names (or the inventory's only one); with ``site``, checked to have a
+        server there."""
+        db = resolve(ctx.inventory, params.database)
+        if site is not None:
+            db.check_site(site)
+        return db
+
+    @classmethod
+    def database_and_other_site(cls, params: SiteParams, ctx: ActionContext, given: str | None,
+                                what: str) -> tuple[Database, str]:
+        """The database at ``params.site`` and the other site the step works with: ``given`` (checked),
+        else the database's one other site; ``what`` names that site in errors ("old primary")."""
+        db = cls.database(params, ctx, params.site)
+        return db, db.other_site(params.site, given, what)
