@@ -89,6 +89,25 @@ def test_each_module_imports_only_what_its_room_may(path: Path) -> None:
     assert not broken, f"{module} imports " + "; ".join(broken)
 
 
+# An integration with several action modules keeps them in a subpackage around one base module, which
+# they share; they import no one another (issue 17: `postgres.py`, `postgres_rebuild.py`, `pgdb.py`).
+INTEGRATION_BASES = {"dr_orchestrator.actions.aws": "common", "dr_orchestrator.actions.postgres": "base"}
+INTEGRATION_MODULES = [path for path in MODULES if module_name(path).rpartition(".")[0] in INTEGRATION_BASES]
+
+
+@pytest.mark.parametrize("path", INTEGRATION_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_an_integrations_action_modules_share_its_base_not_one_another(path: Path) -> None:
+    module = module_name(path)
+    package = module.rpartition(".")[0]
+    base = f"{package}.{INTEGRATION_BASES[package]}"
+    siblings = {target for target in imports_of(path, MODULE_NAMES)
+                if target.startswith(package + ".") and target != module}
+    if module == base:
+        assert not siblings, f"{module}, the base, imports action modules: {', '.join(sorted(siblings))}"
+    else:
+        assert siblings <= {base}, f"{module} imports {', '.join(sorted(siblings - {base}))}: share it through {base}"
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     """A rule checker that missed imports inside functions would pass everything."""
     engine_module = PACKAGE / "engine" / "executor.py"
