@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from pydantic import Field
@@ -34,6 +34,7 @@ from redis.retry import Retry
 
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, ActionResult, Params
 from dr_orchestrator.actions.replicated import (
+    Servers,
     incident_time,
     optional_site_field,
     poll_until_deadline,
@@ -73,16 +74,13 @@ class RedisRefused(ActionError):
 
 
 @dataclass(frozen=True)
-class Instance:
+class Instance(Servers):
+    kind: ClassVar[str] = "redis"
     name: str
     hosts: dict[str, str]  # site -> address
     ports: dict[str, int]  # site -> port
     password: str | None = None  # a reference: env:NAME or file:/path
     heartbeat_key: str = DEFAULT_HEARTBEAT_KEY
-
-    def check_site(self, site: str) -> None:
-        if site not in self.hosts:
-            raise ActionError(f"redis {self.name!r} has no server at site {site!r}; it has: {', '.join(self.hosts)}")
 
     def address(self, site: str) -> str:
         return f"{self.hosts[site]}:{self.ports[site]}"
@@ -97,19 +95,6 @@ class Instance:
         exact = [site for site in self.hosts if (self.hosts[site], self.ports[site]) == (host, port)]
         by_port = [site for site in self.hosts if self.ports[site] == port and site != besides]
         return exact[0] if exact else by_port[0] if len(by_port) == 1 else None
-
-    def other_site(self, site: str, given: str | None, what: str) -> str:
-        """``given`` (checked), else the one other site of this instance; ``what`` names it in errors."""
-        if given is None:
-            others = [other for other in self.hosts if other != site]
-            if len(others) != 1:
-                raise ActionError(f"say which site is the {what}: redis {self.name!r} has servers at "
-                                  f"{', '.join(self.hosts)}")
-            return others[0]
-        self.check_site(given)
-        if given == site:
-            raise ActionError(f"the {what} must be another site than {site}")
-        return given
 
 
 def resolve(inventory: Inventory, name: str | None) -> Instance:

@@ -1,12 +1,13 @@
-"""What the actions on replicated stores (PostgreSQL, Redis) share, without a driver: site
-parameters, the engineer's ``--force`` reasons, polling until the step's deadline, the incident
-time, and how an RPO figure (or the refusal to give one) is recorded."""
+"""What the actions on replicated stores (PostgreSQL, Redis) share, without a driver: a store's
+servers by site (the site checked, the other site), site parameters, the engineer's ``--force``
+reasons, polling until the step's deadline, the incident time, and how an RPO figure (or the refusal
+to give one) is recorded."""
 
 from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -16,6 +17,37 @@ from dr_orchestrator.model.durations import format_duration
 POLL_S = 0.01  # promotion, catch-up and streaming are waited for at this rate: each takes tens of milliseconds
 # The action event of a method that refused to give a figure (the evidence's rto.RPO_NOT_MEASURED).
 RPO_NOT_MEASURED = "rpo.not_measured"
+
+
+class Servers:
+    """A replicated store's servers, one per site (``hosts``: site -> address); its errors name it
+    ``KIND 'NAME'`` (``database 'trading'``, ``redis 'quotation'``). Mixed into the stores' frozen
+    dataclasses, which declare ``name`` and ``hosts``."""
+
+    kind: ClassVar[str]
+    name: str
+    hosts: dict[str, str]
+
+    def check_site(self, site: str) -> None:
+        if site not in self.hosts:
+            raise ActionError(f"{self.kind} {self.name!r} has no server at site {site!r}; it has: "
+                              f"{', '.join(self.hosts)}")
+
+    def other_sites(self, site: str) -> list[str]:
+        return [other for other in self.hosts if other != site]
+
+    def other_site(self, site: str, given: str | None, what: str) -> str:
+        """``given`` (checked), else the store's one other site; ``what`` names it in errors."""
+        if given is not None:
+            self.check_site(given)
+            if given == site:
+                raise ActionError(f"the {what} must be another site than {site}")
+            return given
+        others = self.other_sites(site)
+        if len(others) != 1:
+            raise ActionError(f"say which site is the {what}: {self.kind} {self.name!r} has servers at "
+                              f"{', '.join(self.hosts)}")
+        return others[0]
 
 
 def site_field(description: str) -> Any:

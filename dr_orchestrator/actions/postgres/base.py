@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -28,7 +28,7 @@ from pydantic import Field
 
 from dr_orchestrator import secrets
 from dr_orchestrator.actions.base import Action, ActionContext, ActionError, Params
-from dr_orchestrator.actions.replicated import site_field
+from dr_orchestrator.actions.replicated import Servers, site_field
 from dr_orchestrator.model.inventory import Inventory
 
 # libpq waits at least 2 s, whatever connect_timeout says; more than 5 s is never worth it here.
@@ -41,7 +41,8 @@ class DatabaseUnreachable(ActionError):
 
 
 @dataclass(frozen=True)
-class Database:
+class Database(Servers):
+    kind: ClassVar[str] = "database"
     name: str
     dbname: str
     user: str
@@ -55,32 +56,11 @@ class Database:
     pg_bin: str = "/usr/lib/postgresql/15/bin"
     os_user: str | None = None
 
-    def check_site(self, site: str) -> None:
-        if site not in self.hosts:
-            raise ActionError(f"database {self.name!r} has no server at site {site!r}; it has: {', '.join(self.hosts)}")
-
     def port_of(self, site: str) -> int:
         return self.ports.get(site, self.port)
 
     def where(self, site: str) -> str:
         return f"database {self.name!r} at site {site} ({self.hosts[site]}:{self.port_of(site)})"
-
-    def other_sites(self, site: str) -> list[str]:
-        return [other for other in self.hosts if other != site]
-
-    def other_site(self, site: str, given: str | None, what: str) -> str:
-        """``given`` (checked), else the one other site of this database; ``what`` names it in errors."""
-        if given is not None:
-            self.check_site(given)
-            if given == site:
-                raise ActionError(f"the {what} must be another site than {site}")
-            return given
-        others = self.other_sites(site)
-        if len(others) != 1:
-            raise ActionError(
-                f"say which site is the {what}: database {self.name!r} has servers at {', '.join(self.hosts)}"
-            )
-        return others[0]
 
     def conninfo(self, site: str, connect_timeout: int = 2, dbname: str | None = None) -> str:
         self.check_site(site)
