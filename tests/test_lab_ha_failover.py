@@ -32,4 +32,6 @@ def test_losing_the_leaders_site_fails_over_by_another_node_and_its_evidence_arr
     runs = figures["runs"]
     assert isinstance(runs, list) and runs, runs
     assert {run["orchestrator_host"] for run in runs} == {figures["new_leader"]}  # only the leader acted
+    # The site's runbook alone: no service's own runbook beside it on the same services.
+    assert [(run["runbook_name"], run["state"]) for run in runs] == [("site-failover", "succeeded")]
     assert figures["verify"][0] == 0, figures["verify"]
