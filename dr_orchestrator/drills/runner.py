@@ -16,6 +16,7 @@ import logging
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from dr_orchestrator.actions.base import ActionRegistry
 from dr_orchestrator.drills.notifier import DrillNotifier
 from dr_orchestrator.engine import RunOutcome
 from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.evidence.store import EvidenceFallback
 from dr_orchestrator.loading import load_inventory
 from dr_orchestrator.model.drill import Drill, NotifyEvent, Steps
 from dr_orchestrator.model.durations import format_duration
@@ -89,12 +91,17 @@ class _StepLog:
 class DrillRunner:
     def __init__(self, sessions: records.Sessions, registry: ActionRegistry | None = None,
                  observers: list[Observer] | None = None, host: str | None = None,
-                 heartbeat_s: float = 10.0) -> None:
+                 heartbeat_s: float = 10.0, fence: Callable[[], object] | None = None,
+                 fallback: EvidenceFallback | None = None) -> None:
+        """``fence`` and ``fallback``: a cluster leader's, for each of the drill's runs (see ``runs.execute``);
+        one fence for the whole drill, so a drill started under one term never goes on under another."""
         self.sessions = sessions
         self.registry = registry or default_registry()
         self.extra_observers = list(observers or [])
         self.host = host or socket.gethostname()
         self.heartbeat_s = heartbeat_s
+        self.fence = fence
+        self.fallback = fallback
 
     def run(self, drill: Drill, *, trigger: str = "manual", scheduled_for: datetime | None = None,
             started_by: str | None = None, stop: threading.Event | None = None,
@@ -212,7 +219,8 @@ class _DrillRun:
         self.outcome.runs[stage] = run_id
         try:  # the services' locks, a heartbeat, approval gates answered from the evidence database
             outcome = execute(self.runner.sessions, plan, observers=self.observers, registry=self.runner.registry,
-                              run_id=run_id, stop=stop or self.stop, host=self.runner.host)
+                              run_id=run_id, stop=stop or self.stop, host=self.runner.host, fence=self.runner.fence,
+                              fallback=self.runner.fallback)
         except LockHeld as exc:
             self.failures.append(f"the {stage} stage was refused: {exc}")
             raise _Stop from None

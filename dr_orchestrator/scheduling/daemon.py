@@ -17,13 +17,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
 from dr_orchestrator.drills.load import load_drills
 from dr_orchestrator.evidence import drills as records
 from dr_orchestrator.evidence.database import database_url, make_engine, make_session_factory
 from dr_orchestrator.evidence.liveness import sweep_interrupted
+from dr_orchestrator.evidence.store import EvidenceFallback
 from dr_orchestrator.model.drill import Drill
 from dr_orchestrator.scheduling import jobs
-from dr_orchestrator.scheduling.leader import leader_lock
+from dr_orchestrator.scheduling.leader import LeaderLock, leader_lock
 from dr_orchestrator.scheduling.triggers import trigger_for
 
 log = logging.getLogger(__name__)
@@ -31,10 +34,16 @@ JOB_PREFIX = "drill:"
 
 
 class SchedulerDaemon:
+    """``engine``, ``lock``, ``fence_for_drill`` and ``fallback`` are a cluster node's (``node.hosting``): its
+    evidence database, leadership as the leader lock, its fence for each drill and its evidence journal.
+    Without them (`dr scheduler run`): an engine of ``url`` and the database's own leader lock."""
+
     def __init__(self, url: str | None, drills_dir: str | Path, *, inventory: str | None = None,
                  misfire_grace: float = 300.0, retry_s: float = 5.0, check_s: float = 2.0,
                  stale_after: float = 120.0, rescan_s: float = 60.0, max_workers: int = 4,
-                 host: str | None = None, say: Callable[[str], None] = log.info) -> None:
+                 host: str | None = None, say: Callable[[str], None] = log.info, engine: Engine | None = None,
+                 lock: LeaderLock | None = None, fence_for_drill: Callable[[], Callable[[], object]] | None = None,
+                 fallback: EvidenceFallback | None = None) -> None:
         self.url = database_url(url)
         self.drills_dir = Path(drills_dir)
         self.inventory = inventory
@@ -46,13 +55,17 @@ class SchedulerDaemon:
         self.max_workers = max_workers
         self.host = host or socket.gethostname()
         self.say = say
-        self.engine = make_engine(self.url)
+        self.owns_engine = engine is None
+        self.engine = engine or make_engine(self.url)
         self.sessions = make_session_factory(self.engine)
+        self.lock = lock
+        self.fence_for_drill = fence_for_drill
+        self.fallback = fallback
         self.drills: dict[str, Drill] = {}
 
     def serve(self, stop: threading.Event) -> None:
         """Lead when the lock can be had, follow (retrying) when not, until ``stop`` is set."""
-        lock = leader_lock(self.url)  # SchedulerRefused on a SQLite file another scheduler holds
+        lock = self.lock or leader_lock(self.url)  # SchedulerRefused on a SQLite file another scheduler holds
         following = False
         try:
             while not stop.is_set():
@@ -70,7 +83,8 @@ class SchedulerDaemon:
                     stop.wait(self.retry_s)
         finally:
             lock.release()
-            self.engine.dispose()
+            if self.owns_engine:
+                self.engine.dispose()
 
     # -- leading -----------------------------------------------------------------------------------
 
@@ -85,7 +99,7 @@ class SchedulerDaemon:
         self._sweep_runs()
         drill_stop = threading.Event()
         jobs.configure(jobs.JobContext(self.sessions, drill_stop, self.host, self.misfire_grace, self.inventory,
-                                       self.say))
+                                       self.say, self.fence_for_drill, self.fallback))
         scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=self.engine)},
             executors={"default": jobs.executor(self.max_workers)},

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.evidence.store import EvidenceFallback
 from dr_orchestrator.model.drill import Schedule
 from dr_orchestrator.scheduling.triggers import fire_times_between, latest_fire_time
 
@@ -34,6 +35,10 @@ class JobContext:
     misfire_grace: float
     inventory: str | None = None  # replaces every drill's inventory (a lab started elsewhere)
     say: Callable[[str], None] = log.info  # each fire and its verdict, for the scheduler's operator
+    # On a cluster node: the leader's fence check for a drill firing now (raises when the node no longer
+    # leads), and its local evidence journal. None for `dr scheduler run`.
+    fence_for_drill: Callable[[], Callable[[], object]] | None = None
+    fallback: EvidenceFallback | None = None
 
 
 _context: JobContext | None = None
@@ -96,9 +101,17 @@ def run_scheduled_drill(drill_path: str, drill_name: str, cron: str, timezone: s
                       f"the drill file no longer loads: {exc.problems[0]}")
         return
     record_skipped(context, drill_path, drill_name, drill.scenario.value, schedule, fire_time, drill.inventory)
+    fence = None
+    if context.fence_for_drill is not None:
+        try:
+            fence = context.fence_for_drill()
+        except Exception as exc:  # noqa: BLE001 - whatever the reason, this node may not act now
+            record_missed(context, drill_path, drill_name, drill.scenario.value, fire_time,
+                          f"node {context.host} does not lead any more: {exc}", drill.inventory)
+            return
     context.say(f"fired: {drill.name} for {fire_time.isoformat()}")
     try:
-        outcome = DrillRunner(context.sessions, host=context.host).run(
+        outcome = DrillRunner(context.sessions, host=context.host, fence=fence, fallback=context.fallback).run(
             drill, trigger="scheduled", scheduled_for=fire_time, started_by="scheduler", stop=context.stop)
     except records.FireTimeTaken as exc:
         context.say(f"{exc}; not running it again")

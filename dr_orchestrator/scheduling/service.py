@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from dr_orchestrator.drills.load import load_drill, load_drills
 from dr_orchestrator.evidence import drills as records
+from dr_orchestrator.evidence.store import EvidenceFallback
 from dr_orchestrator.model.drill import Drill
 from dr_orchestrator.scheduling.triggers import next_fire_times
 
@@ -70,10 +72,12 @@ class Started:
     stop: threading.Event
 
 
-def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigger: str = "api") -> Started:
+def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigger: str = "api", *,
+                host: str | None = None, fence: Callable[[], object] | None = None,
+                fallback: EvidenceFallback | None = None) -> Started:
     """Run ``drill`` now in a background thread (for the HTTP API); returns its drill run id as soon as
     the drill run is recorded, so that whoever asks for it next finds it. ``stop.set()`` stops it (its
-    cleanup still runs)."""
+    cleanup still runs). ``host``, ``fence``, ``fallback``: a cluster leader's (see ``DrillRunner``)."""
     from dr_orchestrator.drills.runner import DrillRunner
 
     ensure_idle(sessions, drill)
@@ -83,8 +87,8 @@ def start_drill(sessions: records.Sessions, drill: Drill, started_by: str, trigg
 
     def run() -> None:
         try:
-            DrillRunner(sessions).run(drill, trigger=trigger, started_by=started_by, stop=stop,
-                                      drill_run_id=drill_run_id, recorded=recorded)
+            DrillRunner(sessions, host=host, fence=fence, fallback=fallback).run(
+                drill, trigger=trigger, started_by=started_by, stop=stop, drill_run_id=drill_run_id, recorded=recorded)
         finally:
             recorded.set()  # also when it failed before recording: nobody waits in vain
 
