@@ -15,11 +15,13 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from dr_orchestrator.api.auditing import audit
 from dr_orchestrator.api.auth import SAFE_METHODS, ApiError, actor_of
+from dr_orchestrator.api.forwarding import ClusterRole, forwarded
 from dr_orchestrator.api.launcher import Launcher
 from dr_orchestrator.evidence.database import session_factory_for
 
@@ -51,11 +53,15 @@ class ApiSettings:
     alert_webhook_secret: str | None = None  # reference (env:NAME, file:PATH) to the generic webhook's HMAC key
 
 
-def create_app(settings: ApiSettings) -> FastAPI:
+def create_app(settings: ApiSettings, cluster: ClusterRole | None = None,
+               sessions: sessionmaker[Session] | None = None) -> FastAPI:
+    """``cluster``: the node the API runs in (`dr node run`): its leader's runs are fenced, and a follower
+    forwards what changes something to the leader (``forwarding``); None for `dr serve`. ``sessions``: the
+    evidence database's, when the caller has them (else made from ``settings.database_url``)."""
     from dr_orchestrator.api import alerts, dashboard, metrics, routes_read, routes_write, status
 
-    sessions = session_factory_for(settings.database_url)
-    launcher = Launcher(sessions, settings.runbooks_dir, settings.inventories_dir)
+    sessions = sessions or session_factory_for(settings.database_url)
+    launcher = Launcher(sessions, settings.runbooks_dir, settings.inventories_dir, cluster)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -68,12 +74,15 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.launcher = launcher
+    app.state.cluster = cluster
     app.state.metrics = metrics.Exporter(sessions, settings.drills_dir)  # a registry per app, made at first scrape
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _unrouted)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _failed)
-    app.middleware("http")(_request_log)
+    if cluster is not None:
+        app.middleware("http")(_forward_writes)
+    app.middleware("http")(_request_log)  # added last, so outermost: forwarded requests are logged too
     app.include_router(routes_read.router)
     app.include_router(routes_write.router)
     app.include_router(dashboard.router)
@@ -160,6 +169,14 @@ async def _failed(request: Request, exc: Exception) -> Response:
         log.exception("%s: the failure could not be audited", _target(request))
     return JSONResponse({"error": "the server failed to answer; its log has the cause", "status": 500},
                         status_code=500)
+
+
+async def _forward_writes(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    try:
+        answer = await forwarded(request, request.app.state.cluster)
+    except ApiError as exc:
+        return await _api_error(request, exc)
+    return answer if answer is not None else await call_next(request)
 
 
 async def _request_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

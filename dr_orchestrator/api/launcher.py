@@ -1,6 +1,6 @@
 """Runs and drills started over HTTP: files confined to their directories, executed in background
 threads (the response carries the run id as soon as the run holds its locks and has started),
-stopped when the server stops."""
+stopped when the server stops; on a cluster node's leader, fenced under its term."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.api.auth import ApiError
+from dr_orchestrator.api.forwarding import ClusterRole
 from dr_orchestrator.api.values import HOLDS_NUL, where_nul
+from dr_orchestrator.cluster.gateway import ClusterError
 from dr_orchestrator.plans import PlanError, build_plan
 from dr_orchestrator.runs.execute import LockHeld, execute
 from dr_orchestrator.yamlsource import LoadError
@@ -48,10 +50,12 @@ def confined(root: str | Path, relative: str, what: str) -> Path:
 
 
 class Launcher:
-    def __init__(self, sessions: sessionmaker[Session], runbooks_dir: str, inventories_dir: str) -> None:
+    def __init__(self, sessions: sessionmaker[Session], runbooks_dir: str, inventories_dir: str,
+                 cluster: ClusterRole | None = None) -> None:
         self.sessions = sessions
         self.runbooks_dir = runbooks_dir
         self.inventories_dir = inventories_dir
+        self.cluster = cluster
         self.lock = threading.Lock()
         self.running: dict[str, tuple[threading.Thread, threading.Event]] = {}
 
@@ -78,8 +82,8 @@ class Launcher:
         run_id = str(uuid.uuid4())
         stop = threading.Event()
         start = _Start()
-        thread = threading.Thread(target=self._execute, args=(plan, run_id, stop, start), name=f"run-{run_id[:8]}",
-                                  daemon=True)
+        thread = threading.Thread(target=self._execute, args=(plan, run_id, stop, start, self.run_options()),
+                                  name=f"run-{run_id[:8]}", daemon=True)
         self.track(run_id, thread, stop)
         thread.start()
         start.done.wait(START_S)
@@ -87,9 +91,21 @@ class Launcher:
             raise ApiError(409, str(start.refused))
         return run_id
 
-    def _execute(self, plan: Any, run_id: str, stop: threading.Event, start: _Start) -> None:
+    def run_options(self) -> dict[str, Any]:
+        """What a run or drill started here needs on a cluster's leader: a fence bound to the current term,
+        the node's evidence journal and its name (the host its runs record); nothing for `dr serve`.
+        ApiError 503 when the node no longer leads."""
+        if self.cluster is None:
+            return {}
         try:
-            execute(self.sessions, plan, run_id=run_id, stop=stop, started=start.done)
+            fence = self.cluster.fence_check()
+        except ClusterError as exc:
+            raise ApiError(503, f"node {self.cluster.host} does not lead any more ({exc}); send it again") from None
+        return {"fence": fence, "fallback": self.cluster.fallback, "host": self.cluster.host}
+
+    def _execute(self, plan: Any, run_id: str, stop: threading.Event, start: _Start, options: dict[str, Any]) -> None:
+        try:
+            execute(self.sessions, plan, run_id=run_id, stop=stop, started=start.done, **options)
         except LockHeld as exc:  # nothing ran; the refusal is in the audit chain already
             start.refused = exc
         except Exception:  # noqa: BLE001 - the engine records the run's end; this is the server's log

@@ -123,7 +123,7 @@ def start_drill(name: FileName, request: Request, principal: Principal = Depends
     settings, sessions = request.app.state.settings, request.app.state.sessions
     try:
         drill = find_drill(name, settings.drills_dir)
-        started = start(sessions, drill, started_by=principal.name)
+        started = start(sessions, drill, started_by=principal.name, **request.app.state.launcher.run_options())
     except LookupError as exc:
         raise ApiError(404, str(exc.args[0])) from None
     except LoadError as exc:

@@ -1,13 +1,26 @@
 """The cluster's members as etcd records them: each node writes its key under the members prefix
 when it starts (its site and API address), so the leader knows which runs were a node's (their
-recorded host is the node's name) and `dr cluster status` can list the nodes."""
+recorded host is the node's name), a follower knows where to forward a request that changes
+something (``leader_address``), and `dr cluster status` can list the nodes."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from dr_orchestrator.cluster.gateway import Gateway, decode, encode
+from dr_orchestrator.cluster.gateway import ClusterError, Gateway, decode, encode
+from dr_orchestrator.cluster.leadership import read_leader
+
+
+class NoLeader(ClusterError):
+    """No leader's API can be named now (one sentence saying why)."""
+
+
+@dataclass(frozen=True)
+class LeaderAddress:
+    node: str
+    api: str  # "host:port", as the leader registered it
 
 
 def members_prefix(leader_key: str) -> str:
@@ -39,3 +52,18 @@ def read_members(gateway: Gateway, leader_key: str) -> dict[str, dict[str, Any]]
             info = {}
         found[name] = info if isinstance(info, dict) else {}
     return found
+
+
+def leader_address(gateway: Gateway, leader_key: str) -> LeaderAddress:
+    """The current leader and the API address it registered; NoLeader when there is none or etcd cannot say."""
+    try:
+        leader = read_leader(gateway, leader_key)
+        members = read_members(gateway, leader_key) if leader is not None else {}
+    except ClusterError as exc:
+        raise NoLeader(f"no leader known: etcd did not answer (the cluster may have no quorum): {exc}") from exc
+    if leader is None:
+        raise NoLeader("no leader: no node leads the cluster now (an election is under way, or etcd has no quorum)")
+    api = members.get(leader.node, {}).get("api")
+    if not isinstance(api, str) or not api:
+        raise NoLeader(f"leader {leader.node} registered no API address in etcd")
+    return LeaderAddress(leader.node, api)
