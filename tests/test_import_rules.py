@@ -19,7 +19,7 @@ MAY_IMPORT: dict[str, set[str] | None] = {
     "actions": {"model", "yamlsource"},
     "engine": {"model", "templating", "actions.base"},
     "cluster": {"model", "evidence"},
-    "node": {"model", "loading", "evidence", "runs", "watch", "cluster"},
+    "node": {"model", "loading", "evidence", "runs", "watch", "cluster", "api", "scheduling"},
     "lab": {"model"},
 }
 # nothing outside the CLI's package imports it; nothing outside these imports the lab

@@ -16,8 +16,12 @@ MIN_LEASE_TTL_S = 2.0  # etcd's smallest useful lease with a 1 s election timeou
 
 
 class ApiBinding(Frozen):
+    """Where the node serves the HTTP API (`dr serve`'s), registered in etcd for the other nodes."""
+
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    alert_webhook_secret: str | None = Field(None, pattern=r"^(env|file):.+",
+                                             description="reference to the key signing /api/alerts/webhook")
 
 
 class NodeConfig(Frozen):
@@ -31,6 +35,9 @@ class NodeConfig(Frozen):
                                  description="reference to the evidence database URL (env:NAME or file:PATH)")
     journal: str = Field(min_length=1, description="the local evidence journal kept while the database is away")
     inventory: str | None = Field(None, description="the inventory the node watches")
+    runbooks: str = Field("runbooks", min_length=1, description="the runbooks the API may start")
+    inventories: str = Field("inventories", min_length=1, description="the inventories the API may use")
+    drills: str = Field("failover_tests", min_length=1, description="drill files: the API's and the scheduler's")
     api: ApiBinding = Field(default_factory=ApiBinding)
 
     @field_validator("etcd")

@@ -5,7 +5,8 @@ observes the services and sites and agrees on what is down. Only the leader deci
 follower's watch keeps what it found down undecided, and decides it the moment it leads while the
 outage lasts (its impact start is its own first failed observation). Every run of the leader is fenced
 (each changing step first proves in an etcd transaction that the term is still current) and keeps its
-evidence in the node's local journal while the evidence database is away.
+evidence in the node's local journal while the evidence database is away. Beside the watch the node
+hosts the HTTP API and the drill scheduler (``node.hosting``), under the same rule: only the leader acts.
 
 Takeover. While it leads, a node looks every ``TAKEOVER_EVERY_S`` for runs of the cluster's nodes that
 no process runs any more: runs still live whose process is gone (the same sweep as every `dr` command:
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dr_orchestrator.cluster.journal import EvidenceJournal, JournalFallback
 from dr_orchestrator.cluster.leadership import Leadership
-from dr_orchestrator.cluster.members import read_members, register_member
+from dr_orchestrator.cluster.members import LeaderAddress, leader_address, read_members, register_member
 from dr_orchestrator.evidence.annotations import record_audit_event
 from dr_orchestrator.evidence.liveness import LIVE_RUN_STATES, sweep_interrupted, writing
 from dr_orchestrator.evidence.models import Run
@@ -65,15 +66,20 @@ def resolve_path(path: str, config_path: Path) -> str:
 
 
 class Node:
-    """``run(stop)`` until ``stop`` is set. ``watch_factory(node)`` builds the watch (tests)."""
+    """``run(stop)`` until ``stop`` is set. ``watch_factory(node)`` builds the watch (tests); ``api_factory``
+    and ``scheduler_factory`` what else the node hosts, each run in a thread of its own (`dr node run`:
+    ``node.hosting``'s API server and drill scheduler; none without them)."""
 
     def __init__(self, config: NodeConfig, config_path: Path, sessions: sessionmaker[Session], *,
-                 watch_factory: Callable[[Node], Any] | None = None) -> None:
+                 watch_factory: Callable[[Node], Any] | None = None,
+                 api_factory: Callable[[Node], Any] | None = None,
+                 scheduler_factory: Callable[[Node], Any] | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.name = config.node
         self.actor = node_actor(config.node)
         self.sessions = sessions
-        self.inventory_path = resolve_path(config.inventory, config_path) if config.inventory else None
+        self.inventory_path = self.path_of(config.inventory) if config.inventory else None
         self.journal = EvidenceJournal(resolve_path(config.journal, config_path), node=config.node)
         self.fallback = JournalFallback(self.journal, sessions, node=config.node)
         self.leadership = Leadership(config.etcd, config.node, math.ceil(config.lease_ttl), config.leader_key)
@@ -85,6 +91,16 @@ class Node:
         self.resuming: dict[str, threading.Thread] = {}
         self._members: set[str] = {config.node}
         self._wake = threading.Event()
+        self.scheduler = scheduler_factory(self) if scheduler_factory else None
+        self.api = api_factory(self) if api_factory else None  # bound last: nothing left open when the rest failed
+
+    def path_of(self, path: str) -> str:
+        return resolve_path(path, self.config_path)
+
+    @property
+    def host(self) -> str:
+        """The host name the node's runs record: its node name."""
+        return self.name
 
     # -- what the watch sees: leading, and the takeover of this term settled ---------------------------
 
@@ -94,6 +110,10 @@ class Node:
 
     def fence_check(self) -> Callable[[], object]:
         return self.leadership.fence_check()
+
+    def leader_api(self) -> LeaderAddress:
+        """Where the leader serves the API (from etcd); NoLeader when none is known."""
+        return leader_address(self.leadership.gateway, self.config.leader_key)
 
     # -- the service -------------------------------------------------------------------------------------
 
@@ -105,6 +125,11 @@ class Node:
         takeover = threading.Thread(target=self.take_over_while_leading, args=(stop,), name="node-takeover",
                                     daemon=True)
         takeover.start()
+        hosted = [threading.Thread(target=resident.run, args=(stop,), name=name)
+                  for name, resident in (("node-api", self.api), ("node-scheduler", self.scheduler))
+                  if resident is not None]
+        for thread in hosted:
+            thread.start()
         try:
             watch = self.watch_factory(self)
             if watch is None:
@@ -115,6 +140,8 @@ class Node:
         finally:
             stop.set()
             self._wake.set()
+            for thread in hosted:  # the API's runs and the scheduler's drills end first (their rollbacks run)
+                thread.join()
             takeover.join(timeout=10)
             for thread in list(self.resuming.values()):
                 thread.join()
