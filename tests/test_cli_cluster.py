@@ -13,6 +13,7 @@ import pytest
 from support.cluster import etcd_cluster
 
 from dr_orchestrator.cluster import Leadership
+from dr_orchestrator.cluster.members import register_member
 from dr_orchestrator.lab.etcd import ETCD, EtcdCluster
 from dr_orchestrator.loading import load_node_config
 from dr_orchestrator.yamlsource import LoadError
@@ -51,11 +52,15 @@ def test_status_names_the_members_the_leader_and_its_lease(etcd: EtcdCluster, tm
     leader = Leadership(etcd.endpoints, "dr-primary-1", ttl_s=2, key_prefix=key).start()
     try:
         assert leader.wait_until_leader(10)
+        register_member(leader.gateway, key, "dr-primary-1", {"site": "primary", "api": "10.10.0.21:8080"})
+        register_member(leader.gateway, key, "dr-backup-1", {"site": "backup", "api": "10.20.0.21:8080"})
         shown = dr("cluster", "status", "--config", str(config))
         assert shown.returncode == 0, shown.stderr
         assert "3 of 3 members healthy, quorum" in shown.stdout
         token = leader.token()
         assert f"leader: dr-primary-1 (fencing token {token.revision}," in shown.stdout
+        assert "node dr-backup-1 at site backup: API 10.20.0.21:8080\n" in shown.stdout
+        assert "node dr-primary-1 at site primary: API 10.10.0.21:8080 (leader)\n" in shown.stdout
     finally:
         leader.stop()
 

@@ -77,6 +77,9 @@ def _show(status: dict[str, Any]) -> None:
     else:
         click.echo(f"leader: {leader['node']} (fencing token {leader['revision']}, lease {leader['lease_id']}, "
                    f"{leader['ttl_remaining_s']} s of {leader['ttl_granted_s']} s left)")
+    for node in status["nodes"]:
+        click.echo(f"  node {node['node']} at site {node['site']}: API {node['api'] or 'not registered'}"
+                   + (" (leader)" if node["leader"] else ""))
     journal = status.get("journal")
     if journal is not None:
         backlog = journal.get("backlog")

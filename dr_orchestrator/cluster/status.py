@@ -1,5 +1,6 @@
 """The cluster at a glance, for `dr cluster status`: etcd's members, each endpoint's health, the leader and
-the time left on its lease. Never raises for an unreachable etcd: what could not be read says why."""
+the time left on its lease, the orchestrator nodes and their API addresses. Never raises for an unreachable
+etcd: what could not be read says why."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from dr_orchestrator.cluster.gateway import ClusterError, Gateway, describe_error
 from dr_orchestrator.cluster.leadership import DEFAULT_KEY, lease_ttl_remaining, read_leader
+from dr_orchestrator.cluster.members import read_members
 
 
 def _endpoint_health(gateway: Gateway, endpoint: str) -> dict[str, Any]:
@@ -33,7 +35,7 @@ def _endpoint_health(gateway: Gateway, endpoint: str) -> dict[str, Any]:
 
 
 def cluster_status(endpoints: Sequence[str], key: str = DEFAULT_KEY, timeout_s: float = 1.0) -> dict[str, Any]:
-    """{"endpoints", "members", "health", "healthy_members", "quorum", "leader", "errors"}:
+    """{"endpoints", "members", "health", "healthy_members", "quorum", "leader", "nodes", "errors"}:
 
     - members: [{"id", "name", "peer_urls", "client_urls"}] from /v3/cluster/member/list;
     - health: one entry per endpoint: {"endpoint", "healthy", and "member_id", "version", "raft_leader",
@@ -41,6 +43,7 @@ def cluster_status(endpoints: Sequence[str], key: str = DEFAULT_KEY, timeout_s: 
     - quorum: whether more than half of the members are healthy;
     - leader: {"node", "lease_id" (hex), "revision" (its fencing token), "since", "ttl_remaining_s",
       "ttl_granted_s"} or None when no node leads;
+    - nodes: the orchestrator nodes registered under the members prefix: [{"node", "site", "api", "leader"}];
     - errors: sentences for what could not be read."""
     gateway = Gateway(endpoints, timeout_s=timeout_s)
     errors: list[str] = []
@@ -56,6 +59,7 @@ def cluster_status(endpoints: Sequence[str], key: str = DEFAULT_KEY, timeout_s: 
     healthy = sum(1 for entry in health if entry["healthy"])
     size = len(members) or len(gateway.endpoints)
     leader: dict[str, Any] | None = None
+    nodes: list[dict[str, Any]] = []
     try:
         info = read_leader(gateway, key)
         if info is not None:
@@ -63,7 +67,11 @@ def cluster_status(endpoints: Sequence[str], key: str = DEFAULT_KEY, timeout_s: 
             leader = {"node": info.node, "lease_id": f"{info.lease_id:x}", "revision": info.revision,
                       "since": info.since, "ttl_remaining_s": ttl[0] if ttl else 0,
                       "ttl_granted_s": ttl[1] if ttl else None}
+        nodes = [{"node": name, "site": registered.get("site"), "api": registered.get("api"),
+                  "leader": leader is not None and leader["node"] == name}
+                 for name, registered in sorted(read_members(gateway, key).items())]
     except ClusterError as error:
         errors.append(str(error))
     return {"endpoints": list(gateway.endpoints), "members": members, "health": health,
-            "healthy_members": healthy, "quorum": healthy > size // 2, "leader": leader, "errors": errors}
+            "healthy_members": healthy, "quorum": healthy > size // 2, "leader": leader, "nodes": nodes,
+            "errors": errors}
