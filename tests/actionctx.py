@@ -53,7 +53,8 @@ class Harness:
         self.cancelled = threading.Event()
         self.run_info: dict[str, Any] = {"forced": [], **(run_info or {})}
 
-    def ctx(self, timeout: float = 30.0, service: str | None = None, step_id: str = "step") -> ActionContext:
+    def ctx(self, timeout: float = 30.0, service: str | None = None, step_id: str = "step",
+            resumed: bool = False) -> ActionContext:
         return ActionContext(
             run_id="run-1",
             step_id=step_id,
@@ -64,6 +65,7 @@ class Harness:
             deadline=time.monotonic() + timeout,
             resources=self.resources,
             service=service,
+            resumed=resumed,
             run_info=self.run_info,
         )
 

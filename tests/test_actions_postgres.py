@@ -225,6 +225,14 @@ def test_failover_after_a_site_loss_then_failback_restores_replication_both_ways
             assert query("backup", "SELECT pg_is_in_recovery()") is False
             [promotion] = harness.measurements("promotion_s")
             assert promotion.value == pytest.approx(promoted["promotion_s"], abs=1e-6)
+            # Its orchestrator killed in the middle of it, the step runs again on resuming: it finds the
+            # promotion done and does not do it again; outside a resume a primary is still refused.
+            params = Promote.Params.model_validate({"database": CONTRACTS, "site": "backup"})
+            again = Promote().run(params, harness.ctx(30, resumed=True)).output
+            assert "not promoted again" in again["found_promoted"] and again["timeline"] == 2
+            assert len(harness.measurements("promotion_s")) == 1
+            with pytest.raises(ActionError, match="is not a standby"):
+                act(harness, Promote, database=CONTRACTS, site="backup")
 
             # Asynchronous replication: the RPO runs from the newest commit the standby replayed.
             rpo = act(harness, Rpo, database=CONTRACTS, site="backup", services=[CONTRACTS])

@@ -108,3 +108,44 @@ def test_a_step_skipped_by_its_condition_still_does_not_block_what_follows(bench
                         finished={"maybe": FinishedStep(StepState.SKIPPED, {}, "when 'false' was false")})
     outcome = Engine(bench.registry, [bench.observe]).run(plan, "run-1", resume=point)
     assert outcome.steps["after"] is StepState.SUCCEEDED
+
+
+def test_a_resumable_action_left_in_flight_is_told_so_and_only_it() -> None:
+    """A promotion is not idempotent, but resumable: it may run again on resuming (no engineer needed),
+    because it is told it was in flight and checks first whether it took effect. Its first attempt is
+    still made durable before it starts, as any non-idempotent one's."""
+    from dr_orchestrator.actions.base import Action, ActionContext, ActionRegistry, ActionResult
+    from dr_orchestrator.actions.base import Params as NoParams
+    from dr_orchestrator.engine.executor import may_repeat, may_resume
+    from dr_orchestrator.model.events import AttemptStarted
+    from dr_orchestrator.model.run import Phase
+
+    class Told(Action[NoParams]):
+        name = "told"
+        Params = NoParams
+        resumable = True
+
+        def run(self, params: NoParams, ctx: ActionContext) -> ActionResult:
+            return ActionResult(output={"resumed": ctx.resumed})
+
+    registry = ActionRegistry({})
+    registry.register("told", Told)
+    plan = make_plan("""
+        name: promotion
+        steps:
+          - {id: promote, action: told}
+          - {id: verify, action: told, needs: [promote]}
+          - {id: by-hand, action: told, idempotent: false}
+    """)
+    promote, _verify, by_hand = plan.runbook.steps
+    assert not may_repeat(promote, Phase.FORWARD, registry) and may_resume(promote, Phase.FORWARD, registry)
+    assert not may_resume(by_hand, Phase.FORWARD, registry)  # the runbook's word wins
+    assert not may_resume(promote, Phase.ROLLBACK, registry)
+    events: list[object] = []
+    point = ResumePoint(started_at=STARTED, actor="node-b", retried=("promote",),
+                        finished={"by-hand": FinishedStep(StepState.SUCCEEDED, {})})
+    outcome = Engine(registry, [events.append], approvals=None).run(plan, "run-1", resume=point)
+    assert outcome.state is RunState.SUCCEEDED, outcome.error
+    told = {e.step_id: e.output["resumed"] for e in events if isinstance(e, StepFinished)}
+    assert told == {"promote": True, "verify": False}
+    assert [e.repeatable for e in events if isinstance(e, AttemptStarted) and e.step_id == "promote"] == [False]

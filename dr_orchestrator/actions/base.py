@@ -106,6 +106,7 @@ class ActionContext:
     service: str | None = None
     site: str | None = None
     check_mode: bool = False
+    resumed: bool = False  # the step was in flight when its run was interrupted: see Action.resumable
     run_info: dict[str, Any] = field(default_factory=dict)
     approvals: ApprovalSource | None = None  # None: nothing can decide (an engine without a database)
     redact: Callable[[str], str] = secrets.redact
@@ -169,6 +170,11 @@ class Action(Generic[P]):
     Params: ClassVar[type[Params]]
     # Safe to repeat after a crash in the middle of it (reads, checks, idempotent switches).
     idempotent: ClassVar[bool] = False
+    # Not idempotent, but safe to run again when told ``ctx.resumed``: the attempt left in flight by an
+    # interrupted run may or may not have taken effect, and the action first finds out which (a promotion
+    # finds its database already promoted) and finishes, or does it, never doing it twice. Its first
+    # attempt is still made durable before it starts (write-ahead), as any non-idempotent one.
+    resumable: ClassVar[bool] = False
     # What it does to the world; an action that does not say is taken to change it for good.
     effect: ClassVar[Effect] = Effect.IRREVERSIBLE
     # Once it ran (or may have, before it failed), undoing the steps before it would do harm: after a

@@ -372,6 +372,7 @@ class Promote(Action[PromoteParams]):
 
     name = "redis.promote"
     bars_rollback = True  # the old master's data is replaced once it replicates from the new one
+    resumable = True  # a re-run finds the replica already master and only re-points the old one
     Params = PromoteParams
 
     def run(self, params: PromoteParams, ctx: ActionContext) -> ActionResult:

@@ -179,6 +179,16 @@ def may_repeat(step: Step, phase: Phase, registry: ActionRegistry) -> bool:
     return action in registry and registry.get(action).idempotent
 
 
+def may_resume(step: Step, phase: Phase, registry: ActionRegistry) -> bool:
+    """Whether an attempt of ``step`` left in flight may run again when its run is resumed: it may be
+    repeated (``may_repeat``), or its action finds out itself whether it took effect (``resumable``)
+    and the step does not say it is not idempotent."""
+    if may_repeat(step, phase, registry):
+        return True
+    return (phase == Phase.FORWARD and step.idempotent is None and step.action in registry
+            and registry.get(step.action).resumable)
+
+
 class _Run:
     def __init__(self, engine: Engine, plan: RunPlan, run_id: str, stop: threading.Event,
                  resume: ResumePoint | None = None) -> None:
@@ -646,6 +656,8 @@ class _Run:
         action = action_class()
         step = self.steps.get(step_id)
         repeatable = action_class.idempotent if step is None else may_repeat(step, phase, self.engine.registry)
+        # left in flight by the interrupted run this one resumes: a resumable action checks before it acts
+        resumed = phase == Phase.FORWARD and self.resume is not None and step_id in self.resume.retried
         deadline = time.monotonic() + timeout  # bounds all attempts together
         outcome = _Attempt(StepState.FAILED, error="no attempt was made")
         for attempt in range(1, retries.count + 2):
@@ -660,7 +672,7 @@ class _Run:
                     break
             self.emit(AttemptStarted(self.run_id, step_id, attempt, utcnow(), phase, repeatable))
             started = time.monotonic()
-            outcome = self.attempt(action, params, step_id, attempt, deadline, timeout, service, site)
+            outcome = self.attempt(action, params, step_id, attempt, deadline, timeout, service, site, resumed)
             self.emit(AttemptFinished(self.run_id, step_id, attempt, utcnow(), outcome.state,
                                       time.monotonic() - started, outcome.result.output, outcome.error, phase))
             if outcome.state is not StepState.FAILED or self.halt.is_set():
@@ -672,7 +684,7 @@ class _Run:
         return _Attempt(StepState.FAILED, error=error)
 
     def attempt(self, action: Action[Any], params: Any, step_id: str, attempt: int, deadline: float,
-                timeout: float, service: str | None, site: str | None) -> _Attempt:
+                timeout: float, service: str | None, site: str | None, resumed: bool = False) -> _Attempt:
         cancel = threading.Event()
         closed = threading.Event()
         finished = threading.Event()
@@ -684,7 +696,7 @@ class _Run:
         ctx = ActionContext(
             run_id=self.run_id, step_id=step_id, attempt=attempt, inventory=self.plan.inventory,
             emit=emit_while_open, cancelled=cancel, deadline=deadline, resources=self.resources,
-            service=service, site=site, run_info=self.run_info, approvals=self.engine.approvals,
+            service=service, site=site, resumed=resumed, run_info=self.run_info, approvals=self.engine.approvals,
             redact=self.redactor.redact, resolve_secret=self.redactor.resolve,
         )
         try:  # at the last moment, and only for the action: the evidence keeps the references

@@ -1,6 +1,7 @@
 """Resuming an interrupted run (same run id): its plan rebuilt from the sources recorded with it,
 the steps that ended kept, and a step that was in flight repeated only when it may be (idempotent,
-or named by the engineer), so that a non-idempotent step is never blindly run twice."""
+resumable: its action checks first whether it took effect, or named by the engineer), so that a
+non-idempotent step is never blindly run twice."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from dr_orchestrator.actions import default_registry
 from dr_orchestrator.actions.base import ActionRegistry
-from dr_orchestrator.engine.executor import may_repeat
+from dr_orchestrator.engine.executor import may_resume
 from dr_orchestrator.evidence.resume import NotResumable, StoredRun, interrupted_run
 from dr_orchestrator.loading import load_inventory, load_runbook
 from dr_orchestrator.model.resume import ResumePoint
@@ -58,7 +59,7 @@ def plan_of(stored: StoredRun) -> RunPlan:
 def prepare_resume(sessions: Sessions, request: ResumeRequest,
                    registry: ActionRegistry | None = None) -> tuple[str, RunPlan, ResumePoint]:
     """The run's id, plan and resume point. ResumeRefused when it cannot go on as asked: a step that
-    was in flight is repeated only when idempotent or named in ``retry``; one named in ``step_done``
+    was in flight is repeated only when idempotent, resumable or named in ``retry``; one named in ``step_done``
     counts as done; any other in-flight step needs the engineer's decision first."""
     registry = registry or default_registry()
     try:
@@ -78,7 +79,7 @@ def prepare_resume(sessions: Sessions, request: ResumeRequest,
         raise ResumeRefused(f"step {sorted(both)[0]!r} is given both --step-done and --retry: choose one")
     undecided = [
         step_id for step_id, phase in stored.in_flight.items()
-        if step_id not in named and not may_repeat(plan.runbook.step(step_id), phase, registry)
+        if step_id not in named and not may_resume(plan.runbook.step(step_id), phase, registry)
     ]
     if undecided:
         listed = ", ".join(repr(s) for s in undecided)

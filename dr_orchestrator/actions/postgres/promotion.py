@@ -116,16 +116,27 @@ class Promote(DatabaseAction[PromoteParams]):
     the standby's received and replayed WAL positions, its last replayed commit time and newest
     heartbeat: the inputs of the RPO. Then ``pg_promote(wait => false)`` and ``txid_current()`` every
     10 ms until it succeeds (it fails while in recovery): that moment is when writes became possible.
+
+    Resumable: run again after its run was interrupted in the middle of it, it finds the database
+    already promoted (and says so, its moment of promotion unknown) or promotes it; never twice.
     """
 
     name = "postgres.promote"
     bars_rollback = True  # the old primary must stay fenced once a standby may have been promoted
+    resumable = True
     Params = PromoteParams
 
     def run(self, params: PromoteParams, ctx: ActionContext) -> ActionResult:
         db, old_site = self.database_and_other_site(params, ctx, params.old_primary_site, "old primary")
         with connect(db, params.site, ctx) as connection:
             before = role_of(connection)
+            if before["role"] == "primary" and ctx.resumed and not ctx.check_mode:
+                after = self._after(connection, old_site)
+                return ActionResult(output={
+                    "database": db.name, "site": params.site, "old_primary_site": old_site,
+                    "found_promoted": "the interrupted run's attempt had promoted it: not promoted again; "
+                                      "when writes became possible is unknown",
+                    "before": before, "timeline": after.pop("timeline"), "after": after})
             if before["role"] != "standby":
                 raise ActionError(f"{db.where(params.site)} is not a standby (pg_is_in_recovery() is false)")
             old_primary = probe_role(db, old_site, ctx)
