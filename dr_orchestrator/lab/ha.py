@@ -36,6 +36,7 @@ import yaml
 from dr_orchestrator.lab import partition
 from dr_orchestrator.lab.config import HA_SITES, LabConfig
 from dr_orchestrator.lab.etcd import EtcdCluster, read_key
+from dr_orchestrator.lab.inventory import RUNBOOKS
 from dr_orchestrator.lab.patroni import EvidenceCluster
 from dr_orchestrator.lab.processes import ProcessSpec, kill_now, running_pid, send, wait_gone
 from dr_orchestrator.lab.system import LabSetupError
@@ -294,6 +295,8 @@ class HaCluster:
         config = self.config
         directory = config.node_dir(site)
         directory.mkdir(mode=0o755, exist_ok=True)
+        drills = config.nodes_dir / "no-drills"
+        drills.mkdir(mode=0o755, exist_ok=True)
         self.api_ports[site] = _free_port(config.address(site))
         inventory = config.inventory_path
         document = {
@@ -305,6 +308,11 @@ class HaCluster:
             "evidence": f"file:{url_file}",
             "journal": str(directory / "journal.jsonl"),
             "inventory": str(inventory) if inventory.exists() else None,
+            # The API starts the repository's runbooks against the lab's inventory; no drill is scheduled
+            # (a quarterly drill firing in the middle of a test would fail the lab over).
+            "runbooks": str(RUNBOOKS),
+            "inventories": str(config.root),
+            "drills": str(drills),
             "api": {"host": config.address(site), "port": self.api_ports[site]},
         }
         header = f"# The lab's orchestrator node at the {site} site (written by `dr lab up --ha`).\n"
