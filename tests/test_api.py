@@ -630,3 +630,14 @@ def test_tokens_that_can_change_things_expire_in_90_days_unless_told_otherwise(t
 def test_the_cli_does_not_import_fastapi() -> None:
     code = "import sys, dr_orchestrator.cli, dr_orchestrator.cli.serve; print('fastapi' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_an_evidence_database_that_does_not_answer_is_503_try_again_not_a_server_fault() -> None:
+    """During its failover (tens of seconds under Patroni) every request that needs it, the token check
+    first, is answered 503 with Retry-After: clients and the dashboard know to try again."""
+    app = create_app(ApiSettings(database_url="postgresql+psycopg://dr@127.0.0.1:1/evidence"))  # nothing on port 1
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/api/runs", headers={"Authorization": "Bearer dr_some-token"})
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert answer.json() == {"error": "the evidence database is unreachable (it may be failing over): try again "
+                                      "shortly", "status": 503}

@@ -160,7 +160,14 @@ def _methods_of(request: Request) -> list[str]:
 
 
 async def _failed(request: Request, exc: Exception) -> Response:
-    """A fault of the server: logged with its traceback, audited, answered without internals."""
+    """A fault of the server: logged with its traceback, audited, answered without internals. An
+    evidence database that does not answer (its failover takes tens of seconds) is 503: try again."""
+    from dr_orchestrator.evidence.store import database_unreachable
+
+    if database_unreachable(exc):
+        log.warning("%s: the evidence database is unreachable: %s", _target(request), exc)
+        return JSONResponse({"error": "the evidence database is unreachable (it may be failing over): try again "
+                                      "shortly", "status": 503}, status_code=503, headers={"Retry-After": "5"})
     log.error("%s failed", _target(request), exc_info=exc)
     try:
         audit(request.app.state.sessions, actor_of(request), "api.failed", _target(request),
