@@ -468,6 +468,54 @@ def test_inventory_shape_mistakes_are_problems_not_crashes(replace: str, by: str
     assert [(p.field, message in p.message) for p in error.value.problems] == [(field, True)]
 
 
+
+LONG, LABEL = "x" * 201, "t" * 51  # one past model.names' limits (the evidence columns)
+
+
+def test_names_longer_than_the_evidence_keeps_are_refused_where_they_are_written() -> None:
+    broken = (INVENTORY.replace("name: test", f"name: {LONG}")
+              .replace("backup: {}", f"backup: {{}}\n        {LONG}: {{}}")
+              .replace("tier: critical", f"tier: critical, criticality: {LABEL}")
+              .replace("        backup-app:", f"        {LONG}: {{}}\n        backup-app:"))
+    with pytest.raises(LoadError) as error:
+        load_inventory("inv.yml", broken)
+    assert sorted((p.line, p.field, p.message, p.fix) for p in error.value.problems) == [
+        (5, "all.vars.dr.name", "is 201 characters long; the limit is 200", "shorten it"),
+        (9, f"all.vars.dr.sites.{LONG}", "is 201 characters long; the limit is 200", "shorten it"),
+        (11, "all.vars.dr.services.trading.criticality", "is 51 characters long; the limit is 50", "shorten it"),
+        (25, f"all.children.backup.hosts.{LONG}", "is 201 characters long; the limit is 200", "shorten it"),
+    ]
+    runbook = textwrap.dedent(f"""\
+        name: {LONG}
+        steps:
+          - id: {LONG}
+            action: note
+          - id: second
+            action: note
+            service: {LONG}
+            marks: [service_restored, {LONG}]
+        """)
+    with pytest.raises(LoadError) as error:
+        load_runbook("rb.yml", runbook)
+    assert [(p.line, p.field, p.message) for p in error.value.problems] == [
+        (1, "name", "is 201 characters long; the limit is 200"),
+        (3, "steps[0].id", "is 201 characters long; the limit is 200"),
+        (7, "steps[1].service", "is 201 characters long; the limit is 200"),
+        (8, "steps[1].marks[1]", "is 201 characters long; the limit is 200"),
+    ]
+
+
+def test_an_inventory_without_a_name_is_named_by_its_path_which_must_fit_too(tmp_path: Path) -> None:
+    unnamed = INVENTORY.replace("      name: test\n", "")
+    assert load_inventory("inv.yml", unnamed)[0].name == "inv.yml"
+    with pytest.raises(LoadError) as error:
+        load_inventory("d/" * 100 + "inv.yml", unnamed)
+    [problem] = error.value.problems
+    assert (problem.line, problem.field, problem.fix) == (5, "all.vars.dr.name", "add a name under all.vars.dr")
+    assert problem.message == ("is not given, and the file's path, which names the inventory instead, "
+                               "is 207 characters long; the limit is 200")
+
+
 # ---------------------------------------------------------------- durations
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dr_orchestrator.evidence.types import UTCDateTime
 from dr_orchestrator.model.events import utcnow
+from dr_orchestrator.model.names import MAX_LABEL, MAX_NAME
 
 # Named constraints: Alembic can then alter and drop them on every backend (SQLite batch mode too).
 NAMING_CONVENTION = {
@@ -27,7 +28,8 @@ NAMING_CONVENTION = {
 }
 
 STATE = String(20)
-NAME = String(200)
+NAME = String(MAX_NAME)  # the model refuses longer names when a file is read
+LABEL = String(MAX_LABEL)
 SHA256 = String(64)
 
 
@@ -135,8 +137,8 @@ class RunService(Recorded, Base):
     service: Mapped[str] = mapped_column(NAME)
     rto_target_s: Mapped[float | None] = mapped_column(Float)
     rpo_target_s: Mapped[float | None] = mapped_column(Float)
-    tier: Mapped[str | None] = mapped_column(String(50))
-    criticality: Mapped[str | None] = mapped_column(String(50))
+    tier: Mapped[str | None] = mapped_column(LABEL)
+    criticality: Mapped[str | None] = mapped_column(LABEL)
     sites: Mapped[list[Any]]
 
     __table_args__ = (UniqueConstraint("run_id", "service"), Index(None, "service", "run_id"))

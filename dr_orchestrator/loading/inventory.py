@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dr_orchestrator.loading.problems import MAX_LABEL, MAX_NAME, by_line, not_known, pydantic_problems, too_long
+from dr_orchestrator.loading.problems import by_line, not_known, pydantic_problems
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.inventory import CAPABILITY_ELEMENTS, Capability, Host, Inventory, Service, Site
 from dr_orchestrator.model.safety import SafetyPolicy
@@ -69,9 +69,10 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         try:
             sites[name] = Site.model_validate({**(spec or {}), "name": name})
         except ValidationError as exc:
-            problems.extend(pydantic_problems(document, base + ("sites", name), exc))
+            problems.extend(pydantic_problems(document, base + ("sites", name), exc, name_is_key=True))
     services: dict[str, Service] = {}
-    for name, spec in _mapping(document, base + ("services",), dr.get("services"), problems).items():
+    declared_services = _mapping(document, base + ("services",), dr.get("services"), problems)
+    for name, spec in declared_services.items():
         key = base + ("services", name)
         if not isinstance(spec, dict):
             problems.append(document.problem(key, "must be a mapping with rto, rpo and sites"))
@@ -88,7 +89,7 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
                     fields[target] = parse_duration(fields[target])
                 except ValueError as exc:
                     problems.append(document.problem(key + (target,), str(exc)))
-                    durations_ok = False
+                    fields[target], durations_ok = 0.0, False  # the rest is still checked in this pass
         served_by = fields.get("sites")
         for index, site in enumerate(served_by if isinstance(served_by, list) else []):
             if isinstance(site, str) and site not in declared_sites:
@@ -99,23 +100,14 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
                         f"use one of: {', '.join(declared_sites) or 'none defined'}",
                     )
                 )
-        if not durations_ok:
-            continue
         try:
             service = Service(name=name, **fields)
         except ValidationError as exc:
-            problems.extend(pydantic_problems(document, key, exc))
+            problems.extend(pydantic_problems(document, key, exc, name_is_key=True))
             continue
-        services[name] = service
+        if durations_ok:
+            services[name] = service
     hosts = _inventory_hosts(document, all_group, all_vars, sites, problems)
-    named: list[tuple[PathKey, Any, int]] = [(base + ("name",), dr.get("name"), MAX_NAME)]
-    named += [(base + ("sites", name), name, MAX_NAME) for name in declared_sites]
-    for name, spec in (dr.get("services") or {}).items() if isinstance(dr.get("services"), dict) else ():
-        named.append((base + ("services", name), name, MAX_NAME))
-        if isinstance(spec, dict):
-            named += [(base + ("services", name, f), spec.get(f), MAX_LABEL) for f in ("tier", "criticality")]
-    named += [(("all", "children", host.site, "hosts", host.name), host.name, MAX_NAME) for host in hosts.values()]
-    problems.extend(too_long(document, named))
     extra = set(dr) - {"name", "sites", "services", "vars", "safety", "capability", "watch"}
     for name in sorted(extra):
         problems.append(document.problem(base + (name,), "is not a known field",
@@ -125,22 +117,39 @@ def load_inventory(path: str, text: str | None = None) -> tuple[Inventory, YamlD
         if dr.get(name) is not None and not isinstance(dr[name], dict):
             problems.append(document.problem(base + (name,), "must be a mapping of names to values"))
     if isinstance(dr.get("safety"), dict):
-        problems.extend(_safety_problems(document, base + ("safety",), dr["safety"], declared_sites, services))
+        problems.extend(_safety_problems(document, base + ("safety",), dr["safety"], declared_sites,
+                                         declared_services))
     if isinstance(dr.get("watch"), dict):
-        problems.extend(_watch_problems(document, base + ("watch",), dr["watch"], declared_sites, services))
-    if problems:
+        tiers = sorted({service.tier for service in services.values()})
+        problems.extend(_watch_problems(document, base + ("watch",), dr["watch"], declared_sites, declared_services,
+                                        tiers))
+    inventory = _inventory(document, path, dr, sites, hosts, services, capability, problems)
+    if problems or inventory is None:
         raise LoadError(problems)
-    inventory = Inventory(
-        name=str(dr.get("name") or path),
-        sites=sites,
-        hosts=hosts,
-        services=services,
-        vars=dr.get("vars") or {},
-        safety=dr.get("safety") or {},
-        watch=dr.get("watch") or {},
-        capability=capability,
-    )
     return inventory, document
+
+
+def _inventory(document: YamlDocument, path: str, dr: dict[str, Any], sites: dict[str, Site],
+               hosts: dict[str, Host], services: dict[str, Service], capability: Capability | None,
+               problems: list[Problem]) -> Inventory | None:
+    """The inventory of what was read well (its name checked in the same pass as the rest); a file
+    without ``dr.name`` is named by its path."""
+
+    def mapping(name: str) -> dict[str, Any]:  # one that is not was reported
+        value = dr.get(name)
+        return value if isinstance(value, dict) else {}
+
+    try:
+        return Inventory(name=str(dr.get("name") or path), sites=sites, hosts=hosts, services=services,
+                         vars=mapping("vars"), safety=mapping("safety"), watch=mapping("watch"), capability=capability)
+    except ValidationError as exc:
+        found = pydantic_problems(document, ("all", "vars", "dr"), exc)
+        if not dr.get("name"):
+            found = [replace(problem, message=f"is not given, and the file's path, which names the inventory "
+                             f"instead, {problem.message}", fix="add a name under all.vars.dr")
+                     if problem.field.endswith(".name") else problem for problem in found]
+        problems.extend(found)
+        return None
 
 
 def _capability(document: YamlDocument, key: PathKey, value: Any, problems: list[Problem]) -> Capability | None:
@@ -159,7 +168,7 @@ def _capability(document: YamlDocument, key: PathKey, value: Any, problems: list
 
 
 def _safety_problems(document: YamlDocument, key: PathKey, safety: dict[str, Any], sites: dict[str, Any],
-                     services: dict[str, Service]) -> list[Problem]:
+                     services: dict[str, Any]) -> list[Problem]:
     try:
         policy = SafetyPolicy.model_validate(safety)
     except ValidationError as exc:
@@ -178,9 +187,10 @@ def _safety_problems(document: YamlDocument, key: PathKey, safety: dict[str, Any
 
 
 def _watch_problems(document: YamlDocument, key: PathKey, watch: dict[str, Any], sites: dict[str, Any],
-                    services: dict[str, Service]) -> list[Problem]:
+                    services: dict[str, Any], tiers: list[str]) -> list[Problem]:
     """``dr.watch``: its shape (pydantic), then every name it uses, read from the raw mapping so that
-    both kinds of mistake are reported in one pass. Runbook files are checked by
+    both kinds of mistake are reported in one pass (``sites`` and ``services`` as declared, a wrong one
+    too: its own problem is reported apart). Runbook files are checked by
     ``watch_runbook_problems`` (a copied inventory may be checked without them)."""
     try:
         WatchSettings.model_validate(watch)
@@ -202,7 +212,6 @@ def _watch_problems(document: YamlDocument, key: PathKey, watch: dict[str, Any],
             problems.append(not_known(document, at, kind, name, names, where))
 
     levels = dict(entries("levels")) if isinstance(watch.get("levels"), dict) else dict(WatchSettings().levels)
-    tiers = sorted({service.tier for service in services.values()})
     for level, rule in entries("levels"):
         at = key + ("levels", level)
         for index, tier in listed(rule.get("tiers") if isinstance(rule, dict) else None):
@@ -301,7 +310,7 @@ def _inventory_hosts(
             try:
                 hosts[name] = Host(**fields)
             except ValidationError as exc:
-                for problem in pydantic_problems(document, key, exc):  # name the variable as written
+                for problem in pydantic_problems(document, key, exc, name_is_key=True):  # name the variable as written
                     for var, field_name in _HOST_KEYS.items():
                         if problem.field.endswith("." + field_name):
                             line = document.line(key + (var,))

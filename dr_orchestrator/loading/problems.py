@@ -14,13 +14,16 @@ from dr_orchestrator.yamlsource import PathKey, Problem, YamlDocument
 
 
 def pydantic_problems(document: YamlDocument, base: PathKey, error: ValidationError,
-                      skip: Callable[[Any], bool] = lambda item: False) -> list[Problem]:
-    """One problem per error pydantic found, but those ``skip`` says are reported otherwise."""
+                      skip: Callable[[Any], bool] = lambda item: False, name_is_key: bool = False) -> list[Problem]:
+    """One problem per error pydantic found, but those ``skip`` says are reported otherwise.
+    ``name_is_key``: the entry at ``base`` is named by its key (a site, service or host), so a problem
+    with its ``name`` is one with that key."""
     problems = []
     for item in error.errors():
         if skip(item):
             continue
-        key = base + tuple(p for p in item["loc"] if isinstance(p, (str, int)))
+        loc = () if name_is_key and tuple(item["loc"]) == ("name",) else item["loc"]
+        key = base + tuple(p for p in loc if isinstance(p, (str, int)))
         key = tuple("with" if p == "with_" else p for p in key)
         # Our own checks' sentences without pydantic's "Value error, " before them.
         message = str(item["ctx"]["error"]) if item["type"] == "value_error" and "error" in item.get("ctx", {}) \
@@ -30,6 +33,9 @@ def pydantic_problems(document: YamlDocument, base: PathKey, error: ValidationEr
             message, fix = "is required", "add it"
         elif item["type"] == "extra_forbidden":
             message, fix = "is not a known field", "remove it or check its spelling"
+        elif item["type"] == "string_too_long":  # a model.names limit
+            message, fix = f"is {len(item['input'])} characters long; the limit is {item['ctx']['max_length']}", \
+                "shorten it"
         problems.append(document.problem(key, message, fix))
     return problems
 
@@ -66,13 +72,3 @@ def listed(names: list[str], total: int | None = None) -> str:
         return f"{', '.join(names[:LISTED])}, ... ({total} in all)"
     return ", ".join(names) or "none"
 
-
-# The evidence database keeps names (runbook, step, action, service, site, host, mark) in 200
-# characters and a service's tier and criticality in 50: longer ones would be lost mid-run.
-MAX_NAME = 200
-MAX_LABEL = 50
-
-
-def too_long(document: YamlDocument, named: list[tuple[PathKey, Any, int]]) -> list[Problem]:
-    return [document.problem(key, f"is {len(value)} characters long; the limit is {limit}", "shorten it")
-            for key, value, limit in named if isinstance(value, str) and len(value) > limit]

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dr_orchestrator.loading.problems import MAX_NAME, by_line, listed, pydantic_problems, too_long
+from dr_orchestrator.loading.problems import by_line, listed, pydantic_problems
 from dr_orchestrator.loading.templates import template_syntax
 from dr_orchestrator.model.durations import parse_duration
 from dr_orchestrator.model.runbook import Runbook, Step
@@ -54,14 +54,6 @@ def read_runbook(document: YamlDocument) -> ParsedRunbook:
     if not isinstance(raw_steps, list) or not raw_steps:
         problems.append(document.problem(("steps",), "must be a non-empty list of steps"))
         raw_steps = []
-    named: list[tuple[PathKey, Any, int]] = [(("name",), data.get("name"), MAX_NAME)]
-    for index, raw in enumerate(raw_steps):
-        if isinstance(raw, dict):
-            named += [(("steps", index, field), raw.get(field), MAX_NAME) for field in ("id", "action", "service")]
-            marks = raw.get("marks")
-            named += [(("steps", index, "marks", i), mark, MAX_NAME) for i, mark in enumerate(marks)
-                      ] if isinstance(marks, list) else [(("steps", index, "marks"), marks, MAX_NAME)]
-    problems.extend(too_long(document, named))
     normalised: list[tuple[int, dict[str, Any]]] = []
     ids: dict[str, int] = {}
     previous: str | None = None

@@ -6,21 +6,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dr_orchestrator.model.names import Label, Name
+
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class Site(Frozen):
-    name: str
+    name: Name
     description: str = ""
     region: str | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
 
 class Host(Frozen):
-    name: str
-    site: str
+    name: Name
+    site: Name
     address: str
     port: int = 22
     user: str | None = None
@@ -59,11 +61,11 @@ class Capability(Frozen):
 
 
 class Service(Frozen):
-    name: str
+    name: Name
     rto: float = Field(description="recovery time objective, seconds")
     rpo: float = Field(description="recovery point objective, seconds")
-    tier: str = "standard"
-    criticality: str = "high"
+    tier: Label = "standard"
+    criticality: Label = "high"
     sites: tuple[str, ...] = Field(description="sites that serve it, the normal active one first")
     health: str | None = Field(default=None, description="its health URL as clients reach it (the front door); "
                                "answers 2xx only while the service can do its job (a writing service: write)")
@@ -76,7 +78,7 @@ class Service(Frozen):
 
 
 class Inventory(Frozen):
-    name: str
+    name: Name
     sites: dict[str, Site]
     hosts: dict[str, Host]
     services: dict[str, Service]

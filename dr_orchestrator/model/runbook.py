@@ -9,6 +9,7 @@ from pydantic import Field
 
 from dr_orchestrator.model.approval import ApprovalPolicy
 from dr_orchestrator.model.inventory import Frozen
+from dr_orchestrator.model.names import Name
 
 
 class OnFailure(enum.StrEnum):
@@ -54,8 +55,8 @@ class Step(Frozen):
     ``before_checks`` is the reason a changing step may start before the runbook's checks end;
     ``no_rollback`` the reason a changing step has no rollback (``rollback: {none: "reason"}``)."""
 
-    id: str
-    action: str
+    id: Name
+    action: Name
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
     needs: tuple[str, ...] = ()
     when: str | None = None
@@ -63,8 +64,8 @@ class Step(Frozen):
     retries: Retries = Retries()
     on_failure: OnFailure = OnFailure.ABORT
     rollback: RollbackSpec | None = None
-    marks: tuple[str, ...] = ()
-    service: str | None = None
+    marks: tuple[Name, ...] = ()
+    service: Name | None = None
     site: str | None = None
     idempotent: bool | None = None
     effect: Effect | None = None
@@ -91,7 +92,7 @@ class Scope(Frozen):
 
 
 class Runbook(Frozen):
-    name: str
+    name: Name
     description: str = ""
     kind: str = "failover"
     scope: Scope = Scope()
