@@ -15,6 +15,7 @@ MAY_IMPORT: dict[str, set[str] | None] = {
     "model": set(),
     "yamlsource": set(),
     "templating": set(),
+    "loading": {"model", "yamlsource", "templating"},
     "evidence": {"model"},
     "actions": {"model", "yamlsource"},
     "engine": {"model", "templating", "actions.base"},
@@ -247,3 +248,16 @@ def test_the_cli_modules_import_common_never_the_package(path: Path) -> None:
     if module == f"{CLI_PACKAGE}.common":
         inner = sorted(target for target in targets if target.startswith(CLI_PACKAGE))
         assert not inner, f"{module} imports {', '.join(inner)}: what the commands share imports none of them"
+
+
+LOADING_PACKAGE = "dr_orchestrator.loading"
+LOADING_MODULES = [path for path in MODULES if module_name(path).startswith(LOADING_PACKAGE + ".")]
+
+
+@pytest.mark.parametrize("path", LOADING_MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_the_loading_modules_import_one_another_never_the_package(path: Path) -> None:
+    """loading/__init__.py re-exports what the rest of the product uses; its own modules import the
+    module that holds a name, so the package's __init__ stays a list of names and no cycle goes through it."""
+    module = module_name(path)
+    assert LOADING_PACKAGE not in imports_of(path, MODULE_NAMES), (
+        f"{module} imports {LOADING_PACKAGE} (its __init__): import the module that holds the name")

@@ -1,10 +1,11 @@
 """YAML files to typed model objects. Every problem names file, line, field and the fix.
 
-The rooms of loading (docs/architecture.md): ``inventory`` (Ansible YAML inventories), ``runbook`` (a
-runbook file read as far as it is well-formed), ``templates`` (the steps' templates), ``references`` (the
-steps against the inventory and the actions), ``parameters`` (a run's values), ``change_order`` (checks
-before changes), ``files`` (both files checked in one pass), ``configs`` (a cluster node's file) and
-``problems`` (what they share). What the rest of the product uses is re-exported here.
+The modules of loading (docs/architecture.md): ``inventory`` (Ansible YAML inventories), ``runbook`` (a
+runbook file read as far as it is well-formed, by the ordered passes of ``checks``, with the shorthands of
+``shorthands``), ``templates`` (the steps' templates), ``references`` (the steps against the inventory and
+the actions), ``parameters`` (a run's values), ``change_order`` (checks before changes), ``files`` (both
+files checked in one pass), ``configs`` (a cluster node's file) and ``problems`` (what they share). What
+the rest of the product uses is re-exported here; the modules import one another, never this package.
 """
 
 from dr_orchestrator.loading.change_order import EffectLookup, change_order_problems, step_effect
