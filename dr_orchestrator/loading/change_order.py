@@ -29,8 +29,8 @@ def change_order_problems(
     bits: dict[str, int] = {}  # check id -> its bit
     waited: dict[str, int] = {}  # step id -> the checks it waits for, as bits
     changed_before: dict[str, bool] = {}  # step id -> some step it waits for changes something
-    for step in runbook.steps:  # a step may need one written after it: visit in dependency order
-        _visit(step.id, by_id, effects, bits, waited, changed_before)
+    for step_id in runbook.in_need_order():  # a step may need one written after it
+        _wait(step_id, by_id, effects, bits, waited, changed_before)
     index_of = {step.id: index for index, step in steps}
     names = list(bits)
     problems = []
@@ -63,36 +63,22 @@ def _first_unset(mask: int, size: int) -> tuple[list[int], int]:
     return first, unset.bit_count()
 
 
-def _visit(step_id: str, by_id: dict[str, Step], effects: dict[str, Effect | None], bits: dict[str, int],
-           waited: dict[str, int], changed_before: dict[str, bool]) -> None:
-    """Fill ``waited`` and ``changed_before`` for the step and what it needs (iteratively: a chain
-    of thousands of steps must not hit the recursion limit). A need that closes a cycle (reported
-    elsewhere) is passed over."""
-    todo = [step_id]
-    expanded: set[str] = set()  # their needs are on the stack; one met again is on a cycle
-    while todo:
-        current = todo[-1]
-        if current in waited:
-            todo.pop()
+def _wait(step_id: str, by_id: dict[str, Step], effects: dict[str, Effect | None], bits: dict[str, int],
+          waited: dict[str, int], changed_before: dict[str, bool]) -> None:
+    """Fill ``waited`` and ``changed_before`` for the step, whose needs have been (in need order; a need
+    that closes a cycle, reported elsewhere, has not and is passed over), and give it a bit if it is a
+    check."""
+    mask, changed = 0, False
+    for need in by_id[step_id].needs:
+        if need not in waited:
             continue
-        if current not in expanded:
-            expanded.add(current)
-            todo.extend(need for need in by_id[current].needs
-                        if need in by_id and need not in waited and need not in expanded)
-            continue
-        todo.pop()
-        needs = [need for need in by_id[current].needs if need in waited]
-        mask, changed = 0, False
-        for need in needs:
-            mask |= waited[need]
-            effect = effects[need]
-            need_changes = effect is None or effect.changes
-            changed = changed or changed_before[need] or need_changes
-            if need in bits:
-                mask |= 1 << bits[need]
-        waited[current] = mask
-        changed_before[current] = changed
-        effect = effects[current]
-        # A check allowed to fail (on_failure: continue) only records; it protects nothing.
-        if effect is Effect.READ_ONLY and not changed and by_id[current].on_failure is not OnFailure.CONTINUE:
-            bits[current] = len(bits)
+        mask |= waited[need]
+        effect = effects[need]
+        changed = changed or changed_before[need] or effect is None or effect.changes
+        if need in bits:
+            mask |= 1 << bits[need]
+    waited[step_id] = mask
+    changed_before[step_id] = changed
+    # A check allowed to fail (on_failure: continue) only records; it protects nothing.
+    if effects[step_id] is Effect.READ_ONLY and not changed and by_id[step_id].on_failure is not OnFailure.CONTINUE:
+        bits[step_id] = len(bits)
