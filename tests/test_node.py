@@ -4,10 +4,8 @@ engineer's decision alone with the refusal recorded, and lets its watch decide o
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
-from support.cluster import etcd_cluster
+from support.cluster import etcd_cluster, running_node
 from support.plans import make_plan
 from support.waiting import wait_for
 
@@ -51,19 +49,6 @@ UNDECIDABLE = """
 def etcd() -> Iterator[EtcdCluster]:
     with etcd_cluster("dr-node-test-") as cluster:
         yield cluster
-
-
-@contextlib.contextmanager
-def running(node: Node) -> Iterator[threading.Thread]:
-    stop = threading.Event()
-    thread = threading.Thread(target=node.run, args=(stop,), name=f"node-{node.name}")
-    thread.start()
-    try:
-        yield thread
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the node did not stop"
 
 
 def node_config(etcd: EtcdCluster, tmp_path: Path, name: str, key: str) -> NodeConfig:
@@ -110,7 +95,7 @@ def test_the_new_leader_resumes_what_the_old_one_left_and_only_then_decides(
     outsider = execute(sessions, make_plan(RUNBOOK), host="laptop-of-bob", fence=iter(["1@x"]).__next__)
     assert outsider.state == "interrupted"
 
-    with running(node_b):
+    with running_node(node_b):
         wait_for(node_b.is_leader, 20, "node-b leads with its takeover settled")
         wait_for(lambda: not node_b.resuming and steps_of(sessions, crashed)[-1] == ("switch", "succeeded"),
                  30, "the resumed runs end")
@@ -147,13 +132,13 @@ def test_a_node_that_does_not_lead_never_acts(etcd: EtcdCluster, sessions: sessi
                  watch_factory=lambda node: None)
     second = Node(node_config(etcd, tmp_path, "node-2", key), tmp_path / "node.yml", sessions,
                   watch_factory=lambda node: None)
-    with running(first):
+    with running_node(first):
         wait_for(first.is_leader, 20, "the first node leads")
-        with running(second):
+        with running_node(second):
             wait_for(lambda: second.leadership.current_leader() is not None, 5, "a leader is known")
             assert not second.is_leader()
             with pytest.raises(Exception, match="not the leader"):
                 second.fence_check()
         # the first stops: it resigns and the second leads at once
-    with running(second):
+    with running_node(second):
         wait_for(second.is_leader, 10, "the second node leads")
