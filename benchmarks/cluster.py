@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.cluster            # once
     .venv/bin/python -m benchmarks.cluster --runs 3   # three fresh HA labs
+    .venv/bin/python -m benchmarks.cluster --client-load  # the lab's clients writing meanwhile
 
 An HA lab (three sites, three etcd members, a node per site with the watch's `auto` policy, the evidence
 PostgreSQL replicated by Patroni) starts with its leader at the primary site; an outside prober asks
@@ -82,23 +83,32 @@ def kill_leaders_site(lab: Lab) -> dict[str, Any]:
     return figures
 
 
-def measure_once() -> dict[str, Any]:
-    """A fresh HA lab, its leader's site killed: the figures of ``kill_leaders_site``."""
+def measure_once(client_load: bool = False) -> dict[str, Any]:
+    """A fresh HA lab, its leader's site killed: the figures of ``kill_leaders_site``. ``client_load``:
+    the lab's load generator writes to every service meanwhile (`dr lab load start`, 20 requests/s each)."""
+    from dr_orchestrator.lab.load.process import start_generator, stop_generator
+
     with scratch.lab_slot("bench-ha") as config:
         lab = Lab(config)
         try:
             lab.up(ha=True)
+            if client_load:
+                start_generator(config)
             return kill_leaders_site(lab)
         finally:
+            if client_load:
+                stop_generator(config.root)
             lab.down()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--client-load", action="store_true",
+                        help="the lab's load generator writes to every service during the kill")
     options = parser.parse_args()
     for attempt in range(options.runs):
-        figures = measure_once()
+        figures = measure_once(options.client_load)
         runs = figures.pop("runs")
         made = [(r.get("runbook_name"), r.get("state"), r.get("orchestrator_host")) for r in runs] \
             if isinstance(runs, list) else runs

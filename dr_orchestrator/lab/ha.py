@@ -45,7 +45,7 @@ from dr_orchestrator.lab.system import LabSetupError
 NODE_PROGRAM: tuple[str, ...] = (sys.executable, "-m", "dr_orchestrator.cli")
 LEASE_TTL = "2s"
 LEADER_KEY = "/dr/leader"
-NODE_START_TIMEOUT_S = 30.0
+NODE_START_TIMEOUT_S = 90.0  # a node imports, binds its API and judges a first round: slow on a loaded machine
 
 
 class HaError(LabSetupError):
