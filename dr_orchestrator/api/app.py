@@ -162,9 +162,11 @@ def _methods_of(request: Request) -> list[str]:
 async def _failed(request: Request, exc: Exception) -> Response:
     """A fault of the server: logged with its traceback, audited, answered without internals. An
     evidence database that does not answer (its failover takes tens of seconds) is 503: try again."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from dr_orchestrator.evidence.store import database_unreachable
 
-    if database_unreachable(exc):
+    if isinstance(exc, SQLAlchemyError) and database_unreachable(exc):  # not any OSError: a file may be the fault
         log.warning("%s: the evidence database is unreachable: %s", _target(request), exc)
         return JSONResponse({"error": "the evidence database is unreachable (it may be failing over): try again "
                                       "shortly", "status": 503}, status_code=503, headers={"Retry-After": "5"})
