@@ -25,8 +25,8 @@ From those, one Observation per observer and target, stamped with the probe's se
   not answer) says nothing rather than something false.
 
 ``probe_all`` is one complete round. A resident watch keeps a ``Prober``: its rounds never wait for a
-slow probe (its verdict comes in a later round, stamped with its own send time) and keep HTTP
-connections open.
+slow probe (its verdict comes in a later round, stamped with its own send time) and keep HTTP and
+PostgreSQL connections open.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -217,7 +218,7 @@ class Prober:
     Observation for each observer and target that has something new. So a slow probe (a front door
     retrying a dead server for a second) never holds the others back: its verdict comes in a later
     round, stamped with its own send time. A probe out for ``timeout_s`` is a timeout; its thread ends
-    by its own socket timeouts. HTTP connections are kept from round to round."""
+    by its own socket timeouts. HTTP and PostgreSQL connections are kept from round to round."""
 
     def __init__(self, inventory: Inventory, *, timeout_s: float = PROBE_TIMEOUT_S,
                  wait_s: float = ROUND_WAIT_S) -> None:
@@ -226,6 +227,7 @@ class Prober:
         self.timeout_s = timeout_s
         self.wait_s = min(wait_s, timeout_s)
         self.client = httpx.Client(timeout=timeout_s, verify=_tls_context())
+        self.databases = KeptDatabaseConnections(timeout_s)
         self.probes = self._probes()
         # Room for a probe given up on (still ending) beside the one sent after it.
         self.pool = ThreadPoolExecutor(max_workers=max(1, 3 * len(self.probes)), thread_name_prefix="watch-probe")
@@ -248,6 +250,7 @@ class Prober:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        self.databases.close()
 
     def _probes(self) -> dict[Slot, Callable[[], Any]]:
         layout, client, timeout_s = self.layout, self.client, self.timeout_s
@@ -263,7 +266,7 @@ class Prober:
                 probes[("servers", name)] = functools.partial(_servers, layout.door, name, timeout_s)
         for name, database in layout.databases.items():
             for site in database.hosts:
-                probes[("stores", (name, site))] = functools.partial(_postgres, database, site)
+                probes[("stores", (name, site))] = functools.partial(_postgres, database, site, self.databases)
         for name, cache in layout.caches.items():
             for site in cache.hosts:
                 probes[("stores", (name, site))] = functools.partial(_redis, cache, site, timeout_s)
@@ -334,15 +337,74 @@ def _health(client: httpx.Client, url: str) -> Health:
                   " ".join(str(why).split()) if why else None)
 
 
-def _postgres(database: pgdb.Database, site: str) -> StoreState:
-    with psycopg.connect(database.conninfo(site), autocommit=True) as connection:
-        row = connection.execute(POSTGRES_STATE).fetchone()
-        assert row is not None  # the query returns one row
-        in_recovery, read_only, link, sender = row
-        if not in_recovery:
-            standbys = tuple(StandbyLink(str(name), state, sync, lag, behind)
-                             for name, state, sync, lag, behind in connection.execute(POSTGRES_STANDBYS))
-            return StoreState("database", "primary", not read_only, standbys=standbys)
+class KeptDatabaseConnections:
+    """PostgreSQL connections kept from round to round, one per database and site: a fresh connection
+    each round costs the server a new backend process, which at 100 ms rounds took most of an idle HA
+    lab's CPU. A probe holds its connection while it runs, so a probe given up on (still hanging on a cut
+    network) never shares it with the one sent after it; that one opens its own."""
+
+    def __init__(self, timeout_s: float) -> None:
+        # A query on a kept connection to a host cut off ends with TCP's give-up, not minutes later.
+        self.options = {"tcp_user_timeout": max(1000, int(timeout_s * 2000)),
+                        "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1, "keepalives_count": 2}
+        self._idle: dict[tuple[str, str], psycopg.Connection[Any]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def open(self, database: pgdb.Database, site: str) -> psycopg.Connection[Any]:
+        return psycopg.connect(database.conninfo(site), autocommit=True, **self.options)
+
+    def take(self, key: tuple[str, str]) -> psycopg.Connection[Any] | None:
+        with self._lock:
+            return self._idle.pop(key, None)
+
+    def give(self, key: tuple[str, str], connection: psycopg.Connection[Any]) -> None:
+        with self._lock:
+            if self._closed or key in self._idle:
+                spare: psycopg.Connection[Any] | None = connection
+            else:
+                self._idle[key], spare = connection, None
+        if spare is not None:
+            spare.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle.values()), {}
+        for connection in idle:
+            connection.close()
+
+
+def _postgres(database: pgdb.Database, site: str, kept: KeptDatabaseConnections) -> StoreState:
+    key = (database.name, site)
+    connection = kept.take(key)
+    if connection is not None:
+        try:
+            state = _postgres_state(connection, database, site)
+        except psycopg.Error:
+            # A session ended by a restart says nothing of the server now: ask again on a fresh connection.
+            connection.close()
+        else:
+            kept.give(key, connection)
+            return state
+    connection = kept.open(database, site)
+    try:
+        state = _postgres_state(connection, database, site)
+    except BaseException:
+        connection.close()
+        raise
+    kept.give(key, connection)
+    return state
+
+
+def _postgres_state(connection: psycopg.Connection[Any], database: pgdb.Database, site: str) -> StoreState:
+    row = connection.execute(POSTGRES_STATE).fetchone()
+    assert row is not None  # the query returns one row
+    in_recovery, read_only, link, sender = row
+    if not in_recovery:
+        standbys = tuple(StandbyLink(str(name), state, sync, lag, behind)
+                         for name, state, sync, lag, behind in connection.execute(POSTGRES_STANDBYS))
+        return StoreState("database", "primary", not read_only, standbys=standbys)
     senders = [other for other, host in database.hosts.items() if host == sender and other != site]
     others = database.other_sites(site)
     upstream = senders[0] if len(senders) == 1 else others[0] if len(others) == 1 else None

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 WATCH_ACTOR = "dr watch"
 APPROVALS_EVERY_ROUNDS = 5  # how often waiting incidents look for new approvals (rounds)
+# A follower node's rounds: enough to know which site serves what and to have judged an outage when it
+# comes to lead, at a tenth of the cost; it is back to the inventory's interval within one of those.
+FOLLOWER_INTERVAL_S = 1.0
 KEEP_OPEN_EVERY_S = 5.0  # how often dead or missing SSH connections of the warm path are reopened
 
 
@@ -153,7 +156,9 @@ class Watch:
 
     def run(self, stop: threading.Event, ready: Callable[[], object] | None = None) -> None:
         """Watch until ``stop``; ``ready()`` once the first round is judged (a node's readiness)."""
-        log.info("watching %s every %.0f ms", self.inventory.name, self.interval_s * 1000)
+        log.info("watching %s every %.0f ms%s", self.inventory.name, self.interval_s * 1000,
+                 f" while leading, every {max(self.interval_s, FOLLOWER_INTERVAL_S):g} s while following"
+                 if self.leader is not None else "")
         threading.Thread(target=self.warm_plans, name="watch-plans", daemon=True).start()
         if self.kept is not None:
             threading.Thread(target=self.keep_connections_open, args=(stop,), name="watch-connections",
@@ -168,12 +173,7 @@ class Watch:
                 log.exception("watch round failed")
             if ready is not None and self.rounds == 1:
                 ready()
-            next_at += self.interval_s
-            delay = next_at - time.monotonic()
-            if delay < 0:
-                next_at = time.monotonic()
-            else:
-                stop.wait(delay)
+            next_at = self.next_round(stop, next_at)
         for active in list(self.active):
             active.thread.join()
         if self.kept is not None:
@@ -184,6 +184,19 @@ class Watch:
             self.warnings.close()
         if self.notifier is not None:
             self.notifier.close()
+
+    def next_round(self, stop: threading.Event, round_at: float) -> float:
+        """Wait until the round after the one due at ``round_at`` is due; return when it was due (now, when
+        this one overran). Every interval while leading (or outside a cluster), every FOLLOWER_INTERVAL_S
+        while following, cut short when the node comes to lead."""
+        entered = due = time.monotonic()
+        while not stop.is_set():
+            due = round_at + (self.interval_s if self.may_act() else max(self.interval_s, FOLLOWER_INTERVAL_S))
+            delay = due - time.monotonic()
+            if delay <= 0:
+                break
+            stop.wait(min(delay, self.interval_s))
+        return max(due, entered)
 
     def round(self) -> None:
         transitions: list[Transition] = []
