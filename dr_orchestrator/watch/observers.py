@@ -45,6 +45,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 import psycopg
 import redis
+from psycopg.conninfo import make_conninfo
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -352,7 +353,7 @@ class KeptDatabaseConnections:
         self._closed = False
 
     def open(self, database: pgdb.Database, site: str) -> psycopg.Connection[Any]:
-        return psycopg.connect(database.conninfo(site), autocommit=True, **self.options)
+        return psycopg.connect(make_conninfo(database.conninfo(site), **self.options), autocommit=True)
 
     def take(self, key: tuple[str, str]) -> psycopg.Connection[Any] | None:
         with self._lock:
