@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 from support.waiting import wait_for
 
+from dr_orchestrator.actions.postgres.base import Database
 from dr_orchestrator.lab.config import SERVICES
 from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.loading import load_inventory
@@ -20,10 +23,12 @@ from dr_orchestrator.watch.agreement import Agreement
 from dr_orchestrator.watch.observations import Observation, Target, Transition
 from dr_orchestrator.watch.observers import (
     Health,
+    KeptDatabaseConnections,
     Probed,
     Prober,
     Readings,
     StoreState,
+    _postgres,
     layout_of,
     observations_from,
     probe_all,
@@ -234,3 +239,36 @@ def test_a_killed_site_is_down_when_its_observers_agree(lab_factory: LabFactory)
         assert lab.killed_at <= down.impact_start <= lab.killed_at + timedelta(seconds=1.5)
         assert down.at - down.impact_start >= timedelta(seconds=0.5)
         assert agreement.state(Target("site", "backup")) == "ok"
+
+
+@pytest.mark.postgres
+def test_a_store_probe_keeps_its_connection_and_a_session_cut_under_it_is_not_a_down_store(postgres_url: str) -> None:
+    """Each round reuses one session per store and site (a fresh one per 100 ms round cost the server a
+    backend process each time); a session ended under it (a restart, a terminated backend) is asked
+    again on a fresh connection, so the store is not reported down for it."""
+    server = make_url(postgres_url)
+    database = Database(name="evidence", dbname="postgres", user=str(server.username), port=int(server.port or 5432),
+                        hosts={"primary": str(server.host)})
+    kept = KeptDatabaseConnections(timeout_s=1.0)
+    backend = "SELECT pg_backend_pid()"
+    try:
+        assert _postgres(database, "primary", kept).role == "primary"
+        first = kept.take(("evidence", "primary"))
+        assert first is not None
+        pid = first.execute(backend).fetchone()
+        kept.give(("evidence", "primary"), first)
+
+        assert _postgres(database, "primary", kept).role == "primary"
+        again = kept.take(("evidence", "primary"))
+        assert again is first and again.execute(backend).fetchone() == pid
+        kept.give(("evidence", "primary"), again)
+
+        with psycopg.connect(database.conninfo("primary"), autocommit=True) as other:
+            other.execute("SELECT pg_terminate_backend(%s)", pid)
+        state = _postgres(database, "primary", kept)
+        assert state.role == "primary" and state.writable
+        fresh = kept.take(("evidence", "primary"))
+        assert fresh is not None and fresh is not first and fresh.execute(backend).fetchone() != pid
+        fresh.close()
+    finally:
+        kept.close()
