@@ -4,10 +4,11 @@
 # tests that use an evidence database run on SQLite and on that server (DR_TEST_POSTGRES_URL).
 # Arguments go to pytest:  scripts/test.sh -k evidence -x
 # DR_TEST_POSTGRES_URL set beforehand: that server is used and none is started.
-# Tests run in parallel worker processes, a test file per worker at a time (pytest-xdist, --dist
-# loadfile: each file's fixtures stay in one process); DR_TEST_WORKERS=N sets how many (default 3:
-# most tests wait on subprocesses and sockets, not the CPU), 0 runs them in this process. Labs,
-# databases and ports are claimed per test, so workers never share one.
+# Tests run in parallel worker processes (pytest-xdist, --dist loadgroup): the tests that start labs
+# of their own one at a time on one worker, the others beside them (tests/conftest.py says how they are
+# grouped). DR_TEST_WORKERS=N sets how many workers (default 2: the suite is bound by the machine's two
+# cores, and a starved test misses its deadlines), 0 runs them in this process. Labs, databases and
+# ports are claimed per test, so workers never share one.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -99,9 +100,9 @@ fi
 # --- The suite -------------------------------------------------------------------------------------
 color=()
 [[ -t 1 ]] && color=(--color=yes)
-workers="${DR_TEST_WORKERS:-3}"
+workers="${DR_TEST_WORKERS:-2}"
 parallel=()
-((workers > 0)) && parallel=(-n "$workers" --dist loadfile)
+((workers > 0)) && parallel=(-n "$workers" --dist loadgroup)
 say "pytest ${parallel[*]} $*"
 set +e
 .venv/bin/pytest -ra --durations=10 "${color[@]}" "${parallel[@]}" "$@" 2>&1 | tee -i "$work/pytest.log"

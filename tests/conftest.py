@@ -172,3 +172,38 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     yield Moto(moto_url)
+
+
+# --- Parallel workers (pytest-xdist, --dist loadgroup; scripts/test.sh) -----------------------------------
+# The suite is bound by the 2-core machine's CPU, and a test starved of it misses its deadlines. So the
+# tests that start labs of their own (the heaviest: a lab is a dozen processes, an HA lab twice that)
+# run one at a time, in the "own-lab" lane on one worker; a module whose fixtures are module- or
+# class-scoped runs on one worker (set up once there); every other test is a unit of its own, handed
+# out slowest first, so the suite ends on short ones with every worker busy until then.
+
+OWN_LAB_FIXTURES = frozenset({"lab_factory", "lab_config", "fresh_ha_lab", "ha_lab"})
+OWN_LAB_LANE = "own-lab"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    own_lab_modules = {item.nodeid.partition("::")[0] for item in items if _starts_own_lab(item)}
+    for item in items:
+        module = item.nodeid.partition("::")[0]
+        if _starts_own_lab(item) or (module in own_lab_modules and _shares_fixtures(item)):
+            item.add_marker(pytest.mark.xdist_group(OWN_LAB_LANE))
+        elif _shares_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=lambda item: (not _starts_own_lab(item), item.get_closest_marker("slow") is None))
+
+
+def _starts_own_lab(item: pytest.Item) -> bool:
+    return bool(OWN_LAB_FIXTURES & set(getattr(item, "fixturenames", ()))) or \
+        item.get_closest_marker("own_lab") is not None
+
+
+def _shares_fixtures(item: pytest.Item) -> bool:
+    definitions = getattr(item, "_fixtureinfo", None)
+    if definitions is None:
+        return False
+    return any(definition.scope in ("module", "class")
+               for chain in definitions.name2fixturedefs.values() for definition in chain)

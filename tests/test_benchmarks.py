@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.lab, pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.postgres, pytest.mark.slow, pytest.mark.own_lab]
 
 REPO = Path(__file__).resolve().parent.parent
 TITLES = ("1. engine overhead", "2. failover overhead", "3. detection", "4. fan-out", "5. evidence at scale",

@@ -46,7 +46,7 @@ from dr_orchestrator.model.run import Phase  # noqa: E402
 from dr_orchestrator.node.service import TAKEOVER_ACTION  # noqa: E402
 
 pytestmark = [
-    pytest.mark.lab, pytest.mark.etcd, pytest.mark.slow,
+    pytest.mark.lab, pytest.mark.etcd, pytest.mark.slow, pytest.mark.own_lab,
     pytest.mark.skipif(os.geteuid() != 0, reason="the HA lab runs its nodes with per-site groups (root)"),
     pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables"),
     pytest.mark.skipif(not os.access(ETCD, os.X_OK), reason="needs etcd-server"),

@@ -30,7 +30,7 @@ from dr_orchestrator.lab.lab import Lab
 from dr_orchestrator.lab.processes import processes_under
 from dr_orchestrator.lab.system import chown
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.own_lab]
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = "contract-signing"  # whose database is rebuilt
 
