@@ -3,6 +3,8 @@ a site or a service goes down, and what the incident records. No lab: the runs a
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +33,7 @@ from dr_orchestrator.evidence.incidents import (
     incident_timeline,
     list_incidents,
 )
+from dr_orchestrator.watch import service as watch_service
 from dr_orchestrator.watch.automation import switch_automation
 from dr_orchestrator.watch.observations import Observation, Target
 from dr_orchestrator.watch.service import Watch
@@ -352,6 +355,30 @@ def test_a_follower_observes_but_decides_only_once_it_leads_with_its_own_impact_
     assert [(c["runbook"], c["parameters"].get("from_site")) for c in executed.calls] == [
         ("site-failover.yml", "primary")]
     assert executed.calls[0]["impact_start"] == T0 + timedelta(seconds=1.0)
+
+
+def test_a_follower_probes_at_its_slower_pace_and_is_back_to_the_interval_as_soon_as_it_leads(
+        sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = Gate()
+    watch = Watch(LAB_INVENTORY, sqlite_sessions, probe=Script([]), execute=Executed(), leader=gate)
+    watch.interval_s = 0.05
+    stop = threading.Event()
+    monkeypatch.setattr(watch_service, "FOLLOWER_INTERVAL_S", 0.3)
+    started = time.monotonic()
+    assert watch.next_round(stop, started) == started + 0.3  # a follower's round, not the interval's
+    assert time.monotonic() >= started + 0.3
+
+    monkeypatch.setattr(watch_service, "FOLLOWER_INTERVAL_S", 30.0)
+    threading.Timer(0.2, lambda: setattr(gate, "leading", True)).start()
+    started = time.monotonic()
+    watch.next_round(stop, started)
+    assert time.monotonic() - started < 10, "a node that came to lead waited out the follower's pace"
+
+    gate.leading = False
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    watch.next_round(stop, started)
+    assert time.monotonic() - started < 10, "a stopped watch waited out the follower's pace"
 
 
 def test_a_node_that_leads_no_more_starts_nothing(sqlite_sessions: sessionmaker[Session]) -> None:
