@@ -33,7 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from dr_orchestrator.lab.config import HA_SITE_ADDRESSES, HA_SITES, WITNESS_ADDRESS
-from dr_orchestrator.lab.processes import ProcessSpec, command_line, kill_now, running_pid
+from dr_orchestrator.lab.processes import ProcessSpec, SiteMembers, command_line, kill_now
 from dr_orchestrator.lab.system import LabSetupError
 
 ETCD = "/usr/bin/etcd"
@@ -119,11 +119,12 @@ def read_key(endpoints: Sequence[str], key: str, timeout: float = 1.0) -> bytes 
     return None
 
 
-class EtcdCluster:
+class EtcdCluster(SiteMembers[EtcdMember]):
     """An etcd cluster of one member per site in `sites`, its files under `directory`."""
 
     def __init__(self, directory: Path, sites: Sequence[str] = DEFAULT_SITES, heartbeat_ms: int = HEARTBEAT_MS,
                  election_timeout_ms: int = ELECTION_TIMEOUT_MS, gids: Mapping[str, int] | None = None) -> None:
+        super().__init__()
         unknown = [site for site in sites if site not in ETCD_SITES]
         if unknown or not sites:
             raise ValueError(f"etcd sites must be among {sorted(ETCD_SITES)}, got {list(sites)}")
@@ -135,8 +136,6 @@ class EtcdCluster:
         self.heartbeat_ms = heartbeat_ms
         self.election_timeout_ms = election_timeout_ms
         self.token = f"dr-lab-{secrets.token_hex(4)}"
-        self.members: dict[str, EtcdMember] = {}
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- state, for a lab driven by separate commands (`dr lab up`, later `dr lab kill-site`) -------------
 
@@ -290,19 +289,6 @@ class EtcdCluster:
                                   {"targetID": member_id}, timeout=3.0)
             time.sleep(0.05)
 
-    def pid(self, site: str) -> int | None:
-        """The member's pid while it runs (a zombie counts as gone)."""
-        if site not in self.members:
-            return None
-        child = self._children.get(site)
-        if child is not None and child.poll() is None:
-            # Our own running child (just after exec, /proc/PID/cmdline can read empty: trust the exit status)
-            return child.pid
-        return running_pid(self.members[site].process)  # started by another process (see from_state)
-
-    def running(self, site: str) -> bool:
-        return self.pid(site) is not None
-
     def kill(self, site: str, timeout: float = 5.0) -> None:
         """SIGKILL one member, as a site's power loss would, and wait until it is gone."""
         pid = self.pid(site)
@@ -331,20 +317,6 @@ class EtcdCluster:
         stop_all_under(self.directory)
         if survivors:
             raise EtcdLabError(f"etcd processes {sorted(survivors)} survived SIGKILL for {timeout:.0f} s")
-
-    def _reap(self, site: str) -> None:
-        child = self._children.pop(site, None)
-        if child is not None:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._children[site] = child
-
-    def _log_tail(self, site: str) -> str:
-        try:
-            return self.members[site].log_path.read_text(errors="replace")[-2000:]
-        except (OSError, KeyError):
-            return ""
 
 
 def stop_all_under(directory: Path, timeout: float = 5.0) -> set[int]:

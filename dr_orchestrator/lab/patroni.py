@@ -56,9 +56,9 @@ from dr_orchestrator.lab.config import PG_BIN, SERVICE_PYTHON, SITE_ADDRESSES
 from dr_orchestrator.lab.postgres import release_shared_memory, shared_memory_id
 from dr_orchestrator.lab.processes import (
     ProcessSpec,
+    SiteMembers,
     kill_now,
     processes_under,
-    running_pid,
     with_descendants,
 )
 from dr_orchestrator.lab.system import LabSetupError, check_reachable
@@ -201,12 +201,13 @@ class EvidenceMember:
         return f"host={self.address} port={self.pg_port} dbname={dbname} user={user} connect_timeout=2"
 
 
-class EvidenceCluster:
+class EvidenceCluster(SiteMembers[EvidenceMember]):
     """Two PostgreSQL members under Patroni, one per site in SITES, its files under `directory` (its own)."""
 
     def __init__(self, directory: Path, etcd_endpoints: Sequence[str], scope: str, os_user: str | None = None,
                  database: str = DATABASE, user: str = USER, synchronous: bool = True, ttl: int = TTL,
                  loop_wait: int = LOOP_WAIT, retry_timeout: int = RETRY_TIMEOUT) -> None:
+        super().__init__()
         if not etcd_endpoints:
             raise ValueError("the evidence cluster needs the lab's etcd endpoints")
         self.directory = Path(os.path.abspath(directory))
@@ -218,8 +219,6 @@ class EvidenceCluster:
         self.synchronous = synchronous
         self.ttl, self.loop_wait, self.retry_timeout = ttl, loop_wait, retry_timeout
         self.namespace = f"/dr-lab-evidence-{os.urandom(4).hex()}/"  # fresh per start: no keys of another run
-        self.members: dict[str, EvidenceMember] = {}
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     # --- state, for a lab driven by separate commands (`dr lab up --ha`, later `dr lab down`) ---------
 
@@ -478,18 +477,6 @@ class EvidenceCluster:
 
     # --- processes -----------------------------------------------------------------------------------
 
-    def pid(self, site: str) -> int | None:
-        """Patroni's pid at `site` while it runs (a zombie counts as gone)."""
-        if site not in self.members:
-            return None
-        child = self._children.get(site)
-        if child is not None and child.poll() is None:
-            return child.pid
-        return running_pid(self.members[site].process)  # started by another process (see from_state)
-
-    def running(self, site: str) -> bool:
-        return self.pid(site) is not None
-
     def kill(self, site: str, timeout: float = 5.0) -> None:
         """SIGKILL `site`'s Patroni and its PostgreSQL at once (a power loss), and wait until they are gone."""
         member = self.members[site]
@@ -524,20 +511,6 @@ class EvidenceCluster:
         for site in list(self.members):
             self.kill(site, timeout)
         stop_all_under(self.directory, timeout)
-
-    def _reap(self, site: str) -> None:
-        child = self._children.pop(site, None)
-        if child is not None:
-            try:
-                child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._children[site] = child
-
-    def _log_tail(self, site: str) -> str:
-        try:
-            return self.members[site].log_path.read_text(errors="replace")[-2000:]
-        except (OSError, KeyError):
-            return ""
 
 
 def stop_all_under(directory: Path, timeout: float = 5.0) -> set[int]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 # Executables the lab runs; the root-path scan ignores everything else (an editor with a lab file open).
 _LAB_EXECUTABLES = re.compile(r"^(postgres|pg_basebackup|pg_ctl|pg_rewind|sshd|haproxy|redis-server|python[0-9.]*)$")
@@ -33,6 +35,54 @@ class ProcessSpec:
     @property
     def label(self) -> str:
         return f"{self.name}@{self.site}" if self.site else self.name
+
+
+class SiteMember(Protocol):
+    """One member of a lab cluster: the process it runs at its site and the log it writes."""
+
+    @property
+    def process(self) -> ProcessSpec: ...
+
+    @property
+    def log_path(self) -> Path: ...
+
+
+MemberT = TypeVar("MemberT", bound=SiteMember)
+
+
+class SiteMembers(Generic[MemberT]):
+    """A lab cluster of one member per site, each started by this process or found by its pidfile."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, MemberT] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def pid(self, site: str) -> int | None:
+        """The member's pid while it runs (a zombie counts as gone)."""
+        if site not in self.members:
+            return None
+        child = self._children.get(site)
+        if child is not None and child.poll() is None:
+            # Our own running child (just after exec, /proc/PID/cmdline can read empty: trust the exit status)
+            return child.pid
+        return running_pid(self.members[site].process)  # started by another process (see from_state)
+
+    def running(self, site: str) -> bool:
+        return self.pid(site) is not None
+
+    def _reap(self, site: str) -> None:
+        child = self._children.pop(site, None)
+        if child is not None:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._children[site] = child
+
+    def _log_tail(self, site: str) -> str:
+        try:
+            return self.members[site].log_path.read_text(errors="replace")[-2000:]
+        except (OSError, KeyError):
+            return ""
 
 
 def read_pid(pidfile: Path) -> int | None:
