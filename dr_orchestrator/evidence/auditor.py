@@ -44,13 +44,8 @@ from dr_orchestrator.evidence.queries import as_dict, plain
 from dr_orchestrator.evidence.timeline import timeline
 from dr_orchestrator.evidence.values import derive_test_type
 
-LEGACY_FIELDS = (
-    "run_id",
-    "runbook",
-    "kind",
-    "state",
-    "service",
-    "run_started_at",
+# A service's achieved RTO and RPO against its targets, in the order every export of results lists them.
+FIGURE_FIELDS = (
     "incident_at",
     "restored_at",
     "rto_s",
@@ -59,6 +54,15 @@ LEGACY_FIELDS = (
     "rpo_s",
     "rpo_target_s",
     "rpo_met",
+)
+LEGACY_FIELDS = (
+    "run_id",
+    "runbook",
+    "kind",
+    "state",
+    "service",
+    "run_started_at",
+    *FIGURE_FIELDS,
     "rto_method",
     "rpo_method",
 )

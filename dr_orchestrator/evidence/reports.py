@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from dr_orchestrator.evidence import charts, qualifying
 from dr_orchestrator.evidence.annotations import list_findings
+from dr_orchestrator.evidence.auditor import FIGURE_FIELDS
 from dr_orchestrator.evidence.dr_record import FINAL_STATES, dr_test_record
 from dr_orchestrator.evidence.levels import LevelTable, load_levels
 from dr_orchestrator.evidence.models import DrillExpectation, Run
@@ -44,14 +45,7 @@ QUARTER_CSV_FIELDS = (
     "trigger",
     "outcome",
     "started_at",
-    "incident_at",
-    "restored_at",
-    "rto_s",
-    "rto_target_s",
-    "rto_met",
-    "rpo_s",
-    "rpo_target_s",
-    "rpo_met",
+    *FIGURE_FIELDS,
     "targets_met",
     "drill_rto_expected_s",
     "drill_rpo_expected_s",
