@@ -185,7 +185,7 @@ OWN_LAB_FIXTURES = frozenset({"lab_factory", "lab_config", "fresh_ha_lab", "ha_l
 OWN_LAB_LANE = "own-lab"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     own_lab_modules = {item.nodeid.partition("::")[0] for item in items if _starts_own_lab(item)}
     for item in items:
         module = item.nodeid.partition("::")[0]
