@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +195,12 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_interrupted_run_ends_aborted_and_nothing_is_left_running(migrated: str, tmp_path: Path) -> None:
     runbook = tmp_path / "long.yml"
+    # A command line no other process has: the other database's run of this test may be running too.
+    sleep = f"{6061 + uuid.uuid4().int % 100000 / 100000:.5f}"
     runbook.write_text(
         "name: long\nscope: {services: [quotation]}\nsteps:\n"
         "  - id: first\n    action: noop\n"
-        "  - id: long-wait\n    action: shell.run\n    with: {argv: [sleep, '6061']}\n    timeout: 120s\n"
+        f"  - id: long-wait\n    action: shell.run\n    with: {{argv: [sleep, '{sleep}']}}\n    timeout: 120s\n"
         "  - id: never\n    action: noop\n"
     )
     env = {**os.environ, "DR_DATABASE_URL": migrated}
@@ -228,7 +231,7 @@ def test_interrupted_run_ends_aborted_and_nothing_is_left_running(migrated: str,
     assert detail["run"]["state"] == "aborted"
     states = {s["step_id"]: s["state"] for s in detail["steps"]}
     assert states == {"first": "succeeded", "long-wait": "cancelled", "never": "cancelled"}
-    leftover = subprocess.run(["pgrep", "-f", "sleep 6061"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", f"sleep {sleep}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "the step's child process outlived the run"
 
 

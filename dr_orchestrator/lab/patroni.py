@@ -406,6 +406,23 @@ class EvidenceCluster(SiteMembers[EvidenceMember]):
             exists = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if exists is None:
                 connection.execute(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"'.encode())
+            created_at = connection.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        # A synchronous standby has flushed the creation but may not have replayed it yet: until it has,
+        # connecting to the evidence database there fails with "does not exist".
+        for site, member in self.members.items():
+            if member is not leader and created_at is not None:
+                self._wait_replayed(site, created_at[0], timeout=30)
+
+    def _wait_replayed(self, site: str, lsn: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.members[site].dsn(), autocommit=True) as connection:
+            while not connection.execute("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), %s::pg_lsn) >= 0",
+                                         (lsn,)).fetchone() == (True,):
+                if time.monotonic() >= deadline:
+                    raise EvidenceLabError(f"the {site} site's evidence replica did not replay the creation of "
+                                           f"the evidence database within {timeout:.0f} s; "
+                                           f"see {self.members[site].log_path}")
+                time.sleep(0.05)
 
     # --- who leads, who streams ----------------------------------------------------------------------
 
