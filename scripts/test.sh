@@ -98,6 +98,9 @@ else
 fi
 
 # --- The suite -------------------------------------------------------------------------------------
+# Keep compiled modules (and pytest's rewritten test modules): with PYTHONDONTWRITEBYTECODE set, every
+# worker and every `dr` a test starts compiles them all again (a fifth of the CPU a `dr` command takes).
+unset PYTHONDONTWRITEBYTECODE
 color=()
 [[ -t 1 ]] && color=(--color=yes)
 workers="${DR_TEST_WORKERS:-2}"
