@@ -174,7 +174,9 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     yield Moto(moto_url)
 
 
-# --- Parallel workers (pytest-xdist, --dist loadgroup; scripts/test.sh) -----------------------------------
+# --- The fast set and parallel workers (pytest-xdist, --dist loadgroup; scripts/test.sh) -----------------
+# `-m "not slow"` is the fast set: a test that starts a real part (a lab, PostgreSQL, etcd, Redis, moto,
+# Chromium) is marked slow here, and a test taking more than about a second is marked slow in its module.
 # The suite is bound by the 2-core machine's CPU, and a test starved of it misses its deadlines. So the
 # tests that start labs of their own (the heaviest: a lab is a dozen processes, an HA lab twice that)
 # run one at a time, in the "own-lab" lane on one worker; a module whose fixtures are module- or
@@ -183,17 +185,25 @@ def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
 
 OWN_LAB_FIXTURES = frozenset({"lab_factory", "lab_config", "fresh_ha_lab", "ha_lab"})
 OWN_LAB_LANE = "own-lab"
+REAL_PART_MARKERS = frozenset({"lab", "postgres", "etcd", "redis", "aws", "browser"})
+REAL_PART_FIXTURES = OWN_LAB_FIXTURES | {"lab", "postgres_url", "moto_url"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers added here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    own_lab_modules = {item.nodeid.partition("::")[0] for item in items if _starts_own_lab(item)}
     for item in items:
-        module = item.nodeid.partition("::")[0]
-        if _starts_own_lab(item) or (module in own_lab_modules and _shares_fixtures(item)):
+        if _starts_real_parts(item) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+        if _starts_own_lab(item):
             item.add_marker(pytest.mark.xdist_group(OWN_LAB_LANE))
         elif _shares_fixtures(item):
-            item.add_marker(pytest.mark.xdist_group(module))
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
     items.sort(key=lambda item: (not _starts_own_lab(item), item.get_closest_marker("slow") is None))
+
+
+def _starts_real_parts(item: pytest.Item) -> bool:
+    return bool(REAL_PART_FIXTURES & set(getattr(item, "fixturenames", ()))) or \
+        any(item.get_closest_marker(name) is not None for name in REAL_PART_MARKERS)
 
 
 def _starts_own_lab(item: pytest.Item) -> bool:

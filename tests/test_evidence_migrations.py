@@ -46,6 +46,17 @@ def test_upgrade_downgrade_upgrade(database_url: str) -> None:
     assert migrate.current_revision(database_url) == ", ".join(sorted(migrate.head_revisions()))
 
 
+def test_the_head_dr_checks_databases_against_is_the_newest_migration(database_url: str) -> None:
+    assert migrate.head_revisions() == {migrate.SCHEMA_HEAD}, "a migration was added: set migrate.SCHEMA_HEAD to it"
+    migrate.upgrade(database_url, "0006")
+    assert migrate.schema_problem(database_url) == (
+        f"the evidence database {migrate.display_url(database_url)} is at revision 0006, not "
+        f"{migrate.SCHEMA_HEAD}: run `dr db upgrade`")
+    migrate.upgrade(database_url)
+    assert migrate.current_revisions(database_url) == {migrate.SCHEMA_HEAD}
+    assert migrate.schema_problem(database_url) is None
+
+
 def test_models_and_migrations_agree_and_scheduler_tables_are_left_alone(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
