@@ -191,6 +191,9 @@ REAL_PART_FIXTURES = OWN_LAB_FIXTURES | {"lab", "postgres_url", "moto_url"}
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers added here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Ordered by the slow marks the modules gave: the tests on the shared lab are short ones and come
+    # late, so its lab starts late (and idles for less).
+    items.sort(key=lambda item: (not _starts_own_lab(item), item.get_closest_marker("slow") is None))
     for item in items:
         if _starts_real_parts(item) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
@@ -198,7 +201,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(OWN_LAB_LANE))
         elif _shares_fixtures(item):
             item.add_marker(pytest.mark.xdist_group(item.nodeid.partition("::")[0]))
-    items.sort(key=lambda item: (not _starts_own_lab(item), item.get_closest_marker("slow") is None))
 
 
 def _starts_real_parts(item: pytest.Item) -> bool:
