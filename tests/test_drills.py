@@ -208,6 +208,25 @@ def test_the_shipped_drills_load() -> None:
 
 
 @pytest.mark.slow
+def test_a_drill_run_in_json_logs_logs_only_json_and_its_verdict_with_the_expectations(
+        tmp_path: Path, evidence_url: str) -> None:
+    drill = local_drill(tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "DR_LOG_FORMAT"}
+    result = subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "--log-format", "json", "drill", "run",
+                             str(drill)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**env, "DR_DATABASE_URL": evidence_url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""  # no progress and no table: a collector reads only JSON
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert {entry["logger"] for entry in entries} >= {"dr_orchestrator.engine.executor", "dr_orchestrator.cli"}
+    verdict = entries[-1]
+    assert verdict["message"] == f"drill run {verdict['data']['drill_run_id']}: PASSED (finished)"
+    assert {(e["kind"], e["met"]) for e in verdict["data"]["expectations"]} >= {("rto", True), ("health", True)}
+    run_ids = {entry["run_id"] for entry in entries if "run_id" in entry}
+    assert run_ids == set(verdict["data"]["runs"].values())  # every engine record names its run
+
+
+@pytest.mark.slow
 def test_drill_run_end_to_end_passes_records_everything_and_notifies(
         tmp_path: Path, evidence_url: str, webhook: WebhookReceiver, smtp: SmtpServer) -> None:
     webhook.fail_first = 1  # the first delivery is retried

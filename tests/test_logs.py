@@ -179,3 +179,42 @@ def test_an_unknown_log_format_is_a_usage_error(how: str) -> None:
     result = CliRunner().invoke(cli, [*args, "scheduler", "run"], env={"DR_LOG_FORMAT": "xml"})
     assert result.exit_code == 2
     assert "Invalid value for '--log-format': 'xml' is not one of 'text', 'json'." in result.output
+
+
+@pytest.mark.slow
+def test_dr_run_in_json_logs_its_steps_figures_and_refusals_as_json_only(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'evidence.db'}"
+    migrate.upgrade(database)
+    (tmp_path / "inventory.yml").write_text(INVENTORY)
+    (tmp_path / "runbook.yml").write_text(
+        "name: marked\nscope: {services: [quotation]}\nsteps:\n"
+        "  - id: switch\n    action: noop\n    marks: [service_restored]\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "DR_LOG_FORMAT"}, "DR_DATABASE_URL": database}
+
+    def dr_json(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dr_orchestrator.cli", "--log-format", "json", *args],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    ran = dr_json("run", "runbook.yml", "-i", "inventory.yml")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == ""  # no progress, no table: a collector reads only JSON
+    entries = lines_of(ran.stderr)
+    run_id = entries[0]["run_id"]
+    assert all(entry["run_id"] == run_id for entry in entries if entry["logger"] != "dr_orchestrator.cli"
+               or "data" in entry)
+    steps = {(e.get("step_id"), e["message"].split()[-1]) for e in entries if e.get("step_id")}
+    assert {("switch", "started"), ("switch", "succeeded")} <= steps
+    (figures,) = [e["data"] for e in entries if e.get("data", {}).get("service") == "quotation"]
+    assert figures["rto_target_s"] == 30 and figures["rpo_target_s"] == 60 and figures["rto_s"] >= 0
+    assert entries[-1]["message"] == f"run {run_id} succeeded" and entries[-1]["data"]["state"] == "succeeded"
+
+    refused = dr_json("run", "missing.yml", "-i", "inventory.yml")
+    assert refused.returncode == 2 and refused.stdout == ""
+    (error,) = lines_of(refused.stderr)
+    assert error["level"] == "ERROR" and error["data"]["file"] == "missing.yml"
+    assert error["message"] == "missing.yml: cannot read the file: No such file or directory"
+
+    unknown = dr_json("run", "runbook.yml", "-i", "inventory.yml", "--failback-of", "no-such-run")
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    (error,) = lines_of(unknown.stderr)
+    assert error["level"] == "ERROR" and "no-such-run" in error["message"]

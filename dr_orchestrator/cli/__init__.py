@@ -35,8 +35,8 @@ from dr_orchestrator.cli import (
               help="evidence database (default: sqlite:///dr-evidence.db, or $DR_DATABASE_URL)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", envvar="DR_LOG_FORMAT",
               show_default=True,
-              help="how the services (watch run, serve, scheduler run) log: text lines, or one JSON object per "
-                   "line with run, incident and step ids (or $DR_LOG_FORMAT)")
+              help="how dr logs: text lines, or one JSON object per line on stderr with run, incident and step "
+                   "ids (or $DR_LOG_FORMAT); in JSON, run and drill run log in place of their progress and tables")
 @click.version_option(package_name="dr-orchestrator")
 @click.pass_context
 def cli(ctx: click.Context, database: str | None, log_format: str) -> None:

@@ -24,14 +24,44 @@ LOCKED = 3
 
 
 class UserError(click.ClickException):
-    """A mistake of the user's: one sentence, exit code 2, no traceback."""
+    """A mistake of the user's: one sentence, exit code 2, no traceback (a JSON record with --log-format
+    json)."""
 
     exit_code = USER_ERROR
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        context = click.get_current_context(silent=True)  # gone by the time click shows the error
+        self.as_log = context is not None and log_format_of(context) == "json"
+
+    def show(self, file: Any = None) -> None:
+        if self.as_log:
+            say_error(self.format_message(), as_log=True)
+        else:
+            super().show(file)
+
+
+def say_error(text: str, as_log: bool, data: dict[str, Any] | None = None) -> None:
+    """``text`` on stderr: a line, or (``as_log``) a JSON log record of level ERROR (with ``data``)."""
+    if not as_log:
+        click.echo(text, err=True)
+        return
+    import logging
+
+    from dr_orchestrator.logs import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "dr_orchestrator.cli", "levelname": "ERROR", "levelno": logging.ERROR,
+                                    "msg": text, "data": data})
+    click.echo(JsonFormatter().format(record), err=True)
+
 
 def fail_with_problems(problems: list[Any], output: str) -> NoReturn:
+    context = click.get_current_context(silent=True)
     if output == "json":
         click.echo(json.dumps({"ok": False, "problems": [p.as_dict() for p in problems]}, indent=2))
+    elif context is not None and log_format_of(context) == "json":
+        for problem in problems:
+            say_error(str(problem), as_log=True, data=problem.as_dict())
     else:
         for problem in problems:
             click.echo(str(problem), err=True)
@@ -151,7 +181,7 @@ def run_guarded(sessions: Any, plan: Any, observers: list[Any], **options: Any) 
     try:
         return execute(sessions, plan, observers=observers, **options)
     except LockHeld as exc:
-        click.echo(f"refused: {exc}", err=True)
+        say_error(f"refused: {exc}", as_log=log_format_of(click.get_current_context()) == "json")
         sys.exit(LOCKED)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -184,13 +214,50 @@ def existing_run_id(sessions: Any, run_id: str) -> str:
     return str(found.id)
 
 
-def print_run_summary(sessions: Any, run_id: str) -> None:
+def logs_as_json(ctx: click.Context) -> bool:
+    """With --log-format json a command that runs things logs JSON records on stderr (the engine's carry
+    run and step ids) in place of its live progress and tables, so that a collector reads only JSON."""
+    if log_format_of(ctx) != "json":
+        return False
+    from dr_orchestrator.logs import log_to_terminal
+
+    log_to_terminal("json", "%(message)s")
+    return True
+
+
+def log_warning(problem: Any) -> None:
+    import logging
+
+    logging.getLogger("dr_orchestrator.cli").warning("%s", problem)
+
+
+def print_run_summary(sessions: Any, run_id: str, as_log: bool = False) -> None:
+    """The run's state and each service's RTO and RPO against its targets: a table, or (``as_log``) a
+    log record per service with the figures as its data."""
     from dr_orchestrator.evidence import queries
     from dr_orchestrator.progress import print_results
 
     with sessions() as session:
         detail = queries.run_detail(session, run_id)
-    print_results(detail)
+    if not as_log:
+        print_results(detail)
+        return
+    import logging
+
+    log = logging.getLogger("dr_orchestrator.cli")
+    if detail is None:
+        log.error("run %s is not in the evidence database", run_id, extra={"run_id": run_id})
+        return
+    run = detail["run"]
+    ids = {"run_id": run_id, "incident_id": run.get("incident_id")}
+    for row in detail.get("results") or []:
+        figures = {name: row.get(name) for name in ("service", "rto_s", "rto_target_s", "rto_met", "rto_method",
+                                                   "rpo_s", "rpo_target_s", "rpo_met", "rpo_method")}
+        log.info("run %s: %s RTO %s s (target %s s), RPO %s s (target %s s)", run_id, row["service"],
+                 row.get("rto_s"), row.get("rto_target_s"), row.get("rpo_s"), row.get("rpo_target_s"),
+                 extra={**ids, "data": figures})
+    log.info("run %s %s", run_id, run["state"], extra={**ids, "data": {"state": run["state"], "kind": run["kind"],
+                                                                       "runbook": run["runbook_name"]}})
 
 
 def write_output(content: str | bytes, out: str | None) -> None:

@@ -18,6 +18,7 @@ from dr_orchestrator.cli.common import (
     database_of,
     fail_with_problems,
     log_format_of,
+    logs_as_json,
     output_option,
     raise_interrupt,
     session_factory,
@@ -89,7 +90,8 @@ def drill_run(ctx: click.Context, file: str, inventory: str | None, trigger: str
         ensure_idle(sessions, the_drill)
     except DrillBusy as exc:
         raise UserError(str(exc)) from None
-    observers: list[Any] = [] if quiet or output == "json" else [ProgressPrinter()]
+    as_log = logs_as_json(ctx)
+    observers: list[Any] = [] if quiet or output == "json" or as_log else [ProgressPrinter()]
     previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         outcome = DrillRunner(sessions, observers=observers).run(the_drill, trigger=trigger)
@@ -97,6 +99,11 @@ def drill_run(ctx: click.Context, file: str, inventory: str | None, trigger: str
         signal.signal(signal.SIGTERM, previous)
     if output == "json":
         click.echo(json.dumps(outcome_as_dict(outcome), indent=2, default=str))
+    elif as_log:
+        described = outcome_as_dict(outcome)
+        logging.getLogger("dr_orchestrator.cli").log(
+            logging.INFO if outcome.passed else logging.ERROR, "drill run %s: %s (%s)", described["drill_run_id"],
+            described["verdict"].upper(), described["state"], extra={"data": described})
     else:
         _print_outcome(outcome_as_dict(outcome))
     sys.exit(0 if outcome.passed else 1)

@@ -13,11 +13,14 @@ from dr_orchestrator.cli.common import (
     UserError,
     existing_run_id,
     fail_with_problems,
+    log_warning,
+    logs_as_json,
     output_option,
     parse_time,
     print_run_summary,
     print_warning,
     run_guarded,
+    say_error,
     session_factory,
     with_runbook_arguments,
 )
@@ -164,6 +167,7 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
     from dr_orchestrator.progress import ProgressPrinter
 
     moment = parse_time(incident_at, "--incident-at")
+    as_log = logs_as_json(ctx)
     if incident_id is not None:
         from dr_orchestrator.evidence.incidents import IncidentError, check_incident_id
 
@@ -190,7 +194,7 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
     elif runbook is None or inventory is None:
         raise UserError("give RUNBOOK and -i INVENTORY, or --plan FILE saved by `dr plan --out`")
     the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger="manual",
-                      forced=forced, warn=print_warning)
+                      forced=forced, warn=log_warning if as_log else print_warning)
     if saved is not None:
         from dr_orchestrator.plans import PlanError, check_against_saved
 
@@ -203,9 +207,9 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
         failback_of = existing_run_id(sessions, failback_of)
     the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of,
                                            "incident_id": incident_id})
-    observers: list[Any] = [] if quiet else [ProgressPrinter()]
+    observers: list[Any] = [] if quiet or as_log else [ProgressPrinter()]
     outcome = run_guarded(sessions, the_plan, observers, retention_years=retention_years)
-    print_run_summary(sessions, outcome.run_id)
+    print_run_summary(sessions, outcome.run_id, as_log=as_log)
     if outcome.error and outcome.error.startswith("safety rule "):
-        click.echo(outcome.error, err=True)  # the pre-flight refused: say which rule and how to override
+        say_error(outcome.error, as_log)  # the pre-flight refused: say which rule and how to override
     sys.exit(0 if outcome.state == "succeeded" else 1)
