@@ -294,6 +294,11 @@ def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_
             events: [failed]
         """)
     text = drill.read_text().replace('url: "http://127.0.0.1:', 'url: "http://127.0.0.1:1', 1)
+    served = tmp_path / "served-inventory.yml"  # names where `dr serve` answers, for the notices' links
+    served.write_text(Path(LOCAL_INVENTORY).read_text().replace(
+        "      vars:\n        workdir: /tmp\n",
+        "      vars:\n        workdir: /tmp\n      watch: {base_url: 'https://dr.bank.example/'}\n"))
+    text = text.replace(f"inventory: {LOCAL_INVENTORY}", f"inventory: {served}")
     drill.write_text(text.replace("deadline: 5s", "deadline: 300ms"))
     result = dr("drill", "run", str(drill), db=evidence_url, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -309,6 +314,11 @@ def test_a_missed_expectation_fails_the_drill_notifies_and_still_fails_back_and_
     failed = bodies[1]  # the structured fields beside the text: what a receiver routes and files on
     assert (failed["drill"], failed["drill_run"], failed["verdict"]) == ("local-quotation-drill", record.id, "failed")
     assert failed["runs"]["failover"] == record.failover_run_id and failed["details"] == f"dr drill show {record.id}"
+    assert (bodies[0]["severity"], failed["severity"]) == ("warning", "critical")
+    assert failed["link"] == f"https://dr.bank.example/api/drill-runs/{record.id}"
+    assert failed["report"] == f"https://dr.bank.example/api/runs/{record.failover_run_id}/report"
+    quotation = failed["services"]["quotation"]  # its RTO judged against the drill's target, as a receiver files it
+    assert quotation["rto_target_s"] == 30 and quotation["rto_met"] is True and quotation["rto_s"] > 0
     (health,) = [e for e in failed["expectations"] if e["kind"] == "health"]
     assert (health["service"], health["check_id"], health["met"]) == ("quotation", "quotation-answers", False)
     try:
@@ -402,6 +412,7 @@ def test_notifications_that_cannot_be_delivered_are_recorded_and_do_not_fail_the
         ("started", "webhook", False, 2), ("completed", "email", False, 2), ("completed", "apprise", False, 2)]
     assert all(n.at is not None and n.detail for n in notes)
     assert "Connection error" in notes[2].detail and "T0KEN" not in notes[2].detail + notes[2].target
+    assert "PASSED" in result.stdout and f"NOT DELIVERED ({notes[2].detail})" in result.stdout  # next to the verdict
     shown = dr("drill", "show", notes[2].drill_run_id, db=evidence_url, cwd=tmp_path)
     assert f"NOT DELIVERED ({notes[2].detail})" in shown.stdout  # the reason, next to the verdict
 

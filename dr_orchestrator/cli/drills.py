@@ -97,15 +97,19 @@ def drill_run(ctx: click.Context, file: str, inventory: str | None, trigger: str
         outcome = DrillRunner(sessions, observers=observers).run(the_drill, trigger=trigger)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    from dr_orchestrator.evidence import drills as records
+
+    with sessions() as session:  # the notices' deliveries, shown next to the verdict
+        detail = records.drill_run_detail(session, outcome.drill_run_id)
+    described = {**outcome_as_dict(outcome), "notifications": detail["notifications"] if detail else []}
     if output == "json":
-        click.echo(json.dumps(outcome_as_dict(outcome), indent=2, default=str))
+        click.echo(json.dumps(described, indent=2, default=str))
     elif as_log:
-        described = outcome_as_dict(outcome)
         logging.getLogger("dr_orchestrator.cli").log(
             logging.INFO if outcome.passed else logging.ERROR, "drill run %s: %s (%s)", described["drill_run_id"],
             described["verdict"].upper(), described["state"], extra={"data": described})
     else:
-        _print_outcome(outcome_as_dict(outcome))
+        _print_outcome(described)
     sys.exit(0 if outcome.passed else 1)
 
 
@@ -121,6 +125,9 @@ def _print_outcome(outcome: dict[str, Any]) -> None:
     click.echo(f"  cleanup {outcome['cleanup_state']}{left}")
     if outcome["error"]:
         click.echo(f"  {outcome['error']}")
+    for note in outcome["notifications"]:
+        state = "delivered" if note["delivered"] else f"NOT DELIVERED ({note['detail']})"
+        click.echo(f"  notified {note['event']} by {note['channel']} to {note['target']}: {state} at {note['at']}")
 
 
 @drill.command("runs")
@@ -162,10 +169,7 @@ def drill_show(ctx: click.Context, drill_run_id: str, output: str) -> None:
     _print_outcome({"drill_run_id": run["id"], "verdict": run["verdict"] or "-", "state": run["state"],
                     "runs": {k: v for k, v in run["runs"].items() if v}, "expectations": detail["expectations"],
                     "cleanup_state": run["cleanup_state"], "cleanup_left": run["cleanup_left"],
-                    "error": run["error"]})
-    for note in detail["notifications"]:
-        state = "delivered" if note["delivered"] else f"NOT DELIVERED ({note['detail']})"
-        click.echo(f"  notified {note['event']} by {note['channel']} to {note['target']}: {state} at {note['at']}")
+                    "error": run["error"], "notifications": detail["notifications"]})
 
 
 # ---------------------------------------------------------------- dr scheduler

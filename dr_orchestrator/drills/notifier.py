@@ -18,6 +18,10 @@ from dr_orchestrator.model.events import utcnow
 
 log = logging.getLogger(__name__)
 
+# How much a notice asks of whoever receives it, in the watch's words for its notices.
+SEVERITY = {NotifyEvent.STARTED: "info", NotifyEvent.COMPLETED: "info", NotifyEvent.EXPECTATION_MISSED: "warning",
+            NotifyEvent.FAILED: "critical", NotifyEvent.MISSED: "warning"}
+
 
 class DrillNotifier:
     def __init__(self, targets: tuple[NotifyTarget, ...], sessions: records.Sessions) -> None:
@@ -28,13 +32,15 @@ class DrillNotifier:
 
     def send(self, drill_run_id: str | None, event: NotifyEvent, subject: str, text: str,
              fields: dict[str, Any] | None = None) -> None:
-        """Queue the notice; ``fields``: its structured part (drill, verdict, RTO and RPO against targets, ...)."""
+        """Queue the notice; ``fields``: its structured part (drill, verdict, RTO and RPO against targets, ...),
+        to which its event and severity are added."""
         if not any(event in target.events for target in self.targets):
             return
         if self._worker is None:
             self._worker = threading.Thread(target=self._deliver_all, name="drill-notifier", daemon=True)
             self._worker.start()
-        self._queue.put((drill_run_id, event, subject, text, {"event": event.value, **(fields or {})}))
+        self._queue.put((drill_run_id, event, subject, text, {"event": event.value, "severity": SEVERITY[event],
+                                                               **(fields or {})}))
 
     def close(self, timeout: float = 60.0) -> None:
         """Wait (bounded) for what is queued to be delivered or given up."""

@@ -10,6 +10,7 @@ Verdict: passed only when every stage succeeded, every expectation was met and t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,8 +34,10 @@ from dr_orchestrator.model.drill import Drill, NotifyEvent, Steps
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import Event, MarkerReached, Observer, StepFinished
 from dr_orchestrator.model.run import Phase, RunKind, RunPlan, RunState, SourceDocument
+from dr_orchestrator.model.watch import settings_of
 from dr_orchestrator.plans import build_plan, default_actor
 from dr_orchestrator.runs.execute import LockHeld, execute
+from dr_orchestrator.yamlsource import LoadError
 
 log = logging.getLogger(__name__)
 
@@ -346,14 +349,29 @@ class _DrillRun:
     def notify(self, event: NotifyEvent, headline: str, text: str) -> None:
         subject = f"DR drill {self.drill.name}: {headline}"
         outcome = self.outcome
+        server = self.server_url
+        failover = outcome.runs.get("failover")
         fields = {"drill": self.drill.name, "drill_run": self.id, "scenario": self.drill.scenario.value,
                   "trigger": self.trigger, "error": outcome.error,
                   "verdict": outcome.verdict if event in (NotifyEvent.COMPLETED, NotifyEvent.FAILED) else None,
                   "runs": dict(outcome.runs),
-                  # each service's RTO and RPO (and checks) against the drill's targets, as judged
+                  # each service's RTO and RPO against the drill's targets, as judged (and every check)
+                  "services": service_figures(outcome.expectations),
                   "expectations": [result.as_dict() for result in outcome.expectations],
-                  "details": f"dr drill show {self.id}"}
+                  "details": f"dr drill show {self.id}",
+                  "link": f"{server}/api/drill-runs/{self.id}" if server else None,
+                  "report": f"{server}/api/runs/{failover}/report" if server and failover else None}
         self.notifier.send(self.id, event, subject, f"{subject}\n{text}\ndrill run {self.id}", fields)
+
+    @functools.cached_property
+    def server_url(self) -> str | None:
+        """Where `dr serve` answers (the inventory's dr.watch.base_url), for links; None when not said."""
+        try:
+            inventory, _ = load_inventory(self.drill.inventory)
+        except LoadError:  # the drill's stages say so; a notice goes out without links
+            return None
+        base_url = settings_of(inventory).base_url
+        return base_url.rstrip("/") if base_url else None
 
     def _heartbeat(self, done: threading.Event) -> None:
         while not done.wait(self.runner.heartbeat_s):
@@ -361,6 +379,18 @@ class _DrillRun:
                 records.beat(self.runner.sessions, self.id)
             except Exception:  # noqa: BLE001 - a missed beat is not worth stopping a drill for
                 log.warning("drill run %s: heartbeat not recorded", self.id, exc_info=True)
+
+
+def service_figures(results: list[records.ExpectationResult]) -> dict[str, dict[str, Any]]:
+    """Each service's RTO and RPO as judged: ``{"trading": {"rto_s": 1.2, "rto_target_s": 60, "rto_met": True,
+    ...}}``."""
+    figures: dict[str, dict[str, Any]] = {}
+    for result in results:
+        if result.kind in ("rto", "rpo"):
+            figures.setdefault(result.service, {}).update({
+                f"{result.kind}_s": result.measured, f"{result.kind}_target_s": result.target,
+                f"{result.kind}_met": result.met})
+    return figures
 
 
 def outcome_as_dict(outcome: DrillOutcome) -> dict[str, Any]:
