@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,31 @@ def test_run_refuses_unmigrated_database_in_one_sentence(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "dr db upgrade" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_export_since_a_time_without_a_zone_takes_it_as_utc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Asia/Shanghai")  # `dr` runs 8 hours east of UTC: a local reading would show
+    db = f"sqlite:///{tmp_path / 'evidence.db'}"
+    dr("db", "upgrade", db=db, cwd=tmp_path, check=True)
+    runbook = tmp_path / "marked.yml"
+    runbook.write_text("name: marked\nscope: {services: [quotation]}\nsteps:\n"
+                       "  - id: switch\n    action: noop\n    marks: [service_restored]\n")
+    before = datetime.now(UTC) - timedelta(seconds=2)
+    dr("run", str(runbook), "-i", LOCAL_INVENTORY, "-q", db=db, cwd=tmp_path, check=True)
+    after = datetime.now(UTC) + timedelta(seconds=2)
+
+    def exported(since: str) -> list[Any]:
+        return list(json.loads(dr("evidence", "export", "--since", since, db=db, cwd=tmp_path, check=True).stdout))
+
+    zoneless = "%Y-%m-%dT%H:%M:%S"
+    assert len(exported(before.strftime(zoneless))) == 1  # UTC, not the machine's zone
+    assert exported(after.strftime(zoneless)) == []
+    assert len(exported(before.astimezone(timezone(timedelta(hours=8))).isoformat())) == 1  # a zone is honoured
+    assert exported((after + timedelta(hours=8)).strftime(zoneless) + "+08:00") == []
+    assert len(exported(before.date().isoformat())) == 1  # a date: its midnight UTC
+    refused = dr("evidence", "export", "--since", "last week", db=db, cwd=tmp_path)
+    assert refused.returncode == 2 and "--since 'last week' is not an ISO-8601 time" in refused.stderr
 
 
 def test_bad_input_is_a_user_error(tmp_path: Path) -> None:

@@ -75,15 +75,20 @@ def print_warning(problem: Any) -> None:
     click.echo(str(problem), err=True)
 
 
-def parse_time(value: str | None, name: str) -> datetime | None:
+def parse_time(value: str | None, name: str, zone_required: bool = True) -> datetime | None:
+    """An ISO-8601 time in UTC. Without ``zone_required`` a date (its midnight) or a time without a zone is
+    taken in UTC, as the API takes a date."""
     if value is None:
         return None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise UserError(f"{name} {value!r} is not an ISO-8601 time such as 2026-11-28T03:00:00Z") from None
+        such_as = "2026-11-28T03:00:00Z" if zone_required else "2026-11-28T03:00:00Z or a date such as 2026-11-28"
+        raise UserError(f"{name} {value!r} is not an ISO-8601 time such as {such_as}") from None
     if moment.tzinfo is None:
-        raise UserError(f"{name} {value!r} has no time zone; add Z or +08:00")
+        if zone_required:
+            raise UserError(f"{name} {value!r} has no time zone; add Z or +08:00")
+        moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
 
 

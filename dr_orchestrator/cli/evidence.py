@@ -20,14 +20,15 @@ def evidence() -> None:
 @evidence.command("export")
 @click.option("--format", "fmt", type=click.Choice(["json", "csv"]), default="json", show_default=True)
 @click.option("--service", help="only this service")
-@click.option("--since", help="only runs started at or after this ISO-8601 date or time")
+@click.option("--since", help="only runs started at or after this ISO-8601 date or time (UTC unless it names its "
+                              "zone)")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True), help="write to a file instead of stdout")
 @click.pass_context
 def evidence_export(ctx: click.Context, fmt: str, service: str | None, since: str | None, out: str | None) -> None:
     """One row per run and service: achieved RTO/RPO against targets, with the method."""
     from dr_orchestrator.evidence import auditor
 
-    moment = parse_time(since if since is None or "T" in since else since + "T00:00:00+00:00", "--since")
+    moment = parse_time(since, "--since", zone_required=False)
     with session_factory(ctx)() as session:
         text = auditor.export_evidence(session, fmt=fmt, service=service, since=moment)
     if out:
