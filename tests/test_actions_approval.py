@@ -50,6 +50,10 @@ class Decisions:
         return next((d for d in self.decisions
                      if exclude_actor is None or second_person_refusal(run_id, exclude_actor, d.actor) is None), None)
 
+    def plan_decision(self, plan_sha256: str, run_id: str, step_id: str,
+                      exclude_actor: str | None = None) -> ApprovalDecision | None:
+        return None  # these runs were not started from a saved plan
+
 
 def gate(harness: Harness, source: Decisions | None, step_timeout: float = WAIT_S, **params: Any) -> Any:
     ctx = harness.ctx(timeout=step_timeout, step_id="go-ahead")

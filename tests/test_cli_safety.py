@@ -169,6 +169,50 @@ def test_a_rejected_gate_fails_the_run(migrated: str, tmp_path: Path, processes:
     assert states["switch"][0] == "skipped"
 
 
+@pytest.mark.slow
+def test_a_saved_plans_gate_approved_before_the_run_is_taken_once_and_never_from_the_starter(
+        tmp_path: Path, processes: Processes) -> None:
+    db = f"sqlite:///{tmp_path / 'evidence.db'}"
+    dr("db", "upgrade", db=db, cwd=tmp_path, check=True)
+    runbook = tmp_path / "gated.yml"
+    runbook.write_text(GATED)
+    saved = tmp_path / "reviewed-plan.json"
+    dr("plan", str(runbook), "-i", LOCAL_INVENTORY, "--out", str(saved), db=db, cwd=tmp_path, actor="alice",
+       env=person("alice"), check=True)
+    approved = dr("approve", "--plan", str(saved), "go-ahead", "--reason", "CAB-4711", db=db, cwd=tmp_path,
+                  actor="bob", env=person("bob"))
+    assert approved.returncode == 0, approved.stderr
+    for args, env, why in ((["go-ahead"], person("bob"), "bob (os root, sudo bob) already approved step 'go-ahead'"),
+                           (["prepare"], person("bob"), "the saved plan has no approval gate 'prepare' (its gates: "
+                                                       "go-ahead)"),
+                           (["go-ahead"], person(""), "root without sudo does not say which person you are")):
+        refused = dr("approve", "--plan", str(saved), *args, db=db, cwd=tmp_path, actor="bob", env=env)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+
+    # Alice runs exactly the reviewed plan: bob's approval stands for the gate, which does not wait.
+    first = dr("run", "--plan", str(saved), "-q", db=db, cwd=tmp_path, actor="alice", env=person("alice"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run_id,) = [row[0] for row in query(db, "SELECT id FROM runs")]
+    shown = json.loads(dr("runs", "show", run_id, "-o", "json", db=db, cwd=tmp_path, check=True).stdout)
+    (approval,) = shown["approvals"]
+    assert (approval["step_id"], approval["actor"]) == ("go-ahead", "bob (os root, sudo bob)")
+    assert approval["reason"].startswith("approved in advance for saved plan ") and approval["reason"].endswith(
+        ": CAB-4711")
+    used = query(db, "SELECT data FROM audit_events WHERE action = 'plan.approval.used'")
+    assert len(used) == 1 and run_id in str(used[0][0])
+
+    # The approval was used: the next run of the plan asks again, and Alice's own approval of the plan
+    # does not count under the two-person rule.
+    dr("approve", "--plan", str(saved), "go-ahead", db=db, cwd=tmp_path, actor="alice", env=person("alice"),
+       check=True)
+    second = processes.start("run", "--plan", str(saved), "-q", db=db, actor="alice", env=person("alice"))
+    second_id = wait_for(lambda: waiting_gate(db), WAIT_S, "the second run's gate to wait")
+    dr("reject", second_id, "go-ahead", "--reason", "one switch a day", db=db, cwd=tmp_path, actor="bob",
+       env=person("bob"), check=True)
+    second.communicate(timeout=WAIT_S)
+    assert second.returncode == 1
+
+
 # ---------------------------------------------------------------- one failover at a time
 
 

@@ -5,7 +5,9 @@ and read through ``ctx.approvals``. The gate announces itself (the step and the 
 ``waiting_approval``), then polls until a decision, its timeout (decided by ``on_timeout``, reject
 unless said otherwise) or cancellation. A pre-approved run (a drill) passes at once, except a gate
 under the two-person rule: whoever started the drill chose its pre-approval, so it is not a second
-person, and the gate waits for one. Every outcome is evidence: who, when, why.
+person, and the gate waits for one. A run of a saved plan passes a gate that was approved for that
+plan before the run (by another person than the starter under the two-person rule), and takes that
+approval for itself. Every outcome is evidence: who, when, why.
 """
 
 from __future__ import annotations
@@ -54,12 +56,17 @@ class ApprovalGate(Action[ApprovalParams]):
             return self.conclude(ctx, pre, DecisionSource.PRE_APPROVED)
         if ctx.approvals is None:
             raise ActionError("this run has no decision source (no evidence database), so nobody could approve")
+        exclude = started_by if two_person and started_by else None
+        plan_sha256 = ctx.run_info.get("saved_plan_sha256")
+        if plan_sha256:
+            given = ctx.approvals.plan_decision(str(plan_sha256), ctx.run_id, ctx.step_id, exclude)
+            if given is not None:
+                return self.conclude(ctx, given, DecisionSource.SAVED_PLAN)
         left = ctx.remaining()
         wait_s = min(params.timeout or left, max(0.0, left - min(MARGIN_S, left * 0.1)))
         ctx.emit(ApprovalRequested(ctx.run_id, ctx.step_id, utcnow(), params.message, started_by, two_person,
                                    wait_s, on_timeout.value))
         until = time.monotonic() + wait_s
-        exclude = started_by if two_person and started_by else None
         while True:
             decided = ctx.approvals.decision(ctx.run_id, ctx.step_id, exclude)
             if decided is not None:

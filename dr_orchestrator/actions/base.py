@@ -92,6 +92,12 @@ class ApprovalSource(Protocol):
         """The first decision on the step, ignoring those by ``exclude_actor``; None while undecided."""
         ...
 
+    def plan_decision(self, plan_sha256: str, run_id: str, step_id: str,
+                      exclude_actor: str | None = None) -> ApprovalDecision | None:
+        """An approval given before the run to the saved plan ``plan_sha256`` for this step, taken for
+        this run (once), ignoring those by ``exclude_actor``; None when there is none."""
+        ...
+
 
 @dataclass
 class ActionContext:

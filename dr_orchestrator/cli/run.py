@@ -206,7 +206,8 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
     if failback_of is not None:
         failback_of = existing_run_id(sessions, failback_of)
     the_plan = the_plan.model_copy(update={"test_type": test_type, "scenario": scenario, "failback_of": failback_of,
-                                           "incident_id": incident_id})
+                                           "incident_id": incident_id,
+                                           "saved_plan_sha256": saved["sha256"] if saved is not None else None})
     observers: list[Any] = [] if quiet or as_log else [ProgressPrinter()]
     outcome = run_guarded(sessions, the_plan, observers, retention_years=retention_years)
     print_run_summary(sessions, outcome.run_id, as_log=as_log)

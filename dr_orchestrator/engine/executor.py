@@ -375,6 +375,7 @@ class _Run:
             "inventory_path": plan.inventory_source.path,
             "approvals": plan.runbook.approvals.model_dump(mode="json"),
             "pre_approved_by": plan.pre_approved_by,
+            "saved_plan_sha256": plan.saved_plan_sha256,
         }
         try:
             if self.resume is None:

@@ -5,6 +5,11 @@ A gate opens with an ``approval.requested`` action event (written by the store),
 the decision must respect: who started the run and whether the two-person rule applies. Who is who
 is ``model.approval.Identity``: the OS account (or sudo user on root) or the API token, never the
 ``$DR_ACTOR`` label alone.
+
+A gate of a saved plan (`dr plan --out`) can be approved before the run (``dr approve --plan FILE
+STEP``): an audit event bound to the plan's digest, so an edited plan carries none. A run of exactly
+that plan (`dr run --plan FILE`) takes it at the gate, once: the run's approval names the plan, and an
+audit event says which run used it; another run of the plan asks again.
 """
 
 from __future__ import annotations
@@ -15,14 +20,24 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dr_orchestrator.evidence.annotations import AnnotationError, record_approval
-from dr_orchestrator.evidence.models import ActionEventRecord, Approval, Run, StepRecord
+from dr_orchestrator.evidence.annotations import AnnotationError, record_approval, record_audit_event
+from dr_orchestrator.evidence.liveness import writing
+from dr_orchestrator.evidence.models import ActionEventRecord, Approval, AuditEvent, Run, StepRecord
 from dr_orchestrator.evidence.queries import AmbiguousRunId, as_dict, find_run
-from dr_orchestrator.model.approval import ApprovalDecision, Decision, same_person, second_person_refusal
+from dr_orchestrator.model.approval import (
+    SUPERUSER,
+    ApprovalDecision,
+    Decision,
+    Identity,
+    same_person,
+    second_person_refusal,
+)
 from dr_orchestrator.model.run import Phase, StepState
 
 Sessions = Callable[[], Session]
 REQUESTED = "approval.requested"
+PLAN_APPROVED = "plan.approved"
+PLAN_APPROVAL_USED = "plan.approval.used"
 
 
 class ApprovalRefused(ValueError):
@@ -45,6 +60,56 @@ class DatabaseApprovals:
                     continue  # the two-person rule: the run's starter cannot decide its gates
                 return ApprovalDecision(Decision(row.decision), row.actor, row.reason, row.at)
         return None
+
+    def plan_decision(self, plan_sha256: str, run_id: str, step_id: str,
+                      exclude_actor: str | None = None) -> ApprovalDecision | None:
+        """Take an approval given in advance to the saved plan for this gate (the oldest no run has used,
+        not by ``exclude_actor`` under the two-person rule): recorded as the run's approval; None if none."""
+        with writing(self.sessions) as session:
+            used = {event.data.get("approval") for event in _plan_events(session, PLAN_APPROVAL_USED, plan_sha256)}
+            for given in _plan_events(session, PLAN_APPROVED, plan_sha256):
+                if given.data.get("step") != step_id or given.id in used:
+                    continue
+                if exclude_actor is not None and second_person_refusal(run_id, exclude_actor, given.actor) is not None:
+                    continue
+                reason = (f"approved in advance for saved plan {plan_sha256[:12]} at {given.at.isoformat()}"
+                          + (f": {given.data['reason']}" if given.data.get("reason") else ""))
+                row = record_approval(session, run_id, Decision.APPROVED.value, given.actor, step_id=step_id,
+                                      reason=reason)
+                record_audit_event(session, given.actor, PLAN_APPROVAL_USED, plan_target(plan_sha256),
+                                   {"approval": given.id, "run_id": run_id, "step": step_id})
+                return ApprovalDecision(Decision.APPROVED, row.actor, row.reason, row.at)
+        return None
+
+
+def plan_target(plan_sha256: str) -> str:
+    return f"saved plan {plan_sha256}"
+
+
+def _plan_events(session: Session, action: str, plan_sha256: str) -> list[AuditEvent]:
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.action == action,
+                                                         AuditEvent.target == plan_target(plan_sha256))
+                                .order_by(AuditEvent.id)))
+
+
+def approve_plan(session: Session, saved: dict[str, Any], step_id: str, actor: str, reason: str = "") -> AuditEvent:
+    """Record ``actor``'s approval of gate ``step_id`` of the saved plan ``saved`` (as `plans.read_saved_plan`
+    checked it) before any run; ApprovalRefused says why it cannot be given."""
+    gates = [step["id"] for group in saved["plan"].get("groups", []) for step in group.get("steps", [])
+             if step.get("action") == "approval"]
+    if step_id not in gates:
+        raise ApprovalRefused(f"the saved plan has no approval gate {step_id!r} (its gates: "
+                              f"{', '.join(gates) or 'none'})")
+    if Identity.parse(actor).anonymous:
+        raise ApprovalRefused(f"{SUPERUSER} without sudo does not say which person you are; approve as yourself "
+                              "(sudo -u or an account of your own)")
+    for given in _plan_events(session, PLAN_APPROVED, saved["sha256"]):
+        if given.data.get("step") == step_id and same_person(given.actor, actor):
+            raise ApprovalRefused(f"{given.actor} already approved step {step_id!r} of this saved plan at "
+                                  f"{given.at.isoformat()}; one person approves a gate once")
+    return record_audit_event(session, actor, PLAN_APPROVED, plan_target(saved["sha256"]),
+                              {"step": step_id, "reason": reason, "runbook": saved["plan"].get("runbook"),
+                               "saved_at": saved.get("saved_at")})
 
 
 def _waiting_step(session: Session, run: Run, step_id: str) -> StepRecord:

@@ -841,7 +841,8 @@ class EvidenceStore:
         ))
 
     def _approval_decided(self, session: Session, event: ApprovalDecided) -> None:
-        if str(event.source) != DecisionSource.ENGINEER.value:  # engineers' decisions are recorded already
+        # An engineer's decision, and a saved plan's approval taken by the run, are recorded already.
+        if str(event.source) not in (DecisionSource.ENGINEER.value, DecisionSource.SAVED_PLAN.value):
             session.add(Approval(run_id=event.run_id, step_id=event.step_id, decision=str(event.decision),
                                  actor=clean_text(event.actor), at=event.at,
                                  reason=clean_text(event.reason)))

@@ -34,6 +34,7 @@ class DecisionSource(enum.StrEnum):
     ENGINEER = "engineer"  # `dr approve` / `dr reject` / the API: already recorded by whoever decided
     TIMEOUT = "timeout"  # nobody decided in time: the gate's on_timeout outcome
     PRE_APPROVED = "pre-approved"  # the run was pre-approved (a drill)
+    SAVED_PLAN = "saved-plan"  # approved before the run, for the saved plan the run executes
 
 
 @dataclass(frozen=True)

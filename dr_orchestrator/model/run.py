@@ -95,6 +95,9 @@ class RunPlan(Frozen):
     incident_id: str | None = None
     # Who pre-approved every approval gate of the run (e.g. "drill quarterly-trading"); None: nobody.
     pre_approved_by: str | None = None
+    # The digest of the saved plan (`dr plan --out`) the run executes: approvals given to that plan
+    # before the run stand for its gates (evidence.approvals). None: the run was not started from one.
+    saved_plan_sha256: str | None = None
     # Compensation and blast-radius checks apply (False for a drill's fault, checks, restore and cleanup).
     guarded: bool = True
 
