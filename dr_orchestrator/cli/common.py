@@ -31,37 +31,42 @@ class UserError(click.ClickException):
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        context = click.get_current_context(silent=True)  # gone by the time click shows the error
-        self.as_log = context is not None and log_format_of(context) == "json"
+        self.as_log = logs_json_now()  # the context is gone by the time click shows the error
 
     def show(self, file: Any = None) -> None:
         if self.as_log:
-            say_error(self.format_message(), as_log=True)
+            tell(self.format_message(), as_log=True)
         else:
             super().show(file)
 
 
-def say_error(text: str, as_log: bool, data: dict[str, Any] | None = None) -> None:
-    """``text`` on stderr: a line, or (``as_log``) a JSON log record of level ERROR (with ``data``)."""
-    if not as_log:
+def logs_json_now() -> bool:
+    """Whether the command running now was given --log-format json (or $DR_LOG_FORMAT)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and log_format_of(context) == "json"
+
+
+def tell(text: str, as_log: bool | None = None, level: str = "ERROR", data: dict[str, Any] | None = None) -> None:
+    """``text`` on stderr: a line, or with JSON logs (``as_log``, by default as the command was told) a JSON
+    record of ``level`` (with ``data``)."""
+    if not (logs_json_now() if as_log is None else as_log):
         click.echo(text, err=True)
         return
     import logging
 
     from dr_orchestrator.logs import JsonFormatter
 
-    record = logging.makeLogRecord({"name": "dr_orchestrator.cli", "levelname": "ERROR", "levelno": logging.ERROR,
-                                    "msg": text, "data": data})
+    record = logging.makeLogRecord({"name": "dr_orchestrator.cli", "levelname": level,
+                                    "levelno": logging.getLevelName(level), "msg": text, "data": data})
     click.echo(JsonFormatter().format(record), err=True)
 
 
 def fail_with_problems(problems: list[Any], output: str) -> NoReturn:
-    context = click.get_current_context(silent=True)
     if output == "json":
         click.echo(json.dumps({"ok": False, "problems": [p.as_dict() for p in problems]}, indent=2))
-    elif context is not None and log_format_of(context) == "json":
+    elif logs_json_now():
         for problem in problems:
-            say_error(str(problem), as_log=True, data=problem.as_dict())
+            tell(str(problem), as_log=True, data=problem.as_dict())
     else:
         for problem in problems:
             click.echo(str(problem), err=True)
@@ -72,7 +77,7 @@ def fail_with_problems(problems: list[Any], output: str) -> NoReturn:
 
 
 def print_warning(problem: Any) -> None:
-    click.echo(str(problem), err=True)
+    tell(str(problem), level="WARNING")
 
 
 def parse_time(value: str | None, name: str, zone_required: bool = True) -> datetime | None:
@@ -169,12 +174,12 @@ def sweep(sessions: Any) -> None:
     except OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
             raise
-        click.echo(f"interrupted runs not checked: another writer held the evidence chain for "
-                   f"{SWEEP_LOCK_TIMEOUT_S:g} s", err=True)
+        tell(f"interrupted runs not checked: another writer held the evidence chain for {SWEEP_LOCK_TIMEOUT_S:g} s",
+             level="WARNING")
         return
     for run_id in swept:
-        click.echo(f"run {run_id} was interrupted (its orchestrator process is gone): see `dr runs show {run_id}`, "
-                   f"then `dr resume {run_id}`", err=True)
+        tell(f"run {run_id} was interrupted (its orchestrator process is gone): see `dr runs show {run_id}`, "
+             f"then `dr resume {run_id}`", level="WARNING")
 
 
 def run_guarded(sessions: Any, plan: Any, observers: list[Any], **options: Any) -> Any:
@@ -186,7 +191,7 @@ def run_guarded(sessions: Any, plan: Any, observers: list[Any], **options: Any) 
     try:
         return execute(sessions, plan, observers=observers, **options)
     except LockHeld as exc:
-        say_error(f"refused: {exc}", as_log=log_format_of(click.get_current_context()) == "json")
+        tell(f"refused: {exc}")
         sys.exit(LOCKED)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -228,12 +233,6 @@ def logs_as_json(ctx: click.Context) -> bool:
 
     log_to_terminal("json", "%(message)s")
     return True
-
-
-def log_warning(problem: Any) -> None:
-    import logging
-
-    logging.getLogger("dr_orchestrator.cli").warning("%s", problem)
 
 
 def print_run_summary(sessions: Any, run_id: str, as_log: bool = False) -> None:

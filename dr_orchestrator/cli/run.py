@@ -13,15 +13,14 @@ from dr_orchestrator.cli.common import (
     UserError,
     existing_run_id,
     fail_with_problems,
-    log_warning,
     logs_as_json,
     output_option,
     parse_time,
     print_run_summary,
     print_warning,
     run_guarded,
-    say_error,
     session_factory,
+    tell,
     with_runbook_arguments,
 )
 
@@ -194,7 +193,7 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
     elif runbook is None or inventory is None:
         raise UserError("give RUNBOOK and -i INVENTORY, or --plan FILE saved by `dr plan --out`")
     the_plan = _build(runbook, inventory, params, incident_at=moment, kind=kind, reason=reason, trigger="manual",
-                      forced=forced, warn=log_warning if as_log else print_warning)
+                      forced=forced, warn=print_warning)
     if saved is not None:
         from dr_orchestrator.plans import PlanError, check_against_saved
 
@@ -212,5 +211,5 @@ def run(ctx: click.Context, runbook: str | None, inventory: str | None, params: 
     outcome = run_guarded(sessions, the_plan, observers, retention_years=retention_years)
     print_run_summary(sessions, outcome.run_id, as_log=as_log)
     if outcome.error and outcome.error.startswith("safety rule "):
-        say_error(outcome.error, as_log)  # the pre-flight refused: say which rule and how to override
+        tell(outcome.error, as_log)  # the pre-flight refused: say which rule and how to override
     sys.exit(0 if outcome.state == "succeeded" else 1)
