@@ -95,7 +95,8 @@ def _plan_events(session: Session, action: str, plan_sha256: str) -> list[AuditE
 def approve_plan(session: Session, saved: dict[str, Any], step_id: str, actor: str, reason: str = "") -> AuditEvent:
     """Record ``actor``'s approval of gate ``step_id`` of the saved plan ``saved`` (as `plans.read_saved_plan`
     checked it) before any run; ApprovalRefused says why it cannot be given."""
-    gates = [step["id"] for group in saved["plan"].get("groups", []) for step in group.get("steps", [])
+    described: dict[str, Any] = saved["plan"] if isinstance(saved.get("plan"), dict) else {}
+    gates = [step.get("id") for group in described.get("groups", []) for step in group.get("steps", [])
              if step.get("action") == "approval"]
     if step_id not in gates:
         raise ApprovalRefused(f"the saved plan has no approval gate {step_id!r} (its gates: "
@@ -108,7 +109,7 @@ def approve_plan(session: Session, saved: dict[str, Any], step_id: str, actor: s
             raise ApprovalRefused(f"{given.actor} already approved step {step_id!r} of this saved plan at "
                                   f"{given.at.isoformat()}; one person approves a gate once")
     return record_audit_event(session, actor, PLAN_APPROVED, plan_target(saved["sha256"]),
-                              {"step": step_id, "reason": reason, "runbook": saved["plan"].get("runbook"),
+                              {"step": step_id, "reason": reason, "runbook": described.get("runbook"),
                                "saved_at": saved.get("saved_at")})
 
 
