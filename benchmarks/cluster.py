@@ -10,7 +10,8 @@ every service through the front door every 20 ms. `dr lab kill-site primary` kil
 node, its etcd member and the evidence database's leader. Figures, from the kill: the new leader
 (target < 5 s), every service answering from the backup site as the prober saw it (< 8 s), the
 evidence database back (Patroni: about its 20 s TTL), and the journal delivered (the leader's run and
-incident in the database, the audit chain verified)."""
+incident in the database, the audit chain verified). With ``--client-load``, also the writes the
+lab's clients saw acknowledged that the database serving them afterwards lacks."""
 
 from __future__ import annotations
 
@@ -94,11 +95,26 @@ def measure_once(client_load: bool = False) -> dict[str, Any]:
             lab.up(ha=True)
             if client_load:
                 start_generator(config)
-            return kill_leaders_site(lab)
+            figures = kill_leaders_site(lab)
+            if client_load:
+                stop_generator(config.root)
+                figures["writes"] = writes_kept(config)
+            return figures
         finally:
             if client_load:
                 stop_generator(config.root)
             lab.down()
+
+
+def writes_kept(config: Any) -> dict[str, tuple[int, int | None]]:
+    """Per writing service: the writes the lab's clients saw acknowledged, and how many of them the
+    database that serves it now lacks (`dr lab load report`; None when it could not be checked)."""
+    from dr_orchestrator.lab.load import load_report
+
+    services = load_report(config)["services"]
+    return {name: (service["acknowledged_writes"],
+                   service["missing_writes"]["count"] if service["missing_writes"] else None)
+            for name, service in services.items() if service["acknowledged_writes"] is not None}
 
 
 def main() -> int:
@@ -116,6 +132,10 @@ def main() -> int:
               f"(target < 5 s); every service from backup after {figures['services_back_s']:.2f} s (target < 8 s); "
               f"evidence database back after {figures.get('evidence_back_s', 0):.1f} s; journal delivered after "
               f"{figures['journal_delivered_s']:.1f} s; runs {made}; evidence verify exit {figures['verify'][0]}")
+        if "writes" in figures:
+            print("  acknowledged writes missing afterwards: " + ", ".join(
+                f"{name} {'not checked' if missing is None else missing}/{acknowledged}"
+                for name, (acknowledged, missing) in figures["writes"].items()))
     return 0
 
 
