@@ -29,7 +29,7 @@ from jinja2.sandbox import (
 CONTEXT_NAMES = ("params", "inventory", "vars", "services", "sites", "hosts", "steps", "run", "service", "site")
 # What ``run`` holds while a run executes.
 RUN_KEYS = ("id", "kind", "incident_at", "started_at", "started_by", "forced", "runbook_path", "inventory_path",
-            "approvals", "pre_approved_by")
+            "approvals", "pre_approved_by", "saved_plan_sha256")
 
 _SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*?)\}\}\s*$", re.DOTALL)
 
