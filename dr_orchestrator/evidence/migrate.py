@@ -4,7 +4,7 @@ The migrations live in ``alembic/`` at the top of the source tree, next to this 
 installed editable). ``schema_problem`` is what ``dr run`` asks before it writes any evidence.
 
 Alembic is imported only where it is used: a command whose database is at ``SCHEMA_HEAD`` checks so
-without loading it (a seventh of the CPU a `dr` command takes to start).
+without loading it (a fifth of the CPU a `dr` command took).
 """
 
 from __future__ import annotations
