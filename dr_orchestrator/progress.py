@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from dr_orchestrator.model.durations import format_duration
 from dr_orchestrator.model.events import (
@@ -115,6 +116,11 @@ def _figure(value: Any, target: Any, met: Any) -> str:
     verdict = "[green]met[/]" if met else "[red]MISSED[/]"
     target_text = f" / target {format_duration(float(target))}" if target is not None else ""
     return f"{format_duration(float(value))}{target_text} {verdict}"
+
+
+def figure_text(value: Any, target: Any, met: Any) -> str:
+    """A figure against its target as the summary table shows it, without colour: for a log line."""
+    return Text.from_markup(_figure(value, target, met)).plain
 
 
 def print_results(detail: dict[str, Any] | None, out: Console | None = None) -> None:

@@ -204,8 +204,10 @@ def test_dr_run_in_json_logs_its_steps_figures_and_refusals_as_json_only(tmp_pat
                or "data" in entry)
     steps = {(e.get("step_id"), e["message"].split()[-1]) for e in entries if e.get("step_id")}
     assert {("switch", "started"), ("switch", "succeeded")} <= steps
-    (figures,) = [e["data"] for e in entries if e.get("data", {}).get("service") == "quotation"]
+    (summary,) = [e for e in entries if e.get("data", {}).get("service") == "quotation"]
+    figures = summary["data"]
     assert figures["rto_target_s"] == 30 and figures["rpo_target_s"] == 60 and figures["rto_s"] >= 0
+    assert summary["message"].endswith("/ target 30.000s met, RPO not measured")  # as the table says it
     assert entries[-1]["message"] == f"run {run_id} succeeded" and entries[-1]["data"]["state"] == "succeeded"
 
     refused = dr_json("run", "missing.yml", "-i", "inventory.yml")

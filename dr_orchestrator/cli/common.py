@@ -248,6 +248,9 @@ def print_run_summary(sessions: Any, run_id: str, as_log: bool = False) -> None:
         return
     import logging
 
+    from dr_orchestrator.evidence.auditor import FIGURE_FIELDS
+    from dr_orchestrator.progress import figure_text
+
     log = logging.getLogger("dr_orchestrator.cli")
     if detail is None:
         log.error("run %s is not in the evidence database", run_id, extra={"run_id": run_id})
@@ -255,10 +258,10 @@ def print_run_summary(sessions: Any, run_id: str, as_log: bool = False) -> None:
     run = detail["run"]
     ids = {"run_id": run_id, "incident_id": run.get("incident_id")}
     for row in detail.get("results") or []:
-        figures = {name: row.get(name) for name in ("service", "rto_s", "rto_target_s", "rto_met", "rto_method",
-                                                   "rpo_s", "rpo_target_s", "rpo_met", "rpo_method")}
-        log.info("run %s: %s RTO %s s (target %s s), RPO %s s (target %s s)", run_id, row["service"],
-                 row.get("rto_s"), row.get("rto_target_s"), row.get("rpo_s"), row.get("rpo_target_s"),
+        figures = {name: row.get(name) for name in ("service", *FIGURE_FIELDS, "rto_method", "rpo_method")}
+        log.info("run %s: %s RTO %s, RPO %s", run_id, row["service"],
+                 figure_text(row.get("rto_s"), row.get("rto_target_s"), row.get("rto_met")),
+                 figure_text(row.get("rpo_s"), row.get("rpo_target_s"), row.get("rpo_met")),
                  extra={**ids, "data": figures})
     log.info("run %s %s", run_id, run["state"], extra={**ids, "data": {"state": run["state"], "kind": run["kind"],
                                                                        "runbook": run["runbook_name"]}})
